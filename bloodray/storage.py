@@ -1,0 +1,91 @@
+"""Local and object-storage access through fsspec.
+
+Every URI in bloodray (data roots, archives, checkpoints, outputs) goes through
+:func:`filesystem`, so ``/data/pbc``, ``file:///data/pbc`` and
+``s3://bucket/pbc`` behave the same. S3 credentials come from the standard AWS
+chain (environment, shared config, instance profile, web identity), which
+botocore refreshes on its own; only non-secret options such as the endpoint URL
+are passed in from configuration.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Mapping
+
+import fsspec
+from fsspec.core import url_to_fs
+
+SECRET_KEY_HINTS = ("secret", "password", "token", "credential", "key_id", "access_key", "session")
+REDACTED = "***"
+
+
+class StorageError(RuntimeError):
+    """A storage location cannot be reached or read; the message names the URI."""
+
+
+def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(options)
+    endpoint = opts.pop("endpoint_url", None)
+    if endpoint:
+        client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
+        client_kwargs.setdefault("endpoint_url", endpoint)
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def protocol_of(uri: str) -> str:
+    """Return the fsspec protocol of ``uri`` (``file`` for plain paths)."""
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for ``uri``; ``path`` has no protocol prefix."""
+    options = dict(storage_options or {})
+    protocol = protocol_of(uri)
+    if protocol in ("s3", "s3a"):
+        options = _s3_options(options)
+    else:
+        # Storage options are per-protocol; S3 settings must not leak into local access.
+        options = {}
+    fs, path = url_to_fs(uri, **options)
+    return fs, path
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn an fsspec path back into a URI that names its protocol."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}" if not path.startswith(f"{protocol}://") else path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path segments with ``/`` while keeping the protocol."""
+    if "://" in base:
+        protocol, rest = base.split("://", 1)
+        return f"{protocol}://" + posixpath.join(rest, *parts)
+    return posixpath.join(base, *parts)
+
+
+def redact(value: Any) -> Any:
+    """Return a copy of ``value`` with anything that looks like a secret replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if any(h in str(k).lower() for h in SECRET_KEY_HINTS) and v not in (None, "") else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def describe_storage_error(uri: str, exc: BaseException) -> StorageError:
+    """Wrap a low-level storage failure in one line a person can act on."""
+    kind = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else kind
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{uri}: not found ({text})")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{uri}: access denied -- check the AWS credentials ({text})")
+    return StorageError(f"{uri}: {kind}: {text}")
