@@ -1,1 +1,3 @@
-"""bloodray."""
+"""bloodray: Ray-based training and nightly classification of peripheral blood cell images."""
+
+__version__ = "0.1.0"

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from bloodray import storage
-from bloodray.classes import CELL_CLASSES, CLASS_NAMES, CLASS_TO_INDEX
+from bloodray.classes import CELL_CLASSES, CLASS_NAMES, CLASS_TO_INDEX, reference_ranges
 
 __all__ = [
     "ARCHIVE_LAYOUTS",
@@ -69,9 +69,9 @@ _MIN_SIZE = 32
 class _Canvas:
     """Pixel grid and compositing for one image.
 
-    Shapes are drawn as soft-edged alpha masks from analytic distance fields;
-    the grid is kept as broadcastable row/column vectors so every mask costs a
-    handful of vectorised operations on S*S floats.
+    Shapes are drawn as soft-edged alpha masks from analytic distance fields,
+    evaluated only inside each shape's bounding box; the grid is kept as
+    broadcastable row/column vectors, so no (S, S) coordinate arrays are built.
     """
 
     def __init__(self, size: int, background: np.ndarray):
@@ -89,19 +89,46 @@ class _Canvas:
         # without supersampling.
         return np.clip(0.5 - signed_distance / max(edge, 1e-3), 0.0, 1.0)
 
+    def _window(self, x0: float, y0: float, x1: float, y1: float):
+        """Row/column slices covering a box, clipped to the image (None if empty).
+
+        Shapes are evaluated only inside their bounding box; the rest of the
+        mask stays zero, which keeps per-shape cost proportional to its area.
+        """
+        c0, c1 = max(int(math.floor(x0)), 0), min(int(math.ceil(x1)) + 1, self.size)
+        r0, r1 = max(int(math.floor(y0)), 0), min(int(math.ceil(y1)) + 1, self.size)
+        if c0 >= c1 or r0 >= r1:
+            return None
+        return slice(r0, r1), slice(c0, c1)
+
+    def _masked(self, box, values: np.ndarray | None) -> np.ndarray:
+        mask = np.zeros((self.size, self.size), dtype=np.float32)
+        if box is not None:
+            mask[box] = values
+        return mask
+
     def circle(self, cx: float, cy: float, r: float, edge: float = 1.0) -> np.ndarray:
-        d = np.sqrt((self.xs - cx) ** 2 + (self.ys - cy) ** 2) - r
-        return self._soft(d, edge)
+        reach = r + edge + 1.0
+        box = self._window(cx - reach, cy - reach, cx + reach, cy + reach)
+        if box is None:
+            return self._masked(None, None)
+        xs, ys = self.xs[:, box[1]], self.ys[box[0], :]
+        d = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2) - r
+        return self._masked(box, self._soft(d, edge))
 
     def ellipse(self, cx: float, cy: float, a: float, b: float, angle: float,
                 edge: float = 1.0, wobble: Iterable[tuple[int, float, float]] = ()) -> np.ndarray:
         """Rotated ellipse; ``wobble`` = (harmonic, amplitude, phase) bumps the rim."""
-        dx, dy = self.xs - cx, self.ys - cy
+        wobble = list(wobble)
+        reach = max(a, b) * (1.0 + sum(abs(amp) for _, amp, _ in wobble)) + edge + 1.0
+        box = self._window(cx - reach, cy - reach, cx + reach, cy + reach)
+        if box is None:
+            return self._masked(None, None)
+        dx, dy = self.xs[:, box[1]] - cx, self.ys[box[0], :] - cy
         c, s = math.cos(angle), math.sin(angle)
         u = dx * c + dy * s
         v = -dx * s + dy * c
         rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
-        wobble = list(wobble)
         if wobble:
             # Real cell outlines are never perfect ellipses; low harmonics of the
             # polar angle make them irregular but still convex-looking.
@@ -110,29 +137,44 @@ class _Canvas:
             for k, amp, phase in wobble:
                 rim += amp * np.cos(k * theta + phase)
             rho = rho / rim
-        return self._soft((rho - 1.0) * math.sqrt(a * b), edge)
+        return self._masked(box, self._soft((rho - 1.0) * math.sqrt(a * b), edge))
 
     def capsule(self, x0: float, y0: float, x1: float, y1: float, r: float,
                 edge: float = 1.0) -> np.ndarray:
         """Thick segment: the chromatin strands that join nuclear lobes."""
+        reach = r + edge + 1.0
+        box = self._window(min(x0, x1) - reach, min(y0, y1) - reach, max(x0, x1) + reach, max(y0, y1) + reach)
+        if box is None:
+            return self._masked(None, None)
+        xs, ys = self.xs[:, box[1]], self.ys[box[0], :]
         vx, vy = x1 - x0, y1 - y0
         length2 = max(vx * vx + vy * vy, 1e-6)
-        t = np.clip(((self.xs - x0) * vx + (self.ys - y0) * vy) / length2, 0.0, 1.0)
-        d = np.sqrt((self.xs - x0 - t * vx) ** 2 + (self.ys - y0 - t * vy) ** 2) - r
-        return self._soft(d, edge)
+        t = np.clip(((xs - x0) * vx + (ys - y0) * vy) / length2, 0.0, 1.0)
+        d = np.sqrt((xs - x0 - t * vx) ** 2 + (ys - y0 - t * vy) ** 2) - r
+        return self._masked(box, self._soft(d, edge))
 
     # --- painting ----------------------------------------------------------
     def paint(self, mask: np.ndarray, colour: np.ndarray, alpha: float = 1.0) -> None:
         """Blend ``colour`` (RGB triple or per-pixel (S, S, 3)) through ``mask``."""
-        a = (mask * alpha)[..., None]
-        self.img += (colour - self.img) * a
+        # Only touch the mask's bounding box: most shapes cover a small part of
+        # the image and the 3-channel blend dominates the render time.
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
+            return
+        cols = np.flatnonzero(mask.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        colour = np.asarray(colour, dtype=np.float32)
+        if colour.ndim == 3:
+            colour = colour[box]
+        target = self.img[box]
+        target += (colour - target) * (mask[box] * alpha)[..., None]
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Zero-mean, unit-ish smooth noise field: blotchy stain and chromatin texture."""
     cells = max(2, int(cells))
     small = rng.standard_normal((cells, cells)).astype(np.float32)
-    field = Image.fromarray(small, mode="F").resize((size, size), Image.BICUBIC)
+    field = Image.fromarray(small).resize((size, size), Image.BICUBIC)
     return np.asarray(field, dtype=np.float32)
 
 
@@ -146,11 +188,12 @@ def _textured(base: np.ndarray, texture: np.ndarray, strength: float) -> np.ndar
 
 
 def _granule_mask(rng: np.random.Generator, size: int, cx: float, cy: float, radius: float,
-                  count: int, r_min: float, r_max: float, blur: float) -> np.ndarray:
+                  count: int, r_min: float, r_max: float) -> np.ndarray:
     """Mask of ``count`` small dots scattered uniformly over a disc.
 
-    PIL's ellipse drawing is far cheaper per dot than a full-grid distance field,
-    which matters for the hundreds of granules of eosinophils and basophils.
+    PIL's ellipse drawing is far cheaper per dot than a distance field, which
+    matters for the hundreds of granules of eosinophils and basophils. Dots are
+    hard-edged here; the final defocus blur of the whole image softens them.
     """
     layer = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(layer)
@@ -161,8 +204,6 @@ def _granule_mask(rng: np.random.Generator, size: int, cx: float, cy: float, rad
     gy = cy + rr * np.sin(th)
     for x, y, r in zip(gx.tolist(), gy.tolist(), gr.tolist()):
         draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
-    if blur > 0:
-        layer = layer.filter(ImageFilter.GaussianBlur(blur))
     return np.asarray(layer, dtype=np.float32) / 255.0
 
 
@@ -172,7 +213,9 @@ def _granule_mask(rng: np.random.Generator, size: int, cx: float, cy: float, rad
 
 
 def _background(rng: np.random.Generator, size: int) -> _Canvas:
-    base = _jitter_colour(rng, (234, 220, 212), 6)
+    # Mostly a brightness shift with a little hue drift: smears vary in
+    # thickness more than in stain colour.
+    base = _jitter_colour(rng, (234, 220, 212), 3) + np.float32(rng.uniform(-6, 6))
     canvas = _Canvas(size, base)
     # Uneven stain across the field, a few grey levels only.
     canvas.img += 4.0 * _smooth_noise(rng, size, 4)[..., None]
@@ -243,7 +286,7 @@ def _draw_neutrophil(canvas, rng, cx, cy, k):
     body = _cell_body(canvas, rng, cx, cy, radius, (226, 196, 214))
     # Fine, faint lilac granules: the "neutral" staining of the cytoplasm.
     gran = _granule_mask(rng, canvas.size, cx, cy, radius * 0.95, int(rng.integers(120, 180)),
-                         0.5 * k, 0.9 * k, blur=0.5 * k)
+                         0.5 * k, 0.9 * k)
     canvas.paint(gran * body, _jitter_colour(rng, (196, 150, 190), 8), alpha=0.45)
     n_lobes = int(rng.integers(3, 6))
     nucleus = _lobe_chain(canvas, rng, cx, cy, radius, n_lobes, lobe_r=radius * 0.24,
@@ -260,7 +303,7 @@ def _draw_eosinophil(canvas, rng, cx, cy, k):
                           path_r=radius * 0.42, arc=rng.uniform(2.2, 3.0), strand=radius * 0.09)
     _nucleus_paint(canvas, rng, nucleus, (108, 56, 138), clumping=0.12)
     gran = _granule_mask(rng, canvas.size, cx, cy, radius * 0.97, int(rng.integers(260, 340)),
-                         1.3 * k, 1.9 * k, blur=0.4 * k)
+                         1.3 * k, 1.9 * k)
     canvas.paint(gran * body * (1.0 - 0.85 * nucleus), _jitter_colour(rng, (226, 110, 66), 10), alpha=0.9)
 
 
@@ -272,7 +315,7 @@ def _draw_basophil(canvas, rng, cx, cy, k):
     _nucleus_paint(canvas, rng, nucleus, (110, 70, 150), clumping=0.08)
     # Dense, coarse dark granules spill over the nucleus and hide it.
     gran = _granule_mask(rng, canvas.size, cx, cy, radius * 0.98, int(rng.integers(170, 230)),
-                         1.4 * k, 2.3 * k, blur=0.5 * k)
+                         1.4 * k, 2.3 * k)
     canvas.paint(gran * body, _jitter_colour(rng, (52, 26, 92), 8), alpha=0.92)
 
 
@@ -316,7 +359,7 @@ def _draw_ig(canvas, rng, cx, cy, k):
     radius = rng.uniform(27.0, 31.0) * k
     body = _cell_body(canvas, rng, cx, cy, radius, (206, 170, 222))
     gran = _granule_mask(rng, canvas.size, cx, cy, radius * 0.95, int(rng.integers(35, 60)),
-                         0.9 * k, 1.5 * k, blur=0.5 * k)
+                         0.9 * k, 1.5 * k)
     canvas.paint(gran * body, _jitter_colour(rng, (170, 70, 140), 10), alpha=0.7)
     # Large oval nucleus, eccentric, with a shallow indentation and fine, pale
     # chromatin (a young cell).
@@ -331,9 +374,9 @@ def _draw_ig(canvas, rng, cx, cy, k):
 
 
 def _draw_erythroblast(canvas, rng, cx, cy, k):
-    radius = rng.uniform(18.0, 21.0) * k
-    _cell_body(canvas, rng, cx, cy, radius, (206, 168, 178), texture=0.03)
-    nr = radius * rng.uniform(0.55, 0.64)
+    radius = rng.uniform(19.0, 23.0) * k
+    _cell_body(canvas, rng, cx, cy, radius, (198, 160, 182), texture=0.03)
+    nr = radius * rng.uniform(0.5, 0.6)
     ang = rng.uniform(0, 2 * math.pi)
     off = radius * rng.uniform(0.0, 0.12)
     # Pyknotic nucleus: very round and sharp-edged, almost black.
@@ -353,7 +396,7 @@ def _draw_platelet(canvas, rng, cx, cy, k):
         canvas.paint(frag, _jitter_colour(rng, (176, 136, 204), 10), alpha=0.85)
         # Granulomere: a darker purple granular centre.
         core = _granule_mask(rng, canvas.size, px, py, r * 0.6, int(rng.integers(3, 8)),
-                             0.5 * k, 1.0 * k, blur=0.4 * k)
+                             0.5 * k, 1.0 * k)
         canvas.paint(core * frag, _jitter_colour(rng, (110, 56, 150), 10), alpha=0.9)
 
 
@@ -402,9 +445,9 @@ def render_cell(class_name: str, rng: np.random.Generator, size: int = 128) -> I
     drawer(canvas, rng, cx, cy, k)
 
     # Whole-slide stain variation, sensor noise and slight defocus.
-    canvas.img *= rng.uniform(0.95, 1.05, 3).astype(np.float32)
-    canvas.img += rng.normal(0.0, rng.uniform(2.0, 4.0), canvas.img.shape).astype(np.float32)
-    image = Image.fromarray(np.clip(canvas.img + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    canvas.img *= rng.uniform(0.97, 1.03, 3).astype(np.float32)
+    canvas.img += rng.standard_normal(canvas.img.shape, dtype=np.float32) * np.float32(rng.uniform(2.0, 4.0))
+    image = Image.fromarray(np.clip(canvas.img + 0.5, 0, 255).astype(np.uint8))
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * k))
 
 
@@ -497,7 +540,7 @@ class SampleSpec:
 # White-cell fractions per profile. Normal sits comfortably inside the adult
 # reference ranges so that jitter cannot push it out; each abnormal profile
 # moves one class well past its range.
-_NORMAL_WBC = {"neutrophil": 0.55, "lymphocyte": 0.33, "monocyte": 0.06, "eosinophil": 0.03, "basophil": 0.01}
+_NORMAL_WBC = {"neutrophil": 0.55, "lymphocyte": 0.33, "monocyte": 0.06, "eosinophil": 0.03, "basophil": 0.0075}
 _ABNORMAL_PROFILES: tuple[tuple[str, dict[str, float], str], ...] = (
     # (profile name, WBC fractions, class that defines the abnormality)
     ("neutrophilia", {"neutrophil": 0.80, "lymphocyte": 0.13, "monocyte": 0.05, "eosinophil": 0.015,
@@ -529,6 +572,26 @@ def _apportion(total: int, fractions: Mapping[str, float]) -> dict[str, int]:
     return counts
 
 
+def _fit_reference_ranges(counts: dict[str, int], n_wbc: int) -> None:
+    """Nudge a normal differential into every adult reference range it can reach.
+
+    Rounding alone can push a narrow range out (basophils 0.5-1 %: 2 of 190
+    white cells is 1.05 %); the difference is taken from or given to the
+    neutrophils, whose range is wide. Ranges no integer count can meet (any
+    basophil count with fewer than 100 white cells) are left alone.
+    """
+    for name, rr in reference_ranges().items():
+        if name == "neutrophil":
+            continue
+        lo = math.ceil(rr.low * n_wbc / 100.0 - 1e-9)
+        hi = math.floor(rr.high * n_wbc / 100.0 + 1e-9)
+        if lo > hi:
+            continue
+        delta = min(max(counts[name], lo), hi) - counts[name]
+        counts[name] += delta
+        counts["neutrophil"] -= delta
+
+
 def _sample_counts(profile: Mapping[str, float], defining: str | None, total: int,
                    rng: np.random.Generator) -> dict[str, int]:
     n_plt = int(round(_PLATELET_FRACTION * total)) if total >= 10 else 0
@@ -541,6 +604,9 @@ def _sample_counts(profile: Mapping[str, float], defining: str | None, total: in
     counts.update(_apportion(n_wbc, jittered))
     counts["platelet"] += n_plt
     counts["erythroblast"] += n_erb
+    if defining in (None, "erythroblast"):
+        # Only the defining finding should be abnormal in these samples.
+        _fit_reference_ranges(counts, n_wbc)
     # A rare defining class (ig at 5 %) must still show up in a small sample.
     if defining in profile and counts[defining] == 0 and n_wbc >= 2:
         donor = max(profile, key=lambda n: counts[n])
@@ -557,7 +623,12 @@ def default_samples(n_samples: int = 6, cells_per_sample: int = 60, *, seed: int
     erythroblasts or immature granulocytes); odd positions cycle through
     neutrophilia, lymphocytosis, eosinophilia, circulating erythroblasts,
     immature granulocytes and monocytosis. So with ``n_samples >= 2`` there is
-    always at least one of each kind.
+    always at least one of each kind. The profile name is kept in
+    :attr:`SampleSpec.profile`.
+
+    Normal samples (and the white cells of the erythroblast profile) fall
+    inside every adult reference range only from about 105 cells per sample:
+    with fewer than 100 white cells a single basophil is already above 1 %.
 
     Args:
         n_samples: number of samples, ids ``S0001``, ``S0002``, ...

@@ -10,7 +10,7 @@ Two registered variants differ only in the pooling stride:
 ``bloodnet`` (default)
     stride-2 pooling with ``ceil_mode=True``, so the seven poolings take
     100 px down to 1 px (100, 50, 25, 13, 7, 4, 2, 1) and the network has
-    about 0.9 M parameters. This is the usual reading of a 2x2 max-pool and the
+    about 1.1 M parameters. This is the usual reading of a 2x2 max-pool and the
     one worth training.
 ``bloodnet_paper``
     the paper's text taken literally: 2x2 max-pool with stride 1. Each pooling
@@ -28,7 +28,7 @@ import functools
 import math
 from typing import Any, Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from bloodray.classes import NUM_CLASSES
 from bloodray.models.registry import PretrainedWeightsError, build_from_weights, load_state_dict_file, register_model
@@ -100,7 +100,7 @@ class BloodNet(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
 

@@ -1,0 +1,204 @@
+"""The ``bloodray`` command line: parse arguments, build a typed config, call one library function.
+
+Subcommands: ``train``, ``evaluate``, ``classify``, ``query``, ``report``,
+``models``, ``synth``, ``demo``. Expected failures (bad config, missing data,
+unreadable checkpoint, storage errors) print one line naming the culprit and
+exit with status 2; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, StorageConfig
+from .data import DatasetError
+from .models import UnknownModelError
+from .storage import StorageError
+
+EXPECTED_ERRORS = (ConfigError, DatasetError, StorageError, CheckpointError, UnknownModelError, FileNotFoundError,
+                   PermissionError)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """``--config FILE`` and repeatable ``--set dotted.key=value``."""
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (credentials: AWS chain)")
+
+
+def _storage_options(args) -> dict:
+    return StorageConfig(endpoint_url=args.endpoint_url).storage_options()
+
+
+def cmd_train(args) -> int:
+    from .train import load_train_config, run_training
+
+    cfg = load_train_config(args.config, args.overrides)
+    result = run_training(cfg)
+    print(f"best checkpoint: {result.best_checkpoint}")
+    if result.test_metrics:
+        print(f"test accuracy {result.test_metrics['accuracy']:.4f}, macro-F1 {result.test_metrics['macro_f1']:.4f} "
+              f"(n={result.test_metrics['n']}); files in {result.test_metrics['output_uri']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_folder, evaluate_run
+    from . import storage
+
+    opts = _storage_options(args)
+    if args.run:
+        result = evaluate_run(args.run, args.split, opts, args.output, checkpoint=args.checkpoint, tta=args.tta)
+    elif args.data:
+        output = args.output or storage.join("eval", args.split)
+        result = evaluate_folder(args.data, args.checkpoint, output, args.split, args.seed, opts, tta=args.tta)
+    else:
+        raise ConfigError("evaluate: give --run RUN_DIR, or --data FOLDER [--checkpoint CKPT]")
+    print(result.table())
+    print(f"files: {result.output_uri}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import model_table
+
+    rows = model_table()
+    print(f"{'name':<16}{'input':>7}{'params':>15}  imagenet weights")
+    for row in rows:
+        print(f"{row['name']:<16}{row['input_size']:>5}px{row['params']:>15,}  {row['imagenet_weights'] or '-'}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from . import synth
+
+    if args.kind == "labelled":
+        counts = synth.write_labelled_dataset(args.out, args.per_class, size=args.size, seed=args.seed,
+                                              storage_options=_storage_options(args))
+        print(f"wrote {sum(counts.values())} labelled images to {args.out}: {json.dumps(counts)}")
+    else:
+        samples = synth.default_samples(args.samples, args.cells, seed=args.seed)
+        rows = synth.write_archive(args.out, samples, layout=args.layout, size=args.size, seed=args.seed,
+                                   storage_options=_storage_options(args))
+        print(f"wrote {len(rows)} images of {len(samples)} samples to {args.out} ({args.layout} layout)")
+        for spec in samples:
+            print(f"  {spec.sample_id}: {json.dumps({k: v for k, v in spec.counts.items() if v})}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from . import classify
+
+    cfg = classify.config_from_args(args)
+    result = classify.run_classification(cfg)
+    print(result.describe() if hasattr(result, "describe") else result)
+    return 0
+
+
+def cmd_query(args) -> int:
+    from .query import query_main
+
+    print(query_main(args.output, args.sql, _storage_options(args), fmt=args.format))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.output, run_date=args.date, dest=args.dest, storage_options=_storage_options(args))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import load_demo_config, run_demo
+
+    run_demo(load_demo_config(args.config, args.overrides))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bloodray`` command."""
+    parser = argparse.ArgumentParser(prog="bloodray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model with Ray Train")
+    add_config_arguments(p, "configs/train/bloodnet.yaml")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class P/R/F1 and confusion matrix on held-out images")
+    p.add_argument("--run", help="training run dir (<storage_path>/<name>): evaluates its best checkpoint on its split")
+    p.add_argument("--data", help="labelled folder or s3:// prefix (its deterministic split is recomputed)")
+    p.add_argument("--checkpoint", help="checkpoint dir or run dir (default: the packaged model)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the checkpoint's)")
+    p.add_argument("--output", help="where to write metrics files (default: <run>/eval/<split> or ./eval/<split>)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each image")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list registered models with input size and parameter count")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("synth", help="write synthetic labelled cells or a synthetic slide archive")
+    p.add_argument("kind", choices=["labelled", "archive"])
+    p.add_argument("--out", required=True, help="local folder or s3:// prefix")
+    p.add_argument("--per-class", type=int, default=60)
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--cells", type=int, default=60, help="cells per sample (archive)")
+    p.add_argument("--layout", default="folders", choices=["folders", "tar"])
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("classify", help="classify a slide archive into Parquet predictions and differentials")
+    try:
+        from . import classify as classify_module
+
+        classify_module.add_arguments(p)
+    except ImportError:  # pragma: no cover - classify is part of the package
+        add_config_arguments(p, "configs/classify/nightly.yaml")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("query", help="run SQL (DuckDB) over the committed outputs")
+    p.add_argument("sql")
+    p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("report", help="HTML report with plots for a run date")
+    p.add_argument("--output", required=True, help="output root of the classify job")
+    p.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: latest)")
+    p.add_argument("--dest", default=None, help="where to write the report (default: <output>/reports/...)")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="end-to-end demo on synthetic data (what `make demo` runs)")
+    add_config_arguments(p, "configs/demo.yaml")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; expected errors become one line on stderr."""
+    args = build_parser().parse_args(argv)
+    try:
+        return (handler or args.func)(args)
+    except EXPECTED_ERRORS as exc:
+        print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run(sys.argv[1:]))
