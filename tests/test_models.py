@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from bloodray.models import (
     get_model_info,
     list_models,
     model_table,
+    replace_head,
 )
 
 torch.set_num_threads(2)
@@ -181,6 +183,16 @@ def test_weights_uri_with_checkpoint_wrapper_and_ddp_prefix(tmp_path, imagenet_r
     assert not model.conv1.weight.requires_grad and model.fc.weight.requires_grad
 
 
+def test_replace_head_replaces_every_head_path():
+    import torchvision
+
+    info = get_model_info("inception_v3")
+    with torch.device("meta"):
+        model = torchvision.models.inception_v3(weights=None, init_weights=True)
+        replace_head(model, info.head, NUM_CLASSES)
+    assert model.fc.out_features == model.AuxLogits.fc.out_features == NUM_CLASSES
+
+
 class NotAStateDict:
     """Stands in for arbitrary pickled code, which must never be unpickled."""
 
@@ -204,6 +216,21 @@ def test_weights_uri_missing_file(tmp_path):
 
     with pytest.raises(StorageError, match="not found"):
         create_model("resnet50", pretrained=True, weights_uri=str(tmp_path / "missing.pth"))
+
+
+def test_weights_uri_from_s3(s3_bucket):
+    from bloodray.storage import filesystem
+
+    bucket_uri, storage_options = s3_bucket  # moto S3 on loopback (tests/conftest.py)
+    uri = f"{bucket_uri}/weights/bloodnet.pth"
+    source = BloodNet()
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    fs, path = filesystem(uri, storage_options)
+    fs.pipe_file(path, buffer.getvalue())
+
+    model = create_model("bloodnet", pretrained=True, weights_uri=uri, storage_options=storage_options)
+    assert torch.equal(model.features[0].weight, source.features[0].weight)
 
 
 def test_pretrained_without_weights_uri_points_to_weights_uri():

@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from bloodray import synth
-from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX, class_from_filename, class_from_folder
+from bloodray.classes import (
+    CLASS_NAMES,
+    CLASS_TO_INDEX,
+    WBC_CLASSES,
+    class_from_filename,
+    class_from_folder,
+    reference_ranges,
+)
 
 SMALL = 64  # px; keeps the file fast while exercising the scaled geometry
 
@@ -118,6 +125,16 @@ def test_default_samples_mix_normal_and_abnormal():
 
     two = synth.default_samples(2, 20)
     assert {s.profile == "normal" for s in two} == {True, False}
+
+
+def test_default_samples_normal_within_reference_ranges_abnormal_outside():
+    # 120 cells leaves > 100 white cells, enough for the 0.5-1 % basophil range.
+    ranges = reference_ranges()
+    for spec in synth.default_samples(12, 120, seed=4):
+        wbc = sum(spec.counts[name] for name in WBC_CLASSES)
+        outside = [name for name, rr in ranges.items() if not rr.low <= 100.0 * spec.counts[name] / wbc <= rr.high]
+        abnormal = bool(outside) or spec.counts["ig"] > 0 or spec.counts["erythroblast"] > 0
+        assert abnormal == (spec.profile != "normal"), (spec, outside)
 
 
 def test_expected_counts_fills_absent_classes():
