@@ -491,11 +491,12 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    opts = cfg.storage.storage_options()
+    # Data problems (missing bucket, bad credentials, empty folder) surface before any cluster work.
+    table, dropped = prepare_split(cfg)
+    save_config(cfg, storage.join(cfg.run_uri, RUN_CONFIG), opts)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
-    opts = cfg.storage.storage_options()
-    save_config(cfg, storage.join(cfg.run_uri, RUN_CONFIG), opts)
-    table, dropped = prepare_split(cfg)
     print(f"[bloodray] {table.num_rows} images after de-duplication ({len(dropped)} dropped); "
           f"split {json.dumps({s: int(sum(c.values())) for s, c in class_counts(table).items()})}", flush=True)
 
@@ -533,6 +534,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            # Ray's print patch would echo every worker line twice on the driver console.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute="val_macro_f1",
