@@ -1,0 +1,168 @@
+"""Confidence that means something: temperature scaling and the review threshold.
+
+Both are fitted on the validation split and stored in the checkpoint
+(``temperature``, ``review_threshold``, ``calibration``), where
+:class:`~bloodray.inference.CellPredictor` and the classify job pick them up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of ``logits / temperature`` (rows)."""
+    return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean cross-entropy of temperature-scaled logits."""
+    logp = _log_softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature minimising validation NLL (Guo et al. 2017), by bounded scalar search.
+
+    Log-probabilities work as well as logits: softmax is shift-invariant per row.
+    """
+    from scipy.optimize import minimize_scalar
+
+    labels = np.asarray(labels, dtype=np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
+    # Search log T so the optimiser treats "2x too hot" and "2x too cold" alike.
+    result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+                             bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                             options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE with ``n_bins`` equal-width confidence bins: sum over bins of |accuracy - confidence| x share."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins so a confidence of exactly 1.0 lands in the last bin.
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+@dataclass(frozen=True)
+class ReviewTradeoff:
+    """What a review threshold does on a labelled set."""
+
+    threshold: float
+    #: share of all cells sent to review.
+    flagged_share: float
+    #: share of the model's errors that are among the flagged cells.
+    errors_caught: float
+    n: int
+    n_errors: int
+
+
+def review_tradeoff(confidence: np.ndarray, correct: np.ndarray, threshold: float) -> ReviewTradeoff:
+    """Flagged share and errors caught when cells under ``threshold`` go to review."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    flagged = confidence < threshold
+    errors = ~correct
+    caught = float((flagged & errors).sum() / errors.sum()) if errors.any() else 1.0
+    return ReviewTradeoff(float(threshold), float(flagged.mean()) if len(flagged) else 0.0, caught,
+                          int(len(confidence)), int(errors.sum()))
+
+
+def choose_review_threshold(confidence: np.ndarray, correct: np.ndarray, max_flagged_share: float = 0.05) -> float:
+    """The highest threshold that flags at most ``max_flagged_share`` of cells.
+
+    A higher threshold only adds cells to review, so under a review budget it
+    catches the most errors. Thresholds sit halfway between observed
+    confidences so ties cannot push the flagged share over the budget.
+    """
+    confidence = np.sort(np.asarray(confidence, dtype=np.float64))
+    budget = int(np.floor(max_flagged_share * len(confidence)))
+    if budget <= 0:
+        return float(confidence[0]) if len(confidence) else 0.0
+    if budget >= len(confidence):
+        return 1.0
+    # Flag exactly the `budget` least confident cells: threshold between #budget-1 and #budget.
+    low, high = confidence[budget - 1], confidence[budget]
+    if low == high:
+        # Ties at the boundary: flag only strictly lower values.
+        return float(high)
+    return float((low + high) / 2.0)
+
+
+@dataclass
+class CalibrationReport:
+    """Before/after numbers of a calibration, stored in the checkpoint metadata."""
+
+    temperature: float
+    review_threshold: float
+    val_ece_before: float
+    val_ece_after: float
+    val_nll_before: float
+    val_nll_after: float
+    val_review: dict[str, Any]
+    max_flagged_share: float
+    n_val: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, max_flagged_share: float = 0.05) -> CalibrationReport:
+    """Fit temperature and review threshold on validation logits."""
+    labels = np.asarray(labels, dtype=np.int64)
+    temperature = fit_temperature(logits, labels)
+    before, after = softmax(logits), softmax(logits, temperature)
+    confidence = after.max(axis=1)
+    correct = after.argmax(axis=1) == labels
+    threshold = choose_review_threshold(confidence, correct, max_flagged_share)
+    return CalibrationReport(
+        temperature=temperature, review_threshold=threshold,
+        val_ece_before=expected_calibration_error(before, labels),
+        val_ece_after=expected_calibration_error(after, labels),
+        val_nll_before=negative_log_likelihood(logits, labels),
+        val_nll_after=negative_log_likelihood(logits, labels, temperature),
+        val_review=dataclasses.asdict(review_tradeoff(confidence, correct, threshold)),
+        max_flagged_share=max_flagged_share, n_val=int(len(labels)))
+
+
+def evaluate_calibration(logits: np.ndarray, labels: np.ndarray, temperature: float,
+                         threshold: float) -> dict[str, Any]:
+    """ECE before/after and the review trade-off on a held-out set (the test split)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    after = softmax(logits, temperature)
+    confidence = after.max(axis=1)
+    correct = after.argmax(axis=1) == labels
+    return {
+        "ece_before": expected_calibration_error(softmax(logits), labels),
+        "ece_after": expected_calibration_error(after, labels),
+        "review": dataclasses.asdict(review_tradeoff(confidence, correct, threshold)),
+    }
+
+
+def log_probabilities(table_probs: np.ndarray) -> np.ndarray:
+    """Uncalibrated probabilities back to logits up to a per-row constant (all softmax needs)."""
+    return np.log(np.clip(np.asarray(table_probs, dtype=np.float64), 1e-12, 1.0))
+
+
+def as_metadata(report: CalibrationReport, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``calibration`` entry of a checkpoint's metadata."""
+    return report.to_dict() | dict(extra or {})
