@@ -39,6 +39,8 @@ FORMAT = "bloodray-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "bloodray.json"
 TRAIN_STATE_FILE = "train_state.pt"
+#: Sub-directory of a run holding its calibrated best checkpoint (preferred by resolve_checkpoint).
+CALIBRATED_DIR = "calibrated"
 #: Where the packaged default model lives inside the installed package.
 PACKAGED_CHECKPOINT = Path(__file__).parent / "assets" / "default_checkpoint"
 
@@ -135,7 +137,8 @@ def read_metadata(uri: str, storage_options: Mapping[str, Any] | None = None) ->
 def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None = None) -> str:
     """Turn a checkpoint dir, a training run dir, or ``None`` (packaged default) into a checkpoint dir.
 
-    In a run directory, the checkpoint with the highest ``val_macro_f1`` wins
+    In a run directory, its calibrated checkpoint wins if ``bloodray calibrate``
+    made one; otherwise the checkpoint with the highest ``val_macro_f1``
     (ties: the later epoch).
     """
     if uri is None or uri in ("", "default"):
@@ -146,6 +149,9 @@ def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | Non
     try:
         if fs.exists(posixpath.join(path, METADATA_FILE)):
             return uri
+        # `bloodray calibrate` leaves the best checkpoint with its calibration here.
+        if fs.exists(posixpath.join(path, CALIBRATED_DIR, METADATA_FILE)):
+            return storage.join(uri, CALIBRATED_DIR)
         candidates = sorted(fs.glob(posixpath.join(path, "checkpoint_*", METADATA_FILE)))
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(uri, exc) from exc
@@ -210,3 +216,23 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
         return None
     with path.open("rb") as fh:
         return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+
+
+def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any] | None = None,
+                      **metadata_updates: Any) -> str:
+    """Copy a checkpoint's weights and metadata (no optimizer state) to ``dest``, updating metadata fields.
+
+    Used to ship a model and to store calibration next to unchanged weights.
+    """
+    source = resolve_checkpoint(source, storage_options)
+    meta = read_metadata(source, storage_options)
+    src_fs, src_path = storage.filesystem(source, storage_options)
+    blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
+    meta = dataclasses.replace(meta, **metadata_updates)
+    dst_fs, dst_path = storage.filesystem(dest, storage_options)
+    dst_fs.makedirs(dst_path, exist_ok=True)
+    with dst_fs.open(posixpath.join(dst_path, WEIGHTS_FILE), "wb") as fh:
+        fh.write(blob)
+    with dst_fs.open(posixpath.join(dst_path, METADATA_FILE), "w") as fh:
+        fh.write(json.dumps(dataclasses.asdict(meta), indent=2, default=str))
+    return dest

@@ -1,7 +1,7 @@
 """The ``bloodray`` command line: parse arguments, build a typed config, call one library function.
 
-Subcommands: ``train``, ``evaluate``, ``classify``, ``query``, ``report``,
-``models``, ``synth``, ``demo``. Expected failures (bad config, missing data,
+Subcommands: ``train``, ``evaluate``, ``calibrate``, ``export``, ``classify``,
+``query``, ``report``, ``models``, ``synth``, ``demo``. Expected failures (bad config, missing data,
 unreadable checkpoint, storage errors) print one line naming the culprit and
 exit with status 2; nothing already written is removed.
 """
@@ -64,6 +64,27 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("evaluate: give --run RUN_DIR, or --data FOLDER [--checkpoint CKPT]")
     print(result.table())
     print(f"files: {result.output_uri}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .evaluate import calibrate_run
+
+    result = calibrate_run(args.run, _storage_options(args), args.max_review_share, checkpoint=args.checkpoint)
+    test = result["test"]
+    print(f"temperature {result['temperature']:.3f}; review threshold {result['review_threshold']:.3f} "
+          f"(chosen on val for <= {args.max_review_share:.0%} flagged)")
+    print(f"test ECE (15 bins): {test['ece_before']:.4f} before, {test['ece_after']:.4f} after")
+    print(f"test review: {test['review']['flagged_share']:.1%} of cells flagged, "
+          f"{test['review']['errors_caught']:.1%} of {test['review']['n_errors']} errors caught")
+    print(f"calibrated checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_checkpoint
+
+    print(f"exported to {export_checkpoint(args.checkpoint, args.to, _storage_options(args))}")
     return 0
 
 
@@ -144,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each image")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit temperature and review threshold on a run's val split")
+    p.add_argument("--run", required=True, help="training run dir (<storage_path>/<name>)")
+    p.add_argument("--checkpoint", help="checkpoint to calibrate (default: the run's best)")
+    p.add_argument("--max-review-share", type=float, default=0.05, help="review budget: share of cells flagged")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", help="copy a checkpoint's weights and metadata (no optimizer state)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir")
+    p.add_argument("--to", required=True, help="destination folder or s3:// prefix")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list registered models with input size and parameter count")
     p.set_defaults(func=cmd_models)

@@ -112,7 +112,7 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // batch_size)))
     ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=0.5,
                         fn_kwargs={"input_size": meta.input_size, "storage_options": dict(storage_options or {})})
-    ds = ds.map_batches(CellPredictor, batch_size=batch_size, concurrency=concurrency or 1,
+    ds = ds.map_batches(CellPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency or 1),
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                         fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": dict(storage_options or {}),
                                                "tta": tta})
@@ -282,3 +282,43 @@ def evaluate_folder(data_root: str, checkpoint: str | None, output_uri: str, spl
     table, _ = build_split(data_root, fractions, split_cfg.get("seed", 0) if seed is None else seed, storage_options)
     rows = rows_of(table, None if split == "all" else split)
     return evaluate_rows(rows, checkpoint, output_uri, split=split, storage_options=storage_options, tta=tta)
+
+
+def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None,
+                  max_flagged_share: float = 0.05, checkpoint: str | None = None) -> dict[str, Any]:
+    """Fit temperature and review threshold on the run's val split, report them on its test split.
+
+    Writes ``<run>/calibrated/`` (the best checkpoint's weights with the fitted
+    ``temperature``, ``review_threshold`` and ``calibration`` report), which
+    :func:`~bloodray.checkpoint.resolve_checkpoint` then prefers for the run.
+    """
+    from .calibration import calibrate, evaluate_calibration, log_probabilities
+    from .checkpoint import CALIBRATED_DIR, METADATA_FILE, export_checkpoint, read_metadata, resolve_checkpoint
+    from .data import read_parquet, rows_of
+    from .train import SPLIT_MANIFEST
+
+    if checkpoint is None:
+        fs, path = storage.filesystem(run_uri, storage_options)
+        # Re-calibrate from the raw best checkpoint, never from an earlier calibration.
+        if fs.exists(posixpath.join(path, CALIBRATED_DIR, METADATA_FILE)):
+            fs.rm(posixpath.join(path, CALIBRATED_DIR), recursive=True)
+        checkpoint = resolve_checkpoint(run_uri, storage_options)
+    meta = read_metadata(checkpoint, storage_options)
+    manifest = read_parquet(storage.join(run_uri, SPLIT_MANIFEST), storage_options)
+
+    def logits_of(split: str):
+        table = predict_rows(rows_of(manifest, split), checkpoint, storage_options)
+        ok = np.array([not e for e in table.column("error").to_pylist()])
+        probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False))[ok]
+        # The predictor applied the checkpoint's temperature; undo it to get logits (up to a row constant).
+        return log_probabilities(probs) * float(meta.temperature or 1.0), np.asarray(table.column("label").to_pylist())[ok]
+
+    val_logits, val_labels = logits_of("val")
+    report = calibrate(val_logits, val_labels, max_flagged_share)
+    test_logits, test_labels = logits_of("test")
+    on_test = evaluate_calibration(test_logits, test_labels, report.temperature, report.review_threshold)
+    calibration = report.to_dict() | {"test": on_test, "source_checkpoint": checkpoint, "ece_bins": 15}
+    dest = storage.join(run_uri, CALIBRATED_DIR)
+    export_checkpoint(checkpoint, dest, storage_options, temperature=report.temperature,
+                      review_threshold=report.review_threshold, calibration=calibration)
+    return calibration | {"checkpoint": dest}
