@@ -19,8 +19,13 @@ from .data import DatasetError
 from .models import UnknownModelError
 from .storage import StorageError
 
-EXPECTED_ERRORS = (ConfigError, DatasetError, StorageError, CheckpointError, UnknownModelError, FileNotFoundError,
-                   PermissionError)
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .classify import ClassifyError
+    from .query import QueryError
+    from .report import ReportError
+
+    return (ConfigError, DatasetError, StorageError, CheckpointError, UnknownModelError, ClassifyError, QueryError,
+            ReportError, FileNotFoundError, PermissionError)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
@@ -120,7 +125,7 @@ def cmd_classify(args) -> int:
 
     cfg = classify.config_from_args(args)
     result = classify.run_classification(cfg)
-    print(result.describe() if hasattr(result, "describe") else result)
+    print(result.describe())
     return 0
 
 
@@ -195,12 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("classify", help="classify a slide archive into Parquet predictions and differentials")
-    try:
-        from . import classify as classify_module
+    from . import classify as classify_module
 
-        classify_module.add_arguments(p)
-    except ImportError:  # pragma: no cover - classify is part of the package
-        add_config_arguments(p, "configs/classify/nightly.yaml")
+    classify_module.add_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("query", help="run SQL (DuckDB) over the committed outputs")
@@ -228,7 +230,7 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return (handler or args.func)(args)
-    except EXPECTED_ERRORS as exc:
+    except _expected_errors() as exc:
         print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -158,7 +158,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
+        # e.g. "2024-13-01" looks like a date to YAML but is not one: keep the text and let the field check it.
         value = raw
     return key.split("."), value
 

@@ -43,7 +43,7 @@ class DemoTrain:
     model: str = "bloodnet"
     input_size: int = 64
     batch_norm: bool = True
-    epochs: int = 10
+    epochs: int = 14
     batch_size: int = 16
     lr: float = 0.002
     num_workers: int = 2

@@ -489,6 +489,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
 
     opts = cfg.storage.storage_options()
@@ -536,6 +537,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             # Ray's print patch would echo every worker line twice on the driver console.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Our own per-epoch line says what matters; Ray's per-report INFO lines would bury it.
+            logging_config=LoggingConfig(log_level="WARNING"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute="val_macro_f1",

@@ -1,0 +1,265 @@
+"""Layout, schemas and committed-run readers of the nightly classification outputs.
+
+Everything the classification job (:mod:`bloodray.classify`) writes lives under
+one output root, as Parquet::
+
+    <output>/predictions/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet   one row per classified image
+    <output>/errors/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet        one row per image that failed
+    <output>/differentials/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet one row per sample
+    <output>/runs/run_date=<YYYY-MM-DD>/<run_id>.parquet                  the run manifest (one row)
+    <output>/run_configs/run_date=<YYYY-MM-DD>/<run_id>.yaml              the run's final config
+    <output>/_staging/<run_id>/...                                        work in progress (ignored by readers)
+
+``run_date`` is only in the paths (hive partitioning), never a column inside
+the files, so DuckDB (``hive_partitioning=true``) and
+``pyarrow.dataset(..., partitioning="hive")`` both add it from the path; the
+plain ``<run_id>/`` directory level is ignored by both.
+
+A run is committed when its manifest exists; the manifest is written after
+all its data files. The *visible* run of a date is the committed run with the
+latest ``committed_at``. Reading a data table directory directly (a bare glob)
+can also see files of a crashed run or of an older run not yet cleaned up,
+so readers should go through :func:`read_table` / :func:`visible_runs` (or
+``bloodray.query``), or join the ``runs`` table on ``run_id``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from . import storage
+from .classes import CLASS_NAMES, DIFFERENTIAL_CLASSES
+from .differential import count_columns, flag_columns
+
+#: Data tables, one directory each under the output root.
+TABLES: tuple[str, ...] = ("predictions", "errors", "differentials")
+RUNS = "runs"
+RUN_CONFIGS = "run_configs"
+#: Leading underscore: pyarrow dataset discovery skips it, and no table glob matches it.
+STAGING = "_staging"
+#: Status of a committed run (the only status a manifest is ever written with).
+COMMITTED = "committed"
+
+PARTITIONING = ds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+
+_TS = pa.timestamp("us", tz="UTC")
+
+
+def prob_columns() -> list[str]:
+    """``prob_<class>`` column names in class index order."""
+    return [f"prob_{name}" for name in CLASS_NAMES]
+
+
+def predictions_schema() -> pa.Schema:
+    """Schema of the files under ``predictions/``."""
+    return pa.schema(
+        [("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string()),
+         ("image_sha256", pa.string()), ("predicted_class", pa.string()), ("confidence", pa.float32())]
+        + [(c, pa.float32()) for c in prob_columns()]
+        + [("needs_review", pa.bool_()), ("model_name", pa.string()), ("checkpoint_id", pa.string())])
+
+
+def errors_schema() -> pa.Schema:
+    """Schema of the files under ``errors/``."""
+    return pa.schema([("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string()),
+                      ("stage", pa.string()), ("error_type", pa.string()), ("message", pa.string())])
+
+
+def differentials_schema() -> pa.Schema:
+    """Schema of the files under ``differentials/``."""
+    fields = [("run_id", pa.string()), ("sample_id", pa.string()), ("n_images", pa.int64()),
+              ("n_classified", pa.int64()), ("n_errors", pa.int64()), ("n_review", pa.int64())]
+    fields += [(c, pa.int64()) for c in count_columns()]
+    fields += [("n_wbc", pa.int64())]
+    fields += [(f"pct_{n}", pa.float64()) for n in DIFFERENTIAL_CLASSES]
+    fields += [("ig_per_100_wbc", pa.float64()), ("erythroblast_per_100_wbc", pa.float64()),
+               ("platelet_count", pa.int64())]
+    fields += [(c, pa.bool_()) for c in flag_columns()]
+    fields += [("flags", pa.list_(pa.string())), ("any_flag", pa.bool_())]
+    return pa.schema(fields)
+
+
+def runs_schema() -> pa.Schema:
+    """Schema of a run manifest file under ``runs/`` (``run_date`` comes from the path).
+
+    ``n_inputs`` counts the inputs this run read itself (images, tar members
+    and broken shards); ``n_predictions``, ``n_errors``, ``n_samples`` and
+    ``n_review`` count the run's tables, including rows an incremental run
+    carried over from ``carried_from_run_id``. ``timings_json`` holds seconds
+    per stage: ``list``, ``read_decode_infer`` (the streaming Ray Data part,
+    staging write included), ``write`` (predictions and errors tables),
+    ``aggregate`` (differentials) and ``commit``.
+    """
+    return pa.schema([
+        ("run_id", pa.string()), ("status", pa.string()), ("started_at", _TS), ("committed_at", _TS),
+        ("checkpoint", pa.string()), ("checkpoint_id", pa.string()), ("model_name", pa.string()),
+        ("review_threshold", pa.float64()), ("input_uri", pa.string()), ("output_uri", pa.string()),
+        ("config_yaml", pa.string()), ("n_inputs", pa.int64()), ("n_predictions", pa.int64()),
+        ("n_errors", pa.int64()), ("n_samples", pa.int64()), ("n_review", pa.int64()),
+        ("timings_json", pa.string()), ("incremental_skipped_samples", pa.int64()),
+        ("carried_from_run_id", pa.string()),
+    ])
+
+
+SCHEMAS = {"predictions": predictions_schema, "errors": errors_schema,
+           "differentials": differentials_schema, RUNS: runs_schema}
+
+
+def with_run_date(schema: pa.Schema) -> pa.Schema:
+    """``schema`` plus the ``run_date`` column readers get from the path."""
+    return schema.append(pa.field("run_date", pa.string()))
+
+
+# ---------------------------------------------------------------------------
+# Paths (fsspec paths without protocol, as returned by storage.filesystem).
+# ---------------------------------------------------------------------------
+
+
+def table_dir(root: str, table: str) -> str:
+    """Directory of one table under the output root path."""
+    return posixpath.join(root, table)
+
+
+def partition_dir(root: str, table: str, run_date: str, run_id: str) -> str:
+    """Directory holding one run's files of a data table."""
+    return posixpath.join(root, table, f"run_date={run_date}", run_id)
+
+
+def manifest_path(root: str, run_date: str, run_id: str) -> str:
+    """Path of a run's manifest file."""
+    return posixpath.join(root, RUNS, f"run_date={run_date}", f"{run_id}.parquet")
+
+
+def config_path(root: str, run_date: str, run_id: str) -> str:
+    """Path of a run's saved config YAML."""
+    return posixpath.join(root, RUN_CONFIGS, f"run_date={run_date}", f"{run_id}.yaml")
+
+
+def staging_dir(root: str, run_id: str) -> str:
+    """A run's private staging directory."""
+    return posixpath.join(root, STAGING, run_id)
+
+
+def output_root(output_uri: str, storage_options: Mapping[str, Any] | None = None):
+    """``(fs, root path)`` of an output URI, without a trailing slash."""
+    fs, root = storage.filesystem(output_uri, storage_options)
+    return fs, root.rstrip("/")
+
+
+def arrow_filesystem(fs) -> pafs.FileSystem:
+    """A pyarrow filesystem over an fsspec one (native for local paths)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if any(p in ("file", "local") for p in protocols):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def parquet_files(fs, directory: str) -> list[str]:
+    """All ``*.parquet`` files under ``directory`` (one recursive listing; [] if absent)."""
+    # Other processes (Ray workers, other runs) write here: never trust a cached listing.
+    fs.invalidate_cache()
+    try:
+        found = fs.find(directory)
+    except FileNotFoundError:
+        return []
+    # Hidden and underscore names are temporary files (e.g. a manifest being renamed into place).
+    return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+
+
+def _dataset(fs, files: list[str], base: str, schema: pa.Schema) -> ds.Dataset:
+    return ds.dataset(files, schema=with_run_date(schema), format="parquet", filesystem=arrow_filesystem(fs),
+                      partitioning=PARTITIONING, partition_base_dir=base)
+
+
+# ---------------------------------------------------------------------------
+# Readers.
+# ---------------------------------------------------------------------------
+
+
+def committed_runs(output_uri: str, storage_options: Mapping[str, Any] | None = None,
+                   run_date: str | None = None) -> pa.Table:
+    """Every committed run manifest (with ``run_date``), visible or not."""
+    fs, root = output_root(output_uri, storage_options)
+    base = table_dir(root, RUNS)
+    directory = posixpath.join(base, f"run_date={run_date}") if run_date else base
+    try:
+        files = parquet_files(fs, directory)
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(storage.full_uri(fs, directory), exc) from exc
+    if not files:
+        return with_run_date(runs_schema()).empty_table()
+    return _dataset(fs, files, base, runs_schema()).to_table()
+
+
+def visible_runs(output_uri: str, storage_options: Mapping[str, Any] | None = None,
+                 run_date: str | None = None) -> pa.Table:
+    """The visible run of each date: the committed manifest with the latest ``committed_at``.
+
+    Returns the manifest rows (schema :func:`runs_schema` plus ``run_date``),
+    one per date, ordered by date; ``run_date`` restricts to one date.
+    """
+    runs = committed_runs(output_uri, storage_options, run_date)
+    if runs.num_rows == 0:
+        return runs
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("runs", runs)
+    # Ties on committed_at (clock resolution) go to the later run id.
+    out = con.sql("SELECT * FROM runs QUALIFY row_number() OVER "
+                  "(PARTITION BY run_date ORDER BY committed_at DESC, run_id DESC) = 1 "
+                  "ORDER BY run_date").to_arrow_table()
+    return out.cast(with_run_date(runs_schema()))
+
+
+def run_files(output_uri: str, table: str, runs: pa.Table,
+              storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """fsspec paths of the files of ``table`` that belong to ``runs`` (rows with run_date, run_id)."""
+    fs, root = output_root(output_uri, storage_options)
+    dates = runs.column("run_date").to_pylist()
+    wanted = {partition_dir(root, table, d, r) for d, r in zip(dates, runs.column("run_id").to_pylist())}
+    if not wanted:
+        return []
+    base = table_dir(root, table)
+    # One listing per table (or per date when only one is wanted), never one per file.
+    directory = posixpath.join(base, f"run_date={dates[0]}") if len(set(dates)) == 1 else base
+    try:
+        files = parquet_files(fs, directory)
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(storage.full_uri(fs, directory), exc) from exc
+    return [f for f in files if posixpath.dirname(f) in wanted]
+
+
+def table_dataset(output_uri: str, table: str, runs: pa.Table,
+                  storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:
+    """A pyarrow dataset over the files of ``table`` written by ``runs`` (with ``run_date``).
+
+    Lazy: DuckDB can scan it (``con.register``) with projection and filter pushdown.
+    """
+    schema = SCHEMAS[table]()
+    files = run_files(output_uri, table, runs, storage_options)
+    if not files:
+        return ds.dataset(with_run_date(schema).empty_table())
+    fs, root = output_root(output_uri, storage_options)
+    return _dataset(fs, files, table_dir(root, table), schema)
+
+
+def read_table(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None,
+               run_date: str | None = None) -> pa.Table:
+    """Rows of ``table`` from committed, visible runs only (plus a ``run_date`` column).
+
+    ``table`` is one of ``predictions``, ``errors``, ``differentials`` or
+    ``runs`` (the latter returns :func:`visible_runs`). Files of crashed runs,
+    of runs being committed and of superseded runs are never read.
+    """
+    if table == RUNS:
+        return visible_runs(output_uri, storage_options, run_date)
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + (RUNS,))}")
+    visible = visible_runs(output_uri, storage_options, run_date)
+    return table_dataset(output_uri, table, visible, storage_options).to_table()
