@@ -62,13 +62,12 @@ import logging
 import math
 import posixpath
 import re
-import sys
 import tarfile
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -1080,23 +1079,3 @@ def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
     if getattr(args, "incremental", False):
         overrides.append("run.incremental=true")
     return load_config(ClassifyConfig, getattr(args, "config", None), overrides)
-
-
-def main(argv: Sequence[str]) -> int:
-    """Parse ``argv`` (without the program name), run, print a JSON summary; returns the exit code."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="classify", description="Classify a slide archive and write predictions, errors and differentials."))
-    args = parser.parse_args(list(argv))
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        result = run_classification(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except (storage.StorageError, CheckpointError, ClassifyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.to_dict(), indent=2))
-    return 0

@@ -289,7 +289,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, loop_config["config"])
     opt = cfg.train
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     torch.manual_seed(opt.seed + rank)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"

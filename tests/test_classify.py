@@ -129,10 +129,13 @@ def test_job_script_reports_config_errors_with_exit_code_2(tmp_path):
     assert "review.threshold: must be in (0, 1)" in proc.stderr
 
 
-def test_main_reports_missing_archive(tmp_path, trained_checkpoint):
-    code = classify.main(["--set", f"input.uri={tmp_path / 'nowhere'}", "--set", f"output.uri={tmp_path / 'out'}",
-                          "--set", f"model.checkpoint={trained_checkpoint}"])
-    assert code == 1
+def test_cli_reports_missing_archive(tmp_path, trained_checkpoint, capsys):
+    from bloodray import cli
+
+    code = cli.run(["classify", "--set", f"input.uri={tmp_path / 'nowhere'}", "--set", f"output.uri={tmp_path / 'out'}",
+                    "--set", f"model.checkpoint={trained_checkpoint}"])
+    assert code == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()
 
 
