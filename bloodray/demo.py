@@ -2,8 +2,9 @@
 
 On local Ray and local disk: synthetic labelled cells (or a real folder via
 ``--set data.root=...``), a short bloodnet training with 2 Ray Train workers,
-a synthetic slide archive with known differentials, its nightly
-classification, and a printed per-sample differential table with flags.
+calibration of its confidence on the validation split, a synthetic slide
+archive with known differentials, its nightly classification, and a printed
+per-sample differential table with flags.
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     accuracy = (trained.test_metrics or {}).get("accuracy")
     print(f"[demo] trained {t.model}: best checkpoint {trained.best_checkpoint}"
           + (f", held-out test accuracy {accuracy:.3f}" if accuracy is not None else ""))
+
+    from .evaluate import calibrate_run
+
+    calibration = calibrate_run(trained.run_uri)
+    test = calibration["test"]
+    print(f"[demo] calibrated on val: temperature {calibration['temperature']:.2f}, review threshold "
+          f"{calibration['review_threshold']:.2f}; on test ECE {test['ece_before']:.3f} -> {test['ece_after']:.3f}, "
+          f"{test['review']['flagged_share']:.1%} flagged catching {test['review']['errors_caught']:.0%} of errors")
 
     output = str(work / "output")
     classify_cfg = from_dict(ClassifyConfig, {
