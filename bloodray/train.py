@@ -501,7 +501,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     print(f"[bloodray] {table.num_rows} images after de-duplication ({len(dropped)} dropped); "
           f"split {json.dumps({s: int(sum(c.values())) for s, c in class_counts(table).items()})}", flush=True)
 
-    decoded = {split: _decoded(rows_of(table, split), cfg) for split in ("train", "val")}
+    # The test split is decoded too, only so that every bad file is listed in the run's report now.
+    decoded = {split: _decoded(rows_of(table, split), cfg) for split in ("train", "val", "test")}
     skipped = []
     for ds in decoded.values():
         bad = ds.select_columns(["uri", "error"]).to_pandas()
@@ -514,8 +515,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             report = json.load(fh)
         report["skipped_undecodable"] = skipped
         _write_json(storage.join(cfg.run_uri, DATA_REPORT), report, opts)
-    datasets = {split: ds.map_batches(drop_failed, batch_size=None, num_cpus=cfg.data.cpus_per_task).materialize()
-                for split, ds in decoded.items()}
+    datasets = {split: decoded[split].map_batches(drop_failed, batch_size=None, num_cpus=cfg.data.cpus_per_task)
+                .materialize() for split in ("train", "val")}
+    del decoded
     if datasets["train"].count() == 0:
         raise ValueError(f"{cfg.data.root}: no decodable training images")
     if cfg.train.augment.enabled:
