@@ -30,7 +30,7 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.01, 100.0)) -> float:
     """The temperature minimising validation NLL (Guo et al. 2017), by bounded scalar search.
 
     Log-probabilities work as well as logits: softmax is shift-invariant per row.

@@ -22,7 +22,7 @@ from .config import ConfigError, load_config
 class DemoData:
     #: labelled training images; null = generate synthetic cells.
     root: str | None = None
-    per_class: int = 60
+    per_class: int = 80
     size: int = 96
     seed: int = 0
 
@@ -42,11 +42,13 @@ class DemoArchive:
 @dataclass
 class DemoTrain:
     model: str = "bloodnet"
-    input_size: int = 64
+    input_size: int = 96
     batch_norm: bool = True
-    epochs: int = 14
+    epochs: int = 16
     batch_size: int = 16
     lr: float = 0.002
+    #: cosine decay settles the weights at the end of a short run.
+    schedule: str = "cosine"
     num_workers: int = 2
 
 
@@ -108,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train_cfg = from_dict(TrainConfig, {
         "data": {"root": data_root},
         "model": {"name": t.model, "input_size": t.input_size, "kwargs": {"batch_norm": t.batch_norm}},
-        "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr},
+        "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "schedule": t.schedule},
         "scaling": {"num_workers": t.num_workers},
         "run": {"name": "demo", "storage_path": str(work / "runs")},
     })
