@@ -44,7 +44,7 @@ class DemoTrain:
     model: str = "bloodnet"
     input_size: int = 96
     batch_norm: bool = True
-    epochs: int = 16
+    epochs: int = 20
     batch_size: int = 16
     lr: float = 0.002
     #: cosine decay settles the weights at the end of a short run.
