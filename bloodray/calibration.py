@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -161,8 +161,3 @@ def evaluate_calibration(logits: np.ndarray, labels: np.ndarray, temperature: fl
 def log_probabilities(table_probs: np.ndarray) -> np.ndarray:
     """Uncalibrated probabilities back to logits up to a per-row constant (all softmax needs)."""
     return np.log(np.clip(np.asarray(table_probs, dtype=np.float64), 1e-12, 1.0))
-
-
-def as_metadata(report: CalibrationReport, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``calibration`` entry of a checkpoint's metadata."""
-    return report.to_dict() | dict(extra or {})

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -252,9 +252,3 @@ def class_counts(table: pa.Table) -> dict[str, dict[str, int]]:
     for split, name in zip(table.column("split").to_pylist(), table.column("class_name").to_pylist()):
         out[split][name] += 1
     return out
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    """Yield consecutive slices of ``items`` of at most ``size``."""
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -18,6 +18,11 @@ from fsspec.core import url_to_fs
 
 SECRET_KEY_HINTS = ("secret", "password", "token", "credential", "key_id", "access_key", "session")
 REDACTED = "***"
+#: botocore retries for S3: legacy mode (no client-wide retry quota to run dry when many parallel reads hit the
+#: same blip) with 6 retries after the first attempt, exponential backoff with jitter (up to 1+2+4+8+16+32 s): a
+#: storage blip of several seconds is ridden out, a real outage still fails within about a minute.
+#: ``storage.options.config_kwargs.retries`` overrides it.
+S3_RETRIES = {"mode": "legacy", "max_attempts": 6}
 
 
 class StorageError(RuntimeError):
@@ -31,6 +36,9 @@ def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
         client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
         client_kwargs.setdefault("endpoint_url", endpoint)
         opts["client_kwargs"] = client_kwargs
+    config_kwargs = dict(opts.pop("config_kwargs", {}) or {})
+    config_kwargs.setdefault("retries", dict(S3_RETRIES))
+    opts["config_kwargs"] = config_kwargs
     return opts
 
 
