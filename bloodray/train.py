@@ -29,7 +29,8 @@ import numpy as np
 from . import storage
 from .classes import CLASS_NAMES, NUM_CLASSES
 from .config import ConfigError, StorageConfig, from_dict, load_config, save_config, to_dict
-from .data import SplitFractions, build_split, class_counts, decode_batch, drop_failed, read_parquet, rows_of, write_parquet
+from .data import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed, read_parquet,
+                   rows_of, write_parquet)
 from .models import UnknownModelError, get_model_info
 from .preprocess import DEFAULT_MAX_PIXELS, AugmentConfig, EvalPreset, augment_batch
 
@@ -501,8 +502,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     print(f"[bloodray] {table.num_rows} images after de-duplication ({len(dropped)} dropped); "
           f"split {json.dumps({s: int(sum(c.values())) for s, c in class_counts(table).items()})}", flush=True)
 
+    rows = {split: rows_of(table, split) for split in ("train", "val", "test")}
+    for split in ("train", "val"):
+        if not rows[split]:
+            raise DatasetError(f"{cfg.data.root}: the {split} split is empty ({table.num_rows} usable images); "
+                               f"add images or change data.split.{split}")
     # The test split is decoded too, only so that every bad file is listed in the run's report now.
-    decoded = {split: _decoded(rows_of(table, split), cfg) for split in ("train", "val", "test")}
+    decoded = {split: _decoded(split_rows, cfg) for split, split_rows in rows.items() if split_rows}
     skipped = []
     for ds in decoded.values():
         bad = ds.select_columns(["uri", "error"]).to_pandas()

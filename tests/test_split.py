@@ -84,3 +84,13 @@ def test_empty_and_missing_roots_are_clear(tmp_path):
         list_labelled_images(str(tmp_path / "empty"))
     with pytest.raises(DatasetError, match="not found"):
         list_labelled_images(str(tmp_path / "nowhere"))
+
+
+def test_training_refuses_an_empty_val_split(tmp_path):
+    from bloodray.train import load_train_config, run_training
+
+    write_labelled_dataset(str(tmp_path / "cells"), 3, size=48)
+    cfg = load_train_config("configs/train/bloodnet.yaml", [f"data.root={tmp_path / 'cells'}",
+                                                            f"run.storage_path={tmp_path / 'runs'}"])
+    with pytest.raises(DatasetError, match="the val split is empty"):
+        run_training(cfg)
