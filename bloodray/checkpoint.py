@@ -229,10 +229,7 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
     meta = dataclasses.replace(meta, **metadata_updates)
-    dst_fs, dst_path = storage.filesystem(dest, storage_options)
-    dst_fs.makedirs(dst_path, exist_ok=True)
-    with dst_fs.open(posixpath.join(dst_path, WEIGHTS_FILE), "wb") as fh:
-        fh.write(blob)
-    with dst_fs.open(posixpath.join(dst_path, METADATA_FILE), "w") as fh:
-        fh.write(json.dumps(dataclasses.asdict(meta), indent=2, default=str))
+    storage.write_bytes(storage.join(dest, WEIGHTS_FILE), blob, storage_options)
+    storage.write_bytes(storage.join(dest, METADATA_FILE),
+                        json.dumps(dataclasses.asdict(meta), indent=2, default=str).encode(), storage_options)
     return dest

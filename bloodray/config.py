@@ -232,9 +232,4 @@ def dump_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the final (redacted) config as YAML to ``uri``."""
-    fs, path = storage.filesystem(uri, storage_options)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as fh:
-        fh.write(dump_yaml(cfg))
+    storage.write_bytes(uri, dump_yaml(cfg).encode(), storage_options)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import posixpath
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -189,12 +188,9 @@ def build_split(root: str, fractions: SplitFractions = SplitFractions(), seed: i
 
 def write_parquet(table: pa.Table, uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write one Parquet file to a local path or object-storage URI."""
-    fs, path = storage.filesystem(uri, storage_options)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        pq.write_table(table, fh)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue().to_pybytes(), storage_options)
 
 
 def read_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:

@@ -119,13 +119,6 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
-def _write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None) -> None:
-    fs, path = storage.filesystem(uri, storage_options)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
-
-
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -203,7 +196,7 @@ def evaluate_rows(rows: list[dict[str, Any]], checkpoint: str | None, output_uri
 
     def put(name: str, data: bytes) -> None:
         uri = storage.join(output_uri, name)
-        _write_bytes(uri, data, storage_options)
+        storage.write_bytes(uri, data, storage_options)
         result.files.append(uri)
 
     put("metrics.json", json.dumps(metrics, indent=2).encode())

@@ -76,6 +76,16 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to a local path or object-storage URI, creating local parent folders."""
+    fs, path = filesystem(uri, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+
+
 def redact(value: Any) -> Any:
     """Return a copy of ``value`` with anything that looks like a secret replaced."""
     if isinstance(value, Mapping):

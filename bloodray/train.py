@@ -467,10 +467,7 @@ def prepare_split(cfg: TrainConfig) -> tuple[Any, list[dict[str, str]]]:
 
 
 def _write_json(uri: str, payload: Mapping[str, Any], storage_options: Mapping[str, Any]) -> None:
-    fs, path = storage.filesystem(uri, storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as fh:
-        json.dump(payload, fh, indent=2, default=str)
+    storage.write_bytes(uri, json.dumps(payload, indent=2, default=str).encode(), storage_options)
 
 
 def _decoded(rows: list[dict[str, Any]], cfg: TrainConfig):
