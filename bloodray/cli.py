@@ -1,7 +1,7 @@
 """The ``bloodray`` command line: parse arguments, build a typed config, call one library function.
 
 Subcommands: ``train``, ``evaluate``, ``calibrate``, ``export``, ``classify``,
-``query``, ``report``, ``models``, ``synth``, ``demo``. Expected failures (bad config, missing data,
+``query``, ``report``, ``models``, ``synth``, ``demo``, ``compare``. Expected failures (bad config, missing data,
 unreadable checkpoint, storage errors) print one line naming the culprit and
 exit with status 2; nothing already written is removed.
 """
@@ -151,6 +151,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import load_compare_config, run_comparison
+
+    result = run_comparison(load_compare_config(args.config, args.overrides))
+    print(result.table[result.table.index("## Summary"):])
+    print("files: " + ", ".join(result.files))
+    for failed in result.failed:
+        print(f"bloodray compare: {failed['label']} failed: {failed['error']}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bloodray`` command."""
     parser = argparse.ArgumentParser(prog="bloodray", description=__doc__.splitlines()[0])
@@ -222,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (what `make demo` runs)")
     add_config_arguments(p, "configs/demo.yaml")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="train several models on one split; write Table 2 (per-class P/R/F1, "
+                                       "accuracy, params, timings)")
+    add_config_arguments(p, "configs/compare/cpu.yaml")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
