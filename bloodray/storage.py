@@ -6,6 +6,12 @@ Every URI in bloodray (data roots, archives, checkpoints, outputs) goes through
 chain (environment, shared config, instance profile, web identity), which
 botocore refreshes on its own; only non-secret options such as the endpoint URL
 are passed in from configuration.
+
+No key or secret is passed to s3fs (configs refuse them), so its client
+holds botocore's refreshable credentials: a long-lived filesystem (fsspec
+caches one instance per option set, and Ray Train keeps one for a whole run)
+fetches new ones before the old ones expire instead of freezing those it
+started with.
 """
 
 from __future__ import annotations

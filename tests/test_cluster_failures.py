@@ -1,4 +1,5 @@
-"""On a real cluster: several nodes, killed workers and actors, S3 outages, no secrets in outputs.
+"""On a real cluster: several nodes, killed workers, actors and drivers, S3 outages, no secrets in outputs,
+S3 credentials refreshed.
 
 Everything here is real: Ray nodes are separate raylets (``ray.cluster_utils.Cluster``),
 processes are killed with SIGKILL, and the S3 outage stops a real moto server.
@@ -13,12 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +194,157 @@ def test_training_survives_a_killed_worker(tmp_path, cells, ray_cluster, capfd):
     assert result.best_checkpoint.startswith(str(run_dir / "checkpoint_epoch"))
 
 
+# ----------------------------------------------------------------------------- 2b. training driver killed, resubmitted
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid``: the driver started with its own session, its local Ray (GCS, raylet,
+    dashboard) and the Ray workers, which the raylet puts in process groups of their own but the same session."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            pids.append(int(entry))
+    return pids
+
+
+def _working(sid: int) -> list[str]:
+    """Command lines of the processes of session ``sid`` other than Ray worker processes still starting up."""
+    found = []
+    for pid in _session_pids(sid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmdline and not any(name in cmdline for name in ("workers/default_worker.py", "workers/setup_worker.py")):
+            found.append(f"{pid}: {cmdline[:100]}")
+    return found
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver started with ``start_new_session`` and whatever of its session still runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    for pid in _session_pids(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _registered_epochs(run_dir: Path) -> list[int] | None:
+    """Epochs whose checkpoints Ray Train's controller registered (its snapshot); None while there is none."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return sorted(int(r["checkpoint_dir_name"].removeprefix("checkpoint_epoch"))
+                  for r in snapshot["checkpoint_results"])
+
+
+def _printed_epochs(log: str, epochs: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"\[bloodray\] epoch (\d+)/{epochs}\b", log)]
+
+
+def test_killed_driver_and_resubmitted_run_resumes(tmp_path, cells):
+    """``python jobs/train.py`` SIGKILLed with its whole local Ray mid-run; the same command again resumes."""
+    epochs, name = 5, "driver"
+    storage_path = tmp_path / "runs"
+    run_dir = storage_path / name
+    values = {"data.root": cells, "model.name": "bloodnet", "model.input_size": SIZE, "model.kwargs.batch_norm": "true",
+              "train.epochs": epochs, "train.batch_size": 8, "train.lr": 0.002, "train.evaluate_test": "false",
+              "scaling.num_workers": 1, "run.name": name, "run.storage_path": storage_path, "run.keep_checkpoints": 10}
+    command = [sys.executable, "jobs/train.py", "--config", "configs/train/bloodnet.yaml"]
+    for key, value in values.items():
+        command += ["--set", f"{key}={value}"]
+    # The driver starts a local Ray of its own (no RAY_ADDRESS), kept apart from the test session's Ray and from any
+    # other Ray on the machine by its own temp dir (short: Ray's socket paths must fit in 107 characters).
+    ray_tmp = tempfile.mkdtemp(prefix="brdrv", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+
+    drivers: list[subprocess.Popen] = []
+    try:
+        with open(logs[0], "wb") as out:
+            driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        drivers.append(driver)
+        deadline = time.monotonic() + 420  # generous: a shared 2-core machine can be slow
+        registered = None
+        while time.monotonic() < deadline:
+            assert driver.poll() is None, f"the driver ended (rc {driver.returncode}) before it could be killed:\n" \
+                                          + logs[0].read_text()[-3000:]
+            registered = _registered_epochs(run_dir)
+            if registered and registered[-1] < epochs:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no epoch checkpoint was registered in time:\n" + logs[0].read_text()[-3000:])
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, GCS, raylet and dashboard: one process group
+        killed_at = time.monotonic()
+        driver.wait(30)
+        # The Ray workers and actors (own process groups) exit on their own once their raylet is gone. A worker
+        # process still starting up (not yet a worker) only gives up when its connection attempts time out: ended here.
+        while _working(driver.pid) and time.monotonic() - killed_at < 30:
+            time.sleep(0.2)
+        assert not _working(driver.pid), f"the killed driver's Ray workers still run: {_working(driver.pid)}"
+        _kill_session(driver)
+        assert not _session_pids(driver.pid)
+        first_log = logs[0].read_text()
+        assert "best checkpoint:" not in first_log
+
+        # What the killed run left: the registered checkpoints (the snapshot as last written) and the run's files.
+        kept = _registered_epochs(run_dir)
+        assert kept and kept[-1] >= registered[-1], (kept, registered)
+        resumed = kept[-1]
+        written = [e for e in range(1, epochs + 1) if (run_dir / f"checkpoint_epoch{e:04d}" / "bloodray.json").exists()]
+        before = {f: (run_dir / f).read_bytes() for f in ("split.parquet", "data_report.json")}
+        history_before = read_metadata(str(run_dir / f"checkpoint_epoch{resumed:04d}")).history
+        assert [h["epoch"] for h in history_before] == list(range(1, resumed + 1))
+
+        # The same command again.
+        with open(logs[1], "wb") as out:
+            rerun = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        drivers.append(rerun)
+        rerun.wait(420)
+        second_log = logs[1].read_text()
+        assert rerun.returncode == 0, second_log[-3000:]
+    finally:
+        for proc in drivers:
+            _kill_session(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # It resumed from the latest registered checkpoint, and lost at most the epoch in progress.
+    assert f"[bloodray] resuming {name} from the checkpoint of epoch {resumed}" in second_log, second_log[-3000:]
+    assert resumed >= max(written) - 1, (resumed, written)
+    assert resumed >= max(_printed_epochs(first_log, epochs)) - 1
+    # The epochs already checkpointed were not trained again; the rest were, once each.
+    assert _printed_epochs(second_log, epochs) == list(range(resumed + 1, epochs + 1)), second_log[-3000:]
+    final = read_metadata(str(run_dir / f"checkpoint_epoch{epochs:04d}"))
+    assert [h["epoch"] for h in final.history] == list(range(1, epochs + 1))
+    assert final.history[:resumed] == history_before
+    # The final outputs are valid, the split is the one the run started with.
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = summary["best_checkpoint"]
+    assert best.startswith(str(run_dir / "checkpoint_epoch")) and f"best checkpoint: {best}" in second_log
+    assert read_metadata(best).history[-1]["epoch"] == int(best[-4:])
+    assert summary["metrics"]["epoch"] == epochs
+
+
 # ----------------------------------------------------------------------------- 3. inference actor killed
 
 
@@ -349,6 +507,121 @@ def test_no_credential_in_any_output(tmp_path, cells, s3_bucket, ray_cluster):
                  "out/runs/run_date=", "out/run_configs/run_date=", "out/predictions/run_date=",
                  "local-out/runs/run_date=", "local-out/run_configs/run_date="):
         assert any(part in name for name in scanned), part
+
+
+# ----------------------------------------------------------------------------- 6. S3 credentials refreshed
+
+#: seconds a handed-out credential stays usable before botocore's advisory refresh (15 min before expiry) starts.
+CREDENTIAL_LIFETIME = 6
+
+CREDENTIAL_PROCESS = '''
+import datetime, json, pathlib, sys
+
+state = pathlib.Path(sys.argv[1])
+key = json.loads((state / "current.json").read_text())
+with open(state / "calls.log", "a") as fh:
+    fh.write(key["AccessKeyId"] + "\\n")
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=15 * 60 + float(sys.argv[2]))
+print(json.dumps({"Version": 1, "AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"],
+                  "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+'''
+
+
+@pytest.fixture()
+def iam_s3_server():
+    """A moto server of this test's own that checks every request's signature against its IAM access keys.
+
+    Yields ``(endpoint, bucket, iam, keys)``: a user allowed everything, with two access keys.
+    """
+    import boto3
+    import requests
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        setup = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": FAKE_KEY_ID,
+                 "aws_secret_access_key": FAKE_SECRET}
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="nightly")
+        iam.put_user_policy(UserName="nightly", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        keys = [iam.create_access_key(UserName="nightly")["AccessKey"] for _ in range(2)]
+        bucket = f"creds-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+        # From now on every request must be signed with one of the user's keys.
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+        signed = setup | {"aws_access_key_id": keys[1]["AccessKeyId"], "aws_secret_access_key": keys[1]["SecretAccessKey"]}
+        yield endpoint, bucket, boto3.client("iam", **signed), keys
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_s3_credentials_are_refreshed_not_frozen(iam_s3_server, tmp_path, monkeypatch):
+    """A long-lived filesystem from ``storage.filesystem`` outlives its first credentials: the key it started with is
+    rotated out (deleted on the server) and it goes on working with the one the AWS chain hands out next."""
+    import s3fs
+
+    endpoint, bucket, iam, (old, new) = iam_s3_server
+    so = {"endpoint_url": endpoint}
+    state = tmp_path / "credentials"
+    state.mkdir()
+    (state / "process.py").write_text(CREDENTIAL_PROCESS)
+    (state / "config").write_text(f"[default]\ncredential_process = {sys.executable} {state / 'process.py'} {state} "
+                                  f"{CREDENTIAL_LIFETIME}\n")
+
+    def hand_out(key: dict) -> None:
+        (state / "current.json").write_text(json.dumps({k: key[k] for k in ("AccessKeyId", "SecretAccessKey")}))
+
+    def calls() -> list[str]:
+        return (state / "calls.log").read_text().split() if (state / "calls.log").exists() else []
+
+    # Credentials only through the standard chain: the shared config's credential_process.
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(state / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(state / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    hand_out(old)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs, path = storage.filesystem(f"s3://{bucket}/long-run", so)
+        fs.pipe_file(f"{path}/0", b"0")
+        fetched = time.monotonic()
+        for i in range(1, 4):
+            fs.pipe_file(f"{path}/{i}", str(i).encode())
+        assert fs.cat_file(f"{path}/3") == b"3"
+        assert calls() == [old["AccessKeyId"]]  # fetched once, not on every request
+
+        # Rotation: the chain now hands out the new key and the old one is deleted on the server.
+        hand_out(new)
+        iam.delete_access_key(UserName="nightly", AccessKeyId=old["AccessKeyId"])
+        frozen = s3fs.S3FileSystem(key=old["AccessKeyId"], secret=old["SecretAccessKey"], skip_instance_cache=True,
+                                   client_kwargs={"endpoint_url": endpoint})
+        with pytest.raises(PermissionError):  # what a filesystem holding the first key would get from now on
+            frozen.pipe_file(f"{path}/frozen", b"x")
+
+        time.sleep(max(0.0, fetched + CREDENTIAL_LIFETIME + 1 - time.monotonic()))
+        # The same filesystem object refreshed its credentials and goes on working ...
+        for i in range(4, 8):
+            fs.pipe_file(f"{path}/{i}", str(i).encode())
+        assert [fs.cat_file(f"{path}/{i}") for i in range(8)] == [str(i).encode() for i in range(8)]
+        assert calls()[0] == old["AccessKeyId"] and set(calls()[1:]) == {new["AccessKeyId"]}, calls()
+        # ... and it is the one every later storage.filesystem call of the process gets (fsspec's instance cache).
+        assert storage.filesystem(f"s3://{bucket}/long-run", so)[0] is fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 # ----------------------------------------------------------------------------- 1. several nodes (runs last)
