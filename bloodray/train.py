@@ -37,6 +37,15 @@ from .preprocess import DEFAULT_MAX_PIXELS, AugmentConfig, EvalPreset, augment_b
 log = logging.getLogger(__name__)
 
 SPLIT_MANIFEST = "split.parquet"
+
+#: Environment of the training worker processes. glibc's malloc hands freed blocks over
+#: 128 KB-32 MB (activations and gradients: ~200 MB a step for bloodnet at 100 px, batch 32)
+#: back to the OS and page-faults them in again on the next step, which cost a quarter of
+#: a CPU training step (bench/train.py). Keeping them in the heap makes steps reuse memory.
+TRAIN_WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+}
 DATA_REPORT = "data_report.json"
 RUN_CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -292,6 +301,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(opt.seed + rank)
+    threads = _worker_threads()
+    # One intra-op thread per CPU the worker holds; more only fight over the same cores.
+    torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     info = get_model_info(cfg.model.name)
@@ -331,12 +343,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     batch_types = {"image": torch.uint8, "label": torch.int64}
+    augment = opt.augment.to_augment() if opt.augment.enabled else None
 
     for epoch in range(start_epoch, opt.epochs):
         started = time.perf_counter()
         model.train()
         loss_sum, seen = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=opt.batch_size, dtypes=batch_types, device=device,
+        # Augmentation runs in the iterator's prefetch thread, on the batch the model will see next,
+        # seeded by (seed, rank, epoch) so a resumed epoch draws the same transforms.
+        collate = train_collate_fn(augment, (opt.seed, rank, epoch))
+        for batch in train_shard.iter_torch_batches(batch_size=opt.batch_size, collate_fn=collate, device=device,
                                                     local_shuffle_buffer_size=opt.shuffle_buffer,
                                                     drop_last=False):
             images = preset.normalize(batch["image"], device=device, channels_last=channels_last)
@@ -350,6 +366,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen += len(targets)
         scheduler.step()
         train_seconds = time.perf_counter() - started
+        train_ended = time.time()
 
         model.eval()
         val_logits, val_labels = [], []
@@ -374,6 +391,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": float(scheduler.get_last_lr()[0]),
             "epoch_seconds": epoch_seconds,
             "train_images_per_second": float(totals[1] / train_seconds) if train_seconds > 0 else 0.0,
+            # rank 0's training part of the epoch (no validation/checkpoint), for throughput benchmarks.
+            "train_seconds": train_seconds,
+            "train_ended_unix": train_ended,
+            "torch_threads": threads,
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -394,19 +415,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}")
 
 
+def _worker_threads() -> int:
+    """Torch intra-op threads for this worker: the whole CPUs Ray gave it (at least one)."""
+    import ray
+
+    try:
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:  # noqa: BLE001 - outside an actor (local tests): one thread per core
+        cpus = float(os.cpu_count() or 1)
+    return max(1, int(cpus))
+
+
+def train_collate_fn(augment: AugmentConfig | None, seed: tuple[int, ...]):
+    """``collate_fn`` for ``iter_torch_batches``: augment a numpy batch, return uint8/int64 tensors.
+
+    Ray Data calls it in the iterator's prefetch thread(s), so augmentation of
+    the next batch overlaps the current step instead of running as a separate
+    Ray Data stage (tasks, object-store round trips and CPUs beside the
+    workers) every epoch. Each batch draws its own child seed under a lock, so
+    the result does not depend on which thread runs it.
+    """
+    import threading
+
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TrainCollate(NumpyBatchCollateFn):
+        def __init__(self) -> None:
+            self._seeds = np.random.default_rng(list(seed))
+            self._lock = threading.Lock()
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            images = np.ascontiguousarray(batch["image"], dtype=np.uint8)
+            if augment is not None:
+                with self._lock:
+                    child = int(self._seeds.integers(0, 2**63))
+                images = augment_batch(images, np.random.default_rng(child), augment)
+            return {"image": torch.from_numpy(images),
+                    "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))}
+
+    return TrainCollate()
+
+
 def _human(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------- driver side
-
-
-def augment_stage(batch: dict[str, np.ndarray], *, augment: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: fresh random augmentation each epoch."""
-    out = dict(batch)
-    out["image"] = augment_batch(batch["image"], np.random.default_rng(), AugmentConfig(**augment))
-    return out
 
 
 @dataclass
@@ -523,11 +579,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     del decoded
     if datasets["train"].count() == 0:
         raise ValueError(f"{cfg.data.root}: no decodable training images")
-    if cfg.train.augment.enabled:
-        augment = dataclasses.asdict(cfg.train.augment.to_augment())
-        datasets["train"] = datasets["train"].randomize_block_order().map_batches(
-            augment_stage, batch_size=cfg.train.batch_size, num_cpus=cfg.data.cpus_per_task,
-            fn_kwargs={"augment": augment})
+    # A new block order every epoch spreads different images over the workers; augmentation happens in the
+    # workers' iterators (train_collate_fn), so no Ray Data stage runs beside the training workers.
+    datasets["train"] = datasets["train"].randomize_block_order()
 
     storage_path, storage_fs = _ray_storage(cfg)
     resources = {"CPU": _cpus_per_worker(cfg)}
@@ -540,8 +594,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            # Ray's print patch would echo every worker line twice on the driver console.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Ray's print patch would echo every worker line twice on the driver console;
+            # TRAIN_WORKER_ENV keeps the step's memory in the heap.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **TRAIN_WORKER_ENV}},
             # Our own per-epoch line says what matters; Ray's per-report INFO lines would bury it.
             logging_config=LoggingConfig(log_level="WARNING"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
