@@ -4,11 +4,11 @@ One run classifies every cell image of an archive and writes per-image
 predictions, per-image errors and per-sample differentials as Parquet (layout:
 :mod:`bloodray.outputs`). The pipeline::
 
-    list (driver: one fsspec ``find``)
+    list (driver: fsspec ``find``; on object storage one listing per sample prefix, in parallel)
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
       -> map_batches(read bytes + SHA-256 + decode + resize)      CPU tasks (*)
-      -> map_batches(CellPredictor)                               actor pool (GPU or CPU)
-      -> map_batches(to result rows) -> write_parquet             _staging/<run_id>/results/
+      -> map_batches(CellPredictorResults: model + result rows)   actor pool (GPU or CPU)
+      -> write_parquet (files of output.rows_per_file rows)       _staging/<run_id>/results/
     then, on the driver, DuckDB over the staged results:
       -> predictions / errors / differentials                     _staging/<run_id>/<table>/
     commit:
@@ -19,7 +19,11 @@ predictions, per-image errors and per-sample differentials as Parquet (layout:
 
 (*) With GPU actors the decode tasks run apart from the model actors. On a
 CPU-only cluster both request one CPU, so Ray's optimizer fuses them (decode
-runs inside the actors: same work, no copy through the object store).
+runs inside the actors: same work, no copy through the object store), and
+there is one actor per CPU of the cluster (``inference.decode_cpus`` CPUs
+each): every core reads, decodes and runs the model (one torch thread per
+actor CPU, see :mod:`bloodray.inference`). The write tasks reserve no CPU,
+so they never wait for a core the actors hold.
 
 A bad input never fails the run: unreadable files, undecodable images and
 unsafe tar members become rows of the errors table, so every input image
@@ -66,8 +70,9 @@ import tarfile
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -79,8 +84,8 @@ from . import outputs, storage
 from .checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from .classes import CLASS_NAMES, DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL, is_image_path
 from .config import ConfigError, StorageConfig, dump_yaml, load_config, save_config
-from .data import read_many
 from .differential import FlagRules, ReferenceRangeError, compute_differentials, load_reference_ranges
+from .inference import CellPredictor
 from .preprocess import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -212,7 +217,7 @@ class InferenceConfig:
 
     #: images per model batch (and per read/decode task for image files).
     batch_size: int = 64
-    #: model actors; null = one per GPU (num_gpus > 0), or 1..CPUs-1 autoscaling on CPU.
+    #: model actors; null = one per GPU (num_gpus > 0), or one per ``decode_cpus`` CPUs of the cluster on CPU.
     concurrency: int | None = None
     #: GPUs per model actor (0 = CPU inference).
     num_gpus: float = 0.0
@@ -288,24 +293,52 @@ def sample_id_of(relpath: str, rule: str) -> str | None:
     return parts[-2] if rule == "parent" else parts[0]
 
 
+#: Sample prefixes listed at once on object storage.
+LIST_THREADS = 16
+
+
+def _find_files(fs, base: str) -> list[str]:
+    """Every file under ``base``, without per-file ``info`` calls.
+
+    Local: one ``find``. Object storage: one delimiter listing of the first
+    level, then one paginated listing per sample prefix, :data:`LIST_THREADS`
+    at a time -- a single flat listing of a large prefix is a long chain of
+    sequential 1,000-key pages.
+    """
+    if _is_local(fs):
+        return fs.find(base)
+    try:
+        top = fs.ls(base, detail=True)
+    except FileNotFoundError:
+        return fs.find(base)  # not a prefix: the caller tells a missing archive from an empty one
+    files = [e["name"] for e in top if e.get("type") != "directory"]
+    prefixes = [e["name"] for e in top if e.get("type") == "directory"]
+    with ThreadPoolExecutor(max_workers=max(1, min(LIST_THREADS, len(prefixes)))) as pool:
+        for found in pool.map(fs.find, prefixes):
+            files.extend(found)
+    return files
+
+
 def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "parent",
                 storage_options: Mapping[str, Any] | None = None) -> InputListing:
-    """List the images and tar shards of an archive with one recursive ``find``.
+    """List the images and tar shards of an archive (see :func:`_find_files`).
 
-    No per-file ``info`` calls: on object storage this is a single paginated
-    listing however many files there are.
+    No per-file ``info`` calls: on object storage this is one paginated
+    listing per sample prefix, several at a time, however many files there are.
     """
     fs, base = storage.filesystem(input_uri, storage_options)
     base = base.rstrip("/")
     try:
         fs.invalidate_cache()
-        paths = fs.find(base)
+        paths = _find_files(fs, base)
         if not paths and not fs.exists(base):
             raise ClassifyError(f"{input_uri}: input archive not found")
     except ClassifyError:
         raise
     except Exception as exc:  # noqa: BLE001 - missing bucket, credentials...
         raise storage.describe_storage_error(input_uri, exc) from exc
+    finally:
+        fs.invalidate_cache()  # the listing cache would hold an entry per file for the whole run
     listing = InputListing()
     want_images = layout in ("auto", "folders")
     want_tars = layout in ("auto", "tar")
@@ -381,12 +414,36 @@ def _decode_into(rows: _Rows, sample_id: str, uri: str, data: bytes, preset: Eva
         rows.ok(sample_id, uri, sha, image)
 
 
+def read_files(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[bytes | BaseException]:
+    """Fetch the files of one batch; each result is the bytes or the exception for that file.
+
+    The URIs come from one listing, so the filesystem is resolved once per
+    batch (resolving an S3 URI costs about as much as decoding the image);
+    object storage fetches them concurrently.
+    """
+    if not uris:
+        return []
+    fs, _ = storage.filesystem(uris[0], storage_options)
+    paths = [fs._strip_protocol(u) for u in uris]
+    try:
+        fetched = fs.cat(paths, on_error="return")
+    except Exception as exc:  # noqa: BLE001 - a whole-batch failure marks each file
+        return [exc] * len(paths)
+    if not isinstance(fetched, dict):  # a single path returns its bytes
+        fetched = {paths[0]: fetched}
+    if len(fetched) != len(set(paths)) or not all(p in fetched for p in paths):
+        # fsspec may normalise keys (protocol, trailing slash); look each up tolerant of that.
+        fetched = {k.split("://", 1)[-1]: v for k, v in fetched.items()}
+        paths = [p.split("://", 1)[-1] for p in paths]
+    return [fetched.get(p, FileNotFoundError(p)) for p in paths]
+
+
 def _read_decode_files(batch: dict[str, np.ndarray], *, preset: EvalPreset,
                        storage_options: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Ray Data task: image files -> decoded, resized uint8 images (or error rows)."""
     uris = [str(u) for u in batch["uri"]]
     rows = _Rows(preset.input_size)
-    for uri, sample_id, data in zip(uris, batch["sample_id"], read_many(uris, storage_options)):
+    for uri, sample_id, data in zip(uris, batch["sample_id"], read_files(uris, storage_options)):
         if isinstance(data, BaseException):
             rows.fail(sample_id, uri, "read", "unreadable", f"{type(data).__name__}: {data}")
         else:
@@ -509,6 +566,17 @@ def _to_results(batch: dict[str, np.ndarray]) -> pa.Table:
     for j, col in enumerate(outputs.prob_columns()):
         columns[col] = pa.array(probs[:, j], pa.float32(), mask=~ok)
     return pa.table(columns, schema=results_schema())
+
+
+class CellPredictorResults(CellPredictor):
+    """The job's model actor: :class:`CellPredictor`, then the typed result rows in the same call.
+
+    Converting in the actor saves a task per batch and a copy of the
+    probabilities through the object store.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return _to_results(super().__call__(batch))
 
 
 # ---------------------------------------------------------------------------
@@ -662,13 +730,33 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     return plan
 
 
-def _actor_pool(cfg: InferenceConfig):
-    """Model actor pool: as configured, else one actor per GPU share, else 1..CPUs-1 autoscaling.
+#: CPUs reserved by a write task: none, so writes never wait for a core held
+#: by a model actor (a write is a small fraction of a batch's work).
+WRITE_CPUS = 0
+#: One concurrent write task per this many CPU slots. Tasks that reserve no CPU
+#: are not limited by Ray's scheduler, which would start a new worker process
+#: (and its imports) for each; a few long-lived writers keep up with the actors.
+WRITE_SLOTS_PER_TASK = 16
 
-    On a CPU-only cluster with equal CPU requests, Ray fuses the read/decode
-    tasks into the model actors (same resources, no copy through the object
-    store), so the actors are then allowed nearly every CPU; one is left for
-    the write tasks.
+
+def _cpu_slots(cfg: InferenceConfig) -> int:
+    """Read/decode tasks (or fused CPU actors) the cluster runs at once."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.decode_cpus))
+
+
+def _actor_pool(cfg: InferenceConfig, fused: bool = True, work_blocks: int | None = None):
+    """Model actor pool: as configured, else one actor per GPU share, else one per ``decode_cpus`` CPUs.
+
+    On a CPU-only cluster the actors ask for the CPUs of a read/decode task,
+    so Ray fuses the two (``fused``): each actor does all the work of its
+    batches and the actors take every CPU; the write tasks reserve none
+    (:data:`WRITE_CPUS`). When decode tasks run apart (image files and tar
+    shards in one run: a union, which Ray does not fuse across) the pool
+    autoscales up to one decode task's CPUs short of the cluster, so decoding
+    always has a core. Never more fused actors than ``work_blocks`` (input
+    blocks): an actor without a block would only load the model.
     """
     import ray
 
@@ -682,25 +770,29 @@ def _actor_pool(cfg: InferenceConfig):
                                 f"{resources.get('GPU', 0)}; set inference.num_gpus=0 for CPU inference, or "
                                 "inference.concurrency to wait for autoscaled GPU nodes")
         return ray.data.ActorPoolStrategy(size=max(1, int(resources.get("GPU", 0) // cfg.num_gpus)))
-    upper = max(1, int(resources.get("CPU", 1)) - 1)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=upper)
+    slots = _cpu_slots(cfg)
+    if fused:
+        return ray.data.ActorPoolStrategy(size=max(1, min(slots, work_blocks or slots)))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, slots - 1))
 
 
 def _build_dataset(plan: RunPlan):
     """The lazy Ray Data pipeline from work items to typed result rows."""
     import ray
 
-    from .inference import CellPredictor
-
     cfg = plan.cfg
     bs = cfg.inference.batch_size
     read_args = {"num_cpus": cfg.inference.decode_cpus}
     parts = []
+    work_blocks = len(plan.listing.shards)
     if plan.listing.files:
         items = [{"uri": u, "sample_id": s} for u, s in plan.listing.files]
-        blocks = max(1, min(math.ceil(len(items) / bs), 100_000))
+        # A small archive is cut into one read batch per CPU slot rather than a few full batches.
+        read_bs = min(bs, max(1, math.ceil(len(items) / _cpu_slots(cfg.inference))))
+        blocks = max(1, min(math.ceil(len(items) / read_bs), 100_000))
+        work_blocks += blocks
         parts.append(ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _read_decode_files, batch_size=bs,
+            _read_decode_files, batch_size=read_bs,
             fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options},
             **read_args))
     if plan.listing.shards:
@@ -712,13 +804,14 @@ def _build_dataset(plan: RunPlan):
                        "chunk_rows": bs},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    gpu_args = {"num_gpus": cfg.inference.num_gpus} if cfg.inference.num_gpus > 0 else {}
-    data = data.map_batches(
-        CellPredictor, batch_size=bs, compute=_actor_pool(cfg.inference),
+    # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.
+    gpu_args = {"num_gpus": cfg.inference.num_gpus} if cfg.inference.num_gpus > 0 else read_args
+    return data.map_batches(
+        CellPredictorResults, batch_size=bs,
+        compute=_actor_pool(cfg.inference, fused=len(parts) == 1, work_blocks=work_blocks),
         fn_constructor_kwargs={"checkpoint": plan.checkpoint_uri, "storage_options": plan.storage_options,
                                "device": cfg.model.device, "tta": cfg.model.tta},
         **gpu_args)
-    return data.map_batches(_to_results, batch_format="numpy")
 
 
 def stage_run(plan: RunPlan) -> None:
@@ -731,6 +824,21 @@ def stage_run(plan: RunPlan) -> None:
     con = _staging_connection(plan)
     _write_image_tables(plan, con)
     _write_differentials(plan, con)
+
+
+def _staged_rows_per_file(plan: RunPlan) -> int:
+    """Rows per staged results file: about four files per CPU slot, at least a batch, at most ``output.rows_per_file``.
+
+    Not one file per batch (thousands of tiny objects for DuckDB to read and
+    the cleanup to delete), and not one file at the very end either: the
+    first files are written while the model actors still run.
+    """
+    bs = plan.cfg.inference.batch_size
+    if plan.listing.files:
+        target = math.ceil(len(plan.listing.files) / (4 * _cpu_slots(plan.cfg.inference)))
+    else:
+        target = 16 * bs  # tar shards: images per shard unknown until read
+    return max(1, min(plan.cfg.output.rows_per_file, max(bs, target)))
 
 
 def _classify_to_staging(plan: RunPlan) -> None:
@@ -746,8 +854,12 @@ def _classify_to_staging(plan: RunPlan) -> None:
     timer = time.monotonic()
     log.info("run %s: classifying %d image file(s) and %d tar shard(s)", plan.run_id,
              len(plan.listing.files), len(plan.listing.shards))
+    rows = _staged_rows_per_file(plan)
     _build_dataset(plan).write_parquet(posixpath.join(plan.staging, "results"),
-                                       filesystem=outputs.arrow_filesystem(fs))
+                                       filesystem=outputs.arrow_filesystem(fs), min_rows_per_file=rows,
+                                       max_rows_per_file=plan.cfg.output.rows_per_file,
+                                       ray_remote_args={"num_cpus": WRITE_CPUS},
+                                       concurrency=max(1, _cpu_slots(plan.cfg.inference) // WRITE_SLOTS_PER_TASK))
     plan.timings["read_decode_infer"] = time.monotonic() - timer
 
 
