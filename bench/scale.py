@@ -133,7 +133,9 @@ def markdown(result: dict[str, Any]) -> str:
             + common.table(["archive", "images", "job s", "ms/image", "ms/image vs 1x (<= 1.15)",
                             "CPU ms/image (all processes)", "list s", "read_decode_infer s", "peak PSS MiB (all)",
                             "peak RSS MiB (sum)", "peak driver RSS MiB", "peak PSS vs 1x (<= 1.25)"], rows)
-            + f"\nMarginal time per image (slope between sizes): {', '.join(s['marginal_ms_per_image'])}.\n"
+            + "\nMarginal time per image (slope between sizes, fixed costs cancel out): "
+            + f"{', '.join(s['marginal_ms_per_image'])}"
+            + (f"; last / first = {s['marginal_ratio']:.2f}" if s.get("marginal_ratio") else "") + ".\n"
             + f"\nTargets: time per image at {runs[-1]['factor']}x / 1x = {s['time_ratio']:.2f} (<= 1.15: "
             + f"{'met' if s['time_ratio_met'] else 'NOT met'}); peak memory (PSS) "
             + f"{runs[-1]['factor']}x / 1x = {s['memory_ratio']:.2f} (<= 1.25: "
@@ -199,14 +201,16 @@ def main() -> None:
     for r in runs:
         r["time_per_image_ratio"] = r["seconds_per_image"] / first["seconds_per_image"]
         r["memory_ratio"] = r["memory"]["peak_pss_mib"] / first["memory"]["peak_pss_mib"]
-    marginal = [f"{a['factor']}x->{b['factor']}x "
-                f"{(b['seconds'] - a['seconds']) / max(1, b['images'] - a['images']) * 1e3:.2f} ms"
-                for a, b in zip(runs, runs[1:])]
+    slopes = [(b["seconds"] - a["seconds"]) / max(1, b["images"] - a["images"]) for a, b in zip(runs, runs[1:])]
+    marginal = [f"{a['factor']}x->{b['factor']}x {m * 1e3:.2f} ms" for a, b, m in zip(runs, runs[1:], slopes)]
     last = runs[-1]
     result["summary"] = {"time_ratio": last["time_per_image_ratio"], "memory_ratio": last["memory_ratio"],
                          "time_ratio_met": last["time_per_image_ratio"] <= TARGET_TIME_RATIO,
                          "memory_ratio_met": last["memory_ratio"] <= TARGET_MEMORY_RATIO,
-                         "marginal_ms_per_image": marginal}
+                         "marginal_ms_per_image": marginal,
+                         # Fixed costs (cluster and actor start) cancel out of the slopes: the last one over the
+                         # first is the linearity of the work itself.
+                         "marginal_ratio": slopes[-1] / slopes[0] if len(slopes) > 1 and slopes[0] > 0 else None}
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     js, md = common.save(args.name, result, markdown(result))
     print()

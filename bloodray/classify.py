@@ -8,7 +8,7 @@ predictions, per-image errors and per-sample differentials as Parquet (layout:
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
       -> map_batches(read bytes + SHA-256 + decode + resize)      CPU tasks (*)
       -> map_batches(CellPredictorResults: model + result rows)   actor pool (GPU or CPU)
-      -> write_parquet (files of output.rows_per_file rows)       _staging/<run_id>/results/
+      -> driver streams the rows into Parquet (output.rows_per_file) _staging/<run_id>/results/
     then, on the driver, DuckDB over the staged results:
       -> predictions / errors / differentials                     _staging/<run_id>/<table>/
     commit:
@@ -22,8 +22,10 @@ CPU-only cluster both request one CPU, so Ray's optimizer fuses them (decode
 runs inside the actors: same work, no copy through the object store), and
 there is one actor per CPU of the cluster (``inference.decode_cpus`` CPUs
 each): every core reads, decodes and runs the model (one torch thread per
-actor CPU, see :mod:`bloodray.inference`). The write tasks reserve no CPU,
-so they never wait for a core the actors hold.
+actor CPU, see :mod:`bloodray.inference`). The result rows (a few hundred
+bytes per image) are written by the driver as they arrive: no write task
+waits for a core the actors hold, and no extra worker process pays Ray Data's
+and pyarrow's imports.
 
 A bad input never fails the run: unreadable files, undecodable images and
 unsafe tar members become rows of the errors table, so every input image
@@ -730,15 +732,6 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     return plan
 
 
-#: CPUs reserved by a write task: none, so writes never wait for a core held
-#: by a model actor (a write is a small fraction of a batch's work).
-WRITE_CPUS = 0
-#: One concurrent write task per this many CPU slots. Tasks that reserve no CPU
-#: are not limited by Ray's scheduler, which would start a new worker process
-#: (and its imports) for each; a few long-lived writers keep up with the actors.
-WRITE_SLOTS_PER_TASK = 16
-
-
 def _cpu_slots(cfg: InferenceConfig) -> int:
     """Read/decode tasks (or fused CPU actors) the cluster runs at once."""
     import ray
@@ -751,8 +744,8 @@ def _actor_pool(cfg: InferenceConfig, fused: bool = True, work_blocks: int | Non
 
     On a CPU-only cluster the actors ask for the CPUs of a read/decode task,
     so Ray fuses the two (``fused``): each actor does all the work of its
-    batches and the actors take every CPU; the write tasks reserve none
-    (:data:`WRITE_CPUS`). When decode tasks run apart (image files and tar
+    batches and the actors take every CPU (the driver writes the results).
+    When decode tasks run apart (image files and tar
     shards in one run: a union, which Ray does not fuse across) the pool
     autoscales up to one decode task's CPUs short of the cluster, so decoding
     always has a core. Never more fused actors than ``work_blocks`` (input
@@ -826,21 +819,6 @@ def stage_run(plan: RunPlan) -> None:
     _write_differentials(plan, con)
 
 
-def _staged_rows_per_file(plan: RunPlan) -> int:
-    """Rows per staged results file: about four files per CPU slot, at least a batch, at most ``output.rows_per_file``.
-
-    Not one file per batch (thousands of tiny objects for DuckDB to read and
-    the cleanup to delete), and not one file at the very end either: the
-    first files are written while the model actors still run.
-    """
-    bs = plan.cfg.inference.batch_size
-    if plan.listing.files:
-        target = math.ceil(len(plan.listing.files) / (4 * _cpu_slots(plan.cfg.inference)))
-    else:
-        target = 16 * bs  # tar shards: images per shard unknown until read
-    return max(1, min(plan.cfg.output.rows_per_file, max(bs, target)))
-
-
 def _classify_to_staging(plan: RunPlan) -> None:
     """The streaming part: Ray Data from work items to ``_staging/<run_id>/results/``."""
     if not (plan.listing.files or plan.listing.shards):
@@ -854,12 +832,17 @@ def _classify_to_staging(plan: RunPlan) -> None:
     timer = time.monotonic()
     log.info("run %s: classifying %d image file(s) and %d tar shard(s)", plan.run_id,
              len(plan.listing.files), len(plan.listing.shards))
-    rows = _staged_rows_per_file(plan)
-    _build_dataset(plan).write_parquet(posixpath.join(plan.staging, "results"),
-                                       filesystem=outputs.arrow_filesystem(fs), min_rows_per_file=rows,
-                                       max_rows_per_file=plan.cfg.output.rows_per_file,
-                                       ray_remote_args={"num_cpus": WRITE_CPUS},
-                                       concurrency=max(1, _cpu_slots(plan.cfg.inference) // WRITE_SLOTS_PER_TASK))
+    schema = results_schema()
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        # Output blocks as the actors finish them; Ray Data retries lost work, so each arrives once.
+        for block in _build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from block.cast(schema).to_batches()
+
+    # Files of output.rows_per_file rows, not one tiny file per batch: the staged
+    # results are a few hundred bytes per image, so the driver keeps up with any pool.
+    _write_table(pa.RecordBatchReader.from_batches(schema, batches()), schema, fs,
+                 posixpath.join(plan.staging, "results"), plan.cfg.output.rows_per_file)
     plan.timings["read_decode_infer"] = time.monotonic() - timer
 
 
@@ -975,7 +958,8 @@ def _write_table(reader: pa.RecordBatchReader, schema: pa.Schema, fs, directory:
     pfs = outputs.arrow_filesystem(fs)
     ds.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), directory, filesystem=pfs,
                      format="parquet", basename_template="part-{i}.parquet", max_rows_per_file=rows_per_file,
-                     max_rows_per_group=min(rows_per_file, 65_536), existing_data_behavior="delete_matching")
+                     min_rows_per_group=min(rows_per_file, 65_536), max_rows_per_group=min(rows_per_file, 65_536),
+                     existing_data_behavior="delete_matching")
     if count == 0:
         _write_bytes(fs, posixpath.join(directory, "part-0.parquet"), _parquet_bytes(schema.empty_table()))
     return count
