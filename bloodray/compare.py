@@ -567,8 +567,9 @@ def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hard
                          f"{rec['epochs']} | {rec['status']} (see notes) | | | | | | {hardware['short']} |")
             continue
         test = rec["test"]
+        epochs = f"{rec['epochs_trained']} (best {rec['best_epoch']})" if rec.get("best_epoch") else rec["epochs_trained"]
         lines.append(
-            f"| {rec['label']} | {rec['model']} | {init} | {rec['input_size']} px | {params} | {rec['epochs_trained']} | "
+            f"| {rec['label']} | {rec['model']} | {init} | {rec['input_size']} px | {params} | {epochs} | "
             f"{test['accuracy']:.4f} | {test['balanced_accuracy']:.4f} | {test['macro_f1']:.4f} | "
             f"{_human(rec['train_seconds'])} | {_num(rec['train_images_per_second'], '.1f')} | "
             f"{_num(rec['eval_images_per_second'], '.1f')} | {hardware['short']} |")
@@ -577,6 +578,7 @@ def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hard
     failed = [r for r in models if r["status"] != "ok"]
     lines += [
         "",
+        "Epochs: trained (best = the checkpoint by validation macro-F1 that was tested). "
         "Train time: the sum of the epochs' training + validation loops (data decoding and start-up excluded). "
         "Train img/s: median over epochs of training images per second across all workers. Eval img/s: test "
         "images through the Ray Data evaluation pipeline (decode + inference, one predictor) over its wall time. "
