@@ -42,6 +42,7 @@ def compared(request, tmp_path_factory):
     return {"root": root, "out": out, "models": models, "result": result, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_outputs_hold_table2_for_every_model(compared):
     out, result = compared["out"], compared["result"]
     assert {p.name for p in out.iterdir()} >= {"comparison.json", "comparison.parquet", "table2.md", "split.parquet",
@@ -83,6 +84,7 @@ def test_outputs_hold_table2_for_every_model(compared):
         assert f1 == pytest.approx({c: rec["per_class"][c]["f1"] for c in CLASS_NAMES})
 
 
+@pytest.mark.slow
 def test_every_model_used_the_identical_split(compared):
     out = compared["out"]
     payload = json.loads((out / "comparison.json").read_text())
@@ -103,6 +105,7 @@ def test_every_model_used_the_identical_split(compared):
     assert {m["split_sha256"] for m in payload["models"]} == {payload["split"]["sha256"]}
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_models_and_fails_missing_weights_in_the_table(compared, capsys):
     out, root = compared["out"], compared["root"]
     before = json.loads((out / "comparison.json").read_text())
@@ -131,6 +134,7 @@ def test_rerun_skips_finished_models_and_fails_missing_weights_in_the_table(comp
     assert len(failed_rows) == 1 and failed_rows[0]["status"] == "failed" and failed_rows[0]["accuracy"] is None
 
 
+@pytest.mark.slow
 def test_output_of_other_data_is_refused(compared, tmp_path):
     other = tmp_path / "other-cells"
     write_labelled_dataset(str(other), 3, size=40, seed=4)
@@ -140,6 +144,7 @@ def test_output_of_other_data_is_refused(compared, tmp_path):
         run_comparison(cfg)
 
 
+@pytest.mark.slow
 def test_resuming_a_run_with_other_settings_is_refused(compared):
     models = [dict(compared["models"][0], input_size=48), compared["models"][1]]
     cfg = load_compare_config("configs/compare/cpu.yaml", _overrides(compared["root"], compared["out"], models))
