@@ -1,0 +1,109 @@
+"""The single-process pack trainer (bloodray.packed): pack, train, checkpoint, run folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bloodray.checkpoint import load_checkpoint
+from bloodray.classes import CLASS_NAMES
+from bloodray.config import ConfigError, load_config
+from bloodray.data import build_split
+from bloodray.packed import (PackedTrainConfig, PackError, augment_on_device, build_pack, load_pack,
+                             train_packed)
+from bloodray.synth import write_labelled_dataset
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cells")
+    write_labelled_dataset(str(root), per_class=10, size=64, seed=3)
+    path = tmp_path_factory.mktemp("pack") / "cells32.parquet"
+    summary = build_pack(str(root), path, 32, workers=2)
+    return root, path, summary
+
+
+def test_pack_holds_the_training_split_resized(pack):
+    root, path, summary = pack
+    split, _ = build_split(str(root))
+    table = pq.read_table(path)
+    assert summary["rows"] == table.num_rows == split.num_rows
+    # Same images in the same splits as `bloodray train` would use.
+    expected = dict(zip(split.column("sha256").to_pylist(), split.column("split").to_pylist()))
+    assert dict(zip(table.column("sha256").to_pylist(), table.column("split").to_pylist())) == expected
+    loaded = load_pack(path, workers=2)
+    assert loaded.input_size == 32
+    assert loaded.images["train"].shape[1:] == (32, 32, 3) and loaded.images["train"].dtype == np.uint8
+    assert sum(len(v) for v in loaded.labels.values()) == table.num_rows
+
+
+def test_a_file_that_is_not_a_pack_is_refused(tmp_path):
+    other = tmp_path / "other.parquet"
+    pq.write_table(pq.read_table(__import__("io").BytesIO(_tiny_parquet())), other)
+    with pytest.raises(PackError, match="not a bloodray pack"):
+        load_pack(other)
+    with pytest.raises(PackError, match="cannot read pack"):
+        load_pack(tmp_path / "missing.parquet")
+
+
+def _tiny_parquet() -> bytes:
+    import io
+
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": [1]}), buf)
+    return buf.getvalue()
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="^pack:"):
+        load_config(PackedTrainConfig, overrides=[])
+    with pytest.raises(ConfigError, match="^epochs:"):
+        load_config(PackedTrainConfig, overrides=["pack=x.parquet", "epochs=0"])
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_config(PackedTrainConfig, overrides=["pack=x.parquet", "ema_decay=1.5"])
+
+
+def test_augmentation_is_batched_bounded_and_seeded():
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    cfg = PackedTrainConfig(pack="x")
+    a = augment_on_device(images, cfg, torch.Generator().manual_seed(0))
+    b = augment_on_device(images, cfg, torch.Generator().manual_seed(0))
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    off = PackedTrainConfig(pack="x", rotate=False, flips=False, min_scale=1.0, max_scale=1.0, translate=0.0,
+                            color_jitter=0.0, hue_jitter=0.0)
+    same = augment_on_device(images, off, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, images.permute(0, 3, 1, 2).float() / 255.0, atol=1e-5)
+
+
+def test_training_writes_a_checkpoint_and_a_run_folder(pack, tmp_path):
+    _, path, _ = pack
+    cfg = PackedTrainConfig(pack=str(path), output=str(tmp_path / "run"), model="bloodnet",
+                            model_kwargs={"batch_norm": True}, epochs=2, batch_size=16, warmup_epochs=1,
+                            precise_bn_batches=2, device="cpu")
+    result = train_packed(cfg)
+    assert result["epochs_run"] == 2 and result["best_weights"] in ("raw", "ema")
+    assert set(result["test"]["per_class"]) == set(CLASS_NAMES)
+    loaded = load_checkpoint(str(tmp_path / "run" / "checkpoint"))
+    assert loaded.metadata.classes == list(CLASS_NAMES) and loaded.metadata.input_size == 32
+    assert loaded.metadata.config["trainer"] == "bloodray.packed"
+    # The output folder is a run folder: its split is the pack's, for `bloodray calibrate --run`.
+    split = pq.read_table(tmp_path / "run" / "split.parquet")
+    assert split.num_rows == pq.read_table(path).num_rows
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["model"] == "bloodnet"
+
+    # Fine-tuning starts from those weights; a different model is refused by field name.
+    again = PackedTrainConfig(pack=str(path), output=str(tmp_path / "ft"), model="bloodnet",
+                              model_kwargs={"batch_norm": True}, epochs=1, batch_size=16, warmup_epochs=0,
+                              init_checkpoint=str(tmp_path / "run" / "checkpoint"), device="cpu")
+    assert train_packed(again)["epochs_run"] == 1
+    wrong = PackedTrainConfig(pack=str(path), output=str(tmp_path / "bad"), model="mobilenet_v2", epochs=1,
+                              batch_size=16, init_checkpoint=str(tmp_path / "run" / "checkpoint"), device="cpu")
+    with pytest.raises(ConfigError, match="^init_checkpoint:"):
+        train_packed(wrong)
