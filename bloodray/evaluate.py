@@ -157,16 +157,17 @@ def training_curves_png(history: Sequence[Mapping[str, float]], title: str) -> b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    left.plot(epochs, [h["val_loss"] for h in history], label="val loss")
-    left.set_xlabel("epoch")
-    left.legend()
-    right.plot(epochs, [h["val_accuracy"] for h in history], label="val accuracy")
-    right.plot(epochs, [h["val_macro_f1"] for h in history], label="val macro-F1")
-    right.set_xlabel("epoch")
-    right.legend()
+    # Trainers record different series (the pack trainer has no val loss but an EMA); plot what is there.
+    for axis, series in ((left, (("train_loss", "train loss"), ("val_loss", "val loss"))),
+                         (right, (("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"),
+                                  ("val_accuracy_ema", "val accuracy (EMA weights)")))):
+        for key, label in series:
+            points = [(h["epoch"], h[key]) for h in history if key in h]
+            if points:
+                axis.plot(*zip(*points), label=label)
+        axis.set_xlabel("epoch")
+        axis.legend()
     fig.suptitle(title)
     data = _png(fig)
     plt.close(fig)
