@@ -7,6 +7,7 @@ way as ``tests/conftest.py``, and JSON + markdown result files.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import logging
 import os
@@ -117,6 +118,14 @@ class MotoS3:
         return f"s3://{bucket}/{prefix}"
 
 
+def _psutil():
+    """psutil, which Ray ships in ``ray/thirdparty_files`` (importing Ray puts it on the path)."""
+    importlib.import_module("ray")
+    import psutil
+
+    return psutil
+
+
 def _pss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as fh:
@@ -174,7 +183,7 @@ class TreeMonitor(threading.Thread):
         self.sample(initial=True)
 
     def sample(self, initial: bool = False) -> None:
-        import psutil
+        psutil = _psutil()
 
         me = psutil.Process()
         try:
@@ -215,13 +224,17 @@ class TreeMonitor(threading.Thread):
             return sum(self._cpu_last[k] - self._cpu_first[k] for k in self._cpu_last)
 
     def cpu_by_kind(self) -> dict[str, float]:
-        """CPU seconds per kind of process (driver, gcs_server, raylet, ray::<actor or task>, ...)."""
+        """CPU seconds per kind of process (driver, gcs_server, raylet, ray::<actor or task>, ...);
+        ``<kind> xN`` when N processes of that kind ran."""
         out: dict[str, float] = {}
+        count: dict[str, int] = {}
         with self._lock:
             for key, last in self._cpu_last.items():
                 kind = self._kind.get(key, "other")
                 out[kind] = out.get(kind, 0.0) + last - self._cpu_first[key]
-        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+                count[kind] = count.get(kind, 0) + 1
+        return {(k if count[k] == 1 else f"{k} x{count[k]}"): round(v, 2)
+                for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):

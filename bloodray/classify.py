@@ -745,10 +745,9 @@ def _actor_pool(cfg: InferenceConfig, fused: bool = True, work_blocks: int | Non
     On a CPU-only cluster the actors ask for the CPUs of a read/decode task,
     so Ray fuses the two (``fused``): each actor does all the work of its
     batches and the actors take every CPU (the driver writes the results).
-    When decode tasks run apart (image files and tar
-    shards in one run: a union, which Ray does not fuse across) the pool
-    autoscales up to one decode task's CPUs short of the cluster, so decoding
-    always has a core. Never more fused actors than ``work_blocks`` (input
+    When decode tasks run apart (image files and tar shards in one run: a
+    union, which Ray does not fuse across) the pool autoscales up to one
+    decode task's CPUs short of the cluster, so decoding always has a core. Never more fused actors than ``work_blocks`` (input
     blocks): an actor without a block would only load the model.
     """
     import ray
