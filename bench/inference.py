@@ -302,7 +302,8 @@ def main() -> None:
     images = common.pbc_images(args.n or None)
     layout = common.archive_layout(images)
     result: dict[str, Any] = {"benchmark": "inference", "images": len(images), "checkpoint":
-                              args.checkpoint or f"packaged default ({meta.model_name})",
+                              f"{args.checkpoint or 'packaged default'}: {meta.checkpoint_id}, "
+                              f"{meta.input_size} px",
                               "machine": common.machine_facts(), "run": common.run_facts(), "sources": []}
     sources = ["local", "s3"] if args.source == "both" else [args.source]
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)

@@ -162,7 +162,8 @@ def main() -> None:
 
     meta = read_metadata(resolve_checkpoint(args.checkpoint))
     result: dict[str, Any] = {"benchmark": "scale", "source": args.source, "base": args.base, "factors": factors,
-                              "checkpoint": args.checkpoint or f"packaged default ({meta.model_name})",
+                              "checkpoint": f"{args.checkpoint or 'packaged default'}: {meta.checkpoint_id}, "
+                                            f"{meta.input_size} px",
                               "interval_s": args.interval, "machine": common.machine_facts(),
                               "run": common.run_facts(), "runs": []}
     s3 = MotoProcess() if args.source == "s3" else None
