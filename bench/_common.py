@@ -80,6 +80,19 @@ def link_archive(root: Path, layout: list[tuple[str, Path]]) -> Path:
     return root
 
 
+def classify_config(archive: str, out: str, storage_options: dict, checkpoint: str | None, sets: list[str]):
+    """The ClassifyConfig a user's `bloodray classify --set ...` would build for this archive."""
+    from bloodray.classify import ClassifyConfig
+    from bloodray.config import load_config
+
+    overrides = [f"input.uri={archive}", f"output.uri={out}"]
+    if storage_options.get("endpoint_url"):
+        overrides.append(f"storage.endpoint_url={storage_options['endpoint_url']}")
+    if checkpoint:
+        overrides.append(f"model.checkpoint={checkpoint}")
+    return load_config(ClassifyConfig, None, overrides + list(sets))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -160,15 +160,9 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
 def classify_job(archive: str, out: str, storage_options: dict, checkpoint: str | None,
                  sets: list[str]) -> dict[str, Any]:
     """(a) The nightly classify job through its library entry point."""
-    from bloodray.classify import ClassifyConfig, run_classification
-    from bloodray.config import load_config
+    from bloodray.classify import run_classification
 
-    overrides = [f"input.uri={archive}", f"output.uri={out}"]
-    if storage_options.get("endpoint_url"):
-        overrides.append(f"storage.endpoint_url={storage_options['endpoint_url']}")
-    if checkpoint:
-        overrides.append(f"model.checkpoint={checkpoint}")
-    cfg = load_config(ClassifyConfig, None, overrides + list(sets))
+    cfg = common.classify_config(archive, out, storage_options, checkpoint, sets)
     monitor = common.TreeMonitor(interval=0.2, memory=False)
     monitor.start()
     start = time.perf_counter()

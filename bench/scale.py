@@ -88,15 +88,9 @@ def run_one(archive: str, out: str, so: dict, checkpoint: str | None, sets: list
             exclude: set[int]) -> dict[str, Any]:
     import ray
 
-    from bloodray.classify import ClassifyConfig, run_classification
-    from bloodray.config import load_config
+    from bloodray.classify import run_classification
 
-    overrides = [f"input.uri={archive}", f"output.uri={out}"]
-    if so.get("endpoint_url"):
-        overrides.append(f"storage.endpoint_url={so['endpoint_url']}")
-    if checkpoint:
-        overrides.append(f"model.checkpoint={checkpoint}")
-    cfg = load_config(ClassifyConfig, None, overrides + list(sets))
+    cfg = common.classify_config(archive, out, so, checkpoint, sets)
     monitor = common.TreeMonitor(interval, exclude)
     monitor.start()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)

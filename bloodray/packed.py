@@ -303,6 +303,8 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     targets = {s: torch.from_numpy(a).to(device) for s, a in pack.labels.items()}
     load_s = time.perf_counter() - t_load
     size = pack.input_size
+    # Evaluation uses the inference preset itself; training normalizes its augmented floats the same way.
+    preset = EvalPreset(size, info.mean, info.std)
     mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
@@ -362,8 +364,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for start in range(0, len(store[split]), batch):
-            x = store[split][start:start + batch].permute(0, 3, 1, 2).float().div_(255.0)
-            x = ((x - mean) / std).contiguous(memory_format=memory_format)
+            x = preset.normalize(store[split][start:start + batch], channels_last=on_gpu)
             with amp:
                 outs.append(net(x).float())
         logits = torch.cat(outs)
@@ -384,9 +385,8 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
         picks = torch.randperm(n_train, device=device, generator=generator)
         for b in range(min(cfg.precise_bn_batches, steps_per_epoch)):
             idx = picks[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = store["train"][idx].permute(0, 3, 1, 2).float().div_(255.0)
             with amp:
-                net(((x - mean) / std).contiguous(memory_format=memory_format))
+                net(preset.normalize(store["train"][idx], channels_last=on_gpu))
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
         net.eval()
