@@ -82,7 +82,7 @@ def link_archive(root: Path, layout: list[tuple[str, Path]]) -> Path:
 
 def classify_config(archive: str, out: str, storage_options: dict, checkpoint: str | None, sets: list[str]):
     """The ClassifyConfig a user's `bloodray classify --set ...` would build for this archive."""
-    from bloodray.classify import ClassifyConfig
+    from bloodray.nightly.pipeline import ClassifyConfig
     from bloodray.config import load_config
 
     overrides = [f"input.uri={archive}", f"output.uri={out}"]

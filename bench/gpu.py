@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bloodray.classes import NUM_CLASSES  # noqa: E402
 from bloodray.models import create_model  # noqa: E402
-from bloodray.preprocess import EvalPreset  # noqa: E402
+from bloodray.data.preset import EvalPreset  # noqa: E402
 
 
 #: "cuda" for real figures; "cpu" only to check the script itself (--check-on-cpu).

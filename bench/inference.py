@@ -16,7 +16,7 @@ as ``tests/conftest.py`` does), it measures images/s of
 (a) the classify job as a user runs it: a local Ray cluster of all CPUs
     (``ray.init(address="local", num_cpus=os.cpu_count(),
     include_dashboard=False)``), then
-    :func:`bloodray.classify.run_classification` with default inference
+    :func:`bloodray.nightly.pipeline.run_classification` with default inference
     settings, end to end (list, read, decode, infer, write, aggregate, commit).
     One untimed warm-up run on a small archive first (page cache, Ray Data's
     system actors), as on a cluster that is already up; the job's own actor
@@ -62,7 +62,7 @@ def hand_loop(paths: list[str], fs, checkpoint: str | None, batch_size: int = 64
     import torch
 
     from bloodray.checkpoint import load_checkpoint
-    from bloodray.preprocess import decode_image
+    from bloodray.data.preset import decode_image
 
     stages = dict.fromkeys(("read", "decode", "preprocess", "infer", "write"), 0.0)
     start = time.perf_counter()
@@ -109,9 +109,9 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
     """(c) CPU cost per image of read + decode + preprocess + model with 1 torch thread, times the cores."""
     import torch
 
-    from bloodray import classify
-    from bloodray.inference import CellPredictor
-    from bloodray.preprocess import decode_image
+    from bloodray.nightly import pipeline as classify
+    from bloodray.predict import CellPredictor
+    from bloodray.data.preset import decode_image
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -120,7 +120,7 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
         preset = predictor.preset
         read = getattr(classify, "read_files", None)
         if read is None:  # older code: the generic reader
-            from bloodray.data import read_many as read
+            from bloodray.data.labelled import read_many as read
         warm = [Path(u).read_bytes() if "://" not in u else None for u in uris[:batch_size]]
         if all(w is not None for w in warm):
             predictor({"image": np.stack([preset.load(w) for w in warm])})
@@ -160,7 +160,7 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
 def classify_job(archive: str, out: str, storage_options: dict, checkpoint: str | None,
                  sets: list[str]) -> dict[str, Any]:
     """(a) The nightly classify job through its library entry point."""
-    from bloodray.classify import run_classification
+    from bloodray.nightly.pipeline import run_classification
 
     cfg = common.classify_config(archive, out, storage_options, checkpoint, sets)
     monitor = common.TreeMonitor(interval=0.2, memory=False)

@@ -13,7 +13,7 @@ of 100 cells, as symlinks in a temp dir (``--source s3``: uploaded, untimed, to
 a moto server on 127.0.0.1 run as a separate process that is left out of the
 memory figures). Every factor runs in a fresh local Ray cluster
 (``ray.init(address="local", num_cpus=os.cpu_count())``) after one untimed
-warm-up run, through :func:`bloodray.classify.run_classification` with default
+warm-up run, through :func:`bloodray.nightly.pipeline.run_classification` with default
 inference settings.
 
 Reported per factor: wall time of the job, time and CPU (all processes of the
@@ -88,7 +88,7 @@ def run_one(archive: str, out: str, so: dict, checkpoint: str | None, sets: list
             exclude: set[int]) -> dict[str, Any]:
     import ray
 
-    from bloodray.classify import run_classification
+    from bloodray.nightly.pipeline import run_classification
 
     cfg = common.classify_config(archive, out, so, checkpoint, sets)
     monitor = common.TreeMonitor(interval, exclude)

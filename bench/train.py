@@ -4,7 +4,7 @@ Measures images/s of training (forward, backward, optimizer step, with the
 training augmentation and normalization of every batch) on real PBC images:
 
 (a) Ray Train, ``--workers`` workers x ``--cpus-per-worker`` CPU, through the
-    product's own path: :func:`bloodray.train.run_training` (split manifest,
+    product's own path: :func:`bloodray.train.ray_trainer.run_training` (split manifest,
     Ray Data decode, ``TorchTrainer`` + ``train_loop_per_worker``,
     ``get_dataset_shard`` iteration, DDP, per-epoch validation and checkpoint);
 (b) one plain PyTorch process, ``torch.set_num_threads(1)``, same model,
@@ -19,7 +19,7 @@ left out. Only the training part of an epoch counts (for (a) rank 0's
 or checkpoints; (a) counts the images of all workers.
 
 The plain loops run with the same allocator settings that ``run_training``
-gives its workers (``bloodray.train.TRAIN_WORKER_ENV``: the script restarts
+gives its workers (``bloodray.train.ray_trainer.TRAIN_WORKER_ENV``: the script restarts
 itself once with them); Ray's own processes start without them.
 
 Reported: scaling efficiency = a / (workers x b) (target >= 0.85) and a / c,
@@ -247,7 +247,7 @@ class CpuSampler:
 
 
 def bench_config(args, storage_path: str):
-    from bloodray.train import load_train_config
+    from bloodray.train.ray_trainer import load_train_config
 
     overrides = {
         "data.root": args.data,
@@ -270,7 +270,7 @@ def bench_config(args, storage_path: str):
 
 def decode_train_images(cfg, table) -> tuple[np.ndarray, np.ndarray]:
     """The training split decoded in this process exactly as the Ray Data stage does it."""
-    from bloodray.data import decode_batch, rows_of
+    from bloodray.data.labelled import decode_batch, rows_of
 
     rows = rows_of(table, "train")
     images, labels = [], []
@@ -305,8 +305,8 @@ def plain_torch(cfg, images: np.ndarray, labels: np.ndarray, *, threads: int, ba
 
     from bloodray.classes import NUM_CLASSES
     from bloodray.models import create_model, get_model_info
-    from bloodray.preprocess import EvalPreset, augment_batch
-    from bloodray.train import build_optimizer, classification_loss, model_kwargs
+    from bloodray.data.preset import EvalPreset, augment_batch
+    from bloodray.train.ray_trainer import build_optimizer, classification_loss, model_kwargs
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -350,7 +350,7 @@ def plain_torch(cfg, images: np.ndarray, labels: np.ndarray, *, threads: int, ba
 
 def ray_train(cfg, warmup: int) -> dict[str, Any]:
     from bloodray.checkpoint import read_metadata
-    from bloodray.train import run_training
+    from bloodray.train.ray_trainer import run_training
 
     result = run_training(cfg)
     last = os.path.join(cfg.run_uri, f"checkpoint_epoch{cfg.train.epochs:04d}")
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs <= args.warmup_epochs:
         parser.error("--epochs must be larger than --warmup-epochs")
 
-    from bloodray.train import TRAIN_WORKER_ENV, prepare_split
+    from bloodray.train.ray_trainer import TRAIN_WORKER_ENV, prepare_split
 
     # (a)'s workers get bloodray's allocator settings from run_training; the plain loops (b) and (c)
     # run in this process, so it restarts itself once with the same settings (glibc reads them at start).

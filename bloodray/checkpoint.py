@@ -30,17 +30,15 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import __version__, storage
-from .classes import CLASS_NAMES
-from .models import create_model, get_model_info
-from .preprocess import EvalPreset
+from bloodray import __version__, rundir, storage
+from bloodray.classes import CLASS_NAMES
+from bloodray.models import create_model, get_model_info
+from bloodray.data.preset import EvalPreset
 
 FORMAT = "bloodray-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "bloodray.json"
 TRAIN_STATE_FILE = "train_state.pt"
-#: Sub-directory of a run holding its calibrated best checkpoint (preferred by resolve_checkpoint).
-CALIBRATED_DIR = "calibrated"
 #: Where the packaged default model lives inside the installed package.
 PACKAGED_CHECKPOINT = Path(__file__).parent / "assets" / "default_checkpoint"
 
@@ -150,21 +148,29 @@ def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | Non
         if fs.exists(posixpath.join(path, METADATA_FILE)):
             return uri
         # `bloodray calibrate` leaves the best checkpoint with its calibration here.
-        if fs.exists(posixpath.join(path, CALIBRATED_DIR, METADATA_FILE)):
-            return storage.join(uri, CALIBRATED_DIR)
-        candidates = sorted(fs.glob(posixpath.join(path, "checkpoint_*", METADATA_FILE)))
+        if fs.exists(posixpath.join(path, rundir.CALIBRATED_DIR, METADATA_FILE)):
+            return rundir.calibrated_dir(uri)
+        candidates = run_checkpoints(uri, storage_options)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(uri, exc) from exc
     if not candidates:
-        raise CheckpointError(f"{uri}: no bloodray checkpoint here (no {METADATA_FILE}, no checkpoint_*/ directories)")
+        raise CheckpointError(f"{uri}: no bloodray checkpoint here (no {METADATA_FILE}, no {rundir.CHECKPOINT_GLOB}/ directories)")
     best, best_key = None, None
-    for meta_path in candidates:
-        ckpt_uri = storage.full_uri(fs, posixpath.dirname(meta_path))
+    for ckpt_uri in candidates:
         meta = read_metadata(ckpt_uri, storage_options)
         key = (meta.metrics.get("val_macro_f1", float("-inf")), meta.epoch)
         if best_key is None or key > best_key:
             best, best_key = ckpt_uri, key
     return best
+
+
+def run_checkpoints(run_uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """URIs of the checkpoints a training run wrote (its ``checkpoint_*`` folders that hold metadata), by name."""
+    fs, path = storage.filesystem(run_uri, storage_options)
+    found = sorted(fs.glob(posixpath.join(path, rundir.CHECKPOINT_GLOB, METADATA_FILE)))
+    return [storage.full_uri(fs, posixpath.dirname(p)) for p in found]
 
 
 @dataclass
@@ -207,6 +213,25 @@ def load_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None =
         raise CheckpointError(f"{uri}: weights do not fit model {meta.model_name!r}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
     return LoadedCheckpoint(model=model, metadata=meta, uri=uri)
+
+
+@dataclass
+class ResumeState:
+    """What a training worker needs to continue from a checkpoint it wrote itself."""
+
+    weights: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    train_state: dict[str, Any] | None
+
+
+def load_resume_state(directory: str | Path) -> ResumeState:
+    """Weights, metric history and optimizer state of a local checkpoint directory (a Ray Train checkpoint)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    history = json.loads((directory / METADATA_FILE).read_text()).get("history", [])
+    return ResumeState(weights=weights, history=history, train_state=load_train_state(directory))
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:

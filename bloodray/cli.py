@@ -13,16 +13,16 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, StorageConfig
-from .data import DatasetError
-from .models import UnknownModelError
-from .storage import StorageError
+from bloodray.checkpoint import CheckpointError
+from bloodray.config import ConfigError, StorageConfig
+from bloodray.data.labelled import DatasetError
+from bloodray.models import UnknownModelError
+from bloodray.storage import StorageError
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from .classify import ClassifyError
-    from .query import QueryError
-    from .report import ReportError
+    from bloodray.nightly.pipeline import ClassifyError
+    from bloodray.analysis.query import QueryError
+    from bloodray.analysis.report import ReportError
 
     return (ConfigError, DatasetError, StorageError, CheckpointError, UnknownModelError, ClassifyError, QueryError,
             ReportError, FileNotFoundError, PermissionError)
@@ -44,7 +44,7 @@ def _storage_options(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import load_train_config, run_training
+    from bloodray.train.ray_trainer import load_train_config, run_training
 
     cfg = load_train_config(args.config, args.overrides)
     result = run_training(cfg)
@@ -56,8 +56,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_folder, evaluate_run
-    from . import storage
+    from bloodray.evaluation.evaluate import evaluate_folder, evaluate_run
+    from bloodray import storage
 
     opts = _storage_options(args)
     if args.run:
@@ -73,7 +73,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .evaluate import calibrate_run
+    from bloodray.evaluation.evaluate import calibrate_run
 
     result = calibrate_run(args.run, _storage_options(args), args.max_review_share, checkpoint=args.checkpoint)
     test = result["test"]
@@ -87,14 +87,14 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import export_checkpoint
+    from bloodray.checkpoint import export_checkpoint
 
     print(f"exported to {export_checkpoint(args.checkpoint, args.to, _storage_options(args))}")
     return 0
 
 
 def cmd_models(args) -> int:
-    from .models import model_table
+    from bloodray.models import model_table
 
     rows = model_table()
     print(f"{'name':<16}{'input':>7}{'params':>15}  imagenet weights")
@@ -104,7 +104,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from . import synth
+    from bloodray.data import synth as synth
 
     if args.kind == "labelled":
         counts = synth.write_labelled_dataset(args.out, args.per_class, size=args.size, seed=args.seed,
@@ -121,7 +121,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from . import classify
+    from bloodray.nightly import pipeline as classify
 
     cfg = classify.config_from_args(args)
     result = classify.run_classification(cfg)
@@ -130,14 +130,14 @@ def cmd_classify(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from .query import query_main
+    from bloodray.analysis.query import query_main
 
     print(query_main(args.output, args.sql, _storage_options(args), fmt=args.format))
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from bloodray.analysis.report import write_report
 
     path = write_report(args.output, run_date=args.date, dest=args.dest, storage_options=_storage_options(args))
     print(f"report: {path}")
@@ -145,14 +145,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import load_demo_config, run_demo
+    from bloodray.demo import load_demo_config, run_demo
 
     run_demo(load_demo_config(args.config, args.overrides))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .compare import load_compare_config, run_comparison
+    from bloodray.train.compare import load_compare_config, run_comparison
 
     result = run_comparison(load_compare_config(args.config, args.overrides))
     print(result.table[result.table.index("## Summary"):])
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("classify", help="classify a slide archive into Parquet predictions and differentials")
-    from . import classify as classify_module
+    from bloodray.nightly import pipeline as classify_module
 
     classify_module.add_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)

@@ -1,7 +1,7 @@
 """Typed job configuration: YAML defaults, ``--set dotted.key=value`` overrides.
 
-Each job has one dataclass tree (see :mod:`bloodray.train` and
-:mod:`bloodray.classify`). :func:`load_config` reads a YAML file, applies
+Each job has one dataclass tree (see :mod:`bloodray.train.ray_trainer` and
+:mod:`bloodray.nightly.pipeline`). :func:`load_config` reads a YAML file, applies
 overrides, checks every key and type, and runs each section's ``validate()``.
 Errors are :class:`ConfigError` and always name the dotted key at fault.
 """
@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, get_args, get_origi
 
 import yaml
 
-from . import storage
+from bloodray import storage
 
 T = TypeVar("T")
 

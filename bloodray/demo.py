@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_config
+from bloodray.config import ConfigError, load_config
 
 
 @dataclass
@@ -82,12 +82,12 @@ class DemoResult:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run the whole demo and print what it did; returns where everything is."""
-    from . import synth
-    from .classify import ClassifyConfig, run_classification
-    from .config import from_dict, validate_tree
-    from .query import run_query, format_table
-    from .report import write_report
-    from .train import TrainConfig, run_training
+    from bloodray.data import synth as synth
+    from bloodray.nightly.pipeline import ClassifyConfig, run_classification
+    from bloodray.config import from_dict, validate_tree
+    from bloodray.analysis.query import run_query, format_table
+    from bloodray.analysis.report import write_report
+    from bloodray.train.ray_trainer import TrainConfig, run_training
 
     work = Path(cfg.workdir).resolve()
     # The demo owns its folder: a rerun starts clean instead of resuming an old run.
@@ -120,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     print(f"[demo] trained {t.model}: best checkpoint {trained.best_checkpoint}"
           + (f", held-out test accuracy {accuracy:.3f}" if accuracy is not None else ""))
 
-    from .evaluate import calibrate_run
+    from bloodray.evaluation.evaluate import calibrate_run
 
     calibration = calibrate_run(trained.run_uri)
     test = calibration["test"]

@@ -16,7 +16,10 @@ started with.
 
 from __future__ import annotations
 
+import io
+import json
 import posixpath
+import uuid
 from typing import Any, Mapping
 
 import fsspec
@@ -90,6 +93,62 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as fh:
         fh.write(data)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for a local-disk filesystem (where folders exist and a rename is atomic)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool({"file", "local"} & set(protocols))
+
+
+def put_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, atomic: bool = False) -> None:
+    """Write ``data`` at ``path`` of an already-resolved filesystem.
+
+    On local disk parent folders are created and ``atomic=True`` writes a hidden temporary file and renames it, so a
+    reader never sees half a file. On an object store one PUT is already all-or-nothing, and no folder markers are
+    made (creating "folders" there would at best write marker objects and at worst try to create a bucket).
+    """
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if atomic:
+            tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            with fs.open(tmp, "wb") as fh:
+                fh.write(data)
+            fs.mv(tmp, path)
+            return
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_json(uri: str, payload: Any, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``payload`` as indented JSON (non-JSON values through ``str``)."""
+    write_bytes(uri, json.dumps(payload, indent=2, default=str).encode(), storage_options)
+
+
+def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """Read a JSON document from a local path or object-storage URI."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def parquet_bytes(table: Any) -> bytes:
+    """Serialise a pyarrow table to Parquet bytes (for one-PUT writes of small tables)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def human_duration(seconds: float | None) -> str:
+    """``3725`` -> ``1h02m``, ``75`` -> ``1m15s``, ``9`` -> ``9s``; ``None`` -> ``-``."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def redact(value: Any) -> Any:

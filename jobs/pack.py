@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bloodray.data import SplitFractions  # noqa: E402
-from bloodray.packed import build_pack  # noqa: E402
+from bloodray.data.labelled import SplitFractions  # noqa: E402
+from bloodray.train.pack import build_pack  # noqa: E402
 
 
 def main(argv=None) -> int:

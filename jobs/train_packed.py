@@ -2,7 +2,7 @@
 
 python jobs/train_packed.py --set pack=.devdata/pbc128.parquet --set model=mobilenet_v2 \
     --set epochs=60 --set output=runs/packed/mobilenet_v2
-Keys: see bloodray.packed.PackedTrainConfig. Writes <output>/checkpoint (a normal
+Keys: see bloodray.train.pack.PackedTrainConfig. Writes <output>/checkpoint (a normal
 bloodray checkpoint), result.json (val/test metrics, history, timings) and the
 final config (config.yaml).
 """
@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bloodray.config import ConfigError, dump_yaml, load_config  # noqa: E402
-from bloodray.packed import PackedTrainConfig, PackError, train_packed  # noqa: E402
+from bloodray.train.pack import PackedTrainConfig, PackError, train_packed  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,10 @@
 """Test fixture helper: a quickly trained BloodNet checkpoint for synthetic cells.
 
 This is *not* a product training path -- it stands in for
-``bloodray.train.run_training`` in tests that need a model which really
+``bloodray.train.ray_trainer.run_training`` in tests that need a model which really
 separates synthetic cells (e.g. "predicted differentials match the known
 counts"). It trains in-process with a plain torch loop on a small
-:func:`bloodray.synth.write_labelled_dataset` folder and writes the result with
+:func:`bloodray.data.synth.write_labelled_dataset` folder and writes the result with
 :func:`bloodray.checkpoint.write_checkpoint`, so the checkpoint is exactly what
 the real trainer would produce as far as inference is concerned. Swap the body
 for a call to the real trainer once it exists.
@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from bloodray import synth
+from bloodray.data import synth as synth
 from bloodray.checkpoint import CheckpointMetadata, write_checkpoint
 from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX
-from bloodray.data import list_labelled_images
+from bloodray.data.labelled import list_labelled_images
 from bloodray.models import create_model
-from bloodray.preprocess import EvalPreset
+from bloodray.data.preset import EvalPreset
 
 MEAN = [0.5, 0.5, 0.5]
 #: A narrower BloodNet than the paper's (32..256 filters): trains in seconds on 2 CPU cores.
@@ -62,7 +62,7 @@ def train_quick_checkpoint(directory: str | Path, *, per_class: int = 60, size: 
     """Train BloodNet on synthetic cells for a few epochs; returns the checkpoint dir.
 
     Training images use ``synth``'s labelled-dataset stream, so they differ from
-    the images :func:`bloodray.synth.write_archive` renders for the same seed.
+    the images :func:`bloodray.data.synth.write_archive` renders for the same seed.
     Stops early once training accuracy is ~perfect (or ``time_budget_s`` is
     spent, when given: that makes the result depend on machine load).
     """

@@ -1,4 +1,4 @@
-"""Unit tests of the batched training augmentation (bloodray.preprocess.augment_batch)."""
+"""Unit tests of the batched training augmentation (bloodray.data.preset.augment_batch)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodray.preprocess import AugmentConfig, _dihedral, _jitter_colors, _rotate_hue, augment_batch, zoom_crops
+from bloodray.data.preset import AugmentConfig, _dihedral, _jitter_colors, _rotate_hue, augment_batch, zoom_crops
 
 OFF = AugmentConfig(flips=False, rotate90=False, color_jitter=0.0, hue_jitter=0.0, min_scale=1.0)
 
@@ -173,7 +173,7 @@ def test_rotate90_refuses_non_square_images():
 def test_train_collate_fn_returns_tensors_and_is_seeded():
     import torch
 
-    from bloodray.train import train_collate_fn
+    from bloodray.train.ray_trainer import train_collate_fn
 
     batch = {"image": _batch(8), "label": np.arange(8, dtype=np.int32)}
     first = train_collate_fn(AugmentConfig(), (0, 1, 2))(batch)

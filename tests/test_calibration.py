@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bloodray.calibration import (calibrate, choose_review_threshold, expected_calibration_error, fit_temperature,
+from bloodray.evaluation.calibration import (calibrate, choose_review_threshold, expected_calibration_error, fit_temperature,
                                   review_tradeoff, softmax)
 
 

@@ -1,4 +1,4 @@
-"""Tests for the nightly classification job (bloodray.classify) and its outputs (bloodray.outputs).
+"""Tests for the nightly classification job (bloodray.nightly.pipeline) and its outputs (bloodray.nightly.contract).
 
 End-to-end tests use a real local Ray cluster (``ray_cluster``) and a real
 S3-compatible server (``s3_bucket``); nothing is mocked. Archives are tiny
@@ -26,11 +26,17 @@ import yaml
 from helpers_bad_inputs import MAX_PIXELS_FOR_TESTS, write_bad_inputs, write_bad_tar
 from helpers_model import train_quick_checkpoint
 
-from bloodray import classify, outputs, storage, synth
+from bloodray import storage
+
+from bloodray.nightly import pipeline as classify
+
+from bloodray.nightly import contract as outputs
+
+from bloodray.data import synth as synth
 from bloodray.classes import CLASS_NAMES
-from bloodray.classify import ClassifyConfig, list_inputs, run_classification
+from bloodray.nightly.pipeline import ClassifyConfig, list_inputs, run_classification
 from bloodray.config import ConfigError, load_config
-from bloodray.differential import LOW_WBC_FLAG
+from bloodray.nightly.differential import LOW_WBC_FLAG
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -30,12 +30,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bloodray import outputs, storage, synth
+from bloodray import storage
+
+from bloodray.nightly import contract as outputs
+
+from bloodray.data import synth as synth
 from bloodray.checkpoint import read_metadata
 from bloodray.classes import CLASS_NAMES
-from bloodray.classify import ClassifyConfig, run_classification
+from bloodray.nightly.pipeline import ClassifyConfig, run_classification
 from bloodray.config import load_config
-from bloodray.train import load_train_config, run_training
+from bloodray.train.ray_trainer import load_train_config, run_training
 
 pytestmark = pytest.mark.slow
 

@@ -169,11 +169,11 @@ def _job_config(entrypoint: str):
     """The validated bloodray config the entrypoint would run with (ConfigError on unknown keys)."""
     script, config, overrides = _parse_entrypoint(entrypoint)
     if Path(script).name == "train.py":
-        from bloodray.train import load_train_config
+        from bloodray.train.ray_trainer import load_train_config
 
         return load_train_config(str(_repo_path(config)), overrides)
     if Path(script).name == "classify.py":
-        from bloodray.classify import ClassifyConfig
+        from bloodray.nightly.pipeline import ClassifyConfig
         from bloodray.config import load_config
 
         return load_config(ClassifyConfig, _repo_path(config), overrides)

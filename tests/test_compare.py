@@ -11,10 +11,10 @@ import pytest
 
 from bloodray import cli
 from bloodray.classes import CLASS_NAMES
-from bloodray.compare import load_compare_config, run_comparison, split_fingerprint
+from bloodray.train.compare import load_compare_config, run_comparison, split_fingerprint
 from bloodray.config import ConfigError
-from bloodray.data import read_parquet
-from bloodray.synth import write_labelled_dataset
+from bloodray.data.labelled import read_parquet
+from bloodray.data.synth import write_labelled_dataset
 
 SMALL_BLOODNET = {"batch_norm": True, "filters": [8, 8, 16, 16, 16, 16, 16], "hidden": 16}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bloodray.demo import load_demo_config, run_demo
-from bloodray.query import run_query
+from bloodray.analysis.query import run_query
 
 pytestmark = pytest.mark.slow
 

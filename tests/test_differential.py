@@ -1,4 +1,4 @@
-"""Tests for the differential counts and clinical flags (bloodray.differential)."""
+"""Tests for the differential counts and clinical flags (bloodray.nightly.differential)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from bloodray import synth
+from bloodray.data import synth as synth
 from bloodray.classes import CLASS_NAMES, reference_ranges
-from bloodray.differential import (
+from bloodray.nightly.differential import (
     ERYTHROBLAST_FLAG,
     IG_FLAG,
     LOW_WBC_FLAG,

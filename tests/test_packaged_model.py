@@ -6,8 +6,8 @@ import numpy as np
 
 from bloodray.checkpoint import PACKAGED_CHECKPOINT, load_checkpoint, resolve_checkpoint
 from bloodray.classes import CLASS_NAMES
-from bloodray.inference import CellPredictor
-from bloodray.synth import render_cell
+from bloodray.predict import CellPredictor
+from bloodray.data.synth import render_cell
 
 
 def test_default_checkpoint_is_packaged_and_small():

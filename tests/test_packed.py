@@ -1,4 +1,4 @@
-"""The single-process pack trainer (bloodray.packed): pack, train, checkpoint, run folder."""
+"""The single-process pack trainer (bloodray.train.pack): pack, train, checkpoint, run folder."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from bloodray.checkpoint import load_checkpoint
 from bloodray.classes import CLASS_NAMES
 from bloodray.config import ConfigError, load_config
-from bloodray.data import build_split
-from bloodray.packed import (PackedTrainConfig, PackError, augment_on_device, build_pack, load_pack,
+from bloodray.data.labelled import build_split
+from bloodray.train.pack import (PackedTrainConfig, PackError, augment_on_device, build_pack, load_pack,
                              train_packed)
-from bloodray.synth import write_labelled_dataset
+from bloodray.data.synth import write_labelled_dataset
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_training_writes_a_checkpoint_and_a_run_folder(pack, tmp_path):
     assert set(result["test"]["per_class"]) == set(CLASS_NAMES)
     loaded = load_checkpoint(str(tmp_path / "run" / "checkpoint"))
     assert loaded.metadata.classes == list(CLASS_NAMES) and loaded.metadata.input_size == 32
-    assert loaded.metadata.config["trainer"] == "bloodray.packed"
+    assert loaded.metadata.config["trainer"] == "bloodray.train.pack"
     # The output folder is a run folder: its split is the pack's, for `bloodray calibrate --run`.
     split = pq.read_table(tmp_path / "run" / "split.parquet")
     assert split.num_rows == pq.read_table(path).num_rows

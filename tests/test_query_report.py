@@ -15,7 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bloodray import query, report, storage
+from bloodray import storage
+
+from bloodray.analysis import query as query
+
+from bloodray.analysis import report as report
 from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES, reference_ranges
 
 D1, D2 = "2024-03-01", "2024-03-02"
@@ -134,7 +138,7 @@ def build_tree(root: str, storage_options=None, *, with_errors: bool = True) -> 
     put(f"predictions/run_date={D2}/{D2_RUN}/part-0.parquet", _predictions(D2_RUN, ["T1", "T2"], 3))
     put(f"differentials/run_date={D2}/{D2_RUN}/part-0.parquet",
         pa.Table.from_pylist([_differential(D2_RUN, "T1", NORMAL), _differential(D2_RUN, "T2", NORMAL)]))
-    # The manifest may leave run_date to the path (as bloodray.outputs writes it).
+    # The manifest may leave run_date to the path (as bloodray.nightly.contract writes it).
     put(f"runs/run_date={D2}/{D2_RUN}.parquet",
         _manifest(D2_RUN, D2, _ts(3) + dt.timedelta(days=1), 6, 0, 2).drop_columns(["run_date"]))
     return {"predictions": {D1: 12, D2: 6}, "differentials": {D1: 3, D2: 2},

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from bloodray.classes import CLASS_NAMES
-from bloodray.data import DatasetError, SplitFractions, build_split, class_counts, list_labelled_images
-from bloodray.synth import write_labelled_dataset
+from bloodray.data.labelled import DatasetError, SplitFractions, build_split, class_counts, list_labelled_images
+from bloodray.data.synth import write_labelled_dataset
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_empty_and_missing_roots_are_clear(tmp_path):
 
 
 def test_training_refuses_an_empty_val_split(tmp_path):
-    from bloodray.train import load_train_config, run_training
+    from bloodray.train.ray_trainer import load_train_config, run_training
 
     write_labelled_dataset(str(tmp_path / "cells"), 3, size=48)
     cfg = load_train_config("configs/train/bloodnet.yaml", [f"data.root={tmp_path / 'cells'}",

@@ -1,4 +1,4 @@
-"""Tests for the synthetic cell generator (bloodray.synth)."""
+"""Tests for the synthetic cell generator (bloodray.data.synth)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodray import synth
+from bloodray.data import synth as synth
 from bloodray.classes import (
     CLASS_NAMES,
     CLASS_TO_INDEX,

@@ -16,8 +16,8 @@ from bloodray import cli, storage
 from bloodray.checkpoint import load_checkpoint, read_metadata
 from bloodray.classes import CLASS_NAMES
 from bloodray.config import ConfigError
-from bloodray.synth import write_labelled_dataset
-from bloodray.train import load_train_config, run_training
+from bloodray.data.synth import write_labelled_dataset
+from bloodray.train.ray_trainer import load_train_config, run_training
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 Both are fitted on the validation split and stored in the checkpoint
 (``temperature``, ``review_threshold``, ``calibration``), where
-:class:`~bloodray.inference.CellPredictor` and the classify job pick them up.
+:class:`~bloodray.predict.CellPredictor` and the classify job pick them up.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .classes import CLASS_NAMES, CLASS_TO_INDEX, class_from_filename, class_from_folder, is_image_path
-from .preprocess import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
+from bloodray import storage
+from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX, class_from_filename, class_from_folder, is_image_path
+from bloodray.data.preset import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
 
 log = logging.getLogger(__name__)
 

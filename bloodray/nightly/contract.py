@@ -1,6 +1,6 @@
 """Layout, schemas and committed-run readers of the nightly classification outputs.
 
-Everything the classification job (:mod:`bloodray.classify`) writes lives under
+Everything the classification job (:mod:`bloodray.nightly.pipeline`) writes lives under
 one output root, as Parquet::
 
     <output>/predictions/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet   one row per classified image
@@ -20,7 +20,7 @@ all its data files. The *visible* run of a date is the committed run with the
 latest ``committed_at``. Reading a data table directory directly (a bare glob)
 can also see files of a crashed run or of an older run not yet cleaned up,
 so readers should go through :func:`read_table` / :func:`visible_runs` (or
-``bloodray.query``), or join the ``runs`` table on ``run_id``.
+``bloodray.analysis.query``), or join the ``runs`` table on ``run_id``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from . import storage
-from .classes import CLASS_NAMES, DIFFERENTIAL_CLASSES
-from .differential import count_columns, flag_columns
+from bloodray import storage
+from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES
+from bloodray.nightly.differential import count_columns, flag_columns
 
 #: Data tables, one directory each under the output root.
 TABLES: tuple[str, ...] = ("predictions", "errors", "differentials")

@@ -2,7 +2,7 @@
 
 One run classifies every cell image of an archive and writes per-image
 predictions, per-image errors and per-sample differentials as Parquet (layout:
-:mod:`bloodray.outputs`). The pipeline::
+:mod:`bloodray.nightly.contract`). The pipeline::
 
     list (driver: fsspec ``find``; on object storage one listing per sample prefix, in parallel)
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
@@ -22,7 +22,7 @@ CPU-only cluster both request one CPU, so Ray's optimizer fuses them (decode
 runs inside the actors: same work, no copy through the object store), and
 there is one actor per CPU of the cluster (``inference.decode_cpus`` CPUs
 each): every core reads, decodes and runs the model (one torch thread per
-actor CPU, see :mod:`bloodray.inference`). The result rows (a few hundred
+actor CPU, see :mod:`bloodray.predict`). The result rows (a few hundred
 bytes per image) are written by the driver as they arrive: no write task
 waits for a core the actors hold, and no extra worker process pays Ray Data's
 and pyarrow's imports.
@@ -47,7 +47,7 @@ Reruns and crashes: every run has its own ``run_id``; the visible run of a
 date is the committed manifest with the latest ``committed_at``, so a rerun
 replaces the date's results and the files of older runs are deleted after it
 commits. A run that dies before its manifest is written leaves nothing
-visible to readers going through the manifest (:mod:`bloodray.outputs`); its
+visible to readers going through the manifest (:mod:`bloodray.nightly.contract`); its
 leftovers are deleted by the next committed run of that date.
 ``run.incremental`` skips samples already in the visible run of the date
 (classified with the same checkpoint) and copies their rows into the new run,
@@ -82,13 +82,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import outputs, storage
-from .checkpoint import CheckpointError, read_metadata, resolve_checkpoint
-from .classes import CLASS_NAMES, DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL, is_image_path
-from .config import ConfigError, StorageConfig, dump_yaml, load_config, save_config
-from .differential import FlagRules, ReferenceRangeError, compute_differentials, load_reference_ranges
-from .inference import CellPredictor
-from .preprocess import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
+from bloodray import storage
+
+from bloodray.nightly import contract as outputs
+from bloodray.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
+from bloodray.classes import CLASS_NAMES, DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL, is_image_path
+from bloodray.config import ConfigError, StorageConfig, dump_yaml, load_config, save_config
+from bloodray.nightly.differential import FlagRules, ReferenceRangeError, compute_differentials, load_reference_ranges
+from bloodray.predict import CellPredictor
+from bloodray.data.preset import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class InputConfig:
 
 @dataclass
 class OutputConfig:
-    """Where results go (see :mod:`bloodray.outputs` for the layout)."""
+    """Where results go (see :mod:`bloodray.nightly.contract` for the layout)."""
 
     uri: str
     #: upper bound of rows per Parquet file of the output tables.
@@ -1015,7 +1017,7 @@ def publish_files(plan: RunPlan) -> None:
 def commit_run(plan: RunPlan) -> RunResult:
     """Publish a staged run: copy its files into the partitions, then write the manifest LAST.
 
-    Until the manifest exists the run is invisible to :func:`bloodray.outputs.read_table`;
+    Until the manifest exists the run is invisible to :func:`bloodray.nightly.contract.read_table`;
     a crash anywhere before that leaves the previously visible run untouched.
     Afterwards, superseded runs of the date and stale staging are deleted
     (best effort, see :func:`cleanup_runs`).

@@ -26,17 +26,15 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from . import storage
-from .classes import CLASS_NAMES, NUM_CLASSES
-from .config import ConfigError, StorageConfig, from_dict, load_config, save_config, to_dict
-from .data import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed, read_parquet,
+from bloodray import rundir, storage
+from bloodray.classes import CLASS_NAMES, NUM_CLASSES
+from bloodray.config import ConfigError, StorageConfig, from_dict, load_config, save_config, to_dict
+from bloodray.data.labelled import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed, read_parquet,
                    rows_of, write_parquet)
-from .models import UnknownModelError, get_model_info
-from .preprocess import DEFAULT_MAX_PIXELS, AugmentConfig, EvalPreset, augment_batch
+from bloodray.models import UnknownModelError, get_model_info
+from bloodray.data.preset import DEFAULT_MAX_PIXELS, AugmentConfig, EvalPreset, augment_batch
 
 log = logging.getLogger(__name__)
-
-SPLIT_MANIFEST = "split.parquet"
 
 #: Environment of the training worker processes. glibc's malloc hands freed blocks over
 #: 128 KB-32 MB (activations and gradients: ~200 MB a step for bloodnet at 100 px, batch 32)
@@ -46,9 +44,6 @@ TRAIN_WORKER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
 }
-DATA_REPORT = "data_report.json"
-RUN_CONFIG = "config.yaml"
-SUMMARY = "summary.json"
 
 
 # ----------------------------------------------------------------------------- config
@@ -292,9 +287,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from torch import nn
 
-    from .checkpoint import CheckpointMetadata, load_train_state, write_checkpoint
-    from .evaluate import classification_metrics
-    from .models import create_model
+    from bloodray.checkpoint import CheckpointMetadata, load_resume_state, write_checkpoint
+    from bloodray.evaluation.evaluate import classification_metrics
+    from bloodray.models import create_model
 
     cfg = from_dict(TrainConfig, loop_config["config"])
     opt = cfg.train
@@ -316,13 +311,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch, history, train_state = 0, [], None
     resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
-        from safetensors.torch import load_file
-
         with resume_from.as_directory() as directory:
-            model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-            train_state = load_train_state(directory)
-            with open(os.path.join(directory, "bloodray.json")) as fh:
-                history = json.load(fh).get("history", [])
+            resumed = load_resume_state(directory)
+        model.load_state_dict(resumed.weights)
+        history, train_state = resumed.history, resumed.train_state
         start_epoch = int(train_state["epoch"]) if train_state else len(history)
         if rank == 0:
             print(f"[bloodray] resuming {cfg.run.name} from the checkpoint of epoch {start_epoch}", flush=True)
@@ -412,7 +404,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                       f"val_loss {val_loss:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
                       f"val_macro_f1 {metrics['val_macro_f1']:.4f}  {epoch_seconds:.1f}s/epoch  "
                       f"{metrics['train_images_per_second'] * 1:.0f} img/s  ~{_human(left)} left", flush=True)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=rundir.checkpoint_dir_name(epoch + 1))
 
 
 def _worker_threads() -> int:
@@ -504,8 +496,8 @@ def _cpus_per_worker(cfg: TrainConfig) -> float:
 def prepare_split(cfg: TrainConfig) -> tuple[Any, list[dict[str, str]]]:
     """Build (or, on resume, reuse) the run's split manifest; returns it and the dropped inputs."""
     opts = cfg.storage.storage_options()
-    manifest_uri = storage.join(cfg.run_uri, SPLIT_MANIFEST)
-    report_uri = storage.join(cfg.run_uri, DATA_REPORT)
+    manifest_uri = rundir.split_manifest(cfg.run_uri)
+    report_uri = rundir.data_report(cfg.run_uri)
     fs, manifest_path = storage.filesystem(manifest_uri, opts)
     if fs.exists(manifest_path):
         # A resumed run must train and validate on exactly the images it started with.
@@ -549,7 +541,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     opts = cfg.storage.storage_options()
     # Data problems (missing bucket, bad credentials, empty folder) surface before any cluster work.
     table, dropped = prepare_split(cfg)
-    save_config(cfg, storage.join(cfg.run_uri, RUN_CONFIG), opts)
+    save_config(cfg, rundir.run_config(cfg.run_uri), opts)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
     print(f"[bloodray] {table.num_rows} images after de-duplication ({len(dropped)} dropped); "
@@ -567,13 +559,13 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         bad = ds.select_columns(["uri", "error"]).to_pandas()
         skipped += bad[bad["error"] != ""].to_dict("records")
     if skipped:
-        print(f"[bloodray] skipping {len(skipped)} unreadable image(s), listed in {storage.join(cfg.run_uri, DATA_REPORT)}",
+        print(f"[bloodray] skipping {len(skipped)} unreadable image(s), listed in {rundir.data_report(cfg.run_uri)}",
               flush=True)
-        report_fs, report_path = storage.filesystem(storage.join(cfg.run_uri, DATA_REPORT), opts)
+        report_fs, report_path = storage.filesystem(rundir.data_report(cfg.run_uri), opts)
         with report_fs.open(report_path, "r") as fh:
             report = json.load(fh)
         report["skipped_undecodable"] = skipped
-        _write_json(storage.join(cfg.run_uri, DATA_REPORT), report, opts)
+        _write_json(rundir.data_report(cfg.run_uri), report, opts)
     datasets = {split: decoded[split].map_batches(drop_failed, batch_size=None, num_cpus=cfg.data.cpus_per_task)
                 .materialize() for split in ("train", "val")}
     del decoded
@@ -612,8 +604,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     best_uri = _checkpoint_uri(cfg, best)
     outcome = TrainResult(run_uri=cfg.run_uri, best_checkpoint=best_uri, metrics=dict(result.metrics or {}))
     if cfg.train.evaluate_test:
-        from .evaluate import evaluate_run
+        from bloodray.evaluation.evaluate import evaluate_run
 
         outcome.test_metrics = evaluate_run(cfg.run_uri, storage_options=opts).summary()
-    _write_json(storage.join(cfg.run_uri, SUMMARY), dataclasses.asdict(outcome), opts)
+    _write_json(rundir.summary(cfg.run_uri), dataclasses.asdict(outcome), opts)
     return outcome

@@ -46,8 +46,8 @@ from typing import Any, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from . import storage
-from .classes import CLASS_NAMES, DIFFERENTIAL_CLASSES, reference_ranges
+from bloodray import storage
+from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES, reference_ranges
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = ("predictions", "differentials", "errors")

@@ -1,7 +1,7 @@
 """A static HTML report of one night's run, for analysts and lab staff.
 
 :func:`write_report` reads the visible run of a date through the views of
-:func:`bloodray.query.connect` and writes ``report.html`` plus the PNG figures
+:func:`bloodray.analysis.query.connect` and writes ``report.html`` plus the PNG figures
 it links to (relative links, no JavaScript) into a local or object-storage
 folder, by default ``<out>/reports/run_date=<D>/``. The report holds:
 
@@ -23,8 +23,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import query, storage
-from .classes import DIFFERENTIAL_CLASSES, cell_class, reference_ranges
+from bloodray import storage
+
+from bloodray.analysis import query as query
+from bloodray.classes import DIFFERENTIAL_CLASSES, cell_class, reference_ranges
 
 REPORT_FILE = "report.html"
 #: Samples per differential figure; more make rows too thin to read.

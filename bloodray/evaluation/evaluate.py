@@ -1,8 +1,8 @@
 """Honest evaluation on images the model never saw.
 
 Metrics come from scikit-learn; inference goes through the same Ray Data
-pipeline pieces as the nightly job (:func:`bloodray.data.decode_batch` with the
-evaluation preset, then :class:`bloodray.inference.CellPredictor`).
+pipeline pieces as the nightly job (:func:`bloodray.data.labelled.decode_batch` with the
+evaluation preset, then :class:`bloodray.predict.CellPredictor`).
 
 Outputs (in ``<run>/eval/<split>/`` or a chosen folder/prefix):
 ``metrics.json``, ``per_class.parquet``, ``predictions.parquet``,
@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .classes import CELL_CLASSES, CLASS_NAMES, NUM_CLASSES
+from bloodray import storage
+from bloodray.classes import CELL_CLASSES, CLASS_NAMES, NUM_CLASSES
 
 
 def classification_metrics(labels: Sequence[int], predicted: Sequence[int]) -> dict[str, Any]:
@@ -101,9 +101,9 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     """Run decode + :class:`CellPredictor` over rows with ``uri`` (and ``label``) on Ray Data."""
     import ray
 
-    from .checkpoint import read_metadata
-    from .data import decode_batch
-    from .inference import CellPredictor
+    from bloodray.checkpoint import read_metadata
+    from bloodray.data.labelled import decode_batch
+    from bloodray.predict import CellPredictor
 
     if not ray.is_initialized():
         ray.init()
@@ -177,7 +177,7 @@ def training_curves_png(history: Sequence[Mapping[str, float]], title: str) -> b
 def evaluate_rows(rows: list[dict[str, Any]], checkpoint: str | None, output_uri: str, *, split: str,
                   storage_options: Mapping[str, Any] | None = None, tta: bool = False) -> EvaluationResult:
     """Evaluate ``checkpoint`` on labelled ``rows`` and write the metric files to ``output_uri``."""
-    from .checkpoint import read_metadata, resolve_checkpoint
+    from bloodray.checkpoint import read_metadata, resolve_checkpoint
 
     if not rows:
         raise ValueError(f"nothing to evaluate: the {split!r} split is empty")
@@ -229,17 +229,19 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def _longest_history(checkpoint: str, meta, storage_options) -> list[dict[str, float]]:
     """The best checkpoint may be early; its siblings in the run dir carry the longer history."""
-    from .checkpoint import read_metadata
+    from bloodray.checkpoint import read_metadata
+
+    from bloodray.checkpoint import run_checkpoints
 
     history = list(meta.history)
     fs, path = storage.filesystem(checkpoint, storage_options)
-    parent = posixpath.dirname(path.rstrip("/"))
+    parent = storage.full_uri(fs, posixpath.dirname(path.rstrip("/")))
     try:
-        siblings = fs.glob(posixpath.join(parent, "checkpoint_*", "bloodray.json"))
+        siblings = run_checkpoints(parent, storage_options)
     except Exception:  # noqa: BLE001 - curves are a nicety; never fail an evaluation for them
         siblings = []
-    for meta_path in siblings:
-        other = read_metadata(storage.full_uri(fs, posixpath.dirname(meta_path)), storage_options)
+    for sibling in siblings:
+        other = read_metadata(sibling, storage_options)
         if len(other.history) > len(history):
             history = list(other.history)
     return history
@@ -248,12 +250,12 @@ def _longest_history(checkpoint: str, meta, storage_options) -> list[dict[str, f
 def evaluate_run(run_uri: str, split: str = "test", storage_options: Mapping[str, Any] | None = None,
                  output_uri: str | None = None, checkpoint: str | None = None, tta: bool = False) -> EvaluationResult:
     """Evaluate a training run's best checkpoint on its own split manifest."""
-    from .checkpoint import resolve_checkpoint
-    from .data import read_parquet, rows_of
-    from .train import SPLIT_MANIFEST
+    from bloodray.checkpoint import resolve_checkpoint
+    from bloodray.data.labelled import read_parquet, rows_of
+    from bloodray import rundir
 
     checkpoint = checkpoint or resolve_checkpoint(run_uri, storage_options)
-    manifest = read_parquet(storage.join(run_uri, SPLIT_MANIFEST), storage_options)
+    manifest = read_parquet(rundir.split_manifest(run_uri), storage_options)
     rows = rows_of(manifest, None if split == "all" else split)
     return evaluate_rows(rows, checkpoint, output_uri or storage.join(run_uri, "eval", split), split=split,
                          storage_options=storage_options, tta=tta)
@@ -267,8 +269,8 @@ def evaluate_folder(data_root: str, checkpoint: str | None, output_uri: str, spl
     split fractions and seed (unless ``seed`` is given), so the test images of
     a model trained on the same folder are exactly the ones it never saw.
     """
-    from .checkpoint import read_metadata, resolve_checkpoint
-    from .data import SplitFractions, build_split, rows_of
+    from bloodray.checkpoint import read_metadata, resolve_checkpoint
+    from bloodray.data.labelled import SplitFractions, build_split, rows_of
 
     checkpoint = resolve_checkpoint(checkpoint, storage_options)
     split_cfg = (read_metadata(checkpoint, storage_options).config.get("data", {}) or {}).get("split", {})
@@ -286,19 +288,19 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     ``temperature``, ``review_threshold`` and ``calibration`` report), which
     :func:`~bloodray.checkpoint.resolve_checkpoint` then prefers for the run.
     """
-    from .calibration import calibrate, evaluate_calibration, log_probabilities
-    from .checkpoint import CALIBRATED_DIR, METADATA_FILE, export_checkpoint, read_metadata, resolve_checkpoint
-    from .data import read_parquet, rows_of
-    from .train import SPLIT_MANIFEST
+    from bloodray.evaluation.calibration import calibrate, evaluate_calibration, log_probabilities
+    from bloodray.checkpoint import METADATA_FILE, export_checkpoint, read_metadata, resolve_checkpoint
+    from bloodray.data.labelled import read_parquet, rows_of
+    from bloodray import rundir
 
     if checkpoint is None:
         fs, path = storage.filesystem(run_uri, storage_options)
         # Re-calibrate from the raw best checkpoint, never from an earlier calibration.
-        if fs.exists(posixpath.join(path, CALIBRATED_DIR, METADATA_FILE)):
-            fs.rm(posixpath.join(path, CALIBRATED_DIR), recursive=True)
+        if fs.exists(posixpath.join(path, rundir.CALIBRATED_DIR, METADATA_FILE)):
+            fs.rm(posixpath.join(path, rundir.CALIBRATED_DIR), recursive=True)
         checkpoint = resolve_checkpoint(run_uri, storage_options)
     meta = read_metadata(checkpoint, storage_options)
-    manifest = read_parquet(storage.join(run_uri, SPLIT_MANIFEST), storage_options)
+    manifest = read_parquet(rundir.split_manifest(run_uri), storage_options)
 
     def logits_of(split: str):
         table = predict_rows(rows_of(manifest, split), checkpoint, storage_options)
@@ -312,7 +314,7 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     test_logits, test_labels = logits_of("test")
     on_test = evaluate_calibration(test_logits, test_labels, report.temperature, report.review_threshold)
     calibration = report.to_dict() | {"test": on_test, "source_checkpoint": checkpoint, "ece_bins": 15}
-    dest = storage.join(run_uri, CALIBRATED_DIR)
+    dest = rundir.calibrated_dir(run_uri)
     export_checkpoint(checkpoint, dest, storage_options, temperature=report.temperature,
                       review_threshold=report.review_threshold, calibration=calibration)
     return calibration | {"checkpoint": dest}

@@ -1,6 +1,6 @@
 """Single-process training from a pre-resized image pack, for a lone GPU box.
 
-Ray Train (:mod:`bloodray.train`) is the product's training path. This module
+Ray Train (:mod:`bloodray.train.ray_trainer`) is the product's training path. This module
 serves the case it cannot: one GPU machine without Ray (a borrowed benchmark
 box, a workstation) and quick experiments. The deduplicated, stratified split
 is decided exactly as ``bloodray train`` decides it, each image is resized once
@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .classes import CLASS_NAMES, NUM_CLASSES
-from .config import ConfigError
-from .data import SplitFractions, build_split, read_many
-from .preprocess import EvalPreset
+from bloodray.classes import CLASS_NAMES, NUM_CLASSES
+from bloodray.config import ConfigError
+from bloodray.data.labelled import SplitFractions, build_split, read_many
+from bloodray.data.preset import EvalPreset
 
 PACK_FORMAT = "bloodray-pack-v1"
 SPLITS = ("train", "val", "test")
@@ -114,7 +114,7 @@ def write_split_manifest(pack_path: str | Path, output_dir: str | Path) -> Path:
     With it, the output folder of :func:`train_packed` is a run folder for
     ``bloodray calibrate --run`` and ``bloodray evaluate --run`` on the original images.
     """
-    from .train import SPLIT_MANIFEST
+    from bloodray.rundir import SPLIT_MANIFEST
 
     table = pq.read_table(str(pack_path), columns=["uri", "class_name", "label", "sha256", "split"])
     dest = Path(output_dir) / SPLIT_MANIFEST
@@ -280,9 +280,9 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     import torch.nn.functional as F
     import copy
 
-    from .checkpoint import CheckpointMetadata, write_checkpoint
-    from .evaluate import classification_metrics
-    from .models import count_parameters, create_model, get_model_info
+    from bloodray.checkpoint import CheckpointMetadata, write_checkpoint
+    from bloodray.evaluation.evaluate import classification_metrics
+    from bloodray.models import count_parameters, create_model, get_model_info
 
     cfg.validate()
     info = get_model_info(cfg.model)  # unknown names fail before any data is read
@@ -317,7 +317,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
         builder_kwargs["input_size"] = size
     model = create_model(cfg.model, NUM_CLASSES, pretrained=False, **builder_kwargs)
     if cfg.init_checkpoint:
-        from .checkpoint import load_checkpoint
+        from bloodray.checkpoint import load_checkpoint
 
         start = load_checkpoint(cfg.init_checkpoint, device="cpu")
         if start.metadata.model_name != cfg.model or start.metadata.input_size != size:
@@ -476,7 +476,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
         std=list(info.std), model_kwargs=builder_kwargs, epoch=best["epoch"],
         metrics={"val_accuracy": result["val"]["accuracy"], "val_macro_f1": result["val"]["macro_f1"]},
         history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
-        config={"trainer": "bloodray.packed", **asdict(cfg)})
+        config={"trainer": "bloodray.train.pack", **asdict(cfg)})
     write_checkpoint(out / "checkpoint", eval_model, metadata)
     write_split_manifest(cfg.pack, out)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))

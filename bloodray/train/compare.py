@@ -2,7 +2,7 @@
 
 :func:`run_comparison` builds the de-duplicated split of ``data`` once
 (``<output.path>/split.parquet``), gives every model's run that same manifest,
-trains each model with :func:`bloodray.train.run_training`, evaluates its best
+trains each model with :func:`bloodray.train.ray_trainer.run_training`, evaluates its best
 checkpoint on the shared test split, and writes under ``output.path``:
 
 ``comparison.json``
@@ -42,12 +42,12 @@ from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 
-from . import __version__, storage
-from .classes import CLASS_NAMES, NUM_CLASSES
-from .config import (ConfigError, StorageConfig, apply_overrides, from_dict, load_config, to_dict, validate_tree)
-from .data import SplitFractions, build_split, class_counts, read_parquet, write_parquet
-from .models import UnknownModelError, get_model_info
-from .train import (DATA_REPORT, SPLIT_MANIFEST, DataSection, OptimSection, ScalingSection, TrainConfig,
+from bloodray import __version__, rundir, storage
+from bloodray.classes import CLASS_NAMES, NUM_CLASSES
+from bloodray.config import (ConfigError, StorageConfig, apply_overrides, from_dict, load_config, to_dict, validate_tree)
+from bloodray.data.labelled import SplitFractions, build_split, class_counts, read_parquet, write_parquet
+from bloodray.models import UnknownModelError, get_model_info
+from bloodray.train.ray_trainer import (DataSection, OptimSection, ScalingSection, TrainConfig,
                     model_kwargs)
 
 COMPARISON_JSON = "comparison.json"
@@ -186,7 +186,7 @@ def load_compare_config(path: str | None, overrides: list[str] | tuple[str, ...]
 def _entry_overrides(path: str | None, overrides) -> list[str]:
     """Turn ``models.<index or label>.key=value`` into one override of the whole list (which
     :func:`~bloodray.config.apply_overrides` can apply: it walks mappings only)."""
-    from .config import parse_override, read_yaml
+    from bloodray.config import parse_override, read_yaml
 
     plain, targeted = [], []
     for text in overrides:
@@ -331,7 +331,7 @@ def _parameter_counts(tc: TrainConfig) -> tuple[int, int]:
     """(all, trainable) parameters, counted on the meta device: nothing allocated or downloaded."""
     import torch
 
-    from .models import count_parameters, create_model
+    from bloodray.models import count_parameters, create_model
 
     with torch.device("meta"):
         model = create_model(tc.model.name, NUM_CLASSES, freeze_backbone=tc.model.freeze_backbone,
@@ -341,7 +341,7 @@ def _parameter_counts(tc: TrainConfig) -> tuple[int, int]:
 
 def _probe_pretrained(tc: TrainConfig) -> str | None:
     """Build the model with its pretrained weights; return why that failed, or None."""
-    from .models import PretrainedWeightsError, create_model
+    from bloodray.models import PretrainedWeightsError, create_model
 
     try:
         create_model(tc.model.name, NUM_CLASSES, pretrained=True, weights_uri=tc.model.weights_uri,
@@ -362,7 +362,7 @@ def prepare_shared_split(cfg: CompareConfig) -> tuple[pa.Table, str]:
     """Build the comparison's split once (or reuse it); returns the manifest and its fingerprint."""
     opts = cfg.storage.storage_options()
     out = cfg.output.path
-    manifest_uri, info_uri = storage.join(out, SPLIT_MANIFEST), storage.join(out, SPLIT_INFO)
+    manifest_uri, info_uri = rundir.split_manifest(out), storage.join(out, SPLIT_INFO)
     settings = _split_settings(cfg)
     if _exists(manifest_uri, opts) and _exists(info_uri, opts):
         info = _read_json(info_uri, opts)
@@ -379,7 +379,7 @@ def prepare_shared_split(cfg: CompareConfig) -> tuple[pa.Table, str]:
                                  cfg.data.max_per_class)
     fingerprint = split_fingerprint(table)
     write_parquet(table, manifest_uri, opts)
-    _write_json(storage.join(out, DATA_REPORT), {"data_root": cfg.data.root, "kept": table.num_rows,
+    _write_json(rundir.data_report(out), {"data_root": cfg.data.root, "kept": table.num_rows,
                                                  "dropped": dropped, "class_counts": class_counts(table)}, opts)
     _write_json(info_uri, {"settings": settings, "fingerprint": fingerprint, "n": table.num_rows,
                            "class_counts": class_counts(table)}, opts)
@@ -389,22 +389,22 @@ def prepare_shared_split(cfg: CompareConfig) -> tuple[pa.Table, str]:
 def _seed_run_split(cfg: CompareConfig, run_uri: str, fingerprint: str) -> None:
     """Give a model's run the shared manifest (``run_training`` then reuses it instead of splitting)."""
     opts = cfg.storage.storage_options()
-    run_manifest = storage.join(run_uri, SPLIT_MANIFEST)
+    run_manifest = rundir.split_manifest(run_uri)
     if _exists(run_manifest, opts):
         if split_fingerprint(read_parquet(run_manifest, opts)) != fingerprint:
             raise ConfigError(f"output.path: {run_manifest} holds another split than the comparison's "
                               "(left from another comparison?); use a new output.path")
         return
-    _copy(storage.join(cfg.output.path, DATA_REPORT), storage.join(run_uri, DATA_REPORT), opts)
-    _copy(storage.join(cfg.output.path, SPLIT_MANIFEST), run_manifest, opts)
+    _copy(rundir.data_report(cfg.output.path), rundir.data_report(run_uri), opts)
+    _copy(rundir.split_manifest(cfg.output.path), run_manifest, opts)
 
 
 # ----------------------------------------------------------------------------- one model
 
 
 def _history(checkpoint: str, opts: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from .checkpoint import read_metadata
-    from .evaluate import _longest_history
+    from bloodray.checkpoint import read_metadata
+    from bloodray.evaluation.evaluate import _longest_history
 
     return _longest_history(checkpoint, read_metadata(checkpoint, opts), opts)
 
@@ -438,8 +438,8 @@ def _base_record(entry: ModelEntry, tc: TrainConfig) -> dict[str, Any]:
 
 def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[str, Any]:
     """Train and evaluate one model (or return its finished record); never touches another model's run."""
-    from .evaluate import evaluate_run
-    from .train import run_training
+    from bloodray.evaluation.evaluate import evaluate_run
+    from bloodray.train.ray_trainer import run_training
 
     opts = cfg.storage.storage_options()
     requested = train_config_for(cfg, entry)
@@ -481,7 +481,7 @@ def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[s
     result = run_training(tc)
     wall = time.perf_counter() - started
 
-    used = split_fingerprint(read_parquet(storage.join(tc.run_uri, SPLIT_MANIFEST), opts))
+    used = split_fingerprint(read_parquet(rundir.split_manifest(tc.run_uri), opts))
     if used != fingerprint:
         raise RuntimeError(f"{tc.run_uri}: trained on another split ({used[:12]}) than the comparison's "
                            f"({fingerprint[:12]})")
@@ -522,7 +522,7 @@ def _num(value: Any, fmt: str) -> str:
 def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hardware: Mapping[str, Any],
                     cfg: CompareConfig) -> str:
     """The comparison as markdown: per-class rows like the paper's Table 2, then one summary row per model."""
-    from .evaluate import table2_markdown as single_table
+    from bloodray.evaluation.evaluate import table2_markdown as single_table
 
     counts = split["class_counts"]
     sizes = {s: sum(c.values()) for s, c in counts.items()}
@@ -669,7 +669,7 @@ def _write_outputs(cfg: CompareConfig, models: list[dict[str, Any]], split: dict
 
 
 def _config_yaml(cfg: CompareConfig) -> bytes:
-    from .config import dump_yaml
+    from bloodray.config import dump_yaml
 
     return dump_yaml(cfg).encode()
 
@@ -690,7 +690,7 @@ def run_comparison(cfg: CompareConfig) -> ComparisonResult:
         ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
     hardware = describe_hardware(cfg)
     split = {"sha256": fingerprint, "n": table.num_rows, "class_counts": class_counts(table),
-             "uri": storage.join(cfg.output.path, SPLIT_MANIFEST)}
+             "uri": rundir.split_manifest(cfg.output.path)}
     print(f"[bloodray] compare: {len(cfg.models)} models on {table.num_rows} images, split {fingerprint[:16]}; "
           f"{hardware['summary']}", flush=True)
     models: list[dict[str, Any]] = []

@@ -1,7 +1,7 @@
 """White-cell differentials and clinical flags from per-sample cell counts.
 
 Pure logic, no I/O except reading the reference-range YAML: the nightly job
-(:mod:`bloodray.classify`) counts predicted classes per sample with DuckDB and
+(:mod:`bloodray.nightly.pipeline`) counts predicted classes per sample with DuckDB and
 hands the counts table to :func:`compute_differentials`, which adds the
 percentages and flags column-wise. :func:`differential` is the same
 computation for one sample given as a ``{class: count}`` mapping.
@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from . import storage
-from .classes import (
+from bloodray import storage
+from bloodray.classes import (
     CLASS_NAMES,
     DEFAULT_IG_FLAG_PERCENT,
     DEFAULT_MIN_WBC_FOR_DIFFERENTIAL,
