@@ -62,7 +62,7 @@ def hand_loop(paths: list[str], fs, checkpoint: str | None, batch_size: int = 64
     import torch
 
     from bloodray.checkpoint import load_checkpoint
-    from bloodray.data.preset import decode_image
+    from bloodray.data.decode import decode_image
 
     stages = dict.fromkeys(("read", "decode", "preprocess", "infer", "write"), 0.0)
     start = time.perf_counter()
@@ -111,7 +111,7 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
 
     from bloodray.nightly import pipeline as classify
     from bloodray.predict import CellPredictor
-    from bloodray.data.preset import decode_image
+    from bloodray.data.decode import decode_image
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

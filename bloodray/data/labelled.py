@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from bloodray import storage
 from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX, class_from_filename, class_from_folder, is_image_path
-from bloodray.data.preset import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
+from bloodray.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from bloodray.data.preset import EvalPreset
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,8 @@ from bloodray.classes import CLASS_NAMES, DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_W
 from bloodray.config import ConfigError, StorageConfig, dump_yaml, load_config, save_config
 from bloodray.nightly.differential import FlagRules, ReferenceRangeError, compute_differentials, load_reference_ranges
 from bloodray.predict import CellPredictor
-from bloodray.data.preset import DEFAULT_MAX_PIXELS, EvalPreset, ImageDecodeError
+from bloodray.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from bloodray.data.preset import EvalPreset
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from bloodray.config import ConfigError, StorageConfig, from_dict, load_config, 
 from bloodray.data.labelled import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed, read_parquet,
                    rows_of, write_parquet)
 from bloodray.models import UnknownModelError, get_model_info
-from bloodray.data.preset import DEFAULT_MAX_PIXELS, AugmentConfig, EvalPreset, augment_batch
+from bloodray.data.decode import DEFAULT_MAX_PIXELS
+from bloodray.data.preset import AugmentConfig, EvalPreset, augment_batch
 
 log = logging.getLogger(__name__)
 
