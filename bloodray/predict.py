@@ -2,15 +2,15 @@
 
 :class:`CellPredictor` loads the model once per actor (``from_checkpoint``
 semantics: in ``__init__``) and then maps ``dict[str, np.ndarray]`` batches of
-preprocessed uint8 images to calibrated class probabilities. Evaluation and the
-nightly classification job both use it, so they cannot disagree.
+preprocessed uint8 images to raw logits and calibrated class probabilities.
+Evaluation, calibration and the nightly classification job all use it, so they
+cannot disagree.
 
-On CPU it runs the model the way a CPU runs it fastest (measured with
-``bench/inference.py``): BatchNorm folded into the convolutions, one intra-op
-thread per CPU Ray assigned to the actor (so actors never oversubscribe the
-node), and the Ray Data batch cut into small model batches whose activations
-stay in cache -- for the 100 px BloodNet 1.5-2x faster per image than one
-forward pass over 64 images (1 thread).
+On CPU it runs the model the way a CPU runs it fastest: BatchNorm folded into
+the convolutions, one intra-op thread per CPU Ray assigned to the actor (so
+actors never oversubscribe the node), and the Ray Data batch cut into small
+model batches whose activations stay in cache (``bench/inference.py`` measures
+the effect).
 """
 
 from __future__ import annotations
@@ -110,13 +110,15 @@ def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
 
 
 class CellPredictor:
-    """Ray Data callable class: uint8 NHWC ``image`` batches in, probabilities out.
+    """Ray Data callable class: uint8 NHWC ``image`` batches in, logits and probabilities out.
 
     Output columns (added to the input columns, ``image`` removed):
-    ``probs`` (N x classes, float32, temperature-calibrated), ``predicted_label``
-    (int16), ``predicted_class`` (str) and ``confidence`` (max probability).
+    ``logits`` (N x classes, float32, raw model output averaged over the TTA
+    views, before any temperature), ``probs`` (N x classes, float32,
+    ``softmax(logits / temperature)``), ``predicted_label`` (int16),
+    ``predicted_class`` (str) and ``confidence`` (max probability).
     Rows whose ``error`` column is non-empty are passed through with NaN
-    probabilities, so callers can route them to the errors table.
+    logits and probabilities, so callers can route them to the errors table.
     """
 
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,
@@ -164,10 +166,17 @@ class CellPredictor:
                 out = self._forward(x)
         return out
 
+    @property
+    def temperature(self) -> float:
+        """The checkpoint's calibrated temperature (1.0 when it was never calibrated)."""
+        return float(self.meta.temperature or 1.0)
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Temperature-calibrated softmax probabilities (float32, N x classes)."""
-        logits = self.logits(images) / float(self.meta.temperature or 1.0)
-        return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32)
+        return self._calibrated(self.logits(images))
+
+    def _calibrated(self, logits: torch.Tensor) -> np.ndarray:
+        return torch.softmax(logits / self.temperature, dim=1).cpu().numpy().astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
@@ -176,11 +185,15 @@ class CellPredictor:
         if "error" in batch:
             # Truth value of each entry ("" and None: no error), without a Python loop.
             ok = ~np.asarray(batch["error"], dtype=object).astype(bool)
+        logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         probs = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         if ok.any():
-            probs[ok] = self.probabilities(np.ascontiguousarray(images[ok]))
+            raw = self.logits(np.ascontiguousarray(images[ok]))
+            logits[ok] = raw.cpu().numpy().astype(np.float32)
+            probs[ok] = self._calibrated(raw)
         labels = np.where(ok, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1).astype(np.int16)
         out = {k: v for k, v in batch.items() if k != "image"}
+        out["logits"] = logits
         out["probs"] = probs
         out["predicted_label"] = labels
         out["predicted_class"] = np.where(ok, self.classes[np.clip(labels, 0, None)], "").astype(object)
