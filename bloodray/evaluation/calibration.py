@@ -157,7 +157,3 @@ def evaluate_calibration(logits: np.ndarray, labels: np.ndarray, temperature: fl
         "review": dataclasses.asdict(review_tradeoff(confidence, correct, threshold)),
     }
 
-
-def log_probabilities(table_probs: np.ndarray) -> np.ndarray:
-    """Uncalibrated probabilities back to logits up to a per-row constant (all softmax needs)."""
-    return np.log(np.clip(np.asarray(table_probs, dtype=np.float64), 1e-12, 1.0))

@@ -1,56 +1,30 @@
-"""Honest evaluation on images the model never saw.
+"""Honest evaluation on images the model never saw, and calibration of a training run.
 
-Metrics come from scikit-learn; inference goes through the same Ray Data
-pipeline pieces as the nightly job (:func:`bloodray.data.labelled.decode_batch` with the
-evaluation preset, then :class:`bloodray.predict.CellPredictor`).
+Inference goes through the same pieces as the nightly job (the evaluation
+preset, then :class:`bloodray.predict.CellPredictor`); metrics come from
+:mod:`bloodray.evaluation.metrics`, figures from :mod:`bloodray.evaluation.plots`.
 
-Outputs (in ``<run>/eval/<split>/`` or a chosen folder/prefix):
-``metrics.json``, ``per_class.parquet``, ``predictions.parquet``,
-``confusion_matrix.png``, ``table2.md`` (shaped like the paper's Table 2) and
-``training_curves.png`` when the checkpoint carries a training history.
+Outputs (in the run's evaluation folder, see :func:`bloodray.rundir.eval_dir`,
+or a chosen folder/prefix): ``metrics.json``, ``per_class.parquet``,
+``predictions.parquet``, ``confusion_matrix.png``, ``table2.md`` (shaped like
+the paper's Table 2) and ``training_curves.png`` when the checkpoint's run
+carries a training history.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from bloodray import storage
-from bloodray.classes import CELL_CLASSES, CLASS_NAMES, NUM_CLASSES
-
-
-def classification_metrics(labels: Sequence[int], predicted: Sequence[int]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1 and the confusion matrix."""
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 precision_recall_fscore_support)
-
-    labels = np.asarray(labels)
-    predicted = np.asarray(predicted)
-    classes = list(range(NUM_CLASSES))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
-                                                                     zero_division=0)
-    present = support > 0
-    return {
-        "n": int(len(labels)),
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)) if len(labels) else float("nan"),
-        # Macro over classes present in the truth, so a small split without a class is not penalised.
-        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
-        "macro_precision": float(precision[present].mean()) if present.any() else float("nan"),
-        "macro_recall": float(recall[present].mean()) if present.any() else float("nan"),
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i]), "predicted": int((predicted == i).sum())}
-            for i, name in enumerate(CLASS_NAMES)
-        },
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
-    }
+from bloodray import rundir, storage
+from bloodray.classes import CLASS_NAMES, NUM_CLASSES
+from bloodray.evaluation.metrics import classification_metrics, table2_markdown
+from bloodray.evaluation.plots import confusion_matrix_png, training_curves_png
 
 
 @dataclass
@@ -73,27 +47,6 @@ class EvaluationResult:
     def table(self) -> str:
         """Markdown table shaped like the paper's Table 2."""
         return table2_markdown(self.model_name, self.metrics)
-
-
-def table2_markdown(model_name: str, metrics: Mapping[str, Any]) -> str:
-    """Per-class Truth / Classified / Accuracy / Precision / Recall / F1, like Asghar et al. Table 2.
-
-    "Accuracy" per class is one-vs-rest accuracy ((TP + TN) / N), as in the
-    paper; the overall rows below the table are the ones to quote.
-    """
-    cm = np.asarray(metrics["confusion_matrix"])
-    n = cm.sum()
-    lines = ["| Model | Type | Truth | Classified | Accuracy | Precision | Recall | F1 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for i, cell in enumerate(CELL_CLASSES):
-        pc = metrics["per_class"][cell.name]
-        tp = cm[i, i]
-        tn = n - cm[i, :].sum() - cm[:, i].sum() + tp
-        lines.append(f"| {model_name} | {cell.label} | {pc['support']} | {pc['predicted']} | "
-                     f"{(tp + tn) / n if n else float('nan'):.4f} | {pc['precision']:.4f} | {pc['recall']:.4f} | {pc['f1']:.4f} |")
-    lines += ["", f"Overall on {metrics['n']} images: accuracy **{metrics['accuracy']:.4f}**, "
-                  f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 **{metrics['macro_f1']:.4f}**."]
-    return "\n".join(lines) + "\n"
 
 
 def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: Mapping[str, Any] | None = None,
@@ -119,64 +72,21 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return buf.getvalue()
+def _matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-width per-row vector column (``probs``, ``logits``) as an N x classes float array."""
+    if not table.num_rows:
+        return np.zeros((0, NUM_CLASSES), dtype=np.float32)
+    return np.stack(table.column(column).to_numpy(zero_copy_only=False))
 
 
-def confusion_matrix_png(metrics: Mapping[str, Any], title: str) -> bytes:
-    """Confusion matrix heat map (counts, rows = truth)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(metrics["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
-    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    threshold = cm.max() / 2 if cm.size else 0
-    for i in range(NUM_CLASSES):
-        for j in range(NUM_CLASSES):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > threshold else "black")
-    data = _png(fig)
-    plt.close(fig)
-    return data
-
-
-def training_curves_png(history: Sequence[Mapping[str, float]], title: str) -> bytes:
-    """Loss and validation accuracy / macro-F1 per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    # Trainers record different series (the pack trainer has no val loss but an EMA); plot what is there.
-    for axis, series in ((left, (("train_loss", "train loss"), ("val_loss", "val loss"))),
-                         (right, (("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"),
-                                  ("val_accuracy_ema", "val accuracy (EMA weights)")))):
-        for key, label in series:
-            points = [(h["epoch"], h[key]) for h in history if key in h]
-            if points:
-                axis.plot(*zip(*points), label=label)
-        axis.set_xlabel("epoch")
-        axis.legend()
-    fig.suptitle(title)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+def _decoded(table: pa.Table) -> np.ndarray:
+    """Mask of the rows that were decoded and classified (no ``error``)."""
+    return np.array([not e for e in table.column("error").to_pylist()], dtype=bool)
 
 
 def evaluate_rows(rows: list[dict[str, Any]], checkpoint: str | None, output_uri: str, *, split: str,
                   storage_options: Mapping[str, Any] | None = None, tta: bool = False) -> EvaluationResult:
-    """Evaluate ``checkpoint`` on labelled ``rows`` and write the metric files to ``output_uri``."""
+    """Evaluate ``checkpoint`` on labelled ``rows`` (``uri``, ``label``) and write the metric files to ``output_uri``."""
     from bloodray.checkpoint import read_metadata, resolve_checkpoint
 
     if not rows:
@@ -184,8 +94,7 @@ def evaluate_rows(rows: list[dict[str, Any]], checkpoint: str | None, output_uri
     checkpoint = resolve_checkpoint(checkpoint, storage_options)
     meta = read_metadata(checkpoint, storage_options)
     table = predict_rows(rows, checkpoint, storage_options, tta=tta)
-    errors = [e for e in table.column("error").to_pylist()]
-    ok = np.array([not e for e in errors])
+    ok = _decoded(table)
     labels = np.asarray(table.column("label").to_pylist())
     predicted = np.asarray(table.column("predicted_label").to_pylist())
     metrics = classification_metrics(labels[ok], predicted[ok])
@@ -202,43 +111,38 @@ def evaluate_rows(rows: list[dict[str, Any]], checkpoint: str | None, output_uri
 
     put("metrics.json", json.dumps(metrics, indent=2).encode())
     per_class = pa.Table.from_pylist([{"class_name": k, **v} for k, v in metrics["per_class"].items()])
-    put("per_class.parquet", _parquet_bytes(per_class))
-    probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False)) if table.num_rows else np.zeros((0, NUM_CLASSES))
+    put("per_class.parquet", storage.parquet_bytes(per_class))
+    probs = _matrix(table, "probs")
     preds = pa.table({
         "uri": table.column("uri"), "label": table.column("label"),
         "true_class": [CLASS_NAMES[i] for i in labels], "predicted_class": table.column("predicted_class"),
         "confidence": table.column("confidence"), "error": table.column("error"),
         **{f"prob_{c}": pa.array(probs[:, i].astype(np.float32)) for i, c in enumerate(CLASS_NAMES)},
     })
-    put("predictions.parquet", _parquet_bytes(preds))
+    put("predictions.parquet", storage.parquet_bytes(preds))
     put("confusion_matrix.png", confusion_matrix_png(metrics, f"{meta.model_name} on {split} (n={metrics['n']})"))
     put("table2.md", result.table().encode())
-    history = _longest_history(checkpoint, meta, storage_options)
+    history = training_history(checkpoint, storage_options)
     if history:
         put("training_curves.png", training_curves_png(history, f"{meta.model_name} training"))
     return result
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
+def training_history(checkpoint_uri: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
+    """The longest per-epoch history recorded by ``checkpoint_uri`` or the other checkpoints of its run.
 
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+    The best checkpoint may be an early one; its siblings in the run directory
+    carry the history of the epochs after it. Unreadable siblings are skipped:
+    curves are a nicety and never fail an evaluation.
+    """
+    from bloodray.checkpoint import read_metadata, run_checkpoints
 
-
-def _longest_history(checkpoint: str, meta, storage_options) -> list[dict[str, float]]:
-    """The best checkpoint may be early; its siblings in the run dir carry the longer history."""
-    from bloodray.checkpoint import read_metadata
-
-    from bloodray.checkpoint import run_checkpoints
-
-    history = list(meta.history)
-    fs, path = storage.filesystem(checkpoint, storage_options)
+    history = list(read_metadata(checkpoint_uri, storage_options).history)
+    fs, path = storage.filesystem(checkpoint_uri, storage_options)
     parent = storage.full_uri(fs, posixpath.dirname(path.rstrip("/")))
     try:
         siblings = run_checkpoints(parent, storage_options)
-    except Exception:  # noqa: BLE001 - curves are a nicety; never fail an evaluation for them
+    except Exception:  # noqa: BLE001 - see the docstring
         siblings = []
     for sibling in siblings:
         other = read_metadata(sibling, storage_options)
@@ -249,15 +153,14 @@ def _longest_history(checkpoint: str, meta, storage_options) -> list[dict[str, f
 
 def evaluate_run(run_uri: str, split: str = "test", storage_options: Mapping[str, Any] | None = None,
                  output_uri: str | None = None, checkpoint: str | None = None, tta: bool = False) -> EvaluationResult:
-    """Evaluate a training run's best checkpoint on its own split manifest."""
+    """Evaluate a training run's best checkpoint on its own split manifest (``split="all"``: every image)."""
     from bloodray.checkpoint import resolve_checkpoint
     from bloodray.data.labelled import read_parquet, rows_of
-    from bloodray import rundir
 
     checkpoint = checkpoint or resolve_checkpoint(run_uri, storage_options)
     manifest = read_parquet(rundir.split_manifest(run_uri), storage_options)
     rows = rows_of(manifest, None if split == "all" else split)
-    return evaluate_rows(rows, checkpoint, output_uri or storage.join(run_uri, "eval", split), split=split,
+    return evaluate_rows(rows, checkpoint, output_uri or rundir.eval_dir(run_uri, split), split=split,
                          storage_options=storage_options, tta=tta)
 
 
@@ -284,30 +187,32 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
                   max_flagged_share: float = 0.05, checkpoint: str | None = None) -> dict[str, Any]:
     """Fit temperature and review threshold on the run's val split, report them on its test split.
 
-    Writes ``<run>/calibrated/`` (the best checkpoint's weights with the fitted
-    ``temperature``, ``review_threshold`` and ``calibration`` report), which
-    :func:`~bloodray.checkpoint.resolve_checkpoint` then prefers for the run.
+    Works on the predictor's raw ``logits``, so the temperature already in the
+    checkpoint plays no part. Writes the run's calibrated checkpoint
+    (:func:`bloodray.rundir.calibrated_dir`: the best checkpoint's weights with
+    the fitted ``temperature``, ``review_threshold`` and ``calibration``
+    report), which :func:`~bloodray.checkpoint.resolve_checkpoint` then prefers
+    for the run.
     """
-    from bloodray.evaluation.calibration import calibrate, evaluate_calibration, log_probabilities
-    from bloodray.checkpoint import METADATA_FILE, export_checkpoint, read_metadata, resolve_checkpoint
+    from bloodray.checkpoint import export_checkpoint, resolve_checkpoint
     from bloodray.data.labelled import read_parquet, rows_of
-    from bloodray import rundir
+    from bloodray.evaluation.calibration import calibrate, evaluate_calibration
 
     if checkpoint is None:
-        fs, path = storage.filesystem(run_uri, storage_options)
+        fs, path = storage.filesystem(rundir.calibrated_dir(run_uri), storage_options)
         # Re-calibrate from the raw best checkpoint, never from an earlier calibration.
-        if fs.exists(posixpath.join(path, rundir.CALIBRATED_DIR, METADATA_FILE)):
-            fs.rm(posixpath.join(path, rundir.CALIBRATED_DIR), recursive=True)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
         checkpoint = resolve_checkpoint(run_uri, storage_options)
-    meta = read_metadata(checkpoint, storage_options)
     manifest = read_parquet(rundir.split_manifest(run_uri), storage_options)
 
-    def logits_of(split: str):
-        table = predict_rows(rows_of(manifest, split), checkpoint, storage_options)
-        ok = np.array([not e for e in table.column("error").to_pylist()])
-        probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False))[ok]
-        # The predictor applied the checkpoint's temperature; undo it to get logits (up to a row constant).
-        return log_probabilities(probs) * float(meta.temperature or 1.0), np.asarray(table.column("label").to_pylist())[ok]
+    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = rows_of(manifest, split)
+        if not rows:
+            raise ValueError(f"{rundir.split_manifest(run_uri)}: the {split!r} split is empty; nothing to calibrate on")
+        table = predict_rows(rows, checkpoint, storage_options)
+        ok = _decoded(table)
+        return _matrix(table, "logits")[ok], np.asarray(table.column("label").to_pylist())[ok]
 
     val_logits, val_labels = logits_of("val")
     report = calibrate(val_logits, val_labels, max_flagged_share)

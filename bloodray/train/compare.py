@@ -403,10 +403,9 @@ def _seed_run_split(cfg: CompareConfig, run_uri: str, fingerprint: str) -> None:
 
 
 def _history(checkpoint: str, opts: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from bloodray.checkpoint import read_metadata
-    from bloodray.evaluation.evaluate import _longest_history
+    from bloodray.evaluation.evaluate import training_history
 
-    return _longest_history(checkpoint, read_metadata(checkpoint, opts), opts)
+    return training_history(checkpoint, opts)
 
 
 def _check_started_run(cfg: CompareConfig, entry: ModelEntry, tc: TrainConfig) -> None:
@@ -522,7 +521,7 @@ def _num(value: Any, fmt: str) -> str:
 def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hardware: Mapping[str, Any],
                     cfg: CompareConfig) -> str:
     """The comparison as markdown: per-class rows like the paper's Table 2, then one summary row per model."""
-    from bloodray.evaluation.evaluate import table2_markdown as single_table
+    from bloodray.evaluation.metrics import table2_markdown as single_table
 
     counts = split["class_counts"]
     sizes = {s: sum(c.values()) for s, c in counts.items()}

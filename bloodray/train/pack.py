@@ -281,7 +281,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     import copy
 
     from bloodray.checkpoint import CheckpointMetadata, write_checkpoint
-    from bloodray.evaluation.evaluate import classification_metrics
+    from bloodray.evaluation.metrics import classification_metrics
     from bloodray.models import count_parameters, create_model, get_model_info
 
     cfg.validate()

@@ -289,7 +289,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from torch import nn
 
     from bloodray.checkpoint import CheckpointMetadata, load_resume_state, write_checkpoint
-    from bloodray.evaluation.evaluate import classification_metrics
+    from bloodray.evaluation.metrics import classification_metrics
     from bloodray.models import create_model
 
     cfg = from_dict(TrainConfig, loop_config["config"])
