@@ -521,7 +521,7 @@ def _num(value: Any, fmt: str) -> str:
 def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hardware: Mapping[str, Any],
                     cfg: CompareConfig) -> str:
     """The comparison as markdown: per-class rows like the paper's Table 2, then one summary row per model."""
-    from bloodray.evaluation.metrics import table2_markdown as single_table
+    from bloodray.evaluation.metrics import table2_markdown_rows
 
     counts = split["class_counts"]
     sizes = {s: sum(c.values()) for s, c in counts.items()}
@@ -543,8 +543,7 @@ def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hard
             lines.append(f"| {rec['label']} | {rec['status']} (see notes) | | | | | | |")
             continue
         metrics = {"per_class": rec["per_class"], "confusion_matrix": rec["confusion_matrix"]} | rec["test"]
-        lines += [row for row in single_table(rec["label"], metrics).splitlines()
-                  if row.startswith(f"| {rec['label']} |")]
+        lines += table2_markdown_rows(rec["label"], metrics)
     lines += [
         "",
         "Per-class \"Accuracy\" is one-vs-rest ((TP + TN) / N) as in the paper; the overall numbers are below.",
