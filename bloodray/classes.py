@@ -15,10 +15,17 @@ from pathlib import PurePosixPath
 
 @dataclass(frozen=True)
 class ReferenceRange:
-    """Adult reference interval for a white-cell fraction, in % of white cells."""
+    """Adult reference interval of a white-cell class, in % of white cells or in 10^9/L.
+
+    ``low`` and ``high`` are the interval as laboratories publish it (reports
+    draw it). ``flag_low=False`` means the range has no low limit for flagging:
+    a value below ``low`` is never flagged (low basophils, eosinophils and
+    monocytes, which no clinician acts on).
+    """
 
     low: float
     high: float
+    flag_low: bool = True
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class CellClass:
             differential denominator).
         reference_range: adult reference range in % of white cells, where one
             applies (the five mature leukocytes).
+        absolute_range: adult reference range of the absolute count in 10^9/L,
+            used instead of ``reference_range`` when a sample's WBC count is known.
     """
 
     name: str
@@ -42,26 +51,36 @@ class CellClass:
     file_prefixes: tuple[str, ...]
     is_wbc: bool
     reference_range: ReferenceRange | None = None
+    absolute_range: ReferenceRange | None = None
 
 
+# Percent ranges: the classic textbook adult differential (neutrophils 40-60 %,
+# lymphocytes 20-40 %, monocytes 2-8 %, eosinophils 1-4 %, basophils 0.5-1 %).
+# Absolute ranges (10^9/L): common UK adult reference intervals, the most
+# frequent interval per cell type among the UK laboratories and sources listed
+# in Table 6 of Front. Pharmacol. 2020;11:314, doi:10.3389/fphar.2020.00314:
+# NEUT 2.0-7.5, LYMPH 1.0-4.0 (1.5-4.0 or 1.0-3.5 in some laboratories),
+# MONO 0.2-1.0, EOSIN 0.0-0.5, BASO 0.0-0.1.
+# Low basophils, eosinophils and monocytes are never flagged (flag_low=False).
 CELL_CLASSES: tuple[CellClass, ...] = (
     CellClass("basophil", "Basophil", ("basophil", "basophils"), ("BA",), True,
-              ReferenceRange(0.5, 1.0)),
+              ReferenceRange(0.5, 1.0, flag_low=False), ReferenceRange(0.0, 0.1, flag_low=False)),
     CellClass("eosinophil", "Eosinophil", ("eosinophil", "eosinophils"), ("EO",), True,
-              ReferenceRange(1.0, 4.0)),
+              ReferenceRange(1.0, 4.0, flag_low=False), ReferenceRange(0.0, 0.5, flag_low=False)),
     # Erythroblasts are nucleated red cells: never part of the WBC denominator,
-    # reported per 100 WBC and flagged whenever present in adult blood.
+    # reported per 100 WBC and flagged when the whole confidence interval lies
+    # above DEFAULT_ERYTHROBLAST_FLAG_PER_100_WBC.
     CellClass("erythroblast", "Erythroblast", ("erythroblast", "erythroblasts"), ("ERB",), False),
     # Immature granulocytes are white cells but have no normal range in adults:
-    # any fraction above ~0.9 % is flagged (see DEFAULT_IG_FLAG_PERCENT).
+    # flagged when the whole confidence interval lies above DEFAULT_IG_FLAG_PERCENT.
     CellClass("ig", "Immature granulocyte", ("ig", "immature_granulocyte", "immature_granulocytes"),
               ("IG", "MY", "PMY", "MMY"), True),
     CellClass("lymphocyte", "Lymphocyte", ("lymphocyte", "lymphocytes"), ("LY",), True,
-              ReferenceRange(20.0, 40.0)),
+              ReferenceRange(20.0, 40.0), ReferenceRange(1.0, 4.0)),
     CellClass("monocyte", "Monocyte", ("monocyte", "monocytes"), ("MO",), True,
-              ReferenceRange(2.0, 8.0)),
+              ReferenceRange(2.0, 8.0, flag_low=False), ReferenceRange(0.2, 1.0, flag_low=False)),
     CellClass("neutrophil", "Neutrophil", ("neutrophil", "neutrophils"), ("SNE", "BNE", "NEUTROPHIL"), True,
-              ReferenceRange(40.0, 60.0)),
+              ReferenceRange(40.0, 60.0), ReferenceRange(2.0, 7.5)),
     CellClass("platelet", "Platelet", ("platelet", "platelets", "thrombocyte", "thrombocytes"),
               ("PLATELET",), False),
 )
@@ -74,8 +93,12 @@ WBC_CLASSES: tuple[str, ...] = tuple(c.name for c in CELL_CLASSES if c.is_wbc)
 # hematology reports list them.
 DIFFERENTIAL_CLASSES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 
-#: ig above this % of white cells is flagged.
+#: ig above this % of white cells (= per 100 WBC) is flagged (whole confidence interval above it).
 DEFAULT_IG_FLAG_PERCENT: float = 0.9
+#: erythroblasts above this many per 100 WBC are flagged (whole confidence interval above it).
+DEFAULT_ERYTHROBLAST_FLAG_PER_100_WBC: float = 1.0
+#: confidence level of the intervals that flags are judged on.
+DEFAULT_FLAG_CONFIDENCE: float = 0.95
 #: a differential on fewer white cells than this is flagged as unreliable.
 DEFAULT_MIN_WBC_FOR_DIFFERENTIAL: int = 100
 
@@ -105,6 +128,11 @@ def class_from_filename(filename: str) -> str | None:
 def reference_ranges() -> dict[str, ReferenceRange]:
     """Default adult reference ranges (% of white cells) keyed by class name."""
     return {c.name: c.reference_range for c in CELL_CLASSES if c.reference_range is not None}
+
+
+def absolute_reference_ranges() -> dict[str, ReferenceRange]:
+    """Default adult reference ranges of absolute counts (10^9/L) keyed by class name."""
+    return {c.name: c.absolute_range for c in CELL_CLASSES if c.absolute_range is not None}
 
 
 def is_image_path(path: str) -> bool:
