@@ -94,7 +94,8 @@ class StorageConfig:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def storage_options(self) -> dict[str, Any]:
-        """fsspec storage options for S3 URIs."""
+        """fsspec storage options for S3 URIs (refuses credentials, also when built without :func:`load_config`)."""
+        self.validate("storage")
         opts: dict[str, Any] = dict(self.options)
         if self.endpoint_url:
             opts["endpoint_url"] = self.endpoint_url
