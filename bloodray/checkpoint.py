@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -102,8 +103,12 @@ class CheckpointMetadata:
         return f"{self.model_name}-{self.compute_seal()[:12]}"
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The metadata as written to ``bloodray.json`` (JSON values only)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        """The metadata as written to ``bloodray.json`` (JSON values only: numpy scalars as numbers, others as text)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+
+    def normalized(self) -> "CheckpointMetadata":
+        """This metadata as it will read back from ``bloodray.json`` (what is validated and sealed)."""
+        return CheckpointMetadata(**self.to_json_dict())
 
     def compute_seal(self) -> str:
         """SHA-256 of the canonical JSON (sorted keys, no spaces) of every field except ``seal_sha256``."""
@@ -111,7 +116,7 @@ class CheckpointMetadata:
 
     def sealed(self, weights_sha256: str) -> "CheckpointMetadata":
         """A copy for weights with hash ``weights_sha256``, in this format, with its seal."""
-        meta = dataclasses.replace(self, weights_sha256=weights_sha256, format=FORMAT, seal_sha256="")
+        meta = dataclasses.replace(self.normalized(), weights_sha256=weights_sha256, format=FORMAT, seal_sha256="")
         return dataclasses.replace(meta, seal_sha256=meta.compute_seal())
 
     def validate(self, where: str) -> None:
@@ -185,10 +190,16 @@ class CheckpointMetadata:
         return meta
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
 def seal_of(metadata: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a metadata mapping without its ``seal_sha256``."""
     payload = {k: v for k, v in metadata.items() if k != "seal_sha256"}
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -210,6 +221,7 @@ def write_checkpoint(directory: str | Path, model: nn.Module, metadata: Checkpoi
     Refuses (:class:`CheckpointError`) metadata that would not load (see :meth:`CheckpointMetadata.validate`).
     """
     directory = Path(directory)
+    metadata = metadata.normalized()
     metadata.validate(str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
@@ -395,7 +407,7 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
     _check_weights(blob, meta, source)
-    meta = dataclasses.replace(meta, **metadata_updates)
+    meta = dataclasses.replace(meta, **metadata_updates).normalized()
     meta.validate(dest)
     meta = meta.sealed(meta.weights_sha256)
     storage.write_bytes(storage.join(dest, WEIGHTS_FILE), blob, storage_options)

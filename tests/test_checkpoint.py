@@ -220,3 +220,14 @@ def test_packaged_default_is_sealed_and_loads():
     assert meta.format == FORMAT and meta.seal_sha256 == meta.compute_seal()
     assert meta.weights_sha256 == "9ead66b5c2276e00546797042276e175bdede6bb69ab5a8e700394aeb648d05a"
     assert meta.checkpoint_id == f"bloodnet-{meta.seal_sha256[:12]}"
+
+
+def test_numpy_values_are_written_as_numbers(tmp_path):
+    import numpy as np
+
+    meta = CheckpointMetadata(model_name="bloodnet", classes=list(CLASS_NAMES), input_size=np.int64(32),
+                              mean=[np.float32(0.5)] * 3, std=[0.5] * 3, epoch=np.int64(3),
+                              temperature=np.float32(0.75), metrics={"val_macro_f1": np.float64(0.5)})
+    written = write_checkpoint(tmp_path / "c", create_model("bloodnet", input_size=32), meta)
+    loaded = load_checkpoint(str(tmp_path / "c")).metadata
+    assert loaded.epoch == 3 and loaded.temperature == 0.75 and loaded.checkpoint_id == written.checkpoint_id
