@@ -6,12 +6,27 @@ A bloodray checkpoint is a directory (local or object storage) holding:
 * ``bloodray.json`` -- :class:`CheckpointMetadata`: model name and kwargs,
   class list in index order, input size, normalization, calibration
   temperature, review threshold, metrics, training history, the final
-  (redacted) config and the package version;
+  (redacted) config and the package version, the SHA-256 of the weights
+  (``weights_sha256``) and the seal (``seal_sha256``);
 * ``train_state.pt`` (training checkpoints only) -- optimizer/scheduler state,
   read with ``torch.load(weights_only=True)`` when a run resumes.
 
 A Ray Train run directory holds several such checkpoints; :func:`resolve_checkpoint`
 picks the best one by validation macro-F1.
+
+Integrity (format ``bloodray-checkpoint/2``): the seal is the SHA-256 of the
+canonical JSON of every metadata field except the seal itself -- so it covers
+the weights through ``weights_sha256`` and every value that changes what the
+model outputs (temperature, normalization, review threshold, classes...).
+``checkpoint_id`` is ``<model>-<first 12 hex of the seal>``: editing any field
+gives another id. Loading refuses a missing or blank hash, a broken seal,
+weights that do not match, and out-of-range values. The seal is a checksum,
+not a signature: it catches corruption and hand edits, not someone who
+recomputes it (protect the storage for that). Only :func:`write_checkpoint`
+and :func:`export_checkpoint` write checkpoints; both seal.
+
+Format 1 (weights hash only) is no longer loaded; ``bloodray export --checkpoint
+OLD --to NEW`` re-seals one after checking its weights hash and values.
 """
 
 from __future__ import annotations
@@ -20,11 +35,14 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -35,12 +53,19 @@ from bloodray.classes import CLASS_NAMES
 from bloodray.models import create_model, get_model_info
 from bloodray.data.preset import EvalPreset
 
-FORMAT = "bloodray-checkpoint/1"
+FORMAT = "bloodray-checkpoint/2"
+#: Formats that are only read to re-seal them (``bloodray export``), never loaded.
+LEGACY_FORMATS = ("bloodray-checkpoint/1",)
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "bloodray.json"
 TRAIN_STATE_FILE = "train_state.pt"
 #: Where the packaged default model lives inside the installed package.
 PACKAGED_CHECKPOINT = Path(__file__).parent / "assets" / "default_checkpoint"
+#: Input sizes a checkpoint may declare (pixels per side).
+INPUT_SIZE_RANGE = (8, 4096)
+#: Fields that only the writer sets.
+SEALED_FIELDS = ("weights_sha256", "seal_sha256", "format")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(ValueError):
@@ -69,29 +94,117 @@ class CheckpointMetadata:
     package_version: str = __version__
     weights_sha256: str = ""
     format: str = FORMAT
+    #: SHA-256 of the canonical JSON of all the other fields (see :meth:`compute_seal`).
+    seal_sha256: str = ""
 
     @property
     def checkpoint_id(self) -> str:
-        """Short, content-derived id of the weights (stable across copies)."""
-        return f"{self.model_name}-{self.weights_sha256[:12]}"
+        """Short id derived from the whole checkpoint (metadata and, through its hash, the weights); stable across copies."""
+        return f"{self.model_name}-{self.compute_seal()[:12]}"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The metadata as written to ``bloodray.json`` (JSON values only: numpy scalars as numbers, others as text)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+
+    def normalized(self) -> "CheckpointMetadata":
+        """This metadata as it will read back from ``bloodray.json`` (what is validated and sealed)."""
+        return CheckpointMetadata(**self.to_json_dict())
+
+    def compute_seal(self) -> str:
+        """SHA-256 of the canonical JSON (sorted keys, no spaces) of every field except ``seal_sha256``."""
+        return seal_of(self.to_json_dict())
+
+    def sealed(self, weights_sha256: str) -> "CheckpointMetadata":
+        """A copy for weights with hash ``weights_sha256``, in this format, with its seal."""
+        meta = dataclasses.replace(self.normalized(), weights_sha256=weights_sha256, format=FORMAT, seal_sha256="")
+        return dataclasses.replace(meta, seal_sha256=meta.compute_seal())
+
+    def validate(self, where: str) -> None:
+        """Refuse values that would make the model silently wrong; the message names ``where`` and the field."""
+        def bad(field_name: str, why: str) -> CheckpointError:
+            return CheckpointError(f"{where}: {METADATA_FILE}: {field_name} {why} (got {getattr(self, field_name)!r})")
+
+        def number(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise bad("model_name", "must be a model name")
+        if not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise bad("classes", "must be a list of class names")
+        lo, hi = INPUT_SIZE_RANGE
+        if not (isinstance(self.input_size, int) and not isinstance(self.input_size, bool) and lo <= self.input_size <= hi):
+            raise bad("input_size", f"must be an integer from {lo} to {hi}")
+        if not (isinstance(self.mean, list) and len(self.mean) == 3 and all(number(m) and 0.0 <= m <= 1.0 for m in self.mean)):
+            raise bad("mean", "must be 3 finite numbers in [0, 1]")
+        if not (isinstance(self.std, list) and len(self.std) == 3 and all(number(x) and 0.0 < x <= 1.0 for x in self.std)):
+            raise bad("std", "must be 3 finite numbers in (0, 1]")
+        if not (number(self.temperature) and self.temperature > 0):
+            raise bad("temperature", "must be a finite number > 0")
+        if self.review_threshold is not None and not (number(self.review_threshold) and 0.0 <= self.review_threshold <= 1.0):
+            raise bad("review_threshold", "must be null or a number in [0, 1]")
+        if not (isinstance(self.epoch, int) and not isinstance(self.epoch, bool) and self.epoch >= 0):
+            raise bad("epoch", "must be an integer >= 0")
+        for name in ("model_kwargs", "metrics", "config", "calibration"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, "must be a mapping")
+        if not isinstance(self.history, list):
+            raise bad("history", "must be a list")
 
     def preset(self) -> EvalPreset:
         """The evaluation preset these weights were trained for."""
         return EvalPreset(self.input_size, tuple(self.mean), tuple(self.std))
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "CheckpointMetadata":
+    def from_json(cls, text: str, where: str, *, legacy: bool = False) -> "CheckpointMetadata":
+        """Parse, check the seal and validate ``bloodray.json`` text; errors name ``where``.
+
+        ``legacy=True`` also reads format-1 metadata (no seal) so that it can be re-sealed; never for loading.
+        """
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{where}: {METADATA_FILE} is not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise CheckpointError(f"{where}: not a bloodray checkpoint (format {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r})")
+        fmt = raw.get("format") if isinstance(raw, dict) else None
+        if fmt in LEGACY_FORMATS and not legacy:
+            raise CheckpointError(
+                f"{where}: checkpoint format {fmt!r} does not protect its metadata and is no longer loaded; "
+                f"re-seal it with `bloodray export --checkpoint {where} --to NEW_DIR` (checks its weights hash and "
+                f"values) and use NEW_DIR")
+        if fmt != FORMAT and fmt not in LEGACY_FORMATS:
+            raise CheckpointError(f"{where}: not a bloodray checkpoint (format {fmt!r}, expected {FORMAT!r})")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
+            meta = cls(**{k: v for k, v in raw.items() if k in known})
         except TypeError as exc:
             raise CheckpointError(f"{where}: incomplete checkpoint metadata ({exc})") from exc
+        if not isinstance(meta.weights_sha256, str) or not _SHA256.fullmatch(meta.weights_sha256):
+            raise CheckpointError(f"{where}: {METADATA_FILE} has no valid weights_sha256 (missing, blank or malformed); "
+                                  "the weights cannot be checked, so the checkpoint is refused")
+        if fmt == FORMAT:
+            if not isinstance(meta.seal_sha256, str) or not _SHA256.fullmatch(meta.seal_sha256):
+                raise CheckpointError(f"{where}: {METADATA_FILE} has no valid seal_sha256 (missing, blank or malformed); "
+                                      "the metadata cannot be checked, so the checkpoint is refused")
+            if meta.compute_seal() != meta.seal_sha256:
+                raise CheckpointError(f"{where}: {METADATA_FILE} does not match its seal (metadata tampered or corrupted)")
+        meta.validate(where)
+        return meta
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def seal_of(metadata: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a metadata mapping without its ``seal_sha256``."""
+    payload = {k: v for k, v in metadata.items() if k != "seal_sha256"}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _metadata_bytes(meta: CheckpointMetadata) -> bytes:
+    return json.dumps(meta.to_json_dict(), indent=2).encode()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -103,14 +216,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def write_checkpoint(directory: str | Path, model: nn.Module, metadata: CheckpointMetadata,
                      train_state: Mapping[str, Any] | None = None) -> CheckpointMetadata:
-    """Write a checkpoint into local ``directory``; returns the metadata with the weights hash."""
+    """Write a sealed checkpoint into local ``directory``; returns the metadata with the weights hash and seal.
+
+    Refuses (:class:`CheckpointError`) metadata that would not load (see :meth:`CheckpointMetadata.validate`).
+    """
     directory = Path(directory)
+    metadata = metadata.normalized()
+    metadata.validate(str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     blob = save_safetensors(state, metadata={"format": FORMAT, "model_name": metadata.model_name})
     (directory / WEIGHTS_FILE).write_bytes(blob)
-    metadata = dataclasses.replace(metadata, weights_sha256=hashlib.sha256(blob).hexdigest())
-    (directory / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2, default=str))
+    metadata = metadata.sealed(hashlib.sha256(blob).hexdigest())
+    (directory / METADATA_FILE).write_bytes(_metadata_bytes(metadata))
     if train_state is not None:
         torch.save(dict(train_state), directory / TRAIN_STATE_FILE)
     return metadata
@@ -126,10 +244,23 @@ def _read(fs, path: str, uri: str) -> bytes:
 
 
 def read_metadata(uri: str, storage_options: Mapping[str, Any] | None = None) -> CheckpointMetadata:
-    """Read only the metadata of the checkpoint directory ``uri``."""
+    """Read only the metadata of the checkpoint directory ``uri`` (seal checked, values validated)."""
+    return _read_metadata(uri, storage_options)
+
+
+def _read_metadata(uri: str, storage_options: Mapping[str, Any] | None, legacy: bool = False) -> CheckpointMetadata:
     fs, path = storage.filesystem(uri, storage_options)
-    text = _read(fs, posixpath.join(path, METADATA_FILE), storage.join(uri, METADATA_FILE)).decode()
-    return CheckpointMetadata.from_json(text, uri)
+    text = _read(fs, posixpath.join(path, METADATA_FILE), storage.join(uri, METADATA_FILE))
+    try:
+        decoded = text.decode()
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{uri}: {METADATA_FILE} is not UTF-8 text") from exc
+    return CheckpointMetadata.from_json(decoded, uri, legacy=legacy)
+
+
+def _check_weights(blob: bytes, meta: CheckpointMetadata, uri: str) -> None:
+    if hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
+        raise CheckpointError(f"{uri}: weights do not match the hash recorded in {METADATA_FILE} (tampered or corrupted)")
 
 
 def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -159,7 +290,9 @@ def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | Non
         raise CheckpointError(f"{uri}: no bloodray checkpoint here (no {METADATA_FILE}, no {rundir.CHECKPOINT_GLOB}/ directories)")
     best, best_key = None, None
     for ckpt_uri in candidates:
-        meta = read_metadata(ckpt_uri, storage_options)
+        # Legacy checkpoints take part in the choice, so that `bloodray export` can re-seal a format-1 run's best one;
+        # loading it is refused with that advice.
+        meta = _read_metadata(ckpt_uri, storage_options, legacy=True)
         key = (meta.metrics.get("val_macro_f1", float("-inf")), meta.epoch)
         if best_key is None or key > best_key:
             best, best_key = ckpt_uri, key
@@ -187,8 +320,9 @@ def load_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None =
     """Load a checkpoint (dir, run dir, or ``None`` for the packaged default).
 
     Refuses, with a message naming the URI, checkpoints that are not bloodray's,
-    whose class list differs from this version's, or whose weights do not match
-    the recorded hash or the architecture.
+    of an old format, whose metadata does not match its seal or holds
+    out-of-range values, whose class list differs from this version's, or whose
+    weights do not match the recorded hash or the architecture.
     """
     uri = resolve_checkpoint(uri, storage_options)
     meta = read_metadata(uri, storage_options)
@@ -196,8 +330,7 @@ def load_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None =
         raise CheckpointError(f"{uri}: checkpoint classes {meta.classes} differ from this version's {list(CLASS_NAMES)}")
     fs, path = storage.filesystem(uri, storage_options)
     blob = _read(fs, posixpath.join(path, WEIGHTS_FILE), storage.join(uri, WEIGHTS_FILE))
-    if meta.weights_sha256 and hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
-        raise CheckpointError(f"{uri}: weights do not match the hash recorded in {METADATA_FILE} (tampered or corrupted)")
+    _check_weights(blob, meta, uri)
     try:
         state = load_safetensors(blob)
     except Exception as exc:  # noqa: BLE001
@@ -225,13 +358,25 @@ class ResumeState:
 
 
 def load_resume_state(directory: str | Path) -> ResumeState:
-    """Weights, metric history and optimizer state of a local checkpoint directory (a Ray Train checkpoint)."""
-    from safetensors.torch import load_file
+    """Weights, metric history and optimizer state of a local checkpoint directory (a Ray Train checkpoint).
 
+    The metadata's seal and the weights hash are checked as for loading; a format-1 checkpoint of the same run
+    (written before the upgrade) is accepted when its weights hash matches, and the next checkpoint is sealed.
+    """
     directory = Path(directory)
-    weights = load_file(str(directory / WEIGHTS_FILE))
-    history = json.loads((directory / METADATA_FILE).read_text()).get("history", [])
-    return ResumeState(weights=weights, history=history, train_state=load_train_state(directory))
+    where = str(directory)
+    try:
+        text = (directory / METADATA_FILE).read_text()
+        blob = (directory / WEIGHTS_FILE).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot read checkpoint ({exc.strerror or exc})") from exc
+    meta = CheckpointMetadata.from_json(text, where, legacy=True)
+    _check_weights(blob, meta, where)
+    try:
+        weights = load_safetensors(blob)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{where}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from exc
+    return ResumeState(weights=weights, history=list(meta.history), train_state=load_train_state(directory))
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:
@@ -245,16 +390,26 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any] | None = None,
                       **metadata_updates: Any) -> str:
-    """Copy a checkpoint's weights and metadata (no optimizer state) to ``dest``, updating metadata fields.
+    """Copy a checkpoint's weights and metadata (no optimizer state) to ``dest``, updating metadata fields, and seal it.
 
-    Used to ship a model and to store calibration next to unchanged weights.
+    Used to ship a model, to store calibration next to unchanged weights, and to re-seal a format-1 checkpoint.
+    The source's weights hash is checked first (and its seal, unless it is format 1); the updated metadata is
+    validated. ``weights_sha256``, ``seal_sha256`` and ``format`` cannot be updated.
     """
+    reserved = sorted(set(metadata_updates) & set(SEALED_FIELDS))
+    if reserved:
+        raise CheckpointError(f"{dest}: {', '.join(reserved)} are set by the writer, not by an update")
+    unknown = sorted(set(metadata_updates) - {f.name for f in dataclasses.fields(CheckpointMetadata)})
+    if unknown:
+        raise CheckpointError(f"{dest}: unknown checkpoint metadata field(s) {', '.join(unknown)}")
     source = resolve_checkpoint(source, storage_options)
-    meta = read_metadata(source, storage_options)
+    meta = _read_metadata(source, storage_options, legacy=True)
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
-    meta = dataclasses.replace(meta, **metadata_updates)
+    _check_weights(blob, meta, source)
+    meta = dataclasses.replace(meta, **metadata_updates).normalized()
+    meta.validate(dest)
+    meta = meta.sealed(meta.weights_sha256)
     storage.write_bytes(storage.join(dest, WEIGHTS_FILE), blob, storage_options)
-    storage.write_bytes(storage.join(dest, METADATA_FILE),
-                        json.dumps(dataclasses.asdict(meta), indent=2, default=str).encode(), storage_options)
+    storage.write_bytes(storage.join(dest, METADATA_FILE), _metadata_bytes(meta), storage_options)
     return dest

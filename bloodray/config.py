@@ -4,6 +4,13 @@ Each job has one dataclass tree (see :mod:`bloodray.train.ray_trainer` and
 :mod:`bloodray.nightly.pipeline`). :func:`load_config` reads a YAML file, applies
 overrides, checks every key and type, and runs each section's ``validate()``.
 Errors are :class:`ConfigError` and always name the dotted key at fault.
+
+Two guards run before anything else: YAML anchors and aliases are refused (in
+files and in ``--set`` values), so a few hundred bytes cannot expand into
+gigabytes ("billion laughs"); and credentials are refused in every key at any
+depth (secret-named keys such as ``storage.options.client_kwargs.aws_secret_access_key``
+or ``s3_additional_kwargs.SSECustomerKey``, and URLs with a password). What is
+saved (:func:`dump_yaml`, :func:`save_config`) is redacted as well.
 """
 
 from __future__ import annotations
@@ -26,6 +33,52 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+CREDENTIALS_HINT = ("credentials must not be put in configs; use the AWS credential chain "
+                    "(environment, ~/.aws profile, instance role, IRSA)")
+
+
+def check_no_credentials(data: Any, prefix: str = "") -> None:
+    """Refuse a config tree holding credentials, naming every dotted key at fault (never the values)."""
+    found = storage.find_secrets(data, prefix)
+    if found:
+        raise ConfigError(f"{', '.join(found)}: {CREDENTIALS_HINT}")
+
+
+class YAMLAliasError(yaml.YAMLError):
+    """A YAML document uses an anchor (``&name``) or alias (``*name``); bloodray configs may not."""
+
+    def __init__(self, what: str, mark: Any) -> None:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        super().__init__(f"YAML {what} are not allowed in bloodray configs{where}; write the values out")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops at the first anchor or alias, before any node is built or expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YAMLAliasError("aliases (*name)", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise YAMLAliasError("anchors (&name)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _no_alias_dumper() -> type:
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # shared objects are written out, never as &id001/*id001
+            return True
+    return Dumper
+
+
+_Dumper = _no_alias_dumper()
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` without anchors/aliases (raises :class:`YAMLAliasError`, a ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 @dataclasses.dataclass
 class StorageConfig:
     """Options for object storage shared by every URI of a job.
@@ -41,7 +94,8 @@ class StorageConfig:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def storage_options(self) -> dict[str, Any]:
-        """fsspec storage options for S3 URIs."""
+        """fsspec storage options for S3 URIs (refuses credentials, also when built without :func:`load_config`)."""
+        self.validate("storage")
         opts: dict[str, Any] = dict(self.options)
         if self.endpoint_url:
             opts["endpoint_url"] = self.endpoint_url
@@ -52,11 +106,9 @@ class StorageConfig:
         return opts
 
     def validate(self, prefix: str) -> None:
-        for key in self.options:
-            if any(h in key.lower() for h in ("secret", "key_id", "token", "password")):
-                raise ConfigError(
-                    f"{prefix}.options.{key}: credentials must not be put in configs; "
-                    "use the AWS credential chain (environment, profile, instance role)")
+        # Any depth: options.key, options.client_kwargs.aws_secret_access_key, options.s3_additional_kwargs.SSECustomerKey,
+        # and URLs with a password (endpoint_url: https://user:pass@host).
+        check_no_credentials(dataclasses.asdict(self), prefix)
 
 
 def _type_name(tp: Any) -> str:
@@ -157,7 +209,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except YAMLAliasError as exc:
+        raise ConfigError(f"--set {key}: {exc}") from exc
     except (yaml.YAMLError, ValueError):
         # e.g. "2024-13-01" looks like a date to YAML but is not one: keep the text and let the field check it.
         value = raw
@@ -182,7 +236,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def validate_tree(cfg: Any, prefix: str = "") -> None:
-    """Call ``validate(prefix)`` on every dataclass section that defines it."""
+    """Call ``validate(prefix)`` on every dataclass section that defines it (at the root: refuse credentials first)."""
+    if not prefix:
+        check_no_credentials(to_dict(cfg))
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if dataclasses.is_dataclass(value):
@@ -198,7 +254,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml_text(text) or {}
+    except YAMLAliasError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -213,6 +271,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
     data = apply_overrides(data, overrides)
+    # Before any type check, so no error message ever echoes a secret value.
+    check_no_credentials(data)
     cfg = from_dict(cls, data)
     validate_tree(cfg)
     return cfg
@@ -227,7 +287,7 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any) -> str:
     """YAML text of a config with secrets redacted."""
-    return yaml.safe_dump(storage.redact(to_dict(cfg)), sort_keys=False)
+    return yaml.dump(storage.redact(to_dict(cfg)), Dumper=_Dumper, sort_keys=False)
 
 
 def save_config(cfg: Any, uri: str, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -19,14 +19,25 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import uuid
 from typing import Any, Mapping
 
 import fsspec
 from fsspec.core import url_to_fs
 
-SECRET_KEY_HINTS = ("secret", "password", "token", "credential", "key_id", "access_key", "session")
+#: Substrings (of a key name lowercased with ``_``/``-`` removed) that mark a credential: ``aws_secret_access_key``,
+#: ``aws_session_token``, ``SSECustomerKey``, ``api_key``, ``password``... Used to refuse credentials in configs and to
+#: redact anything that still reaches a saved config.
+#: Not secrets, and not matched: ``SSEKMSKeyId`` (a key's name), ``config_kwargs.signature_version``.
+SECRET_KEY_HINTS = ("secret", "password", "passwd", "token", "credential", "accesskey", "session",
+                    "customerkey", "apikey", "privatekey", "bearer", "authorization")
+#: Whole key names that are credentials on their own (s3fs's ``key``/``secret``/``token``, ``pwd``...).
+SECRET_KEY_NAMES = frozenset({"key", "secret", "token", "password", "passwd", "pwd", "auth", "credentials"})
 REDACTED = "***"
+#: ``scheme://user:password@host``: the password part of a URL's user info (group 2), up to the first ``@`` before
+#: the path. A user name alone (``https://user@host``) is not a secret.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@?#]*:)(?P<password>[^/\s@?#]+)(?P<tail>@)")
 #: botocore retries for S3: legacy mode (no client-wide retry quota to run dry when many parallel reads hit the
 #: same blip) with 6 retries after the first attempt, exponential backoff with jitter (up to 1+2+4+8+16+32 s): a
 #: storage blip of several seconds is ridden out, a real outage still fails within about a minute.
@@ -151,15 +162,55 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def redact(value: Any) -> Any:
-    """Return a copy of ``value`` with anything that looks like a secret replaced."""
+def is_secret_key(name: Any) -> bool:
+    """True when a mapping key names a credential (``key``, ``secret``, ``aws_secret_access_key``, ``SSECustomerKey``...)."""
+    norm = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    return norm in SECRET_KEY_NAMES or any(h in norm for h in SECRET_KEY_HINTS)
+
+
+def has_url_password(text: Any) -> bool:
+    """True when ``text`` holds a URL with a password (``https://user:pass@host``)."""
+    return isinstance(text, str) and _URL_PASSWORD.search(text) is not None
+
+
+def redact_url(text: str) -> str:
+    """``https://user:pass@host/x`` -> ``https://user:***@host/x``; other text unchanged."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}{m['tail']}", text)
+
+
+def find_secrets(value: Any, prefix: str = "") -> list[str]:
+    """Dotted keys under ``value`` that hold a credential: a secret-named key with a value, or a URL with a password.
+
+    List items are named ``key[i]``. Empty values (``None``, ``""``, empty mappings/lists) are not secrets.
+    """
+    found: list[str] = []
     if isinstance(value, Mapping):
-        return {
-            k: (REDACTED if any(h in str(k).lower() for h in SECRET_KEY_HINTS) and v not in (None, "") else redact(v))
-            for k, v in value.items()
-        }
+        for k, v in value.items():
+            dotted = f"{prefix}.{k}" if prefix else str(k)
+            if is_secret_key(k) and v not in (None, "") and not (isinstance(v, (Mapping, list, tuple)) and not v):
+                found.append(dotted)
+            else:
+                found.extend(find_secrets(v, dotted))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found.extend(find_secrets(v, f"{prefix}[{i}]"))
+    elif has_url_password(value):
+        found.append(prefix or "<value>")
+    return found
+
+
+def redact(value: Any) -> Any:
+    """Return a copy of ``value`` with anything that looks like a secret replaced.
+
+    Values of secret-named keys (at any depth) become ``***``; passwords inside URLs (``https://user:pass@host``)
+    become ``https://user:***@host``.
+    """
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 
