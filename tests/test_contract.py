@@ -100,6 +100,7 @@ def test_a_real_run_stages_and_commits_the_contract_tables(tmp_path, ray_cluster
     assert staged and all(pq.read_schema(f) == contract.staged_schema() for f in staged)
     result = commit_run(plan)
     assert result.n_predictions == 12 and result.n_errors == 1
+    assert not (tmp_path / "out" / contract.STAGING / plan.run_id).exists()  # cleaned up after the commit
 
     fs, root = contract.output_root(out)
     for table in contract.TABLES:

@@ -93,7 +93,7 @@ def commit_run(plan: RunPlan) -> RunResult:
                      timings=timings)
 
 
-def runrun_marker(fs, root: str, run_id: str) -> dict[str, Any] | None:
+def run_marker(fs, root: str, run_id: str) -> dict[str, Any] | None:
     """The ``run.json`` a run writes first into its staging dir; None when absent (run finished or junk)."""
     try:
         info = json.loads(fs.cat_file(posixpath.join(contract.staging_dir(root, run_id), RUN_MARKER)))
