@@ -14,13 +14,13 @@ import sys
 from typing import Callable, Sequence
 
 from bloodray.checkpoint import CheckpointError
-from bloodray.config import ConfigError, StorageConfig
+from bloodray.config import ConfigError, StorageConfig, load_config
 from bloodray.data.labelled import DatasetError
 from bloodray.models import UnknownModelError
 from bloodray.storage import StorageError
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from bloodray.nightly.pipeline import ClassifyError
+    from bloodray.nightly.config import ClassifyError
     from bloodray.analysis.query import QueryError
     from bloodray.analysis.report import ReportError
 
@@ -120,11 +120,32 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cmd_classify(args) -> int:
-    from bloodray.nightly import pipeline as classify
+def add_classify_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    """The classification job's options: ``--config``, ``--set`` and the ``--date``/``--incremental`` shortcuts."""
+    parser.add_argument("--config", "-c", metavar="YAML", default=default_config,
+                        help=f"config file, e.g. configs/classify/nightly.yaml (default: {default_config})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set run.date=2024-05-01 (repeatable)")
+    parser.add_argument("--date", metavar="YYYY-MM-DD", help="shortcut for --set run.date=YYYY-MM-DD")
+    parser.add_argument("--incremental", action="store_true", help="shortcut for --set run.incremental=true")
 
-    cfg = classify.config_from_args(args)
-    result = classify.run_classification(cfg)
+
+def classify_config_from_args(args: argparse.Namespace):
+    """The validated :class:`~bloodray.nightly.config.ClassifyConfig` of parsed ``classify`` arguments."""
+    from bloodray.nightly.config import ClassifyConfig
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "date", None):
+        overrides.append(f"run.date={args.date}")
+    if getattr(args, "incremental", False):
+        overrides.append("run.incremental=true")
+    return load_config(ClassifyConfig, getattr(args, "config", None), overrides)
+
+
+def cmd_classify(args) -> int:
+    from bloodray.nightly.pipeline import run_classification
+
+    result = run_classification(classify_config_from_args(args))
     print(result.describe())
     return 0
 
@@ -211,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("classify", help="classify a slide archive into Parquet predictions and differentials")
-    from bloodray.nightly import pipeline as classify_module
-
-    classify_module.add_arguments(p, default_config="configs/classify/nightly.yaml")
+    add_classify_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("query", help="run SQL (DuckDB) over the committed outputs")

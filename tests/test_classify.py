@@ -28,14 +28,20 @@ from helpers_model import train_quick_checkpoint
 
 from bloodray import storage
 
+from bloodray import cli
+from bloodray.data import stages
+from bloodray.nightly import aggregate, commit, plan
+from bloodray.nightly import config as nightly_config
 from bloodray.nightly import pipeline as classify
 
+from bloodray.analysis import query
 from bloodray.nightly import contract as outputs
 
 from bloodray.data import synth as synth
 from bloodray.classes import CLASS_NAMES
 from bloodray.nightly.pipeline import ClassifyConfig, list_inputs, run_classification
 from bloodray.config import ConfigError, load_config
+from bloodray.data.preset import EvalPreset
 from bloodray.nightly.differential import LOW_WBC_FLAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,12 +93,13 @@ def test_nightly_config_loads_with_documented_defaults():
     assert cfg.review.threshold is None  # effective 0.7 unless the checkpoint sets one
     assert cfg.flags.reference_ranges == "configs/reference_ranges.yaml"
     assert cfg.model.checkpoint is None
-    defaults = ClassifyConfig(input=classify.InputConfig(uri="a"), output=classify.OutputConfig(uri="b"))
+    defaults = ClassifyConfig(input=nightly_config.InputConfig(uri="a"), output=nightly_config.OutputConfig(uri="b"))
     assert defaults.inference.num_gpus == 0 and defaults.output.rows_per_file == 100_000
-    assert classify._effective_threshold(defaults, None) == classify.DEFAULT_REVIEW_THRESHOLD == 0.7
-    assert classify._effective_threshold(defaults, 0.55) == 0.55
+    threshold = nightly_config.effective_threshold
+    assert threshold(defaults, None) == nightly_config.DEFAULT_REVIEW_THRESHOLD == 0.7
+    assert threshold(defaults, 0.55) == 0.55
     defaults.review.threshold = 0.9
-    assert classify._effective_threshold(defaults, 0.55) == 0.9
+    assert threshold(defaults, 0.55) == 0.9
 
 
 @pytest.mark.parametrize("override, key", [
@@ -119,10 +126,11 @@ def test_missing_required_keys_and_cli_shortcuts():
         load_config(ClassifyConfig, None, [])
     import argparse
 
-    parser = classify.add_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    cli.add_classify_arguments(parser)
     args = parser.parse_args(["--config", str(REPO / "configs" / "classify" / "nightly.yaml"), "--date", "2024-06-02",
                               "--incremental", "--set", "inference.num_gpus=0", "--set", "output.uri=/tmp/x"])
-    cfg = classify.config_from_args(args)
+    cfg = cli.classify_config_from_args(args)
     assert (cfg.run.date, cfg.run.incremental, cfg.inference.num_gpus, cfg.output.uri) == \
         ("2024-06-02", True, 0.0, "/tmp/x")
 
@@ -185,12 +193,12 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def _shard(path: Path, **kw) -> dict[str, list]:
-    preset = classify.EvalPreset(SIZE, (0.5,) * 3, (0.5,) * 3)
+    preset = EvalPreset(SIZE, (0.5,) * 3, (0.5,) * 3)
     args = dict(preset=preset, storage_options={}, sample_id_from="parent", skip_samples=frozenset(), chunk_rows=2)
     args.update(kw)
-    batches = list(classify._shard_rows(str(path), **args))
-    assert all(len(b["image_uri"]) <= 2 for b in batches)  # streamed in chunks
-    return {k: [v for b in batches for v in b[k]] for k in ("sample_id", "image_uri", "error", "error_stage")}
+    batches = list(stages.shard_rows(str(path), **args))
+    assert all(len(b["uri"]) <= 2 for b in batches)  # streamed in chunks
+    return {k: [v for b in batches for v in b[k]] for k in ("sample_id", "uri", "error_type", "stage")}
 
 
 def test_tar_shards_stream_members_and_report_broken_shards(tmp_path):
@@ -199,8 +207,8 @@ def test_tar_shards_stream_members_and_report_broken_shards(tmp_path):
                            ("S2/readme.txt", b"hi"), ("top.jpg", _jpeg(4))]))
     rows = _shard(good)
     assert rows["sample_id"] == ["S1", "sub", "S2", None]
-    assert rows["error"] == ["", "", "", "no_sample_id"]
-    assert rows["image_uri"][0] == f"{good}#./S1/a.jpg"
+    assert rows["error_type"] == ["", "", "", "no_sample_id"]
+    assert rows["uri"][0] == f"{good}#./S1/a.jpg"
     rows = _shard(good, sample_id_from="root", skip_samples=frozenset({"S2"}))
     assert rows["sample_id"] == ["S1", "S1", None]
 
@@ -209,20 +217,20 @@ def test_tar_shards_stream_members_and_report_broken_shards(tmp_path):
         second, third = tar.getmembers()[1:3]
     cut.write_bytes(good.read_bytes()[: second.offset_data + second.size // 2])  # ends inside the second member
     rows = _shard(cut)
-    assert rows["error"] == ["", "truncated"]
-    assert rows["image_uri"][-1] == f"{cut}#S1/sub/b.jpg"
+    assert rows["error_type"] == ["", "truncated"]
+    assert rows["uri"][-1] == f"{cut}#S1/sub/b.jpg"
     cut_header = tmp_path / "cut-header.tar"
     cut_header.write_bytes(good.read_bytes()[: second.offset_data - 100])  # ends inside a member header
     rows = _shard(cut_header)
-    assert rows["error"][-1] == "corrupt_archive" and rows["image_uri"][-1] == str(cut_header)
+    assert rows["error_type"][-1] == "corrupt_archive" and rows["uri"][-1] == str(cut_header)
     damaged = bytearray(good.read_bytes())
     damaged[third.offset:third.offset + 512] = b"x" * 512  # a garbage header mid-archive
     (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
-    assert _shard(tmp_path / "damaged.tar")["error"] == ["", "", "corrupt_archive"]
+    assert _shard(tmp_path / "damaged.tar")["error_type"] == ["", "", "corrupt_archive"]
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
-    assert _shard(empty)["error"] == ["empty"]
-    assert _shard(tmp_path / "missing.tar")["error"] == ["unreadable"]
+    assert _shard(empty)["error_type"] == ["empty"]
+    assert _shard(tmp_path / "missing.tar")["error_type"] == ["unreadable"]
 
 
 def test_table_writer_splits_files_and_always_leaves_a_schema(tmp_path):
@@ -232,11 +240,11 @@ def test_table_writer_splits_files_and_always_leaves_a_schema(tmp_path):
     schema = outputs.errors_schema()
     rows = pa.Table.from_pylist([{"run_id": "r", "image_uri": f"u{i}", "stage": "read"} for i in range(7)],
                                 schema=schema)
-    assert classify._write_table(pa.RecordBatchReader.from_batches(schema, rows.to_batches()), schema, fs,
+    assert aggregate.write_table(pa.RecordBatchReader.from_batches(schema, rows.to_batches()), schema, fs,
                                  str(tmp_path / "errors"), rows_per_file=3) == 7
     files = sorted((tmp_path / "errors").glob("*.parquet"))
     assert [pq.read_metadata(f).num_rows for f in files] == [3, 3, 1]
-    assert classify._write_table(pa.RecordBatchReader.from_batches(schema, []), schema, fs,
+    assert aggregate.write_table(pa.RecordBatchReader.from_batches(schema, []), schema, fs,
                                  str(tmp_path / "empty"), rows_per_file=3) == 0
     assert pq.read_schema(tmp_path / "empty" / "part-0.parquet") == schema
 
@@ -263,8 +271,8 @@ def test_classify_archive_end_to_end(request, tmp_path, ray_cluster, trained_che
     result = run_classification(_config(storage.join(root, "archive"), out, trained_checkpoint, so))
 
     # Every input appears exactly once, in predictions or in errors.
-    preds = outputs.read_table(out, "predictions", so)
-    errors = outputs.read_table(out, "errors", so)
+    preds = query.read_table(out, "predictions", so)
+    errors = query.read_table(out, "errors", so)
     seen = Counter(preds.column("image_uri").to_pylist() + errors.column("image_uri").to_pylist())
     assert max(seen.values()) == 1
     assert set(seen) == {r["uri"] for r in images} | set(bad)
@@ -287,7 +295,7 @@ def test_classify_archive_end_to_end(request, tmp_path, ray_cluster, trained_che
 
     # The predicted differentials match the known composition of each sample.
     expected = synth.expected_counts(samples)
-    diffs = {r["sample_id"]: r for r in outputs.read_table(out, "differentials", so).to_pylist()}
+    diffs = {r["sample_id"]: r for r in query.read_table(out, "differentials", so).to_pylist()}
     assert set(diffs) == set(expected)
     errors_per_sample = Counter(errors.column("sample_id").to_pylist())
     # Tar members whose path escapes the archive belong to no sample.
@@ -348,23 +356,23 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
         return {Path(p).name for p in fs.ls(f"{out_path}/{table}/run_date={DATE}", detail=False)}
 
     first = run_classification(cfg)
-    before = outputs.read_table(out, "predictions", so).sort_by("image_uri")
+    before = query.read_table(out, "predictions", so).sort_by("image_uri")
     assert before.num_rows == 30
 
     # A run that dies after staging, even halfway through its commit (data
     # files copied, no manifest), is invisible: readers still see the first run.
-    crashed = classify.plan_run(cfg)
+    crashed = plan.plan_run(cfg)
     classify.stage_run(crashed)
-    classify.publish_files(crashed)
+    commit.publish_files(crashed)
     assert run_dirs("predictions") == {first.run_id, crashed.run_id}
     assert outputs.visible_runs(out, so).column("run_id").to_pylist() == [first.run_id]
-    assert outputs.read_table(out, "predictions", so).sort_by("image_uri").equals(before)
+    assert query.read_table(out, "predictions", so).sort_by("image_uri").equals(before)
     con = _duckdb(out, so)
     assert con.sql(f"SELECT count(*) FROM ({_visible_sql(out, 'predictions')})").fetchall() == [(30,)]
 
     # A rerun of the date replaces it: no duplicates, older and crashed data removed, history kept.
     second = run_classification(cfg)
-    after = outputs.read_table(out, "predictions", so)
+    after = query.read_table(out, "predictions", so)
     assert after.num_rows == 30 and len(set(after.column("image_uri").to_pylist())) == 30
     assert set(after.column("run_id").to_pylist()) == {second.run_id}
     assert all(run_dirs(t) == {second.run_id} for t in outputs.TABLES)
@@ -378,12 +386,12 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
     inc = run_classification(_config(archive, out, trained_checkpoint, so, "run.incremental=true"))
     assert inc.incremental_skipped_samples == 3
     assert inc.n_inputs == 8 and inc.n_predictions == 38 and inc.n_samples == 4
-    preds = outputs.read_table(out, "predictions", so)
+    preds = query.read_table(out, "predictions", so)
     assert set(preds.column("run_id").to_pylist()) == {inc.run_id}
     carried = preds.filter(pa.compute.not_equal(preds.column("sample_id"), "S0100")).sort_by("image_uri")
     keep = ["image_uri", "image_sha256", "predicted_class", "confidence"]
     assert carried.select(keep).equals(after.sort_by("image_uri").select(keep))
-    diffs = {r["sample_id"]: r for r in outputs.read_table(out, "differentials", so).to_pylist()}
+    diffs = {r["sample_id"]: r for r in query.read_table(out, "differentials", so).to_pylist()}
     assert sorted(diffs) == ["S0001", "S0002", "S0003", "S0100"]
     assert diffs["S0100"]["n_classified"] == 8
     run = outputs.visible_runs(out, so).to_pylist()[0]
@@ -394,7 +402,7 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
     # Nothing new: an incremental rerun reads nothing (no Ray work) and still publishes a complete run.
     again = run_classification(_config(archive, out, trained_checkpoint, so, "run.incremental=true"))
     assert (again.n_inputs, again.n_predictions, again.incremental_skipped_samples) == (0, 38, 4)
-    assert outputs.read_table(out, "differentials", so).num_rows == 4
+    assert query.read_table(out, "differentials", so).num_rows == 4
 
 
 def test_visible_run_is_latest_committed_manifest(tmp_path):
@@ -417,14 +425,14 @@ def test_visible_run_is_latest_committed_manifest(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist([manifest], schema=outputs.runs_schema()), path)
 
-    assert outputs.read_table(out, "predictions").num_rows == 0
+    assert query.read_table(out, "predictions").num_rows == 0
     write_run("b-later-id-earlier-commit", 5, 2)
     write_run("a-earlier-id-later-commit", 10, 3)
     write_run("c-crashed", None, 7)
     assert outputs.visible_runs(out).column("run_id").to_pylist() == ["a-earlier-id-later-commit"]
-    got = outputs.read_table(out, "predictions")
+    got = query.read_table(out, "predictions")
     assert got.num_rows == 3 and set(got.column("run_date").to_pylist()) == {DATE}
-    assert outputs.read_table(out, "predictions", run_date="2099-01-01").num_rows == 0
+    assert query.read_table(out, "predictions", run_date="2099-01-01").num_rows == 0
     assert outputs.committed_runs(out).num_rows == 2
     with pytest.raises(ValueError, match="unknown table 'predicitons'"):
-        outputs.read_table(out, "predicitons")
+        query.read_table(out, "predicitons")

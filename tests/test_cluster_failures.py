@@ -32,6 +32,7 @@ import pytest
 
 from bloodray import storage
 
+from bloodray.analysis import query
 from bloodray.nightly import contract as outputs
 
 from bloodray.data import synth as synth
@@ -125,13 +126,13 @@ class Killer(threading.Thread):
 
 
 def _seen(out: str, so: dict | None = None) -> Counter:
-    preds = outputs.read_table(out, "predictions", so)
-    errors = outputs.read_table(out, "errors", so)
+    preds = query.read_table(out, "predictions", so)
+    errors = query.read_table(out, "errors", so)
     return Counter(preds.column("image_uri").to_pylist() + errors.column("image_uri").to_pylist())
 
 
 def _predicted(out: str, so: dict | None = None) -> dict[str, str]:
-    preds = outputs.read_table(out, "predictions", so)
+    preds = query.read_table(out, "predictions", so)
     return dict(zip(preds.column("image_uri").to_pylist(), preds.column("predicted_class").to_pylist()))
 
 
@@ -698,10 +699,10 @@ def test_multi_node_training_and_classification(tmp_path, cells, checkpoint):
     assert _predicted(multi_out) == _predicted(single_out)
     confidence = {}
     for name, out in (("multi", multi_out), ("single", single_out)):
-        preds = outputs.read_table(out, "predictions").sort_by("image_uri")
+        preds = query.read_table(out, "predictions").sort_by("image_uri")
         confidence[name] = preds.column("confidence").to_numpy()
     assert np.allclose(confidence["multi"], confidence["single"], atol=1e-5)
     cols = ["sample_id", "n_images", "n_classified"] + [f"count_{c}" for c in CLASS_NAMES]
-    diffs_multi = outputs.read_table(multi_out, "differentials").sort_by("sample_id")
-    diffs_single = outputs.read_table(single_out, "differentials").sort_by("sample_id")
+    diffs_multi = query.read_table(multi_out, "differentials").sort_by("sample_id")
+    diffs_single = query.read_table(single_out, "differentials").sort_by("sample_id")
     assert diffs_multi.select(cols).equals(diffs_single.select(cols))

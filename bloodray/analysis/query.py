@@ -1,14 +1,10 @@
 """SQL access to a bloodray output root through DuckDB.
 
-An output root (local path or ``s3://bucket/prefix``) holds::
-
-    runs/run_date=<D>/<run_id>.parquet                 one manifest per committed run
-    predictions/run_date=<D>/<run_id>/*.parquet        one row per image
-    differentials/run_date=<D>/<run_id>/*.parquet      one row per sample
-    errors/run_date=<D>/<run_id>/*.parquet             one row per failed image
-
-A run is committed iff its manifest exists, and the *visible* run of a date is
-the committed one with the latest ``committed_at``. :func:`connect` returns a
+An output root (local path or ``s3://bucket/prefix``) is laid out as
+:mod:`bloodray.nightly.contract` says, which also owns the column types of the
+views and the rule of which run is visible: a run is committed iff its
+manifest exists, and the *visible* run of a date is the committed one with the
+latest ``committed_at``. :func:`connect` returns a
 DuckDB connection with these views:
 
 ``runs``           the visible run of every date (one row per date)
@@ -47,18 +43,18 @@ import duckdb
 import pyarrow as pa
 
 from bloodray import storage
-from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES, reference_ranges
+from bloodray.nightly import contract
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
-DATA_TABLES: tuple[str, ...] = ("predictions", "differentials", "errors")
+DATA_TABLES: tuple[str, ...] = contract.TABLES
 #: Every view :func:`connect` creates.
-VIEWS: tuple[str, ...] = ("runs", "all_runs") + DATA_TABLES
+VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES
 #: Output formats understood by :func:`format_table` / :func:`query_main`.
 FORMATS: tuple[str, ...] = ("table", "csv", "json")
 #: Rows printed by the terminal ``table`` format unless told otherwise.
 DEFAULT_MAX_ROWS = 200
 
-RUN_DATE_PREFIX = "run_date="
+RUN_DATE_PREFIX = contract.RUN_DATE_PREFIX
 
 
 class QueryError(RuntimeError):
@@ -66,55 +62,9 @@ class QueryError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- schemas
-def _empty_view_columns(name: str) -> list[tuple[str, str]]:
-    """Column names and DuckDB types of a view whose table has no files yet.
-
-    Mirrors the output contract so that queries written against a populated
-    root (``SELECT sample_id FROM errors``) also bind on a fresh one.
-    """
-    ref = reference_ranges()
-    if name in ("runs", "all_runs"):
-        return [
-            ("run_id", "VARCHAR"), ("status", "VARCHAR"),
-            ("started_at", "TIMESTAMPTZ"), ("committed_at", "TIMESTAMPTZ"),
-            ("checkpoint", "VARCHAR"), ("checkpoint_id", "VARCHAR"), ("model_name", "VARCHAR"),
-            ("review_threshold", "DOUBLE"),
-            ("input_uri", "VARCHAR"), ("output_uri", "VARCHAR"), ("config_yaml", "VARCHAR"),
-            ("n_inputs", "BIGINT"), ("n_predictions", "BIGINT"), ("n_errors", "BIGINT"),
-            ("n_samples", "BIGINT"), ("n_review", "BIGINT"), ("timings_json", "VARCHAR"),
-            ("incremental_skipped_samples", "BIGINT"), ("carried_from_run_id", "VARCHAR"),
-            ("run_date", "VARCHAR"),
-        ]
-    if name == "predictions":
-        return (
-            [("run_id", "VARCHAR"), ("sample_id", "VARCHAR"), ("image_uri", "VARCHAR"),
-             ("image_sha256", "VARCHAR"), ("predicted_class", "VARCHAR"), ("confidence", "FLOAT")]
-            + [(f"prob_{c}", "FLOAT") for c in CLASS_NAMES]
-            + [("needs_review", "BOOLEAN"), ("model_name", "VARCHAR"), ("checkpoint_id", "VARCHAR"),
-               ("run_date", "VARCHAR")]
-        )
-    if name == "differentials":
-        return (
-            [("run_id", "VARCHAR"), ("sample_id", "VARCHAR"), ("n_images", "BIGINT"),
-             ("n_classified", "BIGINT"), ("n_errors", "BIGINT"), ("n_review", "BIGINT")]
-            + [(f"count_{c}", "BIGINT") for c in CLASS_NAMES]
-            + [(f"pct_{c}", "DOUBLE") for c in DIFFERENTIAL_CLASSES]
-            + [("ig_per_100_wbc", "DOUBLE"), ("erythroblast_per_100_wbc", "DOUBLE"),
-               ("platelet_count", "BIGINT"), ("n_wbc", "BIGINT")]
-            + [(f"flag_{c}_{side}", "BOOLEAN") for c in ref for side in ("low", "high")]
-            + [("flag_erythroblasts", "BOOLEAN"), ("flag_ig", "BOOLEAN"),
-               ("flag_low_wbc_count", "BOOLEAN"), ("flags", "VARCHAR[]"), ("any_flag", "BOOLEAN"),
-               ("run_date", "VARCHAR")]
-        )
-    if name == "errors":
-        return [("run_id", "VARCHAR"), ("sample_id", "VARCHAR"), ("image_uri", "VARCHAR"),
-                ("stage", "VARCHAR"), ("error_type", "VARCHAR"), ("message", "VARCHAR"),
-                ("run_date", "VARCHAR")]
-    raise ValueError(f"unknown view {name!r}; expected one of {', '.join(VIEWS)}")
-
-
 def _empty_view_sql(name: str) -> str:
-    cols = ", ".join(f"CAST(NULL AS {typ}) AS {_ident(col)}" for col, typ in _empty_view_columns(name))
+    """A view with the contract's columns and no rows, so queries bind on a fresh root too."""
+    cols = ", ".join(f"CAST(NULL AS {typ}) AS {_ident(col)}" for col, typ in contract.duckdb_columns(name))
     return f"SELECT {cols} WHERE false"
 
 
@@ -129,11 +79,6 @@ def _ident(name: str) -> str:
 
 def _file_list(uris: Sequence[str]) -> str:
     return "[" + ", ".join(_sql_str(u) for u in uris) + "]"
-
-
-def _is_local(fs: Any) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return bool({"file", "local"} & set(protocols))
 
 
 def _hidden(name: str) -> bool:
@@ -220,7 +165,7 @@ def _configure(con: duckdb.DuckDBPyConnection, fs: Any) -> None:
         con.execute("SET parquet_metadata_cache = true")
     except duckdb.Error:
         pass
-    if not _is_local(fs):
+    if not storage.is_local(fs):
         # httpfs cannot be downloaded everywhere and would not share our endpoint
         # or credentials; a registered fsspec filesystem serves s3:// (etc.) paths.
         con.register_filesystem(fs)
@@ -233,7 +178,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri
         return storage.full_uri(fs, path)
 
     manifests = [
-        p for p in _glob(fs, f"{root}/runs/{RUN_DATE_PREFIX}*/*.parquet", output_uri)
+        p for p in _glob(fs, f"{root}/{contract.RUNS}/{RUN_DATE_PREFIX}*/*.parquet", output_uri)
         if not _hidden(posixpath.basename(p))
     ]
     manifest_uris = _readable_manifests(con, [uri_of(p) for p in manifests]) if manifests else []
@@ -245,13 +190,9 @@ def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri
         con.execute(
             f"CREATE VIEW all_runs AS SELECT * FROM read_parquet({_file_list(manifest_uris)}, "
             "union_by_name=true, hive_partitioning=true, hive_types={'run_date': VARCHAR}) "
-            "WHERE status = 'committed' ORDER BY run_date, committed_at"
+            f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at"
         )
-        con.execute(
-            "CREATE VIEW runs AS SELECT * FROM all_runs "
-            "QUALIFY row_number() OVER (PARTITION BY run_date ORDER BY committed_at DESC, run_id DESC) = 1 "
-            "ORDER BY run_date"
-        )
+        con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
     else:
         con.execute(f"CREATE VIEW all_runs AS {_empty_view_sql('all_runs')}")
         con.execute(f"CREATE VIEW runs AS {_empty_view_sql('runs')}")

@@ -25,8 +25,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from bloodray import storage
 
-from bloodray.analysis import query as query
+from bloodray.analysis import query
 from bloodray.classes import DIFFERENTIAL_CLASSES, cell_class, reference_ranges
+from bloodray.nightly.contract import RUN_DATE_PREFIX
 
 REPORT_FILE = "report.html"
 #: Samples per differential figure; more make rows too thin to read.
@@ -464,23 +465,15 @@ def write_report(output_uri: str, run_date: str | _dt.date | None = None, dest: 
     _render_figures(page)
     document = _html(page, output_uri)
 
-    dest = dest or storage.join(output_uri, "reports", f"run_date={page.run['run_date']}")
+    dest = dest or storage.join(output_uri, "reports", f"{RUN_DATE_PREFIX}{page.run['run_date']}")
     fs, path = storage.filesystem(dest, storage_options)
     path = path.rstrip("/")
     try:
-        fs.makedirs(path, exist_ok=True)
         # Figures first, the page last: a reader never opens a page whose images
         # are still being written.
         for name, data in page.figures.items():
-            fs.pipe_file(f"{path}/{name}", data)
-        fs.pipe_file(f"{path}/{REPORT_FILE}", document.encode("utf-8"))
+            storage.put_bytes(fs, f"{path}/{name}", data)
+        storage.put_bytes(fs, f"{path}/{REPORT_FILE}", document.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001 - re-raised with the URI attached
         raise storage.describe_storage_error(dest, exc) from exc
     return storage.join(dest, REPORT_FILE)
-
-
-def report_main(output_uri: str, run_date: str | None = None, storage_options: Mapping[str, Any] | None = None,
-                dest: str | None = None) -> str:
-    """Back ``bloodray report --output URI [--date D]``: write the report, return a line to print."""
-    uri = write_report(output_uri, run_date=run_date, dest=dest, storage_options=storage_options)
-    return f"wrote {uri}"

@@ -1,4 +1,4 @@
-"""Labelled image folders: listing, de-duplication, the split, and Ray Data input.
+"""Labelled image folders: listing, de-duplication, the split, and Ray Data input for training.
 
 The split depends only on file contents and a seed: images are de-duplicated
 by SHA-256, then within each class ordered by ``sha256(seed + content hash)``
@@ -20,14 +20,13 @@ import pyarrow.parquet as pq
 
 from bloodray import storage
 from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX, class_from_filename, class_from_folder, is_image_path
-from bloodray.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from bloodray.data.decode import DEFAULT_MAX_PIXELS
 from bloodray.data.preset import EvalPreset
+from bloodray.data.stages import read_decode_files, read_many
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-#: How many files one storage request batch fetches; s3fs fetches a batch concurrently.
-READ_CHUNK = 128
 
 
 class DatasetError(ValueError):
@@ -82,28 +81,6 @@ def list_labelled_images(root: str, storage_options: Mapping[str, Any] | None = 
         raise DatasetError(f"{root}: unknown class folder(s) {', '.join(sorted(unknown))}; "
                            f"expected one of {', '.join(CLASS_NAMES)}")
     return rows
-
-
-def read_many(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[bytes | BaseException]:
-    """Fetch many files of one filesystem; each result is the bytes or the exception for that file."""
-    if not uris:
-        return []
-    fs, _ = storage.filesystem(uris[0], storage_options)
-    paths = [storage.filesystem(u, storage_options)[1] for u in uris]
-    results: list[bytes | BaseException] = []
-    for start in range(0, len(paths), READ_CHUNK):
-        chunk = paths[start:start + READ_CHUNK]
-        try:
-            fetched = fs.cat(chunk, on_error="return")
-        except Exception as exc:  # noqa: BLE001 - a whole-batch failure marks each file
-            fetched = {p: exc for p in chunk}
-        if not isinstance(fetched, dict):  # a single path returns bytes
-            fetched = {chunk[0]: fetched}
-        # fsspec may normalise keys (strip protocol); look each up tolerant of that.
-        normalised = {k.split("://", 1)[-1]: v for k, v in fetched.items()}
-        for p in chunk:
-            results.append(normalised.get(p.split("://", 1)[-1], FileNotFoundError(p)))
-    return results
 
 
 def scan_dataset(root: str, storage_options: Mapping[str, Any] | None = None,
@@ -204,29 +181,14 @@ def read_parquet(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
 def decode_batch(batch: dict[str, np.ndarray], *, input_size: int,
                  storage_options: Mapping[str, Any] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: read images by ``uri``, decode, resize.
+    """Ray Data ``map_batches`` function: read images by ``uri``, decode, resize (no normalisation).
 
-    Adds ``image`` (uint8 NHWC) and ``error`` ("" when fine, else
-    ``kind: message``) so that a bad file becomes a row to skip and report,
-    never a failed job.
+    The read+decode stage of :mod:`bloodray.data.stages` with a pass-through
+    preset: adds ``image`` (uint8 NHWC) and the stage's error columns, so a bad
+    file becomes a row to skip and report, never a failed job.
     """
     preset = EvalPreset(input_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), max_pixels)
-    uris = [str(u) for u in batch["uri"]]
-    images = np.zeros((len(uris), input_size, input_size, 3), dtype=np.uint8)
-    errors = []
-    for i, data in enumerate(read_many(uris, storage_options)):
-        if isinstance(data, BaseException):
-            errors.append(f"unreadable: {type(data).__name__}: {data}")
-            continue
-        try:
-            images[i] = preset.load(data)
-            errors.append("")
-        except ImageDecodeError as exc:
-            errors.append(f"{exc.kind}: {exc}")
-    out = dict(batch)
-    out["image"] = images
-    out["error"] = np.array(errors, dtype=object)
-    return out
+    return read_decode_files(batch, preset=preset, storage_options=storage_options)
 
 
 def drop_failed(batch: dict[str, np.ndarray], keep: Sequence[str] = ("image", "label")) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
 """Honest evaluation on images the model never saw, and calibration of a training run.
 
-Inference goes through the same pieces as the nightly job (the evaluation
-preset, then :class:`bloodray.predict.CellPredictor`); metrics come from
-:mod:`bloodray.evaluation.metrics`, figures from :mod:`bloodray.evaluation.plots`.
+Metrics come from :mod:`bloodray.evaluation.metrics`, figures from
+:mod:`bloodray.evaluation.plots`; inference goes through the same Ray Data
+pipeline pieces as the nightly job (the read+decode stage of
+:mod:`bloodray.data.stages`, then :class:`bloodray.predict.CellPredictor`).
 
 Outputs (in the run's evaluation folder, see :func:`bloodray.rundir.eval_dir`,
 or a chosen folder/prefix): ``metrics.json``, ``per_class.parquet``,
@@ -50,25 +51,41 @@ class EvaluationResult:
 
 
 def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: Mapping[str, Any] | None = None,
-                 *, batch_size: int = 64, tta: bool = False, concurrency: int | None = None) -> pa.Table:
-    """Run decode + :class:`CellPredictor` over rows with ``uri`` (and ``label``) on Ray Data."""
+                 *, batch_size: int = 64, tta: bool = False, concurrency: int | None = None,
+                 decode_cpus: float = 1.0) -> pa.Table:
+    """Run the read+decode stage and :class:`CellPredictor` over rows with ``uri`` (and ``label``) on Ray Data.
+
+    The stage is :func:`bloodray.data.stages.read_decode_files`, as in the
+    nightly job; input columns pass through, bad files come back with the
+    stage's error columns. Resources follow the cluster: with GPUs, one model
+    actor per GPU beside decode tasks of ``decode_cpus`` CPUs; on CPU only,
+    decode and model ask for the same ``decode_cpus`` CPUs, so Ray fuses them,
+    with one actor per such share of the cluster (at most one per input block).
+    ``concurrency`` fixes the number of actors.
+    """
     import ray
 
     from bloodray.checkpoint import read_metadata
-    from bloodray.data.labelled import decode_batch
+    from bloodray.data.stages import cluster_cpu_slots, read_decode_files
     from bloodray.predict import CellPredictor
 
     if not ray.is_initialized():
         ray.init()
-    meta = read_metadata(checkpoint, storage_options)
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // batch_size)))
-    ds = ds.map_batches(decode_batch, batch_size=batch_size, num_cpus=0.5,
-                        fn_kwargs={"input_size": meta.input_size, "storage_options": dict(storage_options or {})})
-    ds = ds.map_batches(CellPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency or 1),
-                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                        fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": dict(storage_options or {}),
-                                               "tta": tta})
+    opts = dict(storage_options or {})
+    meta = read_metadata(checkpoint, opts)
+    blocks = max(1, min(64, len(rows) // batch_size))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        actors, model_resources = concurrency or gpus, {"num_gpus": 1, "num_cpus": 0}
+    else:
+        actors = concurrency or min(cluster_cpu_slots(decode_cpus), blocks)
+        model_resources = {"num_cpus": decode_cpus}
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(read_decode_files, batch_size=batch_size, num_cpus=decode_cpus,
+                        fn_kwargs={"preset": meta.preset(), "storage_options": opts})
+    ds = ds.map_batches(CellPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": opts, "tta": tta},
+                        **model_resources)
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 

@@ -19,8 +19,15 @@ A run is committed when its manifest exists; the manifest is written after
 all its data files. The *visible* run of a date is the committed run with the
 latest ``committed_at``. Reading a data table directory directly (a bare glob)
 can also see files of a crashed run or of an older run not yet cleaned up,
-so readers should go through :func:`read_table` / :func:`visible_runs` (or
-``bloodray.analysis.query``), or join the ``runs`` table on ``run_id``.
+so readers should go through :func:`visible_runs` / :func:`table_dataset` (or
+:func:`bloodray.analysis.query.read_table` and the views of
+:func:`bloodray.analysis.query.connect`), or join the ``runs`` table on ``run_id``.
+
+This module is the one owner of that contract: one pyarrow schema per table
+(:data:`SCHEMAS`); the staged per-image rows of a run (:func:`staged_schema`),
+the SQL select lists that fill the tables (:func:`select_list`), the DuckDB
+column types of the query views (:func:`duckdb_columns`) and the visible-run
+rule (:func:`visible_runs_sql`) are derived from it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import pyarrow.fs as pafs
 
 from bloodray import storage
 from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES
+from bloodray.data.stages import ERROR_COLUMNS
 from bloodray.nightly.differential import count_columns, flag_columns
 
 #: Data tables, one directory each under the output root.
@@ -44,8 +52,11 @@ RUN_CONFIGS = "run_configs"
 STAGING = "_staging"
 #: Status of a committed run (the only status a manifest is ever written with).
 COMMITTED = "committed"
+#: Hive partition column of every table; it lives in the paths, never inside the files.
+RUN_DATE = "run_date"
+RUN_DATE_PREFIX = RUN_DATE + "="
 
-PARTITIONING = ds.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+PARTITIONING = ds.partitioning(pa.schema([(RUN_DATE, pa.string())]), flavor="hive")
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -65,9 +76,9 @@ def predictions_schema() -> pa.Schema:
 
 
 def errors_schema() -> pa.Schema:
-    """Schema of the files under ``errors/``."""
-    return pa.schema([("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string()),
-                      ("stage", pa.string()), ("error_type", pa.string()), ("message", pa.string())])
+    """Schema of the files under ``errors/``: the image, and the read+decode stage's error columns."""
+    return pa.schema([("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string())]
+                     + [(c, pa.string()) for c in ERROR_COLUMNS])
 
 
 def differentials_schema() -> pa.Schema:
@@ -109,10 +120,67 @@ def runs_schema() -> pa.Schema:
 SCHEMAS = {"predictions": predictions_schema, "errors": errors_schema,
            "differentials": differentials_schema, RUNS: runs_schema}
 
+#: Prediction columns a run sets for every row (run id, review rule, model), not the model per image.
+RUN_LEVEL_PREDICTION_COLUMNS: tuple[str, ...] = ("run_id", "needs_review", "model_name", "checkpoint_id")
+
+
+def staged_schema() -> pa.Schema:
+    """Schema of a run's staged per-image rows (``_staging/<run_id>/results/``).
+
+    One row per image read, good or bad: the per-image columns of
+    ``predictions`` (null on error rows), then the error columns of ``errors``
+    (null on good rows). The predictions and errors tables are selected from it.
+    """
+    pred = predictions_schema()
+    fields = [f for f in pred if f.name not in RUN_LEVEL_PREDICTION_COLUMNS]
+    fields += [errors_schema().field(c) for c in ERROR_COLUMNS]
+    return pa.schema(fields)
+
 
 def with_run_date(schema: pa.Schema) -> pa.Schema:
     """``schema`` plus the ``run_date`` column readers get from the path."""
-    return schema.append(pa.field("run_date", pa.string()))
+    return schema.append(pa.field(RUN_DATE, pa.string()))
+
+
+def select_list(table: str, exprs: Mapping[str, str] | None = None) -> str:
+    """SQL select list producing ``table``'s columns in schema order.
+
+    ``exprs`` gives the SQL expression of some columns (``{"run_id": "$run_id"}``);
+    every other column is selected by name.
+    """
+    exprs = dict(exprs or {})
+    names = SCHEMAS[table]().names
+    unknown = set(exprs) - set(names)
+    if unknown:
+        raise ValueError(f"{table}: no column(s) {sorted(unknown)} in the contract")
+    return ", ".join(f"{exprs[n]} AS {n}" if n in exprs else n for n in names)
+
+
+def view_schema(view: str) -> pa.Schema:
+    """Arrow schema of a query view (``runs``, ``all_runs`` or a data table), ``run_date`` included."""
+    return with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]())
+
+
+def duckdb_columns(view: str) -> list[tuple[str, str]]:
+    """Column names and DuckDB types of a query view, as DuckDB itself maps the Arrow schema."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        rel = con.from_arrow(view_schema(view).empty_table())
+        return [(name, str(typ)) for name, typ in zip(rel.columns, rel.types)]
+    finally:
+        con.close()
+
+
+def visible_runs_sql(manifests: str) -> str:
+    """SQL selecting the visible run of each date from a relation of committed manifests.
+
+    The visible run of a date is the committed manifest with the latest
+    ``committed_at``; ties (clock resolution) go to the later run id.
+    """
+    return (f"SELECT * FROM {manifests} WHERE status = '{COMMITTED}' QUALIFY row_number() OVER "
+            f"(PARTITION BY {RUN_DATE} ORDER BY committed_at DESC, run_id DESC) = 1 ORDER BY {RUN_DATE}")
 
 
 # ---------------------------------------------------------------------------
@@ -127,17 +195,17 @@ def table_dir(root: str, table: str) -> str:
 
 def partition_dir(root: str, table: str, run_date: str, run_id: str) -> str:
     """Directory holding one run's files of a data table."""
-    return posixpath.join(root, table, f"run_date={run_date}", run_id)
+    return posixpath.join(root, table, f"{RUN_DATE_PREFIX}{run_date}", run_id)
 
 
 def manifest_path(root: str, run_date: str, run_id: str) -> str:
     """Path of a run's manifest file."""
-    return posixpath.join(root, RUNS, f"run_date={run_date}", f"{run_id}.parquet")
+    return posixpath.join(root, RUNS, f"{RUN_DATE_PREFIX}{run_date}", f"{run_id}.parquet")
 
 
 def config_path(root: str, run_date: str, run_id: str) -> str:
     """Path of a run's saved config YAML."""
-    return posixpath.join(root, RUN_CONFIGS, f"run_date={run_date}", f"{run_id}.yaml")
+    return posixpath.join(root, RUN_CONFIGS, f"{RUN_DATE_PREFIX}{run_date}", f"{run_id}.yaml")
 
 
 def staging_dir(root: str, run_id: str) -> str:
@@ -153,8 +221,7 @@ def output_root(output_uri: str, storage_options: Mapping[str, Any] | None = Non
 
 def arrow_filesystem(fs) -> pafs.FileSystem:
     """A pyarrow filesystem over an fsspec one (native for local paths)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if any(p in ("file", "local") for p in protocols):
+    if storage.is_local(fs):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
@@ -186,7 +253,7 @@ def committed_runs(output_uri: str, storage_options: Mapping[str, Any] | None = 
     """Every committed run manifest (with ``run_date``), visible or not."""
     fs, root = output_root(output_uri, storage_options)
     base = table_dir(root, RUNS)
-    directory = posixpath.join(base, f"run_date={run_date}") if run_date else base
+    directory = posixpath.join(base, f"{RUN_DATE_PREFIX}{run_date}") if run_date else base
     try:
         files = parquet_files(fs, directory)
     except Exception as exc:  # noqa: BLE001
@@ -209,11 +276,11 @@ def visible_runs(output_uri: str, storage_options: Mapping[str, Any] | None = No
     import duckdb
 
     con = duckdb.connect()
-    con.register("runs", runs)
-    # Ties on committed_at (clock resolution) go to the later run id.
-    out = con.sql("SELECT * FROM runs QUALIFY row_number() OVER "
-                  "(PARTITION BY run_date ORDER BY committed_at DESC, run_id DESC) = 1 "
-                  "ORDER BY run_date").to_arrow_table()
+    try:
+        con.register("manifests", runs)
+        out = con.sql(visible_runs_sql("manifests")).to_arrow_table()
+    finally:
+        con.close()
     return out.cast(with_run_date(runs_schema()))
 
 
@@ -227,7 +294,7 @@ def run_files(output_uri: str, table: str, runs: pa.Table,
         return []
     base = table_dir(root, table)
     # One listing per table (or per date when only one is wanted), never one per file.
-    directory = posixpath.join(base, f"run_date={dates[0]}") if len(set(dates)) == 1 else base
+    directory = posixpath.join(base, f"{RUN_DATE_PREFIX}{dates[0]}") if len(set(dates)) == 1 else base
     try:
         files = parquet_files(fs, directory)
     except Exception as exc:  # noqa: BLE001
@@ -247,19 +314,3 @@ def table_dataset(output_uri: str, table: str, runs: pa.Table,
         return ds.dataset(with_run_date(schema).empty_table())
     fs, root = output_root(output_uri, storage_options)
     return _dataset(fs, files, table_dir(root, table), schema)
-
-
-def read_table(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None,
-               run_date: str | None = None) -> pa.Table:
-    """Rows of ``table`` from committed, visible runs only (plus a ``run_date`` column).
-
-    ``table`` is one of ``predictions``, ``errors``, ``differentials`` or
-    ``runs`` (the latter returns :func:`visible_runs`). Files of crashed runs,
-    of runs being committed and of superseded runs are never read.
-    """
-    if table == RUNS:
-        return visible_runs(output_uri, storage_options, run_date)
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES + (RUNS,))}")
-    visible = visible_runs(output_uri, storage_options, run_date)
-    return table_dataset(output_uri, table, visible, storage_options).to_table()

@@ -1,0 +1,178 @@
+"""Publishing a staged nightly run: copy its tables into their partitions, write the manifest last, clean up.
+
+The commit protocol (layout: :mod:`bloodray.nightly.contract`)::
+
+    copy staged files into <table>/run_date=<D>/<run_id>/
+    write run_configs/run_date=<D>/<run_id>.yaml
+    write runs/run_date=<D>/<run_id>.parquet                 LAST: marks the run committed
+    delete superseded runs of that date and stale staging    best effort
+
+A run that dies before its manifest is written leaves nothing visible to
+readers going through the manifests; its leftovers are deleted by the next
+committed run of that date.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import posixpath
+import time
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from bloodray import storage
+from bloodray.config import dump_yaml, save_config
+from bloodray.nightly import contract
+from bloodray.nightly.config import ClassifyError
+from bloodray.nightly.plan import RUN_MARKER, RunPlan, RunResult, now
+
+log = logging.getLogger(__name__)
+
+
+def publish_files(plan: RunPlan) -> None:
+    """Commit step 1: copy the staged tables into their partitions and save the config.
+
+    Nothing becomes visible: readers only read runs that have a manifest.
+    """
+    fs, root = contract.output_root(plan.output_uri, plan.storage_options)
+    for table in contract.TABLES:
+        staged = contract.parquet_files(fs, posixpath.join(plan.staging, table))
+        if not staged:
+            raise ClassifyError(f"{storage.full_uri(fs, plan.staging)}: staged {table} are missing; "
+                                "was this run's staging deleted by another run?")
+        target = contract.partition_dir(root, table, plan.run_date, plan.run_id)
+        if fs.exists(target):  # leftovers of an interrupted commit of this same run id
+            fs.rm(target, recursive=True)
+        if storage.is_local(fs):
+            fs.makedirs(target, exist_ok=True)
+        # Server-side copies on object storage: no bytes pass through the driver.
+        fs.copy(staged, [posixpath.join(target, posixpath.basename(p)) for p in staged])
+    save_config(plan.cfg, storage.full_uri(fs, contract.config_path(root, plan.run_date, plan.run_id)),
+                plan.storage_options)
+
+
+def commit_run(plan: RunPlan) -> RunResult:
+    """Publish a staged run: copy its files into the partitions, then write the manifest LAST.
+
+    Until the manifest exists the run is invisible to readers (:func:`bloodray.nightly.contract.visible_runs`);
+    a crash anywhere before that leaves the previously visible run untouched.
+    Afterwards, superseded runs of the date and stale staging are deleted
+    (best effort, see :func:`cleanup_runs`).
+    """
+    timer = time.monotonic()
+    fs, root = contract.output_root(plan.output_uri, plan.storage_options)
+    publish_files(plan)
+    committed_at = now()
+    plan.timings["commit"] = time.monotonic() - timer
+    timings = {k: round(v, 3) for k, v in plan.timings.items()}
+    manifest = {
+        "run_id": plan.run_id, "status": contract.COMMITTED, "started_at": plan.started_at,
+        "committed_at": committed_at, "checkpoint": plan.checkpoint_uri, "checkpoint_id": plan.checkpoint_id,
+        "model_name": plan.model_name, "review_threshold": plan.review_threshold, "input_uri": plan.input_uri,
+        "output_uri": plan.output_uri, "config_yaml": dump_yaml(plan.cfg), "n_inputs": plan.stats["n_inputs"],
+        "n_predictions": plan.stats["n_predictions"], "n_errors": plan.stats["n_errors"],
+        "n_samples": plan.stats["n_samples"], "n_review": plan.stats["n_review"],
+        "timings_json": json.dumps(timings), "incremental_skipped_samples": len(plan.skip_samples),
+        "carried_from_run_id": plan.carried_from,
+    }
+    manifest_path = contract.manifest_path(root, plan.run_date, plan.run_id)
+    storage.put_bytes(fs, manifest_path,
+                      storage.parquet_bytes(pa.Table.from_pylist([manifest], schema=contract.runs_schema())),
+                      atomic=True)
+    log.info("run %s committed: %d predictions, %d errors, %d samples (%d need review)", plan.run_id,
+             plan.stats["n_predictions"], plan.stats["n_errors"], plan.stats["n_samples"], plan.stats["n_review"])
+    cleanup_runs(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
+    return RunResult(run_id=plan.run_id, run_date=plan.run_date, output_uri=plan.output_uri,
+                     manifest_uri=storage.full_uri(fs, manifest_path), checkpoint_id=plan.checkpoint_id,
+                     n_inputs=plan.stats["n_inputs"], n_predictions=plan.stats["n_predictions"],
+                     n_errors=plan.stats["n_errors"], n_samples=plan.stats["n_samples"],
+                     n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
+                     timings=timings)
+
+
+def run_marker(fs, root: str, run_id: str) -> dict[str, Any] | None:
+    """The ``run.json`` a run writes first into its staging dir; None when absent (run finished or junk)."""
+    try:
+        info = json.loads(fs.cat_file(posixpath.join(contract.staging_dir(root, run_id), RUN_MARKER)))
+        return {"run_date": str(info["run_date"]), "started_at": dt.datetime.fromisoformat(info["started_at"])}
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def subdirs(fs, path: str) -> list[str]:
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+
+
+#: Staging of a run for *another* date is only removed once this old: backfills
+#: of several dates may legitimately run side by side into one output.
+STALE_STAGING_AGE = dt.timedelta(days=2)
+
+
+def cleanup_runs(output_uri: str, run_date: str, run_id: str,
+                 storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Delete what the committed run ``run_id`` supersedes; returns the deleted paths.
+
+    For ``run_date``: data directories of runs committed before it, and data
+    directories and configs of uncommitted runs that started before it
+    (crashed runs). Staging: its own, that of committed runs, of runs of the
+    same date that started before it, and of any run older than
+    :data:`STALE_STAGING_AGE`. A run still in flight (started later, or of
+    another date) is left alone. Manifests of superseded runs stay, as the
+    history of what ran. Best effort: failures are logged, never raised.
+
+    Concurrent runs of the *same date* into one output are not supported (no
+    lock): the one that commits last wins and removes the other's files.
+    """
+    fs, root = contract.output_root(output_uri, storage_options)
+    deleted: list[str] = []
+    try:
+        runs = contract.committed_runs(output_uri, storage_options, run_date)
+        committed = dict(zip(runs.column("run_id").to_pylist(), runs.column("committed_at").to_pylist()))
+        if run_id not in committed:
+            raise ClassifyError(f"run {run_id} is not committed; nothing is cleaned up")
+        ours = run_marker(fs, root, run_id)
+        ours_started = ours["started_at"] if ours else committed[run_id]
+
+        def superseded(other: str) -> bool:
+            """Same-date run whose files may go."""
+            if other == run_id:
+                return False
+            if other in committed:
+                return committed[other] < committed[run_id]
+            marker = run_marker(fs, root, other)
+            return marker is None or marker["started_at"] < ours_started
+
+        for table in contract.TABLES:
+            date_dir = posixpath.join(root, table, f"{contract.RUN_DATE_PREFIX}{run_date}")
+            deleted += [posixpath.join(date_dir, other) for other in subdirs(fs, date_dir) if superseded(other)]
+        config_dir = posixpath.join(root, contract.RUN_CONFIGS, f"{contract.RUN_DATE_PREFIX}{run_date}")
+        try:
+            config_files = fs.ls(config_dir, detail=False)
+        except FileNotFoundError:
+            config_files = []
+        for path in config_files:
+            other = posixpath.basename(path).removesuffix(".yaml")
+            if other not in committed and superseded(other):
+                deleted.append(path)
+        staging_root = posixpath.join(root, contract.STAGING)
+        for other in subdirs(fs, staging_root):
+            marker = run_marker(fs, root, other)
+            if (other == run_id or other in committed or marker is None
+                    or (marker["run_date"] == run_date and marker["started_at"] < ours_started)
+                    or marker["started_at"] < ours_started - STALE_STAGING_AGE):
+                deleted.append(posixpath.join(staging_root, other))
+        for path in deleted:
+            fs.rm(path, recursive=True)
+        if deleted:
+            log.info("cleanup after run %s: removed %d superseded or stale path(s)", run_id, len(deleted))
+    except Exception as exc:  # noqa: BLE001 - cleanup never fails a committed run
+        log.warning("cleanup after run %s incomplete (%s); leftovers are invisible to readers and are "
+                    "removed by a later run", run_id, exc)
+    return deleted

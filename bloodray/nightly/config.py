@@ -1,0 +1,191 @@
+"""Configuration of the nightly classification job: :class:`ClassifyConfig` and its sections.
+
+Each section validates its own keys and names the dotted key in its error
+(:func:`bloodray.config.load_config` calls ``validate(prefix)``).
+``configs/classify/nightly.yaml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bloodray.classes import DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
+from bloodray.config import ConfigError, StorageConfig
+from bloodray.data.decode import DEFAULT_MAX_PIXELS
+
+#: Review threshold used when neither the config nor the checkpoint sets one.
+DEFAULT_REVIEW_THRESHOLD = 0.7
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# No "=" (a hive reader would take "a=b" for a partition), no leading "_" or
+# "." (pyarrow would skip the directory), nothing that needs quoting in a URI.
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ClassifyError(RuntimeError):
+    """The run cannot proceed (no inputs, run id already committed...); the message says why."""
+
+
+@dataclass
+class InputConfig:
+    """The slide archive to classify."""
+
+    #: archive root, local path or ``s3://`` URI (with ``run.date``: the parent of the date folders).
+    uri: str
+    layout: Literal["auto", "folders", "tar"] = "auto"
+    #: ``parent``: the image's parent folder; ``root``: first path component under the archive root.
+    sample_id_from: Literal["parent", "root"] = "parent"
+
+    def validate(self, prefix: str) -> None:
+        if not self.uri.strip():
+            raise ConfigError(f"{prefix}.uri: must not be empty")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go (see :mod:`bloodray.nightly.contract` for the layout)."""
+
+    uri: str
+    #: upper bound of rows per Parquet file of the output tables.
+    rows_per_file: int = 100_000
+
+    def validate(self, prefix: str) -> None:
+        if not self.uri.strip():
+            raise ConfigError(f"{prefix}.uri: must not be empty")
+        if self.rows_per_file < 1:
+            raise ConfigError(f"{prefix}.rows_per_file: must be >= 1, got {self.rows_per_file}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model classifies the cells."""
+
+    #: checkpoint dir or training run dir (best checkpoint); null = the packaged default model.
+    checkpoint: str | None = None
+    #: ``auto`` = the GPU Ray assigns to the actor if any, else CPU.
+    device: str = "auto"
+    #: average over the 8 dihedral views (8x the compute).
+    tta: bool = False
+
+    def validate(self, prefix: str) -> None:
+        if not _DEVICE_RE.match(self.device):
+            raise ConfigError(f"{prefix}.device: expected auto, cpu, cuda, cuda:<n> or mps; got {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    """Which date a run is for, and how it relates to earlier runs."""
+
+    #: ``YYYY-MM-DD``: read ``<input.uri>/<date>/`` and write under ``run_date=<date>``;
+    #: null: read ``input.uri`` as given and partition under today's UTC date.
+    date: str | None = None
+    #: skip samples already in the visible run of the date (same checkpoint) and carry their rows over.
+    incremental: bool = False
+    #: override the generated run id (``<UTC start>-<random>``).
+    run_id: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        if self.date is not None:
+            try:
+                if not _DATE_RE.match(self.date):
+                    raise ValueError
+                dt.date.fromisoformat(self.date)
+            except ValueError:
+                raise ConfigError(f"{prefix}.date: expected YYYY-MM-DD, got {self.date!r}") from None
+        if self.run_id is not None and not _RUN_ID_RE.match(self.run_id):
+            raise ConfigError(f"{prefix}.run_id: use letters, digits, '.', '_' and '-' (not first), "
+                              f"at most 128 characters; got {self.run_id!r}")
+
+
+@dataclass
+class ReviewConfig:
+    """When a prediction goes to human review."""
+
+    #: confidence below this needs review. null = the checkpoint's ``review_threshold``
+    #: when it has one, else 0.7 (:data:`DEFAULT_REVIEW_THRESHOLD`).
+    threshold: float | None = None
+
+    def validate(self, prefix: str) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"{prefix}.threshold: must be in (0, 1), got {self.threshold}")
+
+
+@dataclass
+class FlagsConfig:
+    """Clinical flags of the differential."""
+
+    #: YAML of reference ranges (see configs/reference_ranges.yaml); null = packaged defaults.
+    reference_ranges: str | None = None
+    #: immature granulocytes above this % of white cells are flagged.
+    ig_percent: float = DEFAULT_IG_FLAG_PERCENT
+    #: fewer classified white cells than this flags the differential as unreliable.
+    min_wbc: int = DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 <= self.ig_percent <= 100.0:
+            raise ConfigError(f"{prefix}.ig_percent: must be a percentage in [0, 100], got {self.ig_percent}")
+        if self.min_wbc < 0:
+            raise ConfigError(f"{prefix}.min_wbc: must be >= 0, got {self.min_wbc}")
+
+
+@dataclass
+class InferenceConfig:
+    """Ray Data resources of the read/decode tasks and the model actors."""
+
+    #: images per model batch (and per read/decode task for image files).
+    batch_size: int = 64
+    #: model actors; null = one per GPU (num_gpus > 0), or one per ``decode_cpus`` CPUs of the cluster on CPU.
+    concurrency: int | None = None
+    #: GPUs per model actor (0 = CPU inference).
+    num_gpus: float = 0.0
+    #: CPUs reserved by each read/decode task.
+    decode_cpus: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"{prefix}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"{prefix}.concurrency: must be >= 1 or null, got {self.concurrency}")
+        if self.num_gpus < 0:
+            raise ConfigError(f"{prefix}.num_gpus: must be >= 0, got {self.num_gpus}")
+        if self.decode_cpus <= 0:
+            raise ConfigError(f"{prefix}.decode_cpus: must be > 0, got {self.decode_cpus}")
+
+
+@dataclass
+class LimitsConfig:
+    """Input safety limits."""
+
+    #: images with more pixels (width x height) are refused before decoding (errors, ``too_large``).
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self, prefix: str) -> None:
+        if self.max_pixels < 1:
+            raise ConfigError(f"{prefix}.max_pixels: must be >= 1, got {self.max_pixels}")
+
+
+@dataclass
+class ClassifyConfig:
+    """Configuration of a classification run (``configs/classify/nightly.yaml``)."""
+
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+    flags: FlagsConfig = field(default_factory=FlagsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def effective_threshold(cfg: ClassifyConfig, checkpoint_threshold: float | None) -> float:
+    """The review threshold a run uses: the config's, else the checkpoint's, else the default."""
+    if cfg.review.threshold is not None:
+        return cfg.review.threshold
+    if checkpoint_threshold is not None:
+        return float(checkpoint_threshold)
+    return DEFAULT_REVIEW_THRESHOLD
