@@ -129,7 +129,7 @@ def _side(sample: Mapping[str, Any], cls: str) -> str | None:
     value, ref = _num(sample.get(f"pct_{cls}")), reference_ranges().get(cls)
     if value is None or ref is None:
         return None
-    return "low" if value < ref.low else "high" if value > ref.high else None
+    return "low" if value < ref.low and ref.flag_low else "high" if value > ref.high else None
 
 
 def _flags(sample: Mapping[str, Any]) -> list[str]:

@@ -136,7 +136,7 @@ def write_differentials(plan: RunPlan, con) -> None:
                count(*) FILTER (WHERE is_error) AS n_errors, count(*) FILTER (WHERE needs_review) AS n_review,
                {per_class}
         FROM rows GROUP BY sample_id ORDER BY sample_id""").to_arrow_table()
-    diffs = compute_differentials(counts, plan.rules)
+    diffs = compute_differentials(counts, plan.rules, plan.sample_metadata)
     diffs = diffs.add_column(0, "run_id", pa.array([plan.run_id] * diffs.num_rows, pa.string()))
     schema = contract.differentials_schema()
     diffs = diffs.select(schema.names).cast(schema)

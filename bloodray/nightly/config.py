@@ -123,12 +123,24 @@ class FlagsConfig:
     ig_percent: float = DEFAULT_IG_FLAG_PERCENT
     #: fewer classified white cells than this flags the differential as unreliable.
     min_wbc: int = DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
+    #: erythroblasts per 100 white cells above which (whole interval above) a sample is flagged.
+    erythroblast_per_100_wbc: float = 1.0
+    #: confidence level of the counting-error intervals a flag must clear (Wilson score interval).
+    confidence: float = 0.95
+    #: optional table (CSV or Parquet, local or S3) of ``sample_id, wbc_count_10e9_per_l``; samples it lists
+    #: are flagged on absolute reference ranges (10^9/L).
+    sample_metadata: str | None = None
 
     def validate(self, prefix: str) -> None:
         if not 0.0 <= self.ig_percent <= 100.0:
             raise ConfigError(f"{prefix}.ig_percent: must be a percentage in [0, 100], got {self.ig_percent}")
         if self.min_wbc < 0:
             raise ConfigError(f"{prefix}.min_wbc: must be >= 0, got {self.min_wbc}")
+        if not 0.0 <= self.erythroblast_per_100_wbc <= 100.0:
+            raise ConfigError(f"{prefix}.erythroblast_per_100_wbc: must be in [0, 100], got "
+                              f"{self.erythroblast_per_100_wbc}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"{prefix}.confidence: must be in [0.5, 1), got {self.confidence}")
 
 
 @dataclass

@@ -40,9 +40,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bloodray import storage
-from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES
+from bloodray.classes import CLASS_NAMES
 from bloodray.data.stages import ERROR_COLUMNS
-from bloodray.nightly.differential import count_columns, flag_columns
+from bloodray.nightly.differential import count_columns, differential_fields
 
 #: Data tables, one directory each under the output root.
 TABLES: tuple[str, ...] = ("predictions", "errors", "differentials")
@@ -86,12 +86,7 @@ def differentials_schema() -> pa.Schema:
     fields = [("run_id", pa.string()), ("sample_id", pa.string()), ("n_images", pa.int64()),
               ("n_classified", pa.int64()), ("n_errors", pa.int64()), ("n_review", pa.int64())]
     fields += [(c, pa.int64()) for c in count_columns()]
-    fields += [("n_wbc", pa.int64())]
-    fields += [(f"pct_{n}", pa.float64()) for n in DIFFERENTIAL_CLASSES]
-    fields += [("ig_per_100_wbc", pa.float64()), ("erythroblast_per_100_wbc", pa.float64()),
-               ("platelet_count", pa.int64())]
-    fields += [(c, pa.bool_()) for c in flag_columns()]
-    fields += [("flags", pa.list_(pa.string())), ("any_flag", pa.bool_())]
+    fields += differential_fields()
     return pa.schema(fields)
 
 

@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from bloodray import storage
 from bloodray.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from bloodray.classes import CLASS_NAMES
@@ -26,7 +28,8 @@ from bloodray.data.preset import EvalPreset
 from bloodray.data.stages import cluster_cpu_slots
 from bloodray.nightly import contract
 from bloodray.nightly.config import ClassifyConfig, ClassifyError, InferenceConfig, effective_threshold
-from bloodray.nightly.differential import FlagRules, ReferenceRangeError, load_reference_ranges
+from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
+                                           load_flag_rules, load_sample_metadata)
 from bloodray.nightly.listing import InputListing, list_inputs
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class RunPlan:
     listing: InputListing
     skip_samples: frozenset[str] = frozenset()
     carried_from: str | None = None
+    #: ``sample_id, wbc_count_10e9_per_l`` from ``flags.sample_metadata``, or None.
+    sample_metadata: pa.Table | None = None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -131,11 +136,21 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     meta = read_metadata(checkpoint_uri, so)
     if list(meta.classes) != list(CLASS_NAMES):
         raise CheckpointError(f"{checkpoint_uri}: checkpoint classes {meta.classes} differ from {list(CLASS_NAMES)}")
+    flags = cfg.flags
     try:
-        ranges = load_reference_ranges(cfg.flags.reference_ranges, so)
+        rules = load_flag_rules(flags.reference_ranges, so, ig_percent=flags.ig_percent, min_wbc=flags.min_wbc,
+                                erythroblast_per_100_wbc=flags.erythroblast_per_100_wbc,
+                                confidence=flags.confidence)
     except ReferenceRangeError as exc:
         raise ConfigError(f"flags.reference_ranges: {exc}") from exc
-    rules = FlagRules(ranges=ranges, ig_percent=cfg.flags.ig_percent, min_wbc=cfg.flags.min_wbc)
+    except FlagRulesError as exc:
+        raise ConfigError(str(exc)) from exc
+    sample_metadata = None
+    if flags.sample_metadata:
+        try:
+            sample_metadata = load_sample_metadata(flags.sample_metadata, so)
+        except SampleMetadataError as exc:
+            raise ConfigError(f"flags.sample_metadata: {exc}") from exc
     base = meta.preset()
     preset = EvalPreset(base.input_size, base.mean, base.std, cfg.limits.max_pixels)
 
@@ -166,7 +181,7 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     plan = RunPlan(cfg=cfg, run_id=run_id, run_date=run_date, input_uri=input_uri, output_uri=output_uri,
                    storage_options=so, checkpoint_uri=checkpoint_uri, checkpoint_id=meta.checkpoint_id,
                    model_name=meta.model_name, preset=preset,
-                   review_threshold=effective_threshold(cfg, meta.review_threshold), rules=rules,
+                   review_threshold=effective_threshold(cfg, meta.review_threshold), rules=rules, sample_metadata=sample_metadata,
                    started_at=started, listing=listing, skip_samples=skip, carried_from=carried_from)
     storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
                       json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
