@@ -192,6 +192,10 @@ def test_train_collate_fn_returns_tensors_and_is_seeded():
     assert torch.equal(first["image"], again["image"])
     plain = train_collate_fn(None, (0, 1, 2))(batch)
     assert np.array_equal(plain["image"].numpy(), batch["image"])
+    # For precise BN the first batches are also kept un-augmented.
+    keeping = train_collate_fn(AugmentConfig(), (0, 1, 2), keep_clean=1)
+    keeping(batch), keeping(batch)
+    assert len(keeping.clean) == 1 and np.array_equal(keeping.clean[0].numpy(), batch["image"])
 
 
 def test_device_augmentation_is_batched_bounded_and_seeded():

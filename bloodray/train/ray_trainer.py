@@ -139,7 +139,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     datasets = {split: decoded[split].map_batches(drop_failed, batch_size=None, num_cpus=cfg.data.cpus_per_task)
                 .materialize() for split in ("train", "val")}
     del decoded
-    if datasets["train"].count() == 0:
+    n_train = datasets["train"].count()
+    if n_train == 0:
         raise ValueError(f"{cfg.data.root}: no decodable training images")
     # A new block order every epoch spreads different images over the workers; augmentation happens in the
     # workers' iterators (train_collate_fn), so no Ray Data stage runs beside the training workers.
@@ -152,7 +153,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "steps_per_epoch": steps_per_epoch(
-            datasets["train"].count(), cfg.scaling.num_workers, cfg.train.batch_size)},
+            n_train, cfg.scaling.num_workers, cfg.train.batch_size)},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
