@@ -15,6 +15,8 @@ from bloodray.train.recipe import Recipe, builder_kwargs
 
 @dataclass
 class SplitSection:
+    """Fractions and seed of the stratified, content-addressed train/val/test split."""
+
     train: float = 0.7
     val: float = 0.1
     test: float = 0.2
@@ -54,6 +56,8 @@ class DataSection:
 
 @dataclass
 class ModelSection:
+    """The architecture and its initialisation."""
+
     name: str = "bloodnet"
     pretrained: bool = False
     #: local path or s3:// URI of ImageNet weights (a torchvision state_dict) to use instead of downloading.
@@ -76,6 +80,8 @@ class ModelSection:
 
 @dataclass
 class AugmentSection:
+    """Training augmentation of the Ray Train workers (see :func:`bloodray.data.augment.augment_batch`)."""
+
     enabled: bool = True
     flips: bool = True
     rotate90: bool = True
@@ -90,6 +96,7 @@ class AugmentSection:
             raise ConfigError(f"{prefix}.color_jitter: must be in [0, 1)")
 
     def to_augment(self) -> AugmentConfig:
+        """The augmentation these settings describe."""
         return AugmentConfig(self.flips, self.rotate90, self.color_jitter, self.hue_jitter, self.min_scale)
 
 
@@ -150,6 +157,8 @@ class OptimSection:
 
 @dataclass
 class ScalingSection:
+    """How many Ray Train workers, and what each one holds."""
+
     num_workers: int = 2
     use_gpu: bool = False
     #: CPUs per training worker; None = fit the cluster, leaving room for the data stages.
@@ -165,6 +174,8 @@ class ScalingSection:
 
 @dataclass
 class RunSection:
+    """Where the run lives and how many checkpoints and failures it keeps."""
+
     name: str = "bloodnet"
     #: local folder or s3:// prefix; the run lives in <storage_path>/<name>.
     storage_path: str = "runs"

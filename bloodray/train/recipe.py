@@ -133,10 +133,12 @@ class WeightEMA:
         self._other = [(e, m) for e, m in pairs if not e.is_floating_point()]
 
     def current_decay(self) -> float:
+        """The decay the next update uses."""
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self) -> None:
+        """Move the average one step towards the model's current weights."""
         weight = 1.0 - self.current_decay()
         torch._foreach_lerp_([e for e, _ in self._float], [m for _, m in self._float], weight)
         for e, m in self._other:
@@ -144,9 +146,11 @@ class WeightEMA:
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
+        """The average and its update count, for resuming."""
         return {"weights": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.module.load_state_dict(state["weights"])
         self.updates = int(state["updates"])
 
@@ -171,10 +175,12 @@ class TrainingState:
         return self.optimizer.param_groups[0]["initial_lr"] * self.schedule(max(0, self.step - 1))
 
     def state_dict(self) -> dict[str, Any]:
+        """Optimizer, scheduler, step and average, for resuming."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state.get("step", self.scheduler.last_epoch))
