@@ -301,20 +301,21 @@ def plain_torch(cfg, images: np.ndarray, labels: np.ndarray, *, threads: int, ba
                 warmup: int, seed: int = 0) -> dict[str, Any]:
     """A hand-written training loop: no Ray, no DDP, batches sliced from an in-memory array."""
     import torch
-    from torch import nn
 
     from bloodray.classes import NUM_CLASSES
+    from bloodray.data.augment import augment_batch
+    from bloodray.data.preset import EvalPreset
     from bloodray.models import create_model, get_model_info
-    from bloodray.data.preset import EvalPreset, augment_batch
-    from bloodray.train.ray_trainer import build_optimizer, classification_loss, model_kwargs
+    from bloodray.train.recipe import start_training, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     info = get_model_info(cfg.model.name)
     preset = EvalPreset(cfg.input_size, info.mean, info.std)
-    model = create_model(cfg.model.name, NUM_CLASSES, **model_kwargs(cfg))
-    optimizer = build_optimizer(model, cfg.train)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    model = create_model(cfg.model.name, NUM_CLASSES, **cfg.builder_kwargs())
+    recipe = cfg.train.recipe()
+    # The same optimizer, per-step schedule, loss and weight average as the Ray Train workers.
+    state = start_training(model, recipe, -(-len(images) // batch_size))
     augment = cfg.train.augment.to_augment() if cfg.train.augment.enabled else None
     rng = np.random.default_rng(seed)
     model.train()
@@ -330,12 +331,8 @@ def plain_torch(cfg, images: np.ndarray, labels: np.ndarray, *, threads: int, ba
             if augment is not None:
                 batch = augment_batch(batch, rng, augment)
             x = preset.normalize(batch)
-            y = torch.from_numpy(labels[idx])
-            loss, _ = classification_loss(model(x), y, criterion, cfg.train.aux_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss = train_step(state, x, torch.from_numpy(labels[idx]), recipe)
+            loss_sum += float(loss) * len(idx)
         seconds = time.perf_counter() - wall
         records.append({"epoch": epoch + 1, "images": len(order), "seconds": seconds,
                         "images_per_second": len(order) / seconds, "process_cpu_per_wall": (time.process_time() - cpu) / seconds,
@@ -488,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                               "allocator_env_of_b_c_and_a_workers": dict(TRAIN_WORKER_ENV)}
     with tempfile.TemporaryDirectory(prefix="bloodray-bench-") as tmp, CpuSampler() as sampler:
         cfg = bench_config(args, tmp)
-        table, _ = prepare_split(cfg)
+        table, _ = prepare_split(cfg.run_uri, cfg.data, cfg.storage.storage_options())
         n_train = sum(1 for s in table.column("split").to_pylist() if s == "train")
         report["params"] = {"n": args.n, "n_scanned": table.num_rows, "n_train": n_train, "model": cfg.model.name,
                             "input_size": cfg.input_size, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,

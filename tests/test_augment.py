@@ -1,12 +1,14 @@
-"""Unit tests of the batched training augmentation (bloodray.data.preset.augment_batch)."""
+"""Unit tests of the batched training augmentation (bloodray.data.augment)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from bloodray.data.preset import AugmentConfig, _dihedral, _jitter_colors, _rotate_hue, augment_batch, zoom_crops
+from bloodray.data.augment import (AugmentConfig, WarpAugmentConfig, _dihedral, _jitter_colors, augment_batch,
+                                   augment_on_device, hue_matrices, zoom_crops)
 
 OFF = AugmentConfig(flips=False, rotate90=False, color_jitter=0.0, hue_jitter=0.0, min_scale=1.0)
 
@@ -121,6 +123,13 @@ def test_zoom_keeps_content_inside_the_crop():
     assert ((out[..., 0] > 100).sum(axis=(1, 2)) >= 100).all()
 
 
+def _rotate_hue(x: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Rotate the hue of every image of a float NHWC batch by its own angle (radians)."""
+    m = hue_matrices(torch.from_numpy(np.asarray(angle, dtype=np.float32))).numpy()
+    n = x.shape[0]
+    return np.matmul(x.reshape(n, -1, 3), m.transpose(0, 2, 1)).reshape(x.shape)
+
+
 def _jitter_reference(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """The jitter as a chain of steps (brightness, saturation, contrast, hue), one after the other."""
     n = images.shape[0]
@@ -173,7 +182,7 @@ def test_rotate90_refuses_non_square_images():
 def test_train_collate_fn_returns_tensors_and_is_seeded():
     import torch
 
-    from bloodray.train.ray_trainer import train_collate_fn
+    from bloodray.train.ray_loop import train_collate_fn
 
     batch = {"image": _batch(8), "label": np.arange(8, dtype=np.int32)}
     first = train_collate_fn(AugmentConfig(), (0, 1, 2))(batch)
@@ -183,3 +192,41 @@ def test_train_collate_fn_returns_tensors_and_is_seeded():
     assert torch.equal(first["image"], again["image"])
     plain = train_collate_fn(None, (0, 1, 2))(batch)
     assert np.array_equal(plain["image"].numpy(), batch["image"])
+    # For precise BN the first batches are also kept un-augmented.
+    keeping = train_collate_fn(AugmentConfig(), (0, 1, 2), keep_clean=1)
+    keeping(batch), keeping(batch)
+    assert len(keeping.clean) == 1 and np.array_equal(keeping.clean[0].numpy(), batch["image"])
+
+
+def test_device_augmentation_is_batched_bounded_and_seeded():
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    cfg = WarpAugmentConfig()
+    a = augment_on_device(images, cfg, torch.Generator().manual_seed(0))
+    b = augment_on_device(images, cfg, torch.Generator().manual_seed(0))
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    off = WarpAugmentConfig(rotate=False, flips=False, min_scale=1.0, max_scale=1.0, translate=0.0,
+                            color_jitter=0.0, hue_jitter=0.0)
+    same = augment_on_device(images, off, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, images.permute(0, 3, 1, 2).float() / 255.0, atol=1e-5)
+
+
+def test_numpy_and_torch_paths_share_the_colour_jitter():
+    # No geometry: the device path's colour jitter must equal the step-by-step chain with the draws it made.
+    images = _batch(8, seed=4)
+    cfg = WarpAugmentConfig(rotate=False, flips=False, min_scale=1.0, max_scale=1.0, translate=0.0,
+                            color_jitter=0.3, hue_jitter=0.05)
+    out = augment_on_device(torch.from_numpy(images), cfg, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    n = len(images)
+    # augment_on_device draws, in order: angle (off: none), scale, mirror (off: none), shift, then the jitter.
+    torch.rand(n, generator=gen), torch.rand(n, 2, generator=gen)
+    b, s, c = (torch.rand(n, generator=gen) * 0.6 + 0.7 for _ in range(3))
+    hue = (torch.rand(n, generator=gen) * 0.1 - 0.05) * 2 * np.pi
+    x = images.astype(np.float64) / 255.0 * b.numpy()[:, None, None, None]
+    grey = x.mean(axis=3, keepdims=True)
+    x = grey + (x - grey) * s.numpy()[:, None, None, None]
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = mean + (x - mean) * c.numpy()[:, None, None, None]
+    chain = np.clip(_rotate_hue(x.astype(np.float32), hue.numpy()), 0.0, 1.0)
+    assert np.abs(out.permute(0, 2, 3, 1).numpy() - chain).max() < 1e-4

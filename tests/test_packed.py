@@ -13,8 +13,8 @@ from bloodray.checkpoint import load_checkpoint
 from bloodray.classes import CLASS_NAMES
 from bloodray.config import ConfigError, load_config
 from bloodray.data.labelled import build_split
-from bloodray.train.pack import (PackedTrainConfig, PackError, augment_on_device, build_pack, load_pack,
-                             train_packed)
+from bloodray.data.augment import augment_on_device
+from bloodray.train.pack import PackedTrainConfig, PackError, build_pack, load_pack, train_packed
 from bloodray.data.synth import write_labelled_dataset
 
 
@@ -72,13 +72,13 @@ def test_config_errors_name_the_field():
 def test_augmentation_is_batched_bounded_and_seeded():
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     cfg = PackedTrainConfig(pack="x")
-    a = augment_on_device(images, cfg, torch.Generator().manual_seed(0))
-    b = augment_on_device(images, cfg, torch.Generator().manual_seed(0))
+    a = augment_on_device(images, cfg.warp_augment(), torch.Generator().manual_seed(0))
+    b = augment_on_device(images, cfg.warp_augment(), torch.Generator().manual_seed(0))
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
     off = PackedTrainConfig(pack="x", rotate=False, flips=False, min_scale=1.0, max_scale=1.0, translate=0.0,
                             color_jitter=0.0, hue_jitter=0.0)
-    same = augment_on_device(images, off, torch.Generator().manual_seed(0))
+    same = augment_on_device(images, off.warp_augment(), torch.Generator().manual_seed(0))
     assert torch.allclose(same, images.permute(0, 3, 1, 2).float() / 255.0, atol=1e-5)
 
 

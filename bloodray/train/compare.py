@@ -30,25 +30,22 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
-import os
-import platform
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import pyarrow as pa
 
 from bloodray import __version__, rundir, storage
-from bloodray.classes import CLASS_NAMES, NUM_CLASSES
-from bloodray.config import (ConfigError, StorageConfig, apply_overrides, from_dict, load_config, to_dict, validate_tree)
-from bloodray.data.labelled import SplitFractions, build_split, class_counts, read_parquet, write_parquet
-from bloodray.models import UnknownModelError, get_model_info
-from bloodray.train.ray_trainer import (DataSection, OptimSection, ScalingSection, TrainConfig,
-                    model_kwargs)
+from bloodray.classes import NUM_CLASSES
+from bloodray.config import ConfigError, to_dict
+from bloodray.data.labelled import class_counts, read_parquet
+from bloodray.train.compare_config import CompareConfig, ModelEntry, load_compare_config, train_config_for
+from bloodray.train.compare_report import comparison_rows, describe_hardware, table2_markdown
+from bloodray.train.config import TrainConfig
+from bloodray.train.ray_trainer import prepare_split
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_PARQUET = "comparison.parquet"
@@ -56,196 +53,7 @@ TABLE2 = "table2.md"
 SPLIT_INFO = "split.json"
 ENTRY_RESULT = "comparison_entry.json"
 STARTED = "comparison_started.json"
-#: Sections a model entry's ``overrides`` may change; data, run and storage are shared by construction.
-OVERRIDABLE = ("model", "train", "scaling")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass
-class ModelEntry:
-    """One model of the comparison; unset fields take the shared ``train`` section's values."""
-
-    name: str
-    #: row name in the tables and run directory name (default: ``name``); must be unique.
-    label: str | None = None
-    pretrained: bool = False
-    #: local path or s3:// URI of pretrained weights instead of torchvision's download.
-    weights_uri: str | None = None
-    freeze_backbone: bool = False
-    #: input side in px; None = the registry's native size.
-    input_size: int | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    #: further ``dotted.key=value`` settings of this model's training config (model.*, train.*, scaling.*).
-    overrides: list[str] = field(default_factory=list)
-
-    @property
-    def run_name(self) -> str:
-        return self.label or self.name
-
-    def validate(self, prefix: str) -> None:
-        try:
-            info = get_model_info(self.name)
-        except UnknownModelError as exc:
-            raise ConfigError(f"{prefix}.name: {exc}") from None
-        if self.label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.label):
-            raise ConfigError(f"{prefix}.label: {self.label!r} must be a name of letters, digits, '.', '_', '+', '-'")
-        if self.weights_uri and not self.pretrained:
-            raise ConfigError(f"{prefix}.weights_uri: set {prefix}.pretrained=true to load it")
-        if self.pretrained and not self.weights_uri and not info.imagenet_weights:
-            raise ConfigError(f"{prefix}.pretrained: {self.name} has no ImageNet weights; "
-                              f"set {prefix}.weights_uri or pretrained=false")
-        if self.freeze_backbone and not self.pretrained:
-            raise ConfigError(f"{prefix}.freeze_backbone: needs {prefix}.pretrained=true "
-                              "(a frozen random backbone learns nothing)")
-        if self.input_size is not None and self.input_size < 16:
-            raise ConfigError(f"{prefix}.input_size: must be >= 16")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"{prefix}.epochs: must be >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"{prefix}.batch_size: must be >= 1")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"{prefix}.lr: must be > 0")
-        for text in self.overrides:
-            section = text.split("=", 1)[0].strip().split(".", 1)[0]
-            if section not in OVERRIDABLE:
-                raise ConfigError(f"{prefix}.overrides: {text!r} may not change '{section}'; every model shares "
-                                  f"data, run and storage (allowed: {', '.join(s + '.*' for s in OVERRIDABLE)})")
-
-
-@dataclass
-class OutputSection:
-    #: local folder or s3:// prefix; runs live in <path>/runs/<label>, the tables at <path>/.
-    path: str = "compare"
-    #: best K checkpoints per model kept (by validation macro-F1).
-    keep_checkpoints: int = 1
-    max_failures: int = 3
-    #: a model whose pretrained weights cannot be loaded: ``fail`` its entry (reason in the table)
-    #: or train it from ``scratch`` (labelled so in the table).
-    on_pretrained_error: Literal["fail", "scratch"] = "fail"
-
-    def validate(self, prefix: str) -> None:
-        if not self.path:
-            raise ConfigError(f"{prefix}.path: required (a local folder or s3:// prefix)")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"{prefix}.keep_checkpoints: must be >= 1")
-        if self.max_failures < 0:
-            raise ConfigError(f"{prefix}.max_failures: must be >= 0")
-
-
-@dataclass
-class CompareConfig:
-    """The comparison job's configuration (``configs/compare/*.yaml`` + ``--set``).
-
-    ``data``, ``train``, ``scaling`` and ``storage`` are the training job's
-    sections, shared by every model; each entry of ``models`` may change its
-    architecture, initialisation, input size and a few recipe settings.
-    """
-
-    data: DataSection
-    models: list[ModelEntry]
-    train: OptimSection = field(default_factory=OptimSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    output: OutputSection = field(default_factory=OutputSection)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-
-    def validate(self, prefix: str = "") -> None:
-        if not self.models:
-            raise ConfigError("models: list at least one model")
-        seen: dict[str, int] = {}
-        for i, entry in enumerate(self.models):
-            where = f"models[{i}]"
-            entry.validate(where)
-            if entry.run_name in seen:
-                raise ConfigError(f"{where}.label: {entry.run_name!r} is already used by models[{seen[entry.run_name]}]; "
-                                  f"give each entry its own label")
-            seen[entry.run_name] = i
-            try:
-                train_config_for(self, entry)
-            except ConfigError as exc:
-                raise ConfigError(f"{where} ({entry.run_name}): {exc}") from None
-
-    @property
-    def runs_uri(self) -> str:
-        return storage.join(self.output.path, "runs")
-
-
-def load_compare_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> CompareConfig:
-    """Load and validate a comparison config from YAML plus ``dotted.key=value`` overrides.
-
-    A ``--set`` can reach into one model entry by index or label:
-    ``models.1.epochs=2``, ``models.resnet50.weights_uri=s3://bucket/resnet50.pth``.
-    """
-    return load_config(CompareConfig, path, _entry_overrides(path, overrides))
-
-
-def _entry_overrides(path: str | None, overrides) -> list[str]:
-    """Turn ``models.<index or label>.key=value`` into one override of the whole list (which
-    :func:`~bloodray.config.apply_overrides` can apply: it walks mappings only)."""
-    from bloodray.config import parse_override, read_yaml
-
-    plain, targeted = [], []
-    for text in overrides:
-        keys, value = parse_override(text)
-        (targeted if keys[0] == "models" and len(keys) > 2 else plain).append((text, keys, value))
-    if not targeted:
-        return [text for text, _, _ in plain]
-    models = apply_overrides(read_yaml(path) if path else {}, [text for text, _, _ in plain]).get("models")
-    if not isinstance(models, list) or not all(isinstance(m, Mapping) for m in models):
-        raise ConfigError("models: expected a list of model entries to set keys of")
-    models = [dict(m) for m in models]
-    labels = [str(m.get("label") or m.get("name")) for m in models]
-    for text, keys, value in targeted:
-        which = keys[1]
-        if which.isdigit():
-            if int(which) >= len(models):
-                raise ConfigError(f"models.{which}: no such entry (the config lists {len(models)} models)")
-            index = int(which)
-        elif labels.count(which) == 1:
-            index = labels.index(which)
-        else:
-            raise ConfigError(f"models.{which}: no entry labelled {which!r}" if which not in labels else
-                              f"models.{which}: several entries are labelled {which!r}; use the index")
-        node = models[index]
-        for key in keys[2:-1]:
-            node[key] = dict(node.get(key) or {})
-            node = node[key]
-        node[keys[-1]] = value
-    return [text for text, _, _ in plain] + [f"models={json.dumps(models)}"]
-
-
-def train_config_for(cfg: CompareConfig, entry: ModelEntry, *, scratch: bool = False) -> TrainConfig:
-    """The training config of one entry: the shared sections plus the entry's own settings.
-
-    ``scratch`` drops the pretrained weights (and the frozen backbone) for the
-    fallback when they cannot be loaded.
-    """
-    train = to_dict(cfg.train) | {"evaluate_test": False}  # the comparison evaluates (and times) it itself
-    for key in ("epochs", "batch_size", "lr"):
-        if getattr(entry, key) is not None:
-            train[key] = getattr(entry, key)
-    data = {
-        "data": to_dict(cfg.data),
-        "model": {"name": entry.name, "pretrained": entry.pretrained and not scratch,
-                  "weights_uri": None if scratch else entry.weights_uri,
-                  "freeze_backbone": entry.freeze_backbone and not scratch,
-                  "input_size": entry.input_size, "kwargs": dict(entry.kwargs)},
-        "train": train,
-        "scaling": to_dict(cfg.scaling),
-        "run": {"name": entry.run_name, "storage_path": cfg.runs_uri,
-                "keep_checkpoints": cfg.output.keep_checkpoints, "max_failures": cfg.output.max_failures},
-        "storage": to_dict(cfg.storage),
-    }
-    tc = from_dict(TrainConfig, apply_overrides(data, entry.overrides))
-    validate_tree(tc)
-    return tc
-
-
-# ----------------------------------------------------------------------------- helpers
+CONFIG_YAML = "config.yaml"
 
 
 def split_fingerprint(table: pa.Table) -> str:
@@ -265,66 +73,10 @@ def _exists(uri: str, opts: Mapping[str, Any]) -> bool:
     return fs.exists(path)
 
 
-def _read_json(uri: str, opts: Mapping[str, Any]) -> Any:
-    fs, path = storage.filesystem(uri, opts)
-    with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())
-
-
-def _write_json(uri: str, payload: Any, opts: Mapping[str, Any]) -> None:
-    storage.write_bytes(uri, json.dumps(payload, indent=2, default=str).encode(), opts)
-
-
 def _copy(src: str, dest: str, opts: Mapping[str, Any]) -> None:
     fs, path = storage.filesystem(src, opts)
     with fs.open(path, "rb") as fh:
         storage.write_bytes(dest, fh.read(), opts)
-
-
-def _human(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def describe_hardware(cfg: CompareConfig) -> dict[str, Any]:
-    """What the models were trained on: the Ray cluster's CPUs/GPUs and this machine's CPU model."""
-    import ray
-    import torch
-
-    resources = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    gpu_types = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
-    cpus = float(resources.get("CPU", 0))
-    gpus = float(resources.get("GPU", 0))
-    cpu = _cpu_model()
-    where = f"{nodes} Ray nodes" if nodes > 1 else "1 machine"
-    workers = f"{cfg.scaling.num_workers} Ray Train worker{'s' if cfg.scaling.num_workers != 1 else ''}"
-    if cfg.scaling.use_gpu:
-        gpu = ", ".join(gpu_types) or "GPU"
-        summary = f"{cfg.scaling.num_workers} x {gpu} GPU ({gpus:g} GPUs, {cpus:g} CPUs on {where}; {workers})"
-        short = f"{cfg.scaling.num_workers} x {gpu} GPU"
-    else:
-        summary = f"CPU only: {cpu}, {cpus:g} cores ({where}; {workers})"
-        short = f"{cpus:g}-core {cpu} CPU"
-    return {"summary": summary, "short": short, "cpu_model": cpu, "cpu_count_driver": os.cpu_count(), "ray_nodes": nodes,
-            "ray_cpus": cpus, "ray_gpus": gpus, "gpu_types": gpu_types, "use_gpu": cfg.scaling.use_gpu,
-            "num_workers": cfg.scaling.num_workers, "platform": platform.platform(), "torch": torch.__version__,
-            "ray": ray.__version__}
 
 
 def _parameter_counts(tc: TrainConfig) -> tuple[int, int]:
@@ -335,7 +87,7 @@ def _parameter_counts(tc: TrainConfig) -> tuple[int, int]:
 
     with torch.device("meta"):
         model = create_model(tc.model.name, NUM_CLASSES, freeze_backbone=tc.model.freeze_backbone,
-                             **model_kwargs(tc))
+                             **tc.builder_kwargs())
     return count_parameters(model), count_parameters(model, trainable_only=True)
 
 
@@ -345,7 +97,7 @@ def _probe_pretrained(tc: TrainConfig) -> str | None:
 
     try:
         create_model(tc.model.name, NUM_CLASSES, pretrained=True, weights_uri=tc.model.weights_uri,
-                     storage_options=tc.storage.storage_options(), **model_kwargs(tc))
+                     storage_options=tc.storage.storage_options(), **tc.builder_kwargs())
     except (PretrainedWeightsError, storage.StorageError, OSError) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
@@ -359,30 +111,23 @@ def _split_settings(cfg: CompareConfig) -> dict[str, Any]:
 
 
 def prepare_shared_split(cfg: CompareConfig) -> tuple[pa.Table, str]:
-    """Build the comparison's split once (or reuse it); returns the manifest and its fingerprint."""
+    """Build the comparison's split once (or reuse it) as a run's split is built; returns it and its fingerprint."""
     opts = cfg.storage.storage_options()
     out = cfg.output.path
-    manifest_uri, info_uri = rundir.split_manifest(out), storage.join(out, SPLIT_INFO)
+    info_uri = storage.join(out, SPLIT_INFO)
     settings = _split_settings(cfg)
-    if _exists(manifest_uri, opts) and _exists(info_uri, opts):
-        info = _read_json(info_uri, opts)
-        if info.get("settings") != settings:
-            raise ConfigError(f"output.path: {out} already holds a comparison split of other data "
-                              f"({json.dumps(info.get('settings'))}); use a new output.path")
-        table = read_parquet(manifest_uri, opts)
-        if split_fingerprint(table) != info.get("fingerprint"):
-            raise ConfigError(f"output.path: {manifest_uri} no longer matches its recorded fingerprint; "
-                              "use a new output.path")
-        return table, info["fingerprint"]
-    sp = cfg.data.split
-    table, dropped = build_split(cfg.data.root, SplitFractions(sp.train, sp.val, sp.test), sp.seed, opts,
-                                 cfg.data.max_per_class)
+    info = storage.read_json(info_uri, opts) if _exists(info_uri, opts) else None
+    if info is not None and info.get("settings") != settings:
+        raise ConfigError(f"output.path: {out} already holds a comparison split of other data "
+                          f"({json.dumps(info.get('settings'))}); use a new output.path")
+    table, _ = prepare_split(out, cfg.data, opts)
     fingerprint = split_fingerprint(table)
-    write_parquet(table, manifest_uri, opts)
-    _write_json(rundir.data_report(out), {"data_root": cfg.data.root, "kept": table.num_rows,
-                                                 "dropped": dropped, "class_counts": class_counts(table)}, opts)
-    _write_json(info_uri, {"settings": settings, "fingerprint": fingerprint, "n": table.num_rows,
-                           "class_counts": class_counts(table)}, opts)
+    if info is None:
+        storage.write_json(info_uri, {"settings": settings, "fingerprint": fingerprint, "n": table.num_rows,
+                                      "class_counts": class_counts(table)}, opts)
+    elif fingerprint != info.get("fingerprint"):
+        raise ConfigError(f"output.path: {rundir.split_manifest(out)} no longer matches its recorded fingerprint; "
+                          "use a new output.path")
     return table, fingerprint
 
 
@@ -402,12 +147,6 @@ def _seed_run_split(cfg: CompareConfig, run_uri: str, fingerprint: str) -> None:
 # ----------------------------------------------------------------------------- one model
 
 
-def _history(checkpoint: str, opts: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from bloodray.evaluation.evaluate import training_history
-
-    return training_history(checkpoint, opts)
-
-
 def _check_started_run(cfg: CompareConfig, entry: ModelEntry, tc: TrainConfig) -> None:
     """A run resumes by name: refuse to resume one that was started with other settings (more epochs is fine)."""
     opts = cfg.storage.storage_options()
@@ -416,12 +155,12 @@ def _check_started_run(cfg: CompareConfig, entry: ModelEntry, tc: TrainConfig) -
     fingerprint = hashlib.sha256(json.dumps(storage.redact(settings), sort_keys=True, default=str).encode()).hexdigest()
     uri = storage.join(tc.run_uri, STARTED)
     if _exists(uri, opts):
-        if _read_json(uri, opts).get("fingerprint") != fingerprint:
+        if storage.read_json(uri, opts).get("fingerprint") != fingerprint:
             index = cfg.models.index(entry)
             raise ConfigError(f"models[{index}].label: the run {tc.run_uri} was started with other settings for "
                               f"{entry.run_name!r}; give the entry a new label (or delete that run)")
         return
-    _write_json(uri, {"fingerprint": fingerprint, "settings": storage.redact(settings)}, opts)
+    storage.write_json(uri, {"fingerprint": fingerprint, "settings": storage.redact(settings)}, opts)
 
 
 def _base_record(entry: ModelEntry, tc: TrainConfig) -> dict[str, Any]:
@@ -437,7 +176,8 @@ def _base_record(entry: ModelEntry, tc: TrainConfig) -> dict[str, Any]:
 
 def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[str, Any]:
     """Train and evaluate one model (or return its finished record); never touches another model's run."""
-    from bloodray.evaluation.evaluate import evaluate_run
+    from bloodray.checkpoint import run_checkpoints
+    from bloodray.evaluation.evaluate import evaluate_run, training_history
     from bloodray.train.ray_trainer import run_training
 
     opts = cfg.storage.storage_options()
@@ -445,7 +185,7 @@ def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[s
     done_uri = storage.join(requested.run_uri, ENTRY_RESULT)
     requested_fp = _config_fingerprint(requested)
     if _exists(done_uri, opts):
-        previous = _read_json(done_uri, opts)
+        previous = storage.read_json(done_uri, opts)
         if previous.get("requested_fingerprint") == requested_fp and previous.get("split_sha256") == fingerprint:
             print(f"[bloodray] compare: {entry.run_name} already finished ({done_uri}); skipping", flush=True)
             return previous | {"skipped": True}
@@ -472,8 +212,7 @@ def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[s
 
     _check_started_run(cfg, entry, tc)
     _seed_run_split(cfg, tc.run_uri, fingerprint)
-    fs, run_path = storage.filesystem(tc.run_uri, opts)
-    resumed = bool(fs.glob(f"{run_path.rstrip('/')}/checkpoint_*"))
+    resumed = bool(run_checkpoints(tc.run_uri, opts))
     print(f"[bloodray] compare: training {entry.run_name} ({tc.model.name}, {record['init']}, {tc.input_size} px, "
           f"{tc.train.epochs} epochs){' -- resuming' if resumed else ''}", flush=True)
     started = time.perf_counter()
@@ -488,7 +227,7 @@ def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[s
     evaluation = evaluate_run(tc.run_uri, "test", opts, checkpoint=result.best_checkpoint)
     eval_seconds = time.perf_counter() - started
     metrics = evaluation.metrics
-    history = _history(result.best_checkpoint, opts)
+    history = training_history(result.best_checkpoint, opts)
     rates = [h["train_images_per_second"] for h in history if h.get("train_images_per_second")]
     best_epoch = max(history, key=lambda h: h.get("val_macro_f1", float("-inf")))["epoch"] if history else None
     record |= {
@@ -505,126 +244,13 @@ def run_entry(cfg: CompareConfig, entry: ModelEntry, fingerprint: str) -> dict[s
         "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"],
         "history": history,
     }
-    _write_json(done_uri, record, opts)
+    storage.write_json(done_uri, record, opts)
     print(f"[bloodray] compare: {entry.run_name}: test accuracy {metrics['accuracy']:.4f}, "
-          f"macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']}); trained {_human(record['train_seconds'])}", flush=True)
+          f"macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']}); trained {storage.human_duration(record['train_seconds'])}", flush=True)
     return record
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def _num(value: Any, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def table2_markdown(models: list[dict[str, Any]], split: Mapping[str, Any], hardware: Mapping[str, Any],
-                    cfg: CompareConfig) -> str:
-    """The comparison as markdown: per-class rows like the paper's Table 2, then one summary row per model."""
-    from bloodray.evaluation.metrics import table2_markdown_rows
-
-    counts = split["class_counts"]
-    sizes = {s: sum(c.values()) for s, c in counts.items()}
-    lines = [
-        "# Model comparison on one split",
-        "",
-        f"Data: `{cfg.data.root}`, {split['n']:,} images after de-duplication, split "
-        f"{sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test (seed {cfg.data.split.seed}, "
-        f"split fingerprint `{split['sha256'][:16]}`, identical for every model).",
-        f"Hardware: {hardware['summary']}.",
-        "",
-        "## Per class (test split)",
-        "",
-        "| Model | Type | Truth | Classified | Accuracy | Precision | Recall | F1 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for rec in models:
-        if rec["status"] != "ok":
-            lines.append(f"| {rec['label']} | {rec['status']} (see notes) | | | | | | |")
-            continue
-        metrics = {"per_class": rec["per_class"], "confusion_matrix": rec["confusion_matrix"]} | rec["test"]
-        lines += table2_markdown_rows(rec["label"], metrics)
-    lines += [
-        "",
-        "Per-class \"Accuracy\" is one-vs-rest ((TP + TN) / N) as in the paper; the overall numbers are below.",
-        "",
-        "## Summary",
-        "",
-        "| Model | Architecture | Init | Input | Params | Epochs | Accuracy | Balanced acc. | Macro-F1 | "
-        "Train time | Train img/s | Eval img/s | Hardware |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    notes = []
-    for rec in models:
-        params = f"{rec['params'] / 1e6:.3g} M" if rec.get("params") else "-"
-        if rec.get("trainable_params") and rec["trainable_params"] != rec.get("params"):
-            params += f" ({rec['trainable_params'] / 1e6:.3g} M trained)"
-        init = rec["init"] + (" (frozen backbone)" if rec.get("freeze_backbone") else "")
-        if rec["status"] != "ok":
-            lines.append(f"| {rec['label']} | {rec['model']} | {init} | {rec['input_size']} px | {params} | "
-                         f"{rec['epochs']} | {rec['status']} (see notes) | | | | | | {hardware['short']} |")
-            continue
-        test = rec["test"]
-        epochs = f"{rec['epochs_trained']} (best {rec['best_epoch']})" if rec.get("best_epoch") else rec["epochs_trained"]
-        lines.append(
-            f"| {rec['label']} | {rec['model']} | {init} | {rec['input_size']} px | {params} | {epochs} | "
-            f"{test['accuracy']:.4f} | {test['balanced_accuracy']:.4f} | {test['macro_f1']:.4f} | "
-            f"{_human(rec['train_seconds'])} | {_num(rec['train_images_per_second'], '.1f')} | "
-            f"{_num(rec['eval_images_per_second'], '.1f')} | {hardware['short']} |")
-        if rec.get("init_note"):
-            notes.append(f"- {rec['label']}: {rec['init_note']}")
-    failed = [r for r in models if r["status"] != "ok"]
-    lines += [
-        "",
-        "Epochs: trained (best = the checkpoint by validation macro-F1 that was tested). "
-        "Train time: the sum of the epochs' training + validation loops (data decoding and start-up excluded). "
-        "Train img/s: median over epochs of training images per second across all workers. Eval img/s: test "
-        "images through the Ray Data evaluation pipeline (decode + inference, one predictor) over its wall time. "
-        "Init: `scratch` = random initialisation; `pretrained` = ImageNet weights.",
-    ]
-    if notes or failed:
-        lines += ["", "Notes:", ""] + notes + [f"- {r['label']}: **{r['status']}**: {r['error']}" for r in failed]
-    return "\n".join(lines) + "\n"
-
-
-def comparison_rows(models: list[dict[str, Any]], hardware: Mapping[str, Any]) -> pa.Table:
-    """One row per model and class (``row_type='class'``) and one per model (``row_type='summary'``)."""
-    rows = []
-    for rec in models:
-        base = {"model": rec["label"], "architecture": rec["model"], "status": rec["status"], "error": rec["error"],
-                "init": rec["init"], "pretrained": bool(rec.get("pretrained")),
-                "freeze_backbone": bool(rec.get("freeze_backbone")), "input_size": rec["input_size"],
-                "params": rec.get("params"), "trainable_params": rec.get("trainable_params"),
-                "epochs": rec.get("epochs_trained", rec.get("epochs")), "hardware": hardware["summary"],
-                "split_sha256": rec.get("split_sha256")}
-        empty_class = {"class_name": None, "precision": None, "recall": None, "f1": None, "support": None,
-                       "predicted": None}
-        summary = {"n": None, "accuracy": None, "balanced_accuracy": None, "macro_f1": None,
-                   "macro_precision": None, "macro_recall": None, "train_seconds": None, "wall_seconds": None,
-                   "train_images_per_second": None, "eval_images_per_second": None}
-        if rec["status"] == "ok":
-            summary |= {k: rec["test"][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1",
-                                                    "macro_precision", "macro_recall")}
-            summary |= {k: rec.get(k) for k in ("train_seconds", "wall_seconds", "train_images_per_second",
-                                                "eval_images_per_second")}
-            for name in CLASS_NAMES:
-                pc = rec["per_class"][name]
-                rows.append({"row_type": "class", **base, **empty_class, **{k: None for k in summary},
-                             "class_name": name, "precision": pc["precision"], "recall": pc["recall"],
-                             "f1": pc["f1"], "support": pc["support"], "predicted": pc["predicted"]})
-        rows.append({"row_type": "summary", **base, **empty_class, **summary})
-    schema = pa.schema([
-        ("row_type", pa.string()), ("model", pa.string()), ("architecture", pa.string()), ("status", pa.string()),
-        ("error", pa.string()), ("init", pa.string()), ("pretrained", pa.bool_()), ("freeze_backbone", pa.bool_()),
-        ("input_size", pa.int32()), ("params", pa.int64()), ("trainable_params", pa.int64()), ("epochs", pa.int32()),
-        ("hardware", pa.string()), ("split_sha256", pa.string()), ("class_name", pa.string()),
-        ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64()), ("support", pa.int64()),
-        ("predicted", pa.int64()), ("n", pa.int64()), ("accuracy", pa.float64()),
-        ("balanced_accuracy", pa.float64()), ("macro_f1", pa.float64()), ("macro_precision", pa.float64()),
-        ("macro_recall", pa.float64()), ("train_seconds", pa.float64()), ("wall_seconds", pa.float64()),
-        ("train_images_per_second", pa.float64()), ("eval_images_per_second", pa.float64()),
-    ])
-    return pa.Table.from_pylist(rows, schema=schema)
 
 
 @dataclass
@@ -645,8 +271,6 @@ class ComparisonResult:
 
 def _write_outputs(cfg: CompareConfig, models: list[dict[str, Any]], split: dict[str, Any],
                    hardware: dict[str, Any]) -> ComparisonResult:
-    import pyarrow.parquet as pq
-
     opts = cfg.storage.storage_options()
     out = cfg.output.path
     public = [{k: v for k, v in m.items() if k not in ("history", "skipped")} for m in models]
@@ -655,11 +279,9 @@ def _write_outputs(cfg: CompareConfig, models: list[dict[str, Any]], split: dict
                "config": storage.redact(to_dict(cfg))}
     table = table2_markdown(models, split, hardware, cfg)
     result = ComparisonResult(out, public, split["sha256"], hardware, table)
-    buf = io.BytesIO()
-    pq.write_table(comparison_rows(models, hardware), buf)
     for name, data in ((COMPARISON_JSON, json.dumps(payload, indent=2, default=str).encode()),
-                       (COMPARISON_PARQUET, buf.getvalue()), (TABLE2, table.encode()),
-                       ("config.yaml", _config_yaml(cfg))):
+                       (COMPARISON_PARQUET, storage.parquet_bytes(comparison_rows(models, hardware))),
+                       (TABLE2, table.encode()), (CONFIG_YAML, _config_yaml(cfg))):
         uri = storage.join(out, name)
         storage.write_bytes(uri, data, opts)
         result.files.append(uri)
@@ -683,7 +305,7 @@ def run_comparison(cfg: CompareConfig) -> ComparisonResult:
 
     opts = cfg.storage.storage_options()
     table, fingerprint = prepare_shared_split(cfg)
-    storage.write_bytes(storage.join(cfg.output.path, "config.yaml"), _config_yaml(cfg), opts)
+    storage.write_bytes(storage.join(cfg.output.path, CONFIG_YAML), _config_yaml(cfg), opts)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
     hardware = describe_hardware(cfg)
@@ -703,6 +325,6 @@ def run_comparison(cfg: CompareConfig) -> ComparisonResult:
     return result
 
 
-__all__ = ["CompareConfig", "ComparisonResult", "ModelEntry", "OutputSection", "comparison_rows",
+__all__ = ["CompareConfig", "ComparisonResult", "ModelEntry", "comparison_rows",
            "describe_hardware", "load_compare_config", "prepare_shared_split", "run_comparison", "run_entry",
            "split_fingerprint", "table2_markdown", "train_config_for"]

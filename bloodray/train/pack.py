@@ -16,15 +16,14 @@ torchvision, pyarrow, Pillow and scikit-learn.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import io
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +33,9 @@ from PIL import Image
 from bloodray.classes import CLASS_NAMES, NUM_CLASSES
 from bloodray.config import ConfigError
 from bloodray.data.labelled import SplitFractions, build_split, read_many
+from bloodray.data.augment import WarpAugmentConfig, augment_on_device
 from bloodray.data.preset import EvalPreset
+from bloodray.train.recipe import Recipe, builder_kwargs, precise_bn, start_training, train_step
 
 PACK_FORMAT = "bloodray-pack-v1"
 SPLITS = ("train", "val", "test")
@@ -114,10 +115,10 @@ def write_split_manifest(pack_path: str | Path, output_dir: str | Path) -> Path:
     With it, the output folder of :func:`train_packed` is a run folder for
     ``bloodray calibrate --run`` and ``bloodray evaluate --run`` on the original images.
     """
-    from bloodray.rundir import SPLIT_MANIFEST
+    from bloodray import rundir
 
     table = pq.read_table(str(pack_path), columns=["uri", "class_name", "label", "sha256", "split"])
-    dest = Path(output_dir) / SPLIT_MANIFEST
+    dest = Path(rundir.split_manifest(str(output_dir)))
     dest.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table.replace_schema_metadata(None), str(dest))
     return dest
@@ -166,10 +167,16 @@ class PackedTrainConfig:
     init_checkpoint: str = ""
     epochs: int = 60
     batch_size: int = 128
+    #: the recipe keys below mean what the same keys under ``train.`` mean for ``bloodray train``.
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: Literal["constant", "cosine"] = "cosine"
     warmup_epochs: int = 3
     label_smoothing: float = 0.1
+    #: weight of Inception's auxiliary classifier loss.
+    aux_loss_weight: float = 0.4
     #: decay of the exponential moving average of the weights (0 = off); the
     #: average and the raw weights are both scored on val, the better one is kept.
     ema_decay: float = 0.999
@@ -208,91 +215,103 @@ class PackedTrainConfig:
             raise ConfigError(f"ema_decay: must be in [0, 1) (got {self.ema_decay})")
         if not 0 < self.min_scale <= self.max_scale:
             raise ConfigError(f"min_scale/max_scale: need 0 < min_scale <= max_scale (got {self.min_scale}, {self.max_scale})")
+        if self.precise_bn_batches < 0:
+            raise ConfigError(f"precise_bn_batches: must be >= 0 (got {self.precise_bn_batches})")
+
+    def recipe(self) -> Recipe:
+        """The training recipe of this run (the same one ``bloodray train`` builds from its ``train`` section)."""
+        return Recipe(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
+                      momentum=self.momentum, schedule=self.schedule, warmup_epochs=self.warmup_epochs,
+                      label_smoothing=self.label_smoothing, aux_loss_weight=self.aux_loss_weight,
+                      ema_decay=self.ema_decay, precise_bn_batches=self.precise_bn_batches)
+
+    def warp_augment(self) -> WarpAugmentConfig:
+        """The on-device augmentation of this run."""
+        return WarpAugmentConfig(self.rotate, self.flips, self.min_scale, self.max_scale, self.translate,
+                                 self.color_jitter, self.hue_jitter)
 
 
-def augment_on_device(images, cfg: PackedTrainConfig, generator=None):
-    """Batched augmentation of a ``uint8`` NHWC tensor; returns float NCHW in [0, 1].
-
-    One affine warp per batch (rotation by any angle, mirror, zoom, shift) with
-    reflected borders, then brightness/contrast/saturation and a hue rotation,
-    all as tensor ops so the cost does not grow with Python per image.
-    """
+def _device(name: str):
     import torch
-    import torch.nn.functional as F
 
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    n, device = x.shape[0], x.device
-
-    def uniform(lo, hi, *shape):
-        return torch.rand(*shape, device=device, generator=generator) * (hi - lo) + lo
-
-    angle = uniform(0, 2 * math.pi, n) if cfg.rotate else torch.zeros(n, device=device)
-    scale = uniform(cfg.min_scale, cfg.max_scale, n)
-    mirror = (torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -1.0, 1.0)
-              if cfg.flips else torch.ones(n, device=device))
-    shift = uniform(-cfg.translate, cfg.translate, n, 2)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-    j = cfg.color_jitter
-    if j > 0:
-        x = x * uniform(1 - j, 1 + j, n, 1, 1, 1)
-        gray = x.mean(1, keepdim=True)
-        x = gray + (x - gray) * uniform(1 - j, 1 + j, n, 1, 1, 1)
-        mean = x.mean((1, 2, 3), keepdim=True)
-        x = mean + (x - mean) * uniform(1 - j, 1 + j, n, 1, 1, 1)
-    if cfg.hue_jitter > 0:
-        # A small hue shift is a rotation of the chroma plane around the grey axis.
-        a = uniform(-cfg.hue_jitter, cfg.hue_jitter, n) * 2 * math.pi
-        c, s, k = torch.cos(a), torch.sin(a), 1.0 / 3.0
-        q = math.sqrt(k)
-        rot = torch.stack([
-            torch.stack([c + (1 - c) * k, k * (1 - c) - q * s, k * (1 - c) + q * s], 1),
-            torch.stack([k * (1 - c) + q * s, c + k * (1 - c), k * (1 - c) - q * s], 1),
-            torch.stack([k * (1 - c) - q * s, k * (1 - c) + q * s, c + k * (1 - c)], 1),
-        ], 1)
-        x = torch.einsum("nij,njhw->nihw", rot, x)
-    return x.clamp_(0.0, 1.0)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # Norm scales and biases are not weights to shrink.
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _predict(net, images, preset: EvalPreset, amp, batch: int = 512) -> tuple[np.ndarray, float]:
+    """Logits of ``net`` over a uint8 NHWC tensor held on the device, and the images per second."""
+    import torch
+
+    net.eval()
+    on_gpu = images.device.type == "cuda"
+    outs = []
+    _sync(images.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            with amp:
+                outs.append(net(preset.normalize(images[start:start + batch], channels_last=on_gpu)).float())
+    logits = torch.cat(outs)
+    _sync(images.device)
+    return logits.cpu().numpy(), len(logits) / (time.perf_counter() - t0)
+
+
+def _clean_batches(images, preset: EvalPreset, batch_size: int, count: int, generator):
+    """``count`` random un-augmented, normalized batches of the training images (for precise BN)."""
+    import torch
+
+    picks = torch.randperm(len(images), device=images.device, generator=generator)
+    for b in range(min(count, len(images) // batch_size)):
+        idx = picks[b * batch_size:(b + 1) * batch_size]
+        yield preset.normalize(images[idx], channels_last=images.device.type == "cuda")
+
+
+def _load_model(cfg: PackedTrainConfig, size: int, kwargs: dict[str, Any], device):
+    import torch
+
+    from bloodray.checkpoint import load_checkpoint
+    from bloodray.models import create_model
+
+    model = create_model(cfg.model, NUM_CLASSES, pretrained=False, **kwargs)
+    if cfg.init_checkpoint:
+        start = load_checkpoint(cfg.init_checkpoint, device="cpu")
+        if start.metadata.model_name != cfg.model or start.metadata.input_size != size:
+            raise ConfigError(f"init_checkpoint: {cfg.init_checkpoint} holds {start.metadata.model_name} at "
+                              f"{start.metadata.input_size} px, not {cfg.model} at {size} px")
+        model.load_state_dict(start.model.state_dict())
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
 
 
 def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on a pack; write a bloodray checkpoint and ``result.json`` to ``cfg.output``.
 
-    Model selection uses the val split only (best val macro-F1 over the
-    evaluations); the test split, when the pack has one, is scored once at the
-    end with the selected weights.
+    The optimizer, schedule, loss, weight average and precise BN are the shared recipe
+    (:mod:`bloodray.train.recipe`). Model selection uses the val split only (best val macro-F1 of the raw or
+    averaged weights over the evaluations); the test split, when the pack has one, is scored once at the end with
+    the selected weights.
     """
-    import contextlib
-
     import torch
-    import torch.nn.functional as F
-    import copy
 
-    from bloodray.checkpoint import CheckpointMetadata, write_checkpoint
     from bloodray.evaluation.metrics import classification_metrics
-    from bloodray.models import count_parameters, create_model, get_model_info
+    from bloodray.models import count_parameters, get_model_info
 
     cfg.validate()
     info = get_model_info(cfg.model)  # unknown names fail before any data is read
     torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = _device(cfg.device)
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     t_load = time.perf_counter()
     pack = load_pack(cfg.pack)
@@ -311,117 +330,34 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.mixed_precision
            else contextlib.nullcontext())
 
-    builder_kwargs = dict(cfg.model_kwargs)
-    # Only builders whose architecture depends on the input size take it (bloodnet's dense layer).
-    if "input_size" in inspect.signature(info.builder).parameters:
-        builder_kwargs["input_size"] = size
-    model = create_model(cfg.model, NUM_CLASSES, pretrained=False, **builder_kwargs)
-    if cfg.init_checkpoint:
-        from bloodray.checkpoint import load_checkpoint
-
-        start = load_checkpoint(cfg.init_checkpoint, device="cpu")
-        if start.metadata.model_name != cfg.model or start.metadata.input_size != size:
-            raise ConfigError(f"init_checkpoint: {cfg.init_checkpoint} holds {start.metadata.model_name} at "
-                              f"{start.metadata.input_size} px, not {cfg.model} at {size} px")
-        model.load_state_dict(start.model.state_dict())
-    model = model.to(device, memory_format=memory_format)
-    ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
-    if ema is not None:
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        ema_pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())]
-        ema_float = [(e, m) for e, m in ema_pairs if e.is_floating_point()]
-        ema_other = [(e, m) for e, m in ema_pairs if not e.is_floating_point()]
-
-    @torch.no_grad()
-    def update_ema(step: int) -> None:
-        # Warm-up (as in timm/TF): early on the average would be mostly random init.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_([e for e, _ in ema_float], [m for _, m in ema_float], 1.0 - decay)
-        for e, m in ema_other:
-            e.copy_(m)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    kwargs = builder_kwargs(cfg.model, cfg.model_kwargs, size)
+    model = _load_model(cfg, size, kwargs, device)
     n_train = len(pack.labels["train"])
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n_train} training images")
-    planned_epochs = cfg.epochs
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return cfg.lr * (step + 1) / warmup_steps
-        total = max(1, planned_epochs * steps_per_epoch - warmup_steps)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / total)))
-
-    candidates = {"raw": model, **({"ema": ema} if ema is not None else {})}
-
-    @torch.inference_mode()
-    def predict(net, split: str, batch: int = 512) -> tuple[np.ndarray, float]:
-        net.eval()
-        outs = []
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for start in range(0, len(store[split]), batch):
-            x = preset.normalize(store[split][start:start + batch], channels_last=on_gpu)
-            with amp:
-                outs.append(net(x).float())
-        logits = torch.cat(outs)
-        if on_gpu:
-            torch.cuda.synchronize()
-        return logits.cpu().numpy(), len(logits) / (time.perf_counter() - t0)
-
-    @torch.no_grad()
-    def precise_bn(net) -> None:
-        norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        if not norms or not cfg.precise_bn_batches:
-            return
-        saved = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-        net.train()
-        picks = torch.randperm(n_train, device=device, generator=generator)
-        for b in range(min(cfg.precise_bn_batches, steps_per_epoch)):
-            idx = picks[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            with amp:
-                net(preset.normalize(store["train"][idx], channels_last=on_gpu))
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-        net.eval()
-
+    recipe, augment = cfg.recipe(), cfg.warp_augment()
+    state = start_training(model, recipe, steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"macro_f1": -1.0}
     best_state = None
-    step, trained_images, steady_time, train_time = 0, 0, 0.0, 0.0
+    trained_images, steady_time, train_time = 0, 0.0, 0.0
     epoch = 0
     stopped_early = False
-    while epoch < planned_epochs:
+    while epoch < state.schedule.epochs:
         model.train()
-        if on_gpu:
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         order = torch.randperm(n_train, device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = augment_on_device(store["train"][idx], cfg, generator)
+            x = augment_on_device(store["train"][idx], augment, generator)
             x = ((x - mean) / std).contiguous(memory_format=memory_format)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            with amp:
-                loss = F.cross_entropy(model(x).float(), targets["train"][idx], label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                update_ema(step)
-            loss_sum += loss.detach()
-            step += 1
-        if on_gpu:
-            torch.cuda.synchronize()
+            loss_sum += train_step(state, x, targets["train"][idx], recipe, amp)
+        _sync(device)
         epoch_s = time.perf_counter() - t0
         train_time += epoch_s
         if epoch > 0:  # the first epoch pays for cuDNN autotuning and allocator warm-up
@@ -429,12 +365,14 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
             trained_images += steps_per_epoch * cfg.batch_size
         epoch += 1
         record: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / steps_per_epoch,
-                                  "epoch_s": epoch_s, "lr": lr_at(step - 1)}
-        if epoch % cfg.eval_every == 0 or epoch == planned_epochs:
+                                  "epoch_s": epoch_s, "lr": state.last_lr()}
+        if epoch % cfg.eval_every == 0 or epoch == state.schedule.epochs:
             # Both the raw weights and their moving average compete on val.
-            for which, net in candidates.items():
-                precise_bn(net)
-                logits, _ = predict(net, "val")
+            for which, net in state.candidates().items():
+                if recipe.precise_bn_batches:
+                    precise_bn(net, _clean_batches(store["train"], preset, cfg.batch_size, recipe.precise_bn_batches,
+                                                   generator), amp)
+                logits, _ = _predict(net, store["val"], preset, amp)
                 val = classification_metrics(pack.labels["val"], logits.argmax(1))
                 suffix = "" if which == "raw" else "_ema"
                 record.update({f"val_accuracy{suffix}": val["accuracy"], f"val_macro_f1{suffix}": val["macro_f1"]})
@@ -443,37 +381,45 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         history.append(record)
         print(json.dumps({"model": cfg.model, **record}), flush=True)
-        if cfg.time_budget_s and epoch == 2 and epoch < planned_epochs:
+        if cfg.time_budget_s and epoch == 2 and epoch < state.schedule.epochs:
             fits = int((cfg.time_budget_s - train_time) / max(epoch_s, 1e-6)) + epoch
-            if fits < planned_epochs:
+            if fits < state.schedule.epochs:
                 # Shorten the cosine so the run still ends at a low learning rate.
-                planned_epochs = max(epoch + 1, fits)
+                state.schedule.epochs = max(epoch + 1, fits)
                 stopped_early = True
 
-    eval_model = candidates[best["weights"]]
+    eval_model = state.candidates()[best["weights"]]
     eval_model.load_state_dict(best_state)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    val_logits, _ = predict(eval_model, "val")
-    result: dict[str, Any] = {
+    return _finish(cfg, pack, eval_model, store, preset, amp, kwargs, {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "input_size": size,
         "parameters": count_parameters(eval_model), "epochs_run": epoch, "epochs_planned": cfg.epochs,
         "shortened_to_fit_time_budget": stopped_early, "best_epoch": best["epoch"],
         "best_weights": best["weights"], "train_time_s": train_time, "pack_load_s": load_s,
         "train_images_per_s": trained_images / steady_time if steady_time else None,
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-        "val": classification_metrics(pack.labels["val"], val_logits.argmax(1)),
-        "history": history, "config": asdict(cfg), "pack": pack.meta,
-    }
+    }, history)
+
+
+def _finish(cfg: PackedTrainConfig, pack: LoadedPack, eval_model, store, preset: EvalPreset, amp,
+            kwargs: dict[str, Any], result: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score the selected weights on val (and test), write the checkpoint, the run's split and ``result.json``."""
+    from bloodray.checkpoint import CheckpointMetadata, write_checkpoint
+    from bloodray.evaluation.metrics import classification_metrics
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    val_logits, _ = _predict(eval_model, store["val"], preset, amp)
+    result |= {"val": classification_metrics(pack.labels["val"], val_logits.argmax(1)),
+               "history": history, "config": asdict(cfg), "pack": pack.meta}
     if "test" in store:
-        test_logits, eval_rate = predict(eval_model, "test")
+        test_logits, eval_rate = _predict(eval_model, store["test"], preset, amp)
         result["test"] = classification_metrics(pack.labels["test"], test_logits.argmax(1))
         result["eval_images_per_s"] = eval_rate
         np.save(out / "test_logits.npy", test_logits)
     np.save(out / "val_logits.npy", val_logits)
     metadata = CheckpointMetadata(
-        model_name=cfg.model, classes=list(CLASS_NAMES), input_size=size, mean=list(info.mean),
-        std=list(info.std), model_kwargs=builder_kwargs, epoch=best["epoch"],
+        model_name=cfg.model, classes=list(CLASS_NAMES), input_size=pack.input_size, mean=list(preset.mean),
+        std=list(preset.std), model_kwargs=kwargs, epoch=result["best_epoch"],
         metrics={"val_accuracy": result["val"]["accuracy"], "val_macro_f1": result["val"]["macro_f1"]},
         history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
         config={"trainer": "bloodray.train.pack", **asdict(cfg)})

@@ -1,0 +1,267 @@
+"""Training augmentation of uint8 cell crops, on numpy batches (CPU) and torch tensors (any device).
+
+Two geometric schemes, one colour scheme:
+
+- :func:`augment_batch` (the Ray Train workers' iterators): a random zoom crop, a rotation by a multiple of 90
+  degrees and a mirror, exact pixel moves on numpy arrays with no Python loop over images;
+- :func:`augment_on_device` (the pack trainer, on a GPU): one affine warp per image (any angle, zoom, shift, mirror)
+  with ``grid_sample``;
+- both then jitter brightness, saturation, contrast and hue through :func:`colour_matrices`, which folds the chain
+  into one 3x3 matrix and offset per image. The numpy path calls it on CPU tensors, so both trainers see the same
+  colour math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation suited to cell crops (orientation carries no meaning)."""
+
+    flips: bool = True
+    rotate90: bool = True
+    #: max relative change of brightness/contrast/saturation (stain variation).
+    color_jitter: float = 0.1
+    #: hue shift in [-hue, hue] as a fraction of the colour circle.
+    hue_jitter: float = 0.02
+    #: random zoom: crop a square of this fraction of the side (min), resized back.
+    min_scale: float = 0.85
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Augment a uint8 NHWC batch of square images on the CPU; returns a new uint8 NHWC array.
+
+    Per image, in this order: a random zoom (a square crop of ``min_scale``..1 of
+    the side at a random place, resized back with bilinear interpolation), a
+    random rotation by a multiple of 90 degrees, a random horizontal flip, then
+    brightness / saturation / contrast / hue jitter. Every step works on the
+    whole batch at once (no Python loop over images), and the result depends
+    only on ``images``, ``cfg`` and the state of ``rng``. (The colour jitter
+    acts on each pixel alone and on the image mean, so it is applied before
+    the rotation and flip, which only move pixels: same result, cheaper.)
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 NHWC RGB batch, got {images.dtype} {images.shape}")
+    n, h, w, _ = images.shape
+    if cfg.rotate90 and h != w:
+        raise ValueError(f"rotate90 needs square images, got {h}x{w}")
+    out: np.ndarray = images
+    if cfg.min_scale < 1.0 and n:
+        out = _random_zoom(images, rng, cfg.min_scale)  # float32
+    if (cfg.color_jitter > 0 or cfg.hue_jitter > 0) and n:
+        out = _jitter_colors(out, rng, cfg)  # uint8
+    elif out.dtype != np.uint8:
+        out = _to_uint8(out)
+    turns = rng.integers(0, 4, size=n) if cfg.rotate90 and n else np.zeros(n, dtype=np.int64)
+    flips = rng.random(n) < 0.5 if cfg.flips and n else np.zeros(n, dtype=bool)
+    if turns.any() or flips.any():
+        out = _dihedral(out, turns, flips)
+    return out.copy() if out is images else out
+
+
+_DIHEDRAL_MAPS: dict[int, np.ndarray] = {}
+
+
+def _dihedral_maps(size: int) -> np.ndarray:
+    """(8, size*size) source pixel of each output pixel for ``np.rot90(img, k)`` then, if ``flip``, ``[:, ::-1]``.
+
+    Row ``2 * k + flip``; pixels are numbered row by row. Cached per size.
+    """
+    if size in _DIHEDRAL_MAPS:
+        return _DIHEDRAL_MAPS[size]
+    i, j = np.indices((size, size))
+    last = size - 1
+    maps = []
+    for k in range(4):
+        for flip in (False, True):
+            jj = last - j if flip else j
+            # np.rot90(m, k)[i, j] is m[j, last-i], m[last-i, last-j], m[last-j, i] for k = 1, 2, 3.
+            src_i, src_j = [(i, jj), (jj, last - i), (last - i, last - jj), (last - jj, i)][k]
+            maps.append((src_i * size + src_j).ravel())
+    _DIHEDRAL_MAPS[size] = np.stack(maps).astype(np.intp)
+    return _DIHEDRAL_MAPS[size]
+
+
+def _dihedral(images: np.ndarray, turns: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Rotate each square uint8 image by ``turns`` x 90 degrees, then mirror it left-right where ``flips``.
+
+    One gather of whole pixels per distinct (turns, flip) pair (at most eight), not one step per image.
+    """
+    n, size, width = images.shape[:3]
+    if size != width:  # only mirroring is defined (augment_batch refuses rotate90 here)
+        out = images.copy()
+        out[flips] = out[flips, :, ::-1]
+        return out
+    maps = _dihedral_maps(size)
+    pixels = np.ascontiguousarray(images).reshape(n, size * size, 3).view(np.dtype((np.void, 3)))[..., 0]
+    out = np.empty_like(pixels)
+    which = 2 * turns.astype(np.int64) + flips.astype(np.int64)
+    for g in np.unique(which):
+        group = np.flatnonzero(which == g)
+        out[group] = np.take(pixels[group], maps[g], axis=1)
+    return out.view(np.uint8).reshape(images.shape)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """Round a float image batch on the 0..255 scale to uint8 (half up, clipped)."""
+    return np.add(np.clip(x, 0.0, 255.0, out=x), 0.5, out=x).astype(np.uint8)
+
+
+def _bilinear_taps(start: np.ndarray, side: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (or columns) and weights to resize ``side`` px starting at ``start`` to ``size`` px.
+
+    Pixel centres are aligned as in PIL's BILINEAR resize (an upscale here, so
+    a plain triangle filter), clamped at the crop's edges. Shapes (N, size).
+    """
+    pos = start[:, None] + (np.arange(size, dtype=np.float32)[None, :] + 0.5) * (side[:, None] / size) - 0.5
+    lo = np.floor(pos)
+    frac = (pos - lo).astype(np.float32)
+    lo = lo.astype(np.int64)
+    first, last = start[:, None].astype(np.int64), (start + side - 1)[:, None].astype(np.int64)
+    return np.clip(lo, first, last), np.clip(lo + 1, first, last), frac
+
+
+def _random_zoom(images: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
+    """Crop a random square of ``min_scale``..1 of the side from every image and resize it back (float32)."""
+    n, h, w, _ = images.shape
+    scale = rng.uniform(min_scale, 1.0, size=n)
+    side = np.minimum(np.maximum(min(8, h), np.rint(h * scale)), min(h, w)).astype(np.int64)
+    top = np.floor(rng.random(n) * (h - side + 1)).astype(np.int64)
+    left = np.floor(rng.random(n) * (w - side + 1)).astype(np.int64)
+    return zoom_crops(images, top, left, side)
+
+
+def zoom_crops(images: np.ndarray, top: np.ndarray, left: np.ndarray, side: np.ndarray) -> np.ndarray:
+    """Resize the square crop ``[top:top+side, left:left+side]`` of each image back to the full size.
+
+    Bilinear, as PIL's ``resize(..., BILINEAR)`` upscales; float32 NHWC on the
+    0..255 scale. A crop of the whole image returns it unchanged.
+    """
+    n, h, w, _ = images.shape
+    side = np.asarray(side, dtype=np.float32)
+    y0, y1, wy = _bilinear_taps(np.asarray(top, dtype=np.float32), side, h)
+    x0, x1, wx = _bilinear_taps(np.asarray(left, dtype=np.float32), side, w)
+    # Separable, in place on (N, H, W*3) planes so that every inner loop runs along a whole row.
+    rows = np.arange(n)[:, None]
+    tall = images[rows, y1].astype(np.float32).reshape(n, h, w * 3)   # gathers whole rows
+    upper = images[rows, y0].astype(np.float32).reshape(n, h, w * 3)
+    tall -= upper
+    tall *= wy[:, :, None]
+    tall += upper
+    # Along x, gather whole pixels (12-byte records) by flat index.
+    pixels = tall.reshape(n * h * w, 3).view(np.dtype((np.void, 12))).reshape(-1)
+    base = (np.arange(n * h, dtype=np.int64) * w).reshape(n, h, 1)
+    out = np.take(pixels, base + x1[:, None, :]).view(np.float32).reshape(n, h, w * 3)
+    before = np.take(pixels, base + x0[:, None, :]).view(np.float32).reshape(n, h, w * 3)
+    out -= before
+    out *= np.repeat(wx, 3, axis=1)[:, None, :]
+    out += before
+    return out.reshape(n, h, w, 3)
+
+
+def colour_matrices(brightness, saturation, contrast, hue_angle, channel_mean):
+    """Per-image ``(M, offset)`` of the colour jitter: a jittered pixel is ``M @ rgb + offset``.
+
+    The chain is brightness ``x * b``; saturation ``g + (x - g) * s`` about the pixel's grey value ``g``; contrast
+    ``m + (x - m) * c`` about the image's mean ``m`` over pixels and channels; then a hue rotation by ``hue_angle``
+    radians about the grey axis. Every step is affine in RGB, so the chain folds into one matrix and offset.
+    Arguments are float tensors of shape (N,), ``channel_mean`` (N, 3) is the image's mean RGB before jitter, on the
+    same scale as the pixels. Returns tensors of shape (N, 3, 3) and (N, 3).
+    """
+    import torch
+
+    n = brightness.shape[0]
+    eye = torch.eye(3, dtype=brightness.dtype, device=brightness.device)
+    grey = torch.full((3, 3), 1.0 / 3.0, dtype=brightness.dtype, device=brightness.device)
+    m = (saturation[:, None, None] * eye + (1 - saturation)[:, None, None] * grey) * brightness[:, None, None]
+    image_mean = torch.einsum("nij,nj->ni", m, channel_mean).mean(dim=1)
+    m = m * contrast[:, None, None]
+    offset = ((1 - contrast) * image_mean)[:, None].expand(n, 3)
+    rotation = hue_matrices(hue_angle)
+    return rotation @ m, torch.einsum("nij,nj->ni", rotation, offset)
+
+
+def hue_matrices(angle):
+    """(N, 3, 3) rotations of RGB by ``angle`` radians (a float tensor of shape (N,)) about the grey axis."""
+    import torch
+
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    k, q = 1.0 / 3.0, math.sqrt(1.0 / 3.0)
+    diag = cos + (1 - cos) * k
+    plus = k * (1 - cos) + q * sin
+    minus = k * (1 - cos) - q * sin
+    return torch.stack([torch.stack([diag, minus, plus], dim=-1),
+                        torch.stack([plus, diag, minus], dim=-1),
+                        torch.stack([minus, plus, diag], dim=-1)], dim=1)
+
+
+def _jitter_colors(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Colour jitter of a NHWC batch (uint8 or float on 0..255) -> uint8, in one batched pass over the pixels."""
+    import torch
+
+    n = images.shape[0]
+    j = cfg.color_jitter
+    brightness, contrast, saturation = (rng.uniform(1 - j, 1 + j, size=n).astype(np.float32) for _ in range(3))
+    angle = (rng.uniform(-cfg.hue_jitter, cfg.hue_jitter, size=n) * 2 * np.pi).astype(np.float32) \
+        if cfg.hue_jitter > 0 else np.zeros(n, dtype=np.float32)
+    flat = images.reshape(n, -1, 3).astype(np.float32, copy=False)
+    channel_mean = (np.ones((1, flat.shape[1]), dtype=np.float32) @ flat)[:, 0] / flat.shape[1]  # (N, 3)
+    m, offset = colour_matrices(*(torch.from_numpy(a) for a in (brightness, saturation, contrast, angle, channel_mean)))
+    out = np.matmul(flat, m.numpy().transpose(0, 2, 1))
+    out += offset.numpy()[:, None, :]
+    return _to_uint8(out).reshape(images.shape)
+
+
+@dataclass(frozen=True)
+class WarpAugmentConfig:
+    """Augmentation of :func:`augment_on_device`: a free affine warp, then the colour jitter."""
+
+    #: rotation by any angle (cell orientation carries no meaning).
+    rotate: bool = True
+    flips: bool = True
+    min_scale: float = 0.9
+    max_scale: float = 1.1
+    #: shift as a fraction of the side.
+    translate: float = 0.05
+    color_jitter: float = 0.1
+    hue_jitter: float = 0.02
+
+
+def augment_on_device(images, cfg: WarpAugmentConfig, generator=None):
+    """Batched augmentation of a ``uint8`` NHWC tensor; returns float NCHW in [0, 1] on the same device.
+
+    One affine warp per image (rotation, mirror, zoom, shift) with reflected borders, then the colour jitter of
+    :func:`colour_matrices`, all as tensor ops so the cost does not grow with Python per image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    n, device = x.shape[0], x.device
+
+    def uniform(lo, hi, *shape):
+        return torch.rand(*shape, device=device, generator=generator) * (hi - lo) + lo
+
+    angle = uniform(0, 2 * math.pi, n) if cfg.rotate else torch.zeros(n, device=device)
+    scale = uniform(cfg.min_scale, cfg.max_scale, n)
+    mirror = (torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -1.0, 1.0)
+              if cfg.flips else torch.ones(n, device=device))
+    shift = uniform(-cfg.translate, cfg.translate, n, 2)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if cfg.color_jitter > 0 or cfg.hue_jitter > 0:
+        j = cfg.color_jitter
+        brightness, saturation, contrast = (uniform(1 - j, 1 + j, n) for _ in range(3))
+        hue = uniform(-cfg.hue_jitter, cfg.hue_jitter, n) * 2 * math.pi
+        m, offset = colour_matrices(brightness, saturation, contrast, hue, x.mean((2, 3)))
+        x = torch.einsum("nij,njhw->nihw", m, x) + offset[:, :, None, None]
+    return x.clamp_(0.0, 1.0)
