@@ -2,13 +2,18 @@
 
 The commit protocol (layout: :mod:`bloodray.nightly.contract`)::
 
+    check the staged rows account for the listing            else refuse: nothing published
+    renew the lease of (output, date)                        else refuse: another run took over
     copy staged files into <table>/run_date=<D>/<run_id>/
     write run_configs/run_date=<D>/<run_id>.yaml
+    renew the lease again
     write runs/run_date=<D>/<run_id>.parquet                 LAST: marks the run committed
     delete superseded runs of that date and stale staging    best effort
+    release the lease
 
-A run that dies before its manifest is written leaves nothing visible to
-readers going through the manifests; its leftovers are deleted by the next
+A run that fails before its manifest is written removes its own staging and
+files (:func:`discard_run`); one that dies leaves nothing visible to readers
+going through the manifests, and its leftovers are deleted by the next
 committed run of that date.
 """
 
