@@ -156,6 +156,19 @@ class _LocalStore:
             return True
 
 
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an s3fs error is a failed ``If-Match``/``If-None-Match`` (lost race), not any other refusal."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, Mapping):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status == 412
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class _S3Store:
     """Compare-and-swap on an S3 object with conditional PUTs; the token is the object's ETag."""
 
@@ -164,14 +177,19 @@ class _S3Store:
         self.bucket, self.key, _ = fs.split_path(path)
 
     def read(self) -> tuple[dict, str] | None:
-        self.fs.invalidate_cache(self.path)
-        try:
-            # s3fs reads with If-Match on the ETag it opened with: body and token agree.
-            with self.fs.open(self.path, "rb") as fh:
-                token = fh.details["ETag"]
-                body = fh.read()
-        except FileNotFoundError:
-            return None
+        for attempt in range(3):
+            self.fs.invalidate_cache(self.path)
+            try:
+                # s3fs reads with If-Match on the ETag it opened with: body and token agree.
+                with self.fs.open(self.path, "rb") as fh:
+                    token = fh.details["ETag"]
+                    body = fh.read()
+                break
+            except FileNotFoundError:
+                return None
+            except OSError as exc:  # changed between the HEAD and the GET: read again
+                if attempt == 2 or not _precondition_failed(exc):
+                    raise
         try:
             return json.loads(body), token
         except ValueError:
@@ -184,7 +202,7 @@ class _S3Store:
         except (FileExistsError, FileNotFoundError):
             return None
         except OSError as exc:
-            if "precondition" in str(exc).lower() or getattr(exc, "errno", None) == 22:
+            if _precondition_failed(exc):
                 return None
             raise
         finally:
@@ -210,6 +228,8 @@ class Lease:
         self.token: str | None = None
         self.record: dict[str, Any] = {}
         self.lost: str | None = None
+        # The heartbeat and the commit both renew: two CAS with one token would fail one of them.
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -249,6 +269,12 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease by ``seconds``; raises :class:`LeaseLostError` when it is no longer ours."""
+        with self._lock:
+            self._renew()
+
+    def _renew(self) -> None:
+        if self.token is None and not self.lost:
+            raise LeaseLostError(f"{self.output_uri}: run {self.run_id} has released its lease on {self.run_date}")
         if self.lost:
             raise LeaseLostError(self.lost)
         record = self._new_record()
@@ -286,15 +312,16 @@ class Lease:
             self._thread.join(timeout=30)
         with _ACTIVE_LOCK:
             _ACTIVE.discard(self.run_id)
-        if self.token is None or self.lost:
-            return
-        token, self.token = self.token, None
-        try:
-            if not self.store.delete(token):
-                self.store.replace(self._new_record() | {"released": True, "expires_at": _now().isoformat()},
-                                   token)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not release the lease %s (%s); it expires on its own", self.uri, exc)
+        with self._lock:
+            if self.token is None or self.lost:
+                return
+            token, self.token = self.token, None
+            try:
+                if not self.store.delete(token):
+                    self.store.replace(self._new_record() | {"released": True, "expires_at": _now().isoformat()},
+                                       token)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not release the lease %s (%s); it expires on its own", self.uri, exc)
 
 
 def acquire_lease(output_uri: str, run_date: str, run_id: str, seconds: float,
