@@ -250,15 +250,18 @@ class Lease:
                 if current is None:
                     continue  # released and deleted in between: try again
                 held, held_token = current
-                if holder_is_live(held):
+                if held.get("nonce") == record["nonce"]:  # our PUT landed, its response was lost and retried
+                    token = held_token
+                elif holder_is_live(held):
                     raise LeaseHeldError(
                         f"{self.output_uri}: run date {self.run_date} is being written by {describe_holder(held)}; "
                         f"one run per output and date at a time -- wait for it, or for its lease to expire "
                         f"({self.uri})")
-                token = self.store.replace(record, held_token)
+                else:
+                    token = self.store.replace(record, held_token)
                 if token is None:
                     continue  # someone else took it over first: look again
-                if held.get("run_id") and not held.get("released"):
+                if held.get("run_id") not in (None, self.run_id) and not held.get("released"):
                     log.warning("took over the lease of %s: expired, or its process is gone", describe_holder(held))
             self.token, self.record = token, record
             with _ACTIVE_LOCK:
@@ -282,8 +285,10 @@ class Lease:
             token = self.store.replace(record, self.token)
         except Exception as exc:  # noqa: BLE001
             raise storage.describe_storage_error(self.uri, exc) from exc
+        current = self.store.read() if token is None else None
+        if current is not None and current[0].get("nonce") == record["nonce"]:
+            token = current[1]  # our PUT landed, its response was lost and the retry found it changed
         if token is None:
-            current = self.store.read()
             holder = describe_holder(current[0]) if current else "nobody (the lease was removed)"
             self.lost = (f"{self.output_uri}: run {self.run_id} lost its lease on run date {self.run_date} "
                          f"(now held by {holder}); nothing of this run is published")
