@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 from bloodray import storage
 from bloodray.classes import CLASS_NAMES
 from bloodray.nightly import contract
+from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.differential import compute_differentials, count_columns
 from bloodray.nightly.plan import RunPlan
 
@@ -81,15 +82,18 @@ def staging_connection(plan: RunPlan):
     con.execute(f"SET temp_directory = '{spill}'")
     con.register("results", staged_dataset(fs, posixpath.join(plan.staging, "results"), contract.staged_schema()))
     con.register("list_errors", pa.Table.from_pylist(plan.listing.errors, schema=contract.errors_schema().remove(0)))
-    carried = carried_runs(plan)
-    for table in ("predictions", "errors"):
-        con.register(f"old_{table}", contract.table_dataset(plan.output_uri, table, carried, plan.storage_options))
-    con.register("skip", pa.table({"sample_id": pa.array(sorted(plan.skip_samples), pa.string())}))
+    con.register("old_predictions", contract.table_dataset(plan.output_uri, "predictions", carried_runs(plan),
+                                                           plan.storage_options))
+    con.register("carry", pa.table({"image_uri": pa.array(sorted(plan.carried_images), pa.string())}))
     return con
 
 
 def write_image_tables(plan: RunPlan, con) -> None:
-    """Split the per-image results into the staged predictions and errors tables."""
+    """Split the per-image results into the staged predictions and errors tables.
+
+    An incremental run adds the carried predictions (:attr:`RunPlan.carried_images`); errors are never
+    carried: an image that failed last time was read again.
+    """
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
     timer = time.monotonic()
     # Carried rows get the new run id and are re-judged against this run's threshold.
@@ -101,13 +105,12 @@ def write_image_tables(plan: RunPlan, con) -> None:
     predictions_sql = f"""
         SELECT {new_predictions} FROM results WHERE error_type IS NULL
         UNION ALL
-        SELECT {old_predictions} FROM old_predictions WHERE sample_id IN (SELECT sample_id FROM skip)
+        SELECT {old_predictions} FROM old_predictions WHERE image_uri IN (SELECT image_uri FROM carry)
         ORDER BY sample_id, image_uri"""
     errors = contract.select_list("errors", {"run_id": "$run_id"})
     errors_sql = f"""
         SELECT {errors} FROM results WHERE error_type IS NOT NULL
         UNION ALL SELECT {errors} FROM list_errors
-        UNION ALL SELECT {errors} FROM old_errors WHERE sample_id IN (SELECT sample_id FROM skip)
         ORDER BY sample_id NULLS FIRST, image_uri"""
     params = {"run_id": plan.run_id, "threshold": plan.review_threshold, "model_name": plan.model_name,
               "checkpoint_id": plan.checkpoint_id}
@@ -146,3 +149,53 @@ def write_differentials(plan: RunPlan, con) -> None:
     (n_errors,), = con.sql("SELECT count(*) FROM e").fetchall()
     plan.stats.update(n_predictions=n_pred, n_review=n_review, n_errors=n_errors, n_samples=diffs.num_rows)
     plan.timings["aggregate"] = time.monotonic() - timer
+
+
+#: A listed shard's member rows are ``<shard>#<member>``; the shard part ends at the first ``.tar#``.
+_SHARD_OF = r"regexp_extract(image_uri, '^(.*?\.[tT][aA][rR])(#|$)', 1)"
+
+
+def check_accounting(plan: RunPlan) -> None:
+    """Refuse a staged run whose rows do not account for its listed inputs, each exactly once.
+
+    Every listed image file (read or carried over) and every listing error
+    must have exactly one row in the staged predictions or errors; every
+    other row must be a member (or the shard-level error) of a listed tar
+    shard, again once. A shard's members are only known by reading it, so a
+    shard with no image member has no row. Raises :class:`ClassifyError`
+    naming the run and a few offending URIs: nothing is published.
+    """
+    import duckdb
+
+    fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
+    expected = [u for u, _s in plan.listing.files] + sorted(plan.carried_images)
+    expected += [e["image_uri"] for e in plan.listing.errors if e.get("image_uri")]
+    con = duckdb.connect()
+    try:
+        con.register("p", staged_dataset(fs, posixpath.join(plan.staging, "predictions"),
+                                         contract.predictions_schema()))
+        con.register("e", staged_dataset(fs, posixpath.join(plan.staging, "errors"), contract.errors_schema()))
+        con.register("expected", pa.table({"image_uri": pa.array(expected, pa.string())}))
+        con.register("shards", pa.table({"shard": pa.array(plan.listing.shards, pa.string())}))
+        con.execute("""
+            CREATE TEMP TABLE seen AS
+            SELECT image_uri, count(*) AS n FROM (SELECT image_uri FROM p UNION ALL SELECT image_uri FROM e)
+            GROUP BY image_uri""")
+        problems = []
+        checks = (
+            ("listed image(s) without a row",
+             "SELECT image_uri FROM expected ANTI JOIN seen USING (image_uri)"),
+            ("image(s) with more than one row", "SELECT image_uri FROM seen WHERE n > 1"),
+            ("row(s) of no listed input",
+             f"""SELECT image_uri FROM seen ANTI JOIN expected USING (image_uri)
+                 WHERE image_uri IS NULL OR {_SHARD_OF} NOT IN (SELECT shard FROM shards)"""),
+        )
+        for what, sql in checks:
+            n, example = con.sql(f"SELECT count(*), min(image_uri) FROM ({sql})").fetchall()[0]
+            if n:
+                problems.append(f"{n} {what} (e.g. {example})")
+    finally:
+        con.close()
+    if problems:
+        raise ClassifyError(f"{plan.output_uri}: run {plan.run_id} of {plan.run_date} is not published: its staged "
+                            f"rows do not account for the listed inputs: {'; '.join(problems)}")

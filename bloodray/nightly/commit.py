@@ -2,13 +2,18 @@
 
 The commit protocol (layout: :mod:`bloodray.nightly.contract`)::
 
+    check the staged rows account for the listing            else refuse: nothing published
+    renew the lease of (output, date)                        else refuse: another run took over
     copy staged files into <table>/run_date=<D>/<run_id>/
     write run_configs/run_date=<D>/<run_id>.yaml
+    renew the lease again
     write runs/run_date=<D>/<run_id>.parquet                 LAST: marks the run committed
     delete superseded runs of that date and stale staging    best effort
+    release the lease
 
-A run that dies before its manifest is written leaves nothing visible to
-readers going through the manifests; its leftovers are deleted by the next
+A run that fails before its manifest is written removes its own staging and
+files (:func:`discard_run`); one that dies leaves nothing visible to readers
+going through the manifests, and its leftovers are deleted by the next
 committed run of that date.
 """
 
@@ -27,7 +32,9 @@ from bloodray import storage
 from bloodray.config import dump_yaml, save_config
 from bloodray.nightly import contract
 from bloodray.nightly.config import ClassifyError
-from bloodray.nightly.plan import RUN_MARKER, RunPlan, RunResult, now
+from bloodray.nightly.aggregate import check_accounting
+from bloodray.nightly.lease import live_holders
+from bloodray.nightly.plan import RUN_MARKER, RunPlan, RunResult, now, remove_staging
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +61,36 @@ def publish_files(plan: RunPlan) -> None:
                 plan.storage_options)
 
 
+def discard_run(plan: RunPlan) -> None:
+    """Undo an uncommitted run: delete its staging, partition files and config; release its lease.
+
+    Best effort and only this run's own paths (its run id); a run whose
+    manifest exists is committed and is left alone.
+    """
+    fs, root = contract.output_root(plan.output_uri, plan.storage_options)
+    try:
+        fs.invalidate_cache()
+        if not fs.exists(contract.manifest_path(root, plan.run_date, plan.run_id)):
+            paths = [contract.partition_dir(root, t, plan.run_date, plan.run_id) for t in contract.TABLES]
+            paths.append(contract.config_path(root, plan.run_date, plan.run_id))
+            for path in paths:
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - never hide the failure that got us here
+        log.warning("run %s: could not remove its unpublished files (%s); they are invisible to readers",
+                    plan.run_id, exc)
+    remove_staging(fs, plan.staging)
+    if plan.lease is not None:
+        plan.lease.release()
+
+
 def commit_run(plan: RunPlan) -> RunResult:
-    """Publish a staged run: copy its files into the partitions, then write the manifest LAST.
+    """Publish a staged run: check it, copy its files into the partitions, then write the manifest LAST.
+
+    Refuses (:class:`ClassifyError`, nothing published, the run discarded)
+    when the staged rows do not account for every listed input exactly once
+    (:func:`bloodray.nightly.aggregate.check_accounting`) or when the run no
+    longer holds its lease (:class:`~bloodray.nightly.lease.LeaseLostError`).
 
     Until the manifest exists the run is invisible to readers (:func:`bloodray.nightly.contract.visible_runs`);
     a crash anywhere before that leaves the previously visible run untouched.
@@ -64,7 +99,17 @@ def commit_run(plan: RunPlan) -> RunResult:
     """
     timer = time.monotonic()
     fs, root = contract.output_root(plan.output_uri, plan.storage_options)
-    publish_files(plan)
+    try:
+        check_accounting(plan)
+        if plan.lease is not None:
+            plan.lease.renew()
+        publish_files(plan)
+        if plan.lease is not None:
+            # Proof that the lease is still ours, and a full lease period for the manifest write.
+            plan.lease.renew()
+    except BaseException:
+        discard_run(plan)
+        raise
     committed_at = now()
     plan.timings["commit"] = time.monotonic() - timer
     timings = {k: round(v, 3) for k, v in plan.timings.items()}
@@ -85,6 +130,8 @@ def commit_run(plan: RunPlan) -> RunResult:
     log.info("run %s committed: %d predictions, %d errors, %d samples (%d need review)", plan.run_id,
              plan.stats["n_predictions"], plan.stats["n_errors"], plan.stats["n_samples"], plan.stats["n_review"])
     cleanup_runs(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
+    if plan.lease is not None:
+        plan.lease.release()
     return RunResult(run_id=plan.run_id, run_date=plan.run_date, output_uri=plan.output_uri,
                      manifest_uri=storage.full_uri(fs, manifest_path), checkpoint_id=plan.checkpoint_id,
                      n_inputs=plan.stats["n_inputs"], n_predictions=plan.stats["n_predictions"],
@@ -127,8 +174,10 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
     another date) is left alone. Manifests of superseded runs stay, as the
     history of what ran. Best effort: failures are logged, never raised.
 
-    Concurrent runs of the *same date* into one output are not supported (no
-    lock): the one that commits last wins and removes the other's files.
+    Staging of a run that holds a live lease (:mod:`bloodray.nightly.lease`)
+    is never deleted: with one writer per output and date, a same-date run
+    that started earlier and holds no lease is dead, or has lost its lease and
+    cannot publish.
     """
     fs, root = contract.output_root(output_uri, storage_options)
     deleted: list[str] = []
@@ -162,8 +211,11 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
             if other not in committed and superseded(other):
                 deleted.append(path)
         staging_root = posixpath.join(root, contract.STAGING)
+        holders = live_holders(output_uri, storage_options) - {run_id}
         for other in subdirs(fs, staging_root):
             marker = run_marker(fs, root, other)
+            if other in holders:
+                continue
             if (other == run_id or other in committed or marker is None
                     or (marker["run_date"] == run_date and marker["started_at"] < ours_started)
                     or marker["started_at"] < ours_started - STALE_STAGING_AGE):

@@ -82,10 +82,13 @@ class RunConfig:
     #: ``YYYY-MM-DD``: read ``<input.uri>/<date>/`` and write under ``run_date=<date>``;
     #: null: read ``input.uri`` as given and partition under today's UTC date.
     date: str | None = None
-    #: skip samples already in the visible run of the date (same checkpoint) and carry their rows over.
+    #: carry over the predictions of images already classified in the visible run of the date (same
+    #: checkpoint) and still listed; read every other listed image (new, or an error last time).
     incremental: bool = False
     #: override the generated run id (``<UTC start>-<random>``).
     run_id: str | None = None
+    #: seconds the run's lease on (output, date) lasts without renewal; renewed every fifth of it.
+    lease_seconds: float = 300.0
 
     def validate(self, prefix: str) -> None:
         if self.date is not None:
@@ -98,6 +101,9 @@ class RunConfig:
         if self.run_id is not None and not _RUN_ID_RE.match(self.run_id):
             raise ConfigError(f"{prefix}.run_id: use letters, digits, '.', '_' and '-' (not first), "
                               f"at most 128 characters; got {self.run_id!r}")
+        if not (isinstance(self.lease_seconds, (int, float)) and 5 <= self.lease_seconds <= 86_400):
+            raise ConfigError(f"{prefix}.lease_seconds: expected seconds between 5 and 86400, "
+                              f"got {self.lease_seconds!r}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ one output root, as Parquet::
     <output>/runs/run_date=<YYYY-MM-DD>/<run_id>.parquet                  the run manifest (one row)
     <output>/run_configs/run_date=<YYYY-MM-DD>/<run_id>.yaml              the run's final config
     <output>/_staging/<run_id>/...                                        work in progress (ignored by readers)
+    <output>/_leases/run_date=<YYYY-MM-DD>.json                           who is writing that date (ignored by readers)
 
 ``run_date`` is only in the paths (hive partitioning), never a column inside
 the files, so DuckDB (``hive_partitioning=true``) and
@@ -50,6 +51,8 @@ RUNS = "runs"
 RUN_CONFIGS = "run_configs"
 #: Leading underscore: pyarrow dataset discovery skips it, and no table glob matches it.
 STAGING = "_staging"
+#: One lease object per run date (:mod:`bloodray.nightly.lease`); never read as a table.
+LEASES = "_leases"
 #: Status of a committed run (the only status a manifest is ever written with).
 COMMITTED = "committed"
 #: Hive partition column of every table; it lives in the paths, never inside the files.
@@ -206,6 +209,11 @@ def config_path(root: str, run_date: str, run_id: str) -> str:
 def staging_dir(root: str, run_id: str) -> str:
     """A run's private staging directory."""
     return posixpath.join(root, STAGING, run_id)
+
+
+def lease_path(root: str, run_date: str) -> str:
+    """The lease object of one run date (one writer per output and date)."""
+    return posixpath.join(root, LEASES, f"{RUN_DATE_PREFIX}{run_date}.json")
 
 
 def output_root(output_uri: str, storage_options: Mapping[str, Any] | None = None):

@@ -27,9 +27,16 @@ appears exactly once, in predictions or in errors.
 
 Reruns: every run has its own ``run_id``; the visible run of a date is the
 committed manifest with the latest ``committed_at``, so a rerun replaces the
-date's results. ``run.incremental`` skips samples already in the visible run
-of the date (classified with the same checkpoint) and copies their rows into
-the new run, so each run is complete on its own.
+date's results. ``run.incremental`` reconciles per image: listed image files
+already classified in the visible run of the date (same checkpoint) are not
+read again and their predictions are copied into the new run; new images and
+images that failed last time are read; images no longer listed are dropped.
+Each run is complete on its own.
+
+One writer per output and date: a run holds the date's lease
+(:mod:`~bloodray.nightly.lease`) from planning to commit, and the commit
+refuses to publish rows that do not account for every listed input exactly
+once. A run that fails removes its staging and releases its lease.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from bloodray.classes import CLASS_NAMES
 from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables, write_table
-from bloodray.nightly.commit import cleanup_runs, commit_run, publish_files
+from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
 from bloodray.nightly.config import ClassifyConfig, ClassifyError
 from bloodray.nightly.listing import InputListing, list_inputs
 from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, plan_run
@@ -56,8 +63,8 @@ from bloodray.predict import CellPredictor
 log = logging.getLogger(__name__)
 
 __all__ = ["CellPredictorResults", "ClassifyConfig", "ClassifyError", "InputListing", "RunPlan", "RunResult",
-           "build_dataset", "classify_to_staging", "cleanup_runs", "commit_run", "list_inputs", "plan_run",
-           "publish_files", "run_classification", "stage_run", "to_staged_rows"]
+           "build_dataset", "classify_to_staging", "cleanup_runs", "commit_run", "discard_run", "list_inputs",
+           "plan_run", "publish_files", "run_classification", "stage_run", "to_staged_rows"]
 
 
 def _text(values) -> list[str | None]:
@@ -132,8 +139,7 @@ def build_dataset(plan: RunPlan):
         parts.append(ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
             read_decode_shards, batch_size=1,
             fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
-                       "sample_id_from": cfg.input.sample_id_from, "skip_samples": plan.skip_samples,
-                       "chunk_rows": bs},
+                       "sample_id_from": cfg.input.sample_id_from, "chunk_rows": bs},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.
@@ -192,12 +198,18 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     """Classify an archive and commit the results; the one entry point of the nightly job.
 
     Re-running a date replaces that date's visible results; with
-    ``run.incremental`` only new samples are classified and the rest carried
-    over. Raises :class:`~bloodray.config.ConfigError`,
+    ``run.incremental`` only images without a prediction in the visible run
+    are classified and the rest carried over. A second run of the same date
+    and output while this one holds the lease raises
+    :class:`~bloodray.nightly.lease.LeaseHeldError`. Raises :class:`~bloodray.config.ConfigError`,
     :class:`~bloodray.storage.StorageError`,
     :class:`~bloodray.checkpoint.CheckpointError` or :class:`ClassifyError`
     for problems with the run as a whole; bad images never raise.
     """
     plan = plan_run(cfg)
-    stage_run(plan)
+    try:
+        stage_run(plan)
+    except BaseException:
+        discard_run(plan)  # a failed run leaves no staging and holds no lease
+        raise
     return commit_run(plan)

@@ -30,6 +30,7 @@ from bloodray.nightly import contract
 from bloodray.nightly.config import ClassifyConfig, ClassifyError, InferenceConfig, effective_threshold
 from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
                                            load_flag_rules, load_sample_metadata)
+from bloodray.nightly.lease import Lease, acquire_lease
 from bloodray.nightly.listing import InputListing, list_inputs
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,13 @@ class RunPlan:
     rules: FlagRules
     started_at: dt.datetime
     listing: InputListing
+    #: samples of which every listed image is carried over (nothing of them is read).
     skip_samples: frozenset[str] = frozenset()
+    #: URIs of listed image files whose predictions are carried over from ``carried_from``.
+    carried_images: frozenset[str] = frozenset()
     carried_from: str | None = None
+    #: this run's hold on (output, date), released by the commit (:mod:`bloodray.nightly.lease`).
+    lease: Lease | None = None
     #: ``sample_id, wbc_count_10e9_per_l`` from ``flags.sample_metadata``, or None.
     sample_metadata: pa.Table | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -108,16 +114,21 @@ class RunResult:
 
 
 def plan_run(cfg: ClassifyConfig) -> RunPlan:
-    """Resolve dates, run id, checkpoint and flag rules; list the inputs; pick samples to skip.
+    """Take the lease of (output, date); resolve run id, checkpoint and flag rules; list the inputs.
 
-    Writes only ``_staging/<run_id>/run.json`` (:data:`RUN_MARKER`) (so cleanups of other runs can
-    tell this run is in flight).
+    Raises :class:`~bloodray.nightly.lease.LeaseHeldError` (one line naming
+    the output, the date and the holder) while another run writes the same
+    date into the same output. Writes the lease and
+    ``_staging/<run_id>/run.json`` (:data:`RUN_MARKER`, so cleanups of other
+    runs can tell this run is in flight); on failure neither is left held or
+    behind. The returned plan holds the lease until
+    :func:`bloodray.nightly.commit.commit_run` or
+    :func:`bloodray.nightly.commit.discard_run` releases it.
     """
     started = now()
     timer = time.monotonic()
     so = cfg.storage.storage_options()
     run_date = cfg.run.date or started.date().isoformat()
-    input_uri = storage.join(cfg.input.uri.rstrip("/"), cfg.run.date) if cfg.run.date else cfg.input.uri
     output_uri = cfg.output.uri.rstrip("/")
     run_id = cfg.run.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     fs, root = contract.output_root(output_uri, so)
@@ -131,6 +142,20 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
         raise ClassifyError(f"run.run_id: run {run_id!r} is already committed for {run_date} under {output_uri}; "
                             "choose a new run id (or leave it unset)")
 
+    lease = acquire_lease(output_uri, run_date, run_id, cfg.run.lease_seconds, so)
+    try:
+        return _plan(cfg, lease, started, timer)
+    except BaseException:
+        remove_staging(fs, contract.staging_dir(root, run_id))
+        lease.release()
+        raise
+
+
+def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float) -> RunPlan:
+    so = cfg.storage.storage_options()
+    run_id, run_date, output_uri = lease.run_id, lease.run_date, lease.output_uri
+    input_uri = storage.join(cfg.input.uri.rstrip("/"), cfg.run.date) if cfg.run.date else cfg.input.uri
+    fs, _root = contract.output_root(output_uri, so)
     # Checkpoint problems surface here, before Ray starts any actor.
     checkpoint_uri = resolve_checkpoint(cfg.model.checkpoint, so)
     meta = read_metadata(checkpoint_uri, so)
@@ -154,39 +179,75 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     base = meta.preset()
     preset = EvalPreset(base.input_size, base.mean, base.std, cfg.limits.max_pixels)
 
-    skip: frozenset[str] = frozenset()
-    carried_from = None
+    carried_from, previous = None, frozenset()
     if cfg.run.incremental:
-        visible = contract.visible_runs(output_uri, so, run_date)
-        if visible.num_rows and visible.column("checkpoint_id")[0].as_py() == meta.checkpoint_id:
-            carried_from = visible.column("run_id")[0].as_py()
-            done = contract.table_dataset(output_uri, "differentials", visible, so).to_table(columns=["sample_id"])
-            skip = frozenset(s for s in done.column("sample_id").to_pylist() if s is not None)
-            log.info("incremental: %d sample(s) of run %s are skipped and carried over", len(skip), carried_from)
-        elif visible.num_rows:
-            log.info("incremental: the visible run of %s used checkpoint %s, not %s; classifying everything",
-                     run_date, visible.column("checkpoint_id")[0].as_py(), meta.checkpoint_id)
+        carried_from, previous = previous_predictions(output_uri, run_date, meta.checkpoint_id, so)
 
     log.info("run %s (date %s): listing %s", run_id, run_date, input_uri)
     listing = list_inputs(input_uri, cfg.input.layout, cfg.input.sample_id_from, so)
     if not listing.files and not listing.shards and not listing.errors:
         raise ClassifyError(f"{input_uri}: no images or tar shards found "
                             f"(layout {cfg.input.layout}; images: *.jpg, *.jpeg, *.png, *.bmp, *.tif; shards: *.tar)")
-    n_listed = len(listing.files)
-    listing.files = [(u, s) for u, s in listing.files if s not in skip]
-    log.info("found %d image file(s) (%d skipped as already classified), %d tar shard(s), %d unassignable, "
-             "%d other file(s) ignored", n_listed, n_listed - len(listing.files), len(listing.shards),
+    carried, skip = reconcile(listing, previous)
+    log.info("found %d image file(s) (%d carried over as already classified), %d tar shard(s), %d unassignable, "
+             "%d other file(s) ignored", len(listing.files) + len(carried), len(carried), len(listing.shards),
              len(listing.errors), listing.ignored)
 
     plan = RunPlan(cfg=cfg, run_id=run_id, run_date=run_date, input_uri=input_uri, output_uri=output_uri,
                    storage_options=so, checkpoint_uri=checkpoint_uri, checkpoint_id=meta.checkpoint_id,
                    model_name=meta.model_name, preset=preset,
                    review_threshold=effective_threshold(cfg, meta.review_threshold), rules=rules, sample_metadata=sample_metadata,
-                   started_at=started, listing=listing, skip_samples=skip, carried_from=carried_from)
+                   started_at=started, listing=listing, skip_samples=skip, carried_images=carried,
+                   carried_from=carried_from if carried else None, lease=lease)
     storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
                       json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
     plan.timings["list"] = time.monotonic() - timer
     return plan
+
+
+def remove_staging(fs, staging: str) -> None:
+    """Delete a run's staging directory, best effort (a failed run must leave none behind)."""
+    try:
+        fs.invalidate_cache()
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - never hide the failure that got us here
+        log.warning("could not remove %s (%s)", storage.full_uri(fs, staging), exc)
+
+
+def previous_predictions(output_uri: str, run_date: str, checkpoint_id: str,
+                         storage_options) -> tuple[str | None, frozenset[str]]:
+    """``(run id, image URIs)`` of the predictions of the visible run of the date, if it used ``checkpoint_id``.
+
+    Only predictions: images that failed last time are read again.
+    """
+    visible = contract.visible_runs(output_uri, storage_options, run_date)
+    if not visible.num_rows:
+        return None, frozenset()
+    if visible.column("checkpoint_id")[0].as_py() != checkpoint_id:
+        log.info("incremental: the visible run of %s used checkpoint %s, not %s; classifying everything",
+                 run_date, visible.column("checkpoint_id")[0].as_py(), checkpoint_id)
+        return None, frozenset()
+    done = contract.table_dataset(output_uri, "predictions", visible, storage_options).to_table(columns=["image_uri"])
+    return visible.column("run_id")[0].as_py(), frozenset(done.column("image_uri").to_pylist())
+
+
+def reconcile(listing: InputListing, previous: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """Per image: drop listed files already classified from ``listing``; returns ``(carried URIs, skipped samples)``.
+
+    An image carried over must still be listed (deleted images and samples are
+    not carried); a listed image without a previous prediction (new, or an
+    error last time) is read. Tar shards are always read whole: their members
+    are only known by reading them. A skipped sample is one none of whose
+    listed images is read.
+    """
+    if not previous:
+        return frozenset(), frozenset()
+    carried = frozenset(u for u, _s in listing.files if u in previous)
+    samples = {s for u, s in listing.files if u in carried}
+    listing.files = [(u, s) for u, s in listing.files if u not in carried]
+    read = {s for _u, s in listing.files}
+    return carried, frozenset(samples - read)
 
 
 def actor_pool(cfg: InferenceConfig, fused: bool = True, work_blocks: int | None = None):
