@@ -147,6 +147,9 @@ def cmd_classify(args) -> int:
 
     result = run_classification(classify_config_from_args(args))
     print(result.describe())
+    warning = result.shift_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 
