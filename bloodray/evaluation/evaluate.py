@@ -231,11 +231,10 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
 
     def features(rows):
         table = predict_rows(rows, checkpoint, storage_options, return_features=True)
-        ok = _decoded(table)
-        return table.filter(pa.array(ok)), ok
+        return table.filter(pa.array(_decoded(table)))
 
-    train, _ = features(_subset(train_rows, train_cells))
-    val, _ = features(val_rows)
+    train = features(_subset(train_rows, train_cells))
+    val = features(val_rows)
     ref = fit_ood(_matrix(train, "ood_pen"), np.asarray(train.column("label").to_pylist()),
                   _matrix(train, "ood_early"), _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early)
     return ref, val
