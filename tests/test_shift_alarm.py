@@ -67,7 +67,7 @@ def _tables(out: Path):
     return read_table(str(out), "predictions").to_pylist(), read_table(str(out), "differentials").to_pylist()
 
 
-def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint):
+def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint, capsys):
     samples = synth.default_samples(2, 60, seed=1)
     normal, shifted = tmp_path / "normal", tmp_path / "shifted"
     synth.write_archive(str(normal), samples, size=SIZE, seed=11)
@@ -111,3 +111,15 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint)
     with pytest.raises(ClassifyError, match="domain-shift alarm.*nothing was published"):
         run_classification(_config(shifted, tmp_path / "out-fail", ood_checkpoint, "shift.on_alarm=fail"))
     assert contract.committed_runs(str(tmp_path / "out-fail")).num_rows == 0
+
+    # The command line: one warning line naming the run and the share of samples affected.
+    from bloodray import cli
+
+    capsys.readouterr()
+    code = cli.run(["classify", "--set", f"input.uri={shifted}", "--set", f"output.uri={tmp_path / 'out-cli'}",
+                    "--set", f"model.checkpoint={ood_checkpoint}", "--set", "inference.batch_size=32",
+                    "--set", "inference.num_gpus=0"])
+    assert code == 0
+    run_id = contract.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "domain-shift alarm" in line]
+    assert len(warnings) == 1 and run_id in warnings[0] and "2 of 2 sample(s) (100%)" in warnings[0]
