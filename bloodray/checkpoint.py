@@ -8,6 +8,10 @@ A bloodray checkpoint is a directory (local or object storage) holding:
   temperature, review threshold, metrics, training history, the final
   (redacted) config and the package version, the SHA-256 of the weights
   (``weights_sha256``) and the seal (``seal_sha256``);
+* ``ood.safetensors`` (optional, written by ``bloodray calibrate``) -- the
+  out-of-distribution reference (:mod:`bloodray.evaluation.ood`); its SHA-256
+  and scalars are the metadata's ``ood`` entry, so the seal covers it. A
+  checkpoint without it gives no ``ood_score`` (null) and no unidentified cells;
 * ``train_state.pt`` (training checkpoints only) -- optimizer/scheduler state,
   read with ``torch.load(weights_only=True)`` when a run resumes.
 
@@ -59,6 +63,8 @@ LEGACY_FORMATS = ("bloodray-checkpoint/1",)
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "bloodray.json"
 TRAIN_STATE_FILE = "train_state.pt"
+#: The OOD reference's tensors (means, precisions); its hash and scalars are in the metadata's ``ood``.
+OOD_FILE = "ood.safetensors"
 #: Where the packaged default model lives inside the installed package.
 PACKAGED_CHECKPOINT = Path(__file__).parent / "assets" / "default_checkpoint"
 #: Input sizes a checkpoint may declare (pixels per side).
@@ -92,6 +98,10 @@ class CheckpointMetadata:
     review_threshold: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     package_version: str = __version__
+    #: OOD reference (:meth:`bloodray.evaluation.ood.OodReference.metadata`, with ``file_sha256`` of
+    #: :data:`OOD_FILE`); empty = none. Left out of ``bloodray.json`` when empty, so checkpoints sealed
+    #: before it existed keep their seal and id.
+    ood: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     format: str = FORMAT
     #: SHA-256 of the canonical JSON of all the other fields (see :meth:`compute_seal`).
@@ -104,7 +114,10 @@ class CheckpointMetadata:
 
     def to_json_dict(self) -> dict[str, Any]:
         """The metadata as written to ``bloodray.json`` (JSON values only: numpy scalars as numbers, others as text)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+        data = json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+        if not data.get("ood"):
+            data.pop("ood", None)
+        return data
 
     def normalized(self) -> "CheckpointMetadata":
         """This metadata as it will read back from ``bloodray.json`` (what is validated and sealed)."""
@@ -144,11 +157,14 @@ class CheckpointMetadata:
             raise bad("review_threshold", "must be null or a number in [0, 1]")
         if not (isinstance(self.epoch, int) and not isinstance(self.epoch, bool) and self.epoch >= 0):
             raise bad("epoch", "must be an integer >= 0")
-        for name in ("model_kwargs", "metrics", "config", "calibration"):
+        for name in ("model_kwargs", "metrics", "config", "calibration", "ood"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be a mapping")
         if not isinstance(self.history, list):
             raise bad("history", "must be a list")
+        if self.ood and not (isinstance(self.ood.get("file_sha256"), str) and _SHA256.fullmatch(self.ood["file_sha256"])
+                             and number(self.ood.get("threshold"))):
+            raise bad("ood", f"must be empty or hold the {OOD_FILE} hash (file_sha256) and a finite threshold")
 
     def preset(self) -> EvalPreset:
         """The evaluation preset these weights were trained for."""
@@ -313,6 +329,8 @@ class LoadedCheckpoint:
     model: nn.Module
     metadata: CheckpointMetadata
     uri: str
+    #: the OOD reference (:class:`bloodray.evaluation.ood.OodReference`), None when the checkpoint has none.
+    ood: Any = None
 
 
 def load_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None = None,
@@ -345,7 +363,23 @@ def load_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None =
     except RuntimeError as exc:
         raise CheckpointError(f"{uri}: weights do not fit model {meta.model_name!r}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
-    return LoadedCheckpoint(model=model, metadata=meta, uri=uri)
+    return LoadedCheckpoint(model=model, metadata=meta, uri=uri, ood=load_ood(uri, meta, storage_options))
+
+
+def load_ood(uri: str, meta: CheckpointMetadata, storage_options: Mapping[str, Any] | None = None):
+    """The checkpoint's OOD reference, checked against the hash its sealed metadata records; None without one."""
+    if not meta.ood:
+        return None
+    from bloodray.evaluation.ood import OodError, OodReference
+
+    fs, path = storage.filesystem(uri, storage_options)
+    blob = _read(fs, posixpath.join(path, OOD_FILE), storage.join(uri, OOD_FILE))
+    try:
+        return OodReference.from_parts(meta.ood, blob, storage.join(uri, OOD_FILE))
+    except OodError as exc:
+        raise CheckpointError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a malformed file is a bad checkpoint, said in one line
+        raise CheckpointError(f"{storage.join(uri, OOD_FILE)}: not a valid OOD reference ({exc})") from exc
 
 
 @dataclass
@@ -389,12 +423,15 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any] | None = None,
-                      **metadata_updates: Any) -> str:
+                      *, ood_file: bytes | None = None, **metadata_updates: Any) -> str:
     """Copy a checkpoint's weights and metadata (no optimizer state) to ``dest``, updating metadata fields, and seal it.
 
     Used to ship a model, to store calibration next to unchanged weights, and to re-seal a format-1 checkpoint.
     The source's weights hash is checked first (and its seal, unless it is format 1); the updated metadata is
     validated. ``weights_sha256``, ``seal_sha256`` and ``format`` cannot be updated.
+    An ``ood`` update comes with its tensor file (``ood_file``, whose hash it
+    must record); without one, the source's OOD file (if any) is copied after
+    checking its hash.
     """
     reserved = sorted(set(metadata_updates) & set(SEALED_FIELDS))
     if reserved:
@@ -407,9 +444,22 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
     _check_weights(blob, meta, source)
+    if "ood" in metadata_updates:
+        if metadata_updates["ood"] and (ood_file is None or hashlib.sha256(ood_file).hexdigest()
+                                        != metadata_updates["ood"].get("file_sha256")):
+            raise CheckpointError(f"{dest}: an ood update needs its {OOD_FILE} bytes, with the hash it records")
+    elif ood_file is not None:
+        raise CheckpointError(f"{dest}: {OOD_FILE} bytes given without the ood metadata that records their hash")
+    elif meta.ood:
+        ood_file = _read(src_fs, posixpath.join(src_path, OOD_FILE), storage.join(source, OOD_FILE))
+        if hashlib.sha256(ood_file).hexdigest() != meta.ood.get("file_sha256"):
+            raise CheckpointError(f"{source}: {OOD_FILE} does not match the hash in {METADATA_FILE} "
+                                  "(tampered or corrupted)")
     meta = dataclasses.replace(meta, **metadata_updates).normalized()
     meta.validate(dest)
     meta = meta.sealed(meta.weights_sha256)
     storage.write_bytes(storage.join(dest, WEIGHTS_FILE), blob, storage_options)
+    if meta.ood:
+        storage.write_bytes(storage.join(dest, OOD_FILE), ood_file, storage_options)
     storage.write_bytes(storage.join(dest, METADATA_FILE), _metadata_bytes(meta), storage_options)
     return dest

@@ -82,6 +82,9 @@ def cmd_calibrate(args) -> int:
     print(f"test ECE (15 bins): {test['ece_before']:.4f} before, {test['ece_after']:.4f} after")
     print(f"test review: {test['review']['flagged_share']:.1%} of cells flagged, "
           f"{test['review']['errors_caught']:.1%} of {test['review']['n_errors']} errors caught")
+    if "ood" in test:
+        print(f"test OOD: {test['ood']['unidentified_share']:.1%} of cells unidentified, "
+              f"{test['ood']['unidentified_or_review_share']:.1%} unidentified or in review")
     print(f"calibrated checkpoint: {result['checkpoint']}")
     return 0
 
@@ -147,6 +150,9 @@ def cmd_classify(args) -> int:
 
     result = run_classification(classify_config_from_args(args))
     print(result.describe())
+    warning = result.shift_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

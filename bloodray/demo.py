@@ -127,6 +127,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     print(f"[demo] calibrated on val: temperature {calibration['temperature']:.2f}, review threshold "
           f"{calibration['review_threshold']:.2f}; on test ECE {test['ece_before']:.3f} -> {test['ece_after']:.3f}, "
           f"{test['review']['flagged_share']:.1%} flagged catching {test['review']['errors_caught']:.0%} of errors")
+    if "ood" in test:
+        print(f"[demo] OOD reference fitted on train, threshold on val: {test['ood']['unidentified_share']:.1%} of "
+              f"test cells unidentified, {test['ood']['unidentified_or_review_share']:.1%} unidentified or in review")
 
     output = str(work / "output")
     classify_cfg = from_dict(ClassifyConfig, {
@@ -140,6 +143,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result = run_classification(classify_cfg)
     print(f"[demo] classified {result.n_inputs} images: {result.n_predictions} predictions, "
           f"{result.n_errors} errors, {result.n_review} for review")
+    print(result.shift_warning() or f"[demo] domain-shift alarm: none ({result.n_unidentified} cell(s) unidentified, "
+          f"no sample unlike the training data)")
 
     table = run_query(output, """
         SELECT sample_id, n_wbc, round(pct_neutrophil, 1) AS neut, round(pct_lymphocyte, 1) AS lymph,

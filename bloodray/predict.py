@@ -11,6 +11,10 @@ the convolutions, one intra-op thread per CPU Ray assigned to the actor (so
 actors never oversubscribe the node), and the Ray Data batch cut into small
 model batches whose activations stay in cache (``bench/inference.py`` measures
 the effect).
+
+When the checkpoint carries an OOD reference (:mod:`bloodray.evaluation.ood`),
+forward hooks collect the head's input and an early activation in the same
+forward pass, and each cell gets an ``ood_score``; no extra pass is run.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import numpy as np
 import torch
 
 from bloodray.checkpoint import LoadedCheckpoint, load_checkpoint
+from bloodray.evaluation.ood import FeatureTap, early_layer
+from bloodray.models import get_model_info
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +122,18 @@ class CellPredictor:
     ``logits`` (N x classes, float32, raw model output averaged over the TTA
     views, before any temperature), ``probs`` (N x classes, float32,
     ``softmax(logits / temperature)``), ``predicted_label`` (int16),
-    ``predicted_class`` (str) and ``confidence`` (max probability).
+    ``predicted_class`` (str) and ``confidence`` (max probability),
+    ``ood_score`` (float32, NaN when the checkpoint has no OOD reference) and
+    ``unidentified`` (``ood_score`` above the reference's threshold).
     Rows whose ``error`` column is non-empty are passed through with NaN
     logits and probabilities, so callers can route them to the errors table.
+    ``return_features=True`` adds the raw OOD features ``ood_pen`` and
+    ``ood_early`` (what :func:`bloodray.evaluation.ood.fit_ood` fits on).
     """
 
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  device: str = "auto", tta: bool = False, loaded: LoadedCheckpoint | None = None,
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, return_features: bool = False):
         self.device = pick_device(device)
         self.loaded = loaded or load_checkpoint(checkpoint, storage_options, device=self.device)
         self.model = self.loaded.model.to(self.device).eval()
@@ -148,6 +158,14 @@ class CellPredictor:
             self.forward_model = fold_batchnorm(self.model)
             if self.micro_batch is None:
                 self.micro_batch = cpu_micro_batch(self.forward_model, self.preset.input_size)
+        #: the OOD reference (None: no ood_score unless features are asked for).
+        self.ood = self.loaded.ood
+        self.return_features = return_features
+        self.tap: FeatureTap | None = None
+        if self.ood is not None or return_features:
+            early = ((self.ood.early_layer, self.ood.early_call) if self.ood is not None
+                     else early_layer(self.model, self.preset.input_size))
+            self.tap = FeatureTap(self.forward_model, get_model_info(self.meta.model_name).head_paths[0], *early)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self.micro_batch or len(x)
@@ -187,10 +205,16 @@ class CellPredictor:
             ok = ~np.asarray(batch["error"], dtype=object).astype(bool)
         logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         probs = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
+        ood_score = np.full(n, np.nan, dtype=np.float32)
+        features = None
         if ok.any():
             raw = self.logits(np.ascontiguousarray(images[ok]))
             logits[ok] = raw.cpu().numpy().astype(np.float32)
             probs[ok] = self._calibrated(raw)
+            if self.tap is not None:
+                features = self.tap.take(views=8 if self.tta else 1)
+                if self.ood is not None:
+                    ood_score[ok] = self.ood.score(*features)
         labels = np.where(ok, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1).astype(np.int16)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["logits"] = logits
@@ -198,4 +222,13 @@ class CellPredictor:
         out["predicted_label"] = labels
         out["predicted_class"] = np.where(ok, self.classes[np.clip(labels, 0, None)], "").astype(object)
         out["confidence"] = np.where(ok, np.nan_to_num(probs, nan=0.0).max(axis=1), np.nan).astype(np.float32)
+        out["ood_score"] = ood_score
+        out["unidentified"] = (ood_score > self.ood.threshold) if self.ood is not None else np.zeros(n, dtype=bool)
+        if self.return_features:
+            for name, j in (("ood_pen", 0), ("ood_early", 1)):
+                width = features[j].shape[1] if features is not None else 0
+                column = np.full((n, width), np.nan, dtype=np.float32)
+                if features is not None:
+                    column[ok] = features[j]
+                out[name] = column
         return out

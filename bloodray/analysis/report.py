@@ -265,6 +265,7 @@ def _render_figures(page: _Page) -> None:
 # --------------------------------------------------------------------------- HTML
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em;color:#222;max-width:1400px}
+.alarm{background:#fdd;border:2px solid #c00;padding:0.6em;margin:0.8em 0}
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
@@ -422,6 +423,17 @@ def _errors_html(page: _Page) -> str:
     return "".join(parts)
 
 
+def _shift_banner(page: _Page) -> str:
+    """The domain-shift alarm, shown first: these results are not to be read like any other night's."""
+    if not page.run.get("domain_shift"):
+        return ""
+    shifted = [str(s.get("sample_id")) for s in page.samples if s.get("domain_shift")]
+    return (f"<div class=alarm><strong>Domain-shift alarm: images unlike the training data.</strong> "
+            f"{len(shifted)} of {len(page.samples)} sample(s) affected, {_e(page.run.get('n_unidentified'))} "
+            f"cell(s) unidentified; their differentials are unreliable and their flags are withheld. "
+            f"Samples: {_e(', '.join(shifted[:TOP_N]))}{' ...' if len(shifted) > TOP_N else ''}</div>")
+
+
 def _html(page: _Page, output_uri: str) -> str:
     run = page.run
     figs = sorted((k for k in page.figures if k.startswith("differential_")),
@@ -432,7 +444,8 @@ def _html(page: _Page, output_uri: str) -> str:
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>bloodray report {_e(run.get('run_date'))}</title><style>{_CSS}</style></head><body>"
         f"<h1>bloodray report — run_date {_e(run.get('run_date'))}</h1>"
-        f"<p class=muted>Run {_e(run.get('run_id'))} from {_e(output_uri)}; generated {_e(now)}.</p>"
+        + _shift_banner(page)
+        + f"<p class=muted>Run {_e(run.get('run_id'))} from {_e(output_uri)}; generated {_e(now)}.</p>"
         + _summary_html(page)
         + _flagged_html(page)
         + "<h2>WBC differential against reference ranges</h2>"

@@ -14,6 +14,7 @@ carries a training history.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class EvaluationResult:
 
 def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: Mapping[str, Any] | None = None,
                  *, batch_size: int = 64, tta: bool = False, concurrency: int | None = None,
-                 decode_cpus: float = 1.0) -> pa.Table:
+                 decode_cpus: float = 1.0, return_features: bool = False) -> pa.Table:
     """Run the read+decode stage and :class:`CellPredictor` over rows with ``uri`` (and ``label``) on Ray Data.
 
     The stage is :func:`bloodray.data.stages.read_decode_files`, as in the
@@ -61,7 +62,8 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     actor per GPU beside decode tasks of ``decode_cpus`` CPUs; on CPU only,
     decode and model ask for the same ``decode_cpus`` CPUs, so Ray fuses them,
     with one actor per such share of the cluster (at most one per input block).
-    ``concurrency`` fixes the number of actors.
+    ``concurrency`` fixes the number of actors. ``return_features`` adds the
+    OOD features (``ood_pen``, ``ood_early``) the OOD reference is fitted on.
     """
     import ray
 
@@ -84,7 +86,8 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     ds = ds.map_batches(read_decode_files, batch_size=batch_size, num_cpus=decode_cpus,
                         fn_kwargs={"preset": meta.preset(), "storage_options": opts})
     ds = ds.map_batches(CellPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                        fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": opts, "tta": tta},
+                        fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": opts, "tta": tta,
+                                               "return_features": return_features},
                         **model_resources)
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
@@ -200,16 +203,67 @@ def evaluate_folder(data_root: str, checkpoint: str | None, output_uri: str, spl
     return evaluate_rows(rows, checkpoint, output_uri, split=split, storage_options=storage_options, tta=tta)
 
 
+#: Training cells the OOD Gaussians are fitted on (a fixed random subset: more adds little, costs inference).
+OOD_TRAIN_CELLS = 3000
+
+
+def _subset(rows: list[dict[str, Any]], limit: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return [rows[i] for i in keep]
+
+
+def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
+                      storage_options: Mapping[str, Any] | None = None, train_cells: int | None = OOD_TRAIN_CELLS):
+    """Fit :class:`~bloodray.evaluation.ood.OodReference` for ``checkpoint`` on labelled train and val rows.
+
+    Features come from the same Ray Data pipeline as every prediction
+    (:func:`predict_rows`); training rows are subsampled to ``train_cells``
+    (seed 0). Returns the reference and the val prediction table (logits,
+    labels), so a calibration needs no second pass over val.
+    """
+    from bloodray.checkpoint import load_checkpoint
+    from bloodray.evaluation.ood import early_layer, fit_ood
+
+    loaded = load_checkpoint(checkpoint, storage_options)
+    early = early_layer(loaded.model, loaded.metadata.input_size)
+
+    def features(rows):
+        table = predict_rows(rows, checkpoint, storage_options, return_features=True)
+        return table.filter(pa.array(_decoded(table)))
+
+    train = features(_subset(train_rows, train_cells))
+    val = features(val_rows)
+    ref = fit_ood(_matrix(train, "ood_pen"), np.asarray(train.column("label").to_pylist()),
+                  _matrix(train, "ood_early"), _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early)
+    return ref, val
+
+
+def ood_test_report(ref, table: pa.Table, review_threshold: float, temperature: float) -> dict[str, Any]:
+    """Share of cells unidentified, and unidentified or in review, of a prediction table with OOD features."""
+    from bloodray.evaluation.calibration import softmax
+
+    scores = ref.score(_matrix(table, "ood_pen"), _matrix(table, "ood_early"))
+    confidence = softmax(_matrix(table, "logits"), temperature).max(axis=1)
+    unidentified = scores > ref.threshold
+    return {"n": int(len(scores)), "unidentified_share": float(unidentified.mean()) if len(scores) else 0.0,
+            "unidentified_or_review_share": float((unidentified | (confidence < review_threshold)).mean())
+            if len(scores) else 0.0}
+
+
 def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None,
                   max_flagged_share: float = 0.05, checkpoint: str | None = None) -> dict[str, Any]:
-    """Fit temperature and review threshold on the run's val split, report them on its test split.
+    """Fit temperature, review threshold and the OOD reference on the run's splits, report them on its test split.
 
     Works on the predictor's raw ``logits``, so the temperature already in the
     checkpoint plays no part. Writes the run's calibrated checkpoint
     (:func:`bloodray.rundir.calibrated_dir`: the best checkpoint's weights with
     the fitted ``temperature``, ``review_threshold`` and ``calibration``
-    report), which :func:`~bloodray.checkpoint.resolve_checkpoint` then prefers
-    for the run.
+    report, and the OOD reference (:mod:`bloodray.evaluation.ood`) fitted on
+    up to :data:`OOD_TRAIN_CELLS` training cells and standardised and
+    thresholded on val), which :func:`~bloodray.checkpoint.resolve_checkpoint`
+    then prefers for the run.
     """
     from bloodray.checkpoint import export_checkpoint, resolve_checkpoint
     from bloodray.data.labelled import read_parquet, rows_of
@@ -223,20 +277,24 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
         checkpoint = resolve_checkpoint(run_uri, storage_options)
     manifest = read_parquet(rundir.split_manifest(run_uri), storage_options)
 
-    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = rows_of(manifest, split)
-        if not rows:
+    def rows(split: str) -> list[dict[str, Any]]:
+        found = rows_of(manifest, split)
+        if not found:
             raise ValueError(f"{rundir.split_manifest(run_uri)}: the {split!r} split is empty; nothing to calibrate on")
-        table = predict_rows(rows, checkpoint, storage_options)
-        ok = _decoded(table)
-        return _matrix(table, "logits")[ok], np.asarray(table.column("label").to_pylist())[ok]
+        return found
 
-    val_logits, val_labels = logits_of("val")
+    ref, val = fit_ood_reference(checkpoint, rows("train"), rows("val"), storage_options)
+    val_logits, val_labels = _matrix(val, "logits"), np.asarray(val.column("label").to_pylist())
     report = calibrate(val_logits, val_labels, max_flagged_share)
-    test_logits, test_labels = logits_of("test")
+    test = predict_rows(rows("test"), checkpoint, storage_options, return_features=True)
+    test = test.filter(pa.array(_decoded(test)))
+    test_logits, test_labels = _matrix(test, "logits"), np.asarray(test.column("label").to_pylist())
     on_test = evaluate_calibration(test_logits, test_labels, report.temperature, report.review_threshold)
+    on_test["ood"] = ood_test_report(ref, test, report.review_threshold, report.temperature)
     calibration = report.to_dict() | {"test": on_test, "source_checkpoint": checkpoint, "ece_bins": 15}
     dest = rundir.calibrated_dir(run_uri)
+    blob = ref.tensors_bytes()
     export_checkpoint(checkpoint, dest, storage_options, temperature=report.temperature,
-                      review_threshold=report.review_threshold, calibration=calibration)
+                      review_threshold=report.review_threshold, calibration=calibration,
+                      ood=ref.metadata(hashlib.sha256(blob).hexdigest()), ood_file=blob)
     return calibration | {"checkpoint": dest}

@@ -17,6 +17,7 @@ import posixpath
 import tempfile
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -27,6 +28,16 @@ from bloodray.nightly import contract
 from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.differential import compute_differentials, count_columns
 from bloodray.nightly.plan import RunPlan
+from bloodray.nightly.shift import apply_shift
+
+
+def sample_scores(con) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per sample of the staged predictions (``p``): its cells' OOD scores, and its unidentified count."""
+    rows = con.sql(f"""SELECT sample_id, list(ood_score) FILTER (WHERE ood_score IS NOT NULL),
+                              count(*) FILTER (WHERE status = '{contract.UNIDENTIFIED}')
+                       FROM p GROUP BY sample_id""").fetchall()
+    scores = {sid: np.asarray(v or [], dtype=np.float64) for sid, v, _ in rows}
+    return scores, {sid: int(k) for sid, _, k in rows}
 
 
 def write_table(reader: pa.RecordBatchReader, schema: pa.Schema, fs, directory: str, rows_per_file: int) -> int:
@@ -96,8 +107,9 @@ def write_image_tables(plan: RunPlan, con) -> None:
     """
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
     timer = time.monotonic()
-    # Carried rows get the new run id and are re-judged against this run's threshold.
-    review = "confidence < $threshold"
+    # Carried rows get the new run id and are re-judged against this run's threshold;
+    # unidentified cells are not reviewed for their class (they are not counted at all).
+    review = f"confidence < $threshold AND status IS DISTINCT FROM '{contract.UNIDENTIFIED}'"
     new_predictions = contract.select_list("predictions", {
         "run_id": "$run_id", "needs_review": review, "model_name": "$model_name",
         "checkpoint_id": "$checkpoint_id"})
@@ -128,19 +140,24 @@ def write_differentials(plan: RunPlan, con) -> None:
     timer = time.monotonic()
     con.register("p", staged_dataset(fs, posixpath.join(plan.staging, "predictions"), contract.predictions_schema()))
     con.register("e", staged_dataset(fs, posixpath.join(plan.staging, "errors"), contract.errors_schema()))
-    per_class = ", ".join(f"count(*) FILTER (WHERE predicted_class = '{c}') AS {col}"
+    # Unidentified cells (out of distribution) keep their predicted class in predictions but are never counted.
+    counted = f"status IS DISTINCT FROM '{contract.UNIDENTIFIED}'"
+    per_class = ", ".join(f"count(*) FILTER (WHERE predicted_class = '{c}' AND {counted}) AS {col}"
                           for c, col in zip(CLASS_NAMES, count_columns()))
     # Errors without a sample (paths that name none) have no differential to count toward.
     counts = con.sql(f"""
         WITH rows AS (
-            SELECT sample_id, predicted_class, needs_review, FALSE AS is_error FROM p
-            UNION ALL SELECT sample_id, NULL, FALSE, TRUE FROM e WHERE sample_id IS NOT NULL)
+            SELECT sample_id, predicted_class, needs_review, status, FALSE AS is_error FROM p
+            UNION ALL SELECT sample_id, NULL, FALSE, NULL, TRUE FROM e WHERE sample_id IS NOT NULL)
         SELECT sample_id, count(*) AS n_images, count(*) FILTER (WHERE NOT is_error) AS n_classified,
                count(*) FILTER (WHERE is_error) AS n_errors, count(*) FILTER (WHERE needs_review) AS n_review,
                {per_class}
         FROM rows GROUP BY sample_id ORDER BY sample_id""").to_arrow_table()
     diffs = compute_differentials(counts, plan.rules, plan.sample_metadata)
     diffs = diffs.add_column(0, "run_id", pa.array([plan.run_id] * diffs.num_rows, pa.string()))
+    diffs, plan.run_shift = apply_shift(diffs, *sample_scores(con), plan.ood, plan.shift_rule)
+    plan.stats.update(domain_shift=plan.run_shift["domain_shift"],
+                      n_samples_shifted=plan.run_shift["n_samples_shifted"])
     schema = contract.differentials_schema()
     diffs = diffs.select(schema.names).cast(schema)
     write_table(pa.RecordBatchReader.from_batches(schema, diffs.to_batches()), schema, fs,

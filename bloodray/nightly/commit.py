@@ -122,6 +122,7 @@ def commit_run(plan: RunPlan) -> RunResult:
         "n_samples": plan.stats["n_samples"], "n_review": plan.stats["n_review"],
         "timings_json": json.dumps(timings), "incremental_skipped_samples": len(plan.skip_samples),
         "carried_from_run_id": plan.carried_from,
+        **plan.run_shift,
     }
     manifest_path = contract.manifest_path(root, plan.run_date, plan.run_id)
     storage.put_bytes(fs, manifest_path,
@@ -137,7 +138,8 @@ def commit_run(plan: RunPlan) -> RunResult:
                      n_inputs=plan.stats["n_inputs"], n_predictions=plan.stats["n_predictions"],
                      n_errors=plan.stats["n_errors"], n_samples=plan.stats["n_samples"],
                      n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
-                     timings=timings)
+                     timings=timings, n_unidentified=plan.run_shift["n_unidentified"],
+                     domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"])
 
 
 def run_marker(fs, root: str, run_id: str) -> dict[str, Any] | None:

@@ -186,6 +186,25 @@ class LimitsConfig:
 
 
 @dataclass
+class ShiftConfig:
+    """The domain-shift alarm (:mod:`bloodray.nightly.shift`); needs a checkpoint with an OOD reference."""
+
+    #: ``commit``: a run under the alarm still commits, with the alarm in its tables; ``fail``: it fails
+    #: (exit 2) and publishes nothing.
+    on_alarm: Literal["commit", "fail"] = "commit"
+    #: significance level of the binomial and KS tests.
+    alpha: float = 0.001
+    #: smallest effect that can raise the alarm: excess unidentified share, or KS distance.
+    min_effect: float = 0.25
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise ConfigError(f"{prefix}.alpha: must be in (0, 0.5), got {self.alpha}")
+        if not 0.0 < self.min_effect <= 1.0:
+            raise ConfigError(f"{prefix}.min_effect: must be in (0, 1], got {self.min_effect}")
+
+
+@dataclass
 class ClassifyConfig:
     """Configuration of a classification run (``configs/classify/nightly.yaml``)."""
 
@@ -198,6 +217,7 @@ class ClassifyConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
 
 
 def effective_threshold(cfg: ClassifyConfig, checkpoint_threshold: float | None) -> float:

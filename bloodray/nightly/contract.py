@@ -75,7 +75,8 @@ def predictions_schema() -> pa.Schema:
         [("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string()),
          ("image_sha256", pa.string()), ("predicted_class", pa.string()), ("confidence", pa.float32())]
         + [(c, pa.float32()) for c in prob_columns()]
-        + [("needs_review", pa.bool_()), ("model_name", pa.string()), ("checkpoint_id", pa.string())])
+        + [("needs_review", pa.bool_()), ("model_name", pa.string()), ("checkpoint_id", pa.string())]
+        + trust_prediction_fields())
 
 
 def errors_schema() -> pa.Schema:
@@ -90,6 +91,7 @@ def differentials_schema() -> pa.Schema:
               ("n_classified", pa.int64()), ("n_errors", pa.int64()), ("n_review", pa.int64())]
     fields += [(c, pa.int64()) for c in count_columns()]
     fields += differential_fields()
+    fields += shift_fields()
     return pa.schema(fields)
 
 
@@ -112,7 +114,29 @@ def runs_schema() -> pa.Schema:
         ("n_errors", pa.int64()), ("n_samples", pa.int64()), ("n_review", pa.int64()),
         ("timings_json", pa.string()), ("incremental_skipped_samples", pa.int64()),
         ("carried_from_run_id", pa.string()),
-    ])
+    ] + shift_fields() + [("n_samples_shifted", pa.int64())])
+
+
+#: Status of a classified cell: counted in the differential, or out of distribution and not counted.
+CLASSIFIED, UNIDENTIFIED = "classified", "unidentified"
+
+
+def trust_prediction_fields() -> list[tuple[str, pa.DataType]]:
+    """Per-cell OOD columns of ``predictions``: ``ood_score`` (null when the checkpoint has no OOD reference)
+    and ``status`` (:data:`CLASSIFIED` or :data:`UNIDENTIFIED`)."""
+    return [("ood_score", pa.float32()), ("status", pa.string())]
+
+
+def shift_fields() -> list[tuple[str, pa.DataType]]:
+    """Domain-shift columns of ``differentials`` (per sample) and ``runs`` (the whole run).
+
+    ``n_unidentified`` cells were not counted; the statistics
+    (:func:`bloodray.evaluation.ood.shift_statistics`) are null without an OOD
+    reference, and ``domain_shift`` is then false.
+    """
+    return [("n_unidentified", pa.int64()), ("share_unidentified", pa.float64()),
+            ("unidentified_p_value", pa.float64()), ("ood_ks", pa.float64()), ("ood_ks_p_value", pa.float64()),
+            ("domain_shift", pa.bool_())]
 
 
 SCHEMAS = {"predictions": predictions_schema, "errors": errors_schema,

@@ -101,6 +101,11 @@ def to_staged_rows(batch: dict[str, np.ndarray]) -> pa.Table:
     }
     for j, col in enumerate(contract.prob_columns()):
         columns[col] = pa.array(probs[:, j], pa.float32(), mask=~ok)
+    ood = np.asarray(batch.get("ood_score", np.full(n, np.nan)), dtype=np.float32)
+    columns["ood_score"] = pa.array(ood, pa.float32(), mask=~ok | ~np.isfinite(ood))
+    unidentified = np.asarray(batch.get("unidentified", np.zeros(n, bool)), dtype=bool)
+    columns["status"] = pa.array([(contract.UNIDENTIFIED if u else contract.CLASSIFIED) if k else None
+                                  for u, k in zip(unidentified, ok)], pa.string())
     return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
@@ -209,6 +214,10 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     plan = plan_run(cfg)
     try:
         stage_run(plan)
+        if plan.stats.get("domain_shift") and cfg.shift.on_alarm == "fail":
+            raise ClassifyError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the training "
+                                f"data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} sample(s); "
+                                "shift.on_alarm is 'fail', so nothing was published")
     except BaseException:
         discard_run(plan)  # a failed run leaves no staging and holds no lease
         raise

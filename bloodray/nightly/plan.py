@@ -32,6 +32,7 @@ from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceR
                                            load_flag_rules, load_sample_metadata)
 from bloodray.nightly.lease import Lease, acquire_lease
 from bloodray.nightly.listing import InputListing, list_inputs
+from bloodray.nightly.shift import ShiftRule, no_shift
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class RunPlan:
     lease: Lease | None = None
     #: ``sample_id, wbc_count_10e9_per_l`` from ``flags.sample_metadata``, or None.
     sample_metadata: pa.Table | None = None
+    #: the checkpoint's OOD reference metadata (threshold, validation quantiles...); None = no OOD score, no alarm.
+    ood: dict[str, Any] | None = None
+    #: the alarm's tests (``shift.alpha``, ``shift.min_effect``).
+    shift_rule: ShiftRule = ShiftRule()
+    #: run-level shift columns of the manifest, set by the aggregation.
+    run_shift: dict[str, Any] = field(default_factory=no_shift)
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -96,6 +103,10 @@ class RunResult:
     n_review: int
     incremental_skipped_samples: int
     timings: dict[str, float]
+    #: cells out of distribution (not counted), and the domain-shift alarm of the run.
+    n_unidentified: int = 0
+    domain_shift: bool = False
+    n_samples_shifted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
@@ -111,6 +122,15 @@ class RunResult:
                 f"({self.n_review} for review), {self.n_errors} errors, {self.n_samples} samples\n"
                 f"  manifest: {self.manifest_uri}\n"
                 f"  timings: {timings}")
+
+    def shift_warning(self) -> str | None:
+        """The one warning line of a run under the domain-shift alarm; None when there is no alarm."""
+        if not self.domain_shift:
+            return None
+        share = self.n_samples_shifted / self.n_samples if self.n_samples else 0.0
+        return (f"WARNING: run {self.run_id} ({self.run_date}): domain-shift alarm, images unlike the training "
+                f"data in {self.n_samples_shifted} of {self.n_samples} sample(s) ({share:.0%}); "
+                f"{self.n_unidentified} cell(s) unidentified; their results are unreliable")
 
 
 def plan_run(cfg: ClassifyConfig) -> RunPlan:
@@ -198,7 +218,8 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
                    model_name=meta.model_name, preset=preset,
                    review_threshold=effective_threshold(cfg, meta.review_threshold), rules=rules, sample_metadata=sample_metadata,
                    started_at=started, listing=listing, skip_samples=skip, carried_images=carried,
-                   carried_from=carried_from if carried else None, lease=lease)
+                   carried_from=carried_from if carried else None, lease=lease,
+                   ood=dict(meta.ood) or None, shift_rule=ShiftRule(cfg.shift.alpha, cfg.shift.min_effect))
     storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
                       json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
     plan.timings["list"] = time.monotonic() - timer

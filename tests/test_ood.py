@@ -1,0 +1,161 @@
+"""The OOD score, its storage in the sealed checkpoint, and the domain-shift statistics (no Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from bloodray.checkpoint import (OOD_FILE, CheckpointError, CheckpointMetadata, export_checkpoint, load_checkpoint,
+                                 read_metadata, write_checkpoint)
+from bloodray.classes import CLASS_NAMES
+from bloodray.evaluation.ood import SHIFT_FLAG, ShiftRule, early_layer, fit_ood, shift_statistics
+from bloodray.models import create_model
+from bloodray.nightly.differential import compute_differentials, count_columns, flag_columns
+from bloodray.nightly.shift import apply_shift
+from bloodray.predict import CellPredictor
+
+
+def _features(rng, n, shift=0.0):
+    """Three classes in a 12-d 'penultimate' space and a 6-d 'early' space; ``shift`` moves the early statistics."""
+    labels = rng.integers(0, 3, n)
+    centres = np.eye(3, 12) * 6.0
+    pen = centres[labels] + rng.normal(size=(n, 12))
+    early = rng.normal(size=(n, 6)) @ np.diag([1, 2, 1, 0.5, 1, 1]) + shift
+    return pen, labels, early
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rng = np.random.default_rng(0)
+    train_pen, train_y, train_early = _features(rng, 3000)
+    val_pen, _, val_early = _features(rng, 2000)
+    return fit_ood(train_pen, train_y, train_early, val_pen, val_early, ("features.7", 0))
+
+
+def test_ood_score_is_low_in_distribution_and_high_for_shifted_cells(reference):
+    rng = np.random.default_rng(1)
+    pen, _, early = _features(rng, 2000)
+    normal = reference.score(pen, early)
+    pen_s, _, early_s = _features(rng, 500, shift=5.0)
+    shifted = reference.score(pen_s, early_s)
+    # The threshold is the 99.5 % validation quantile: about 0.5 % of new in-distribution cells lie above it.
+    assert np.mean(normal > reference.threshold) < 0.015
+    assert np.mean(shifted > reference.threshold) > 0.95
+    # Cells between the class clusters (like no class) are also out of distribution.
+    between = reference.score(np.full((50, 12), 3.0), rng.normal(size=(50, 6)))
+    assert np.mean(between > reference.threshold) > 0.95
+    assert reference.val_unidentified_share == pytest.approx(0.005, abs=0.002)
+    assert len(reference.val_quantiles) == 101
+
+
+def test_shift_statistics_need_significance_and_effect(reference):
+    rng = np.random.default_rng(2)
+    args = (reference.threshold, reference.val_quantiles, reference.val_unidentified_share)
+    # Ordinary samples of 100 cells: never the alarm, however they fall.
+    for _ in range(20):
+        pen, _, early = _features(rng, 100)
+        assert not shift_statistics(reference.score(pen, early), *args)["domain_shift"]
+    # Three odd cells in a hundred are significant against a 0.5 % rate, but below the minimum effect.
+    pen, _, early = _features(rng, 100)
+    scores = reference.score(pen, early)
+    scores[:3] = reference.threshold + 10
+    stats = shift_statistics(scores, *args)
+    assert stats["n_unidentified"] >= 3 and stats["unidentified_p_value"] < 0.05 and not stats["domain_shift"]
+    # A shifted sample raises it, through both tests.
+    pen, _, early = _features(rng, 100, shift=5.0)
+    stats = shift_statistics(reference.score(pen, early), *args)
+    assert stats["domain_shift"] and stats["share_unidentified"] > 0.9 and stats["ood_ks"] > 0.9
+    assert stats["unidentified_p_value"] < 1e-6 and stats["ood_ks_p_value"] < 1e-6
+    # A stricter rule (a higher minimum effect than the shift gives) does not fire.
+    pen, _, early = _features(rng, 100, shift=1.0)
+    mild = shift_statistics(reference.score(pen, early), *args)
+    assert not shift_statistics(reference.score(pen, early), *args, ShiftRule(min_effect=1.0))["domain_shift"]
+    assert mild["ood_ks"] > 0.3
+    assert shift_statistics(np.array([]), *args) == {
+        "n_unidentified": 0, "share_unidentified": None, "unidentified_p_value": None, "ood_ks": None,
+        "ood_ks_p_value": None, "domain_shift": False}
+
+
+def _counts(rows):
+    cols = {"sample_id": [r[0] for r in rows], "n_images": [sum(r[1].values()) for r in rows],
+            "n_classified": [sum(r[1].values()) for r in rows], "n_errors": [0] * len(rows),
+            "n_review": [0] * len(rows)}
+    for cls, col in zip(CLASS_NAMES, count_columns()):
+        cols[col] = [r[1].get(cls, 0) for r in rows]
+    return pa.table(cols)
+
+
+def test_a_sample_under_the_alarm_gets_one_flag_and_its_others_withheld(reference):
+    abnormal = {"neutrophil": 160, "lymphocyte": 20, "monocyte": 10, "eosinophil": 10}
+    diffs = compute_differentials(_counts([("a", abnormal), ("b", abnormal)]))
+    assert all(diffs.column("any_flag").to_pylist()) and "neutrophilia" in diffs.column("flags")[0].as_py()
+    rng = np.random.default_rng(3)
+    normal = reference.score(*_features(rng, 200)[::2])
+    shifted = reference.score(*_features(rng, 200, shift=5.0)[::2])
+    meta = reference.metadata("0" * 64)
+    out, run = apply_shift(diffs, {"a": normal, "b": shifted},
+                           {"a": int((normal > reference.threshold).sum()), "b": 190}, meta)
+    rows = out.to_pylist()
+    assert not rows[0]["domain_shift"] and "neutrophilia" in rows[0]["flags"]
+    assert rows[1]["domain_shift"] and rows[1]["flags"] == [SHIFT_FLAG] and rows[1]["any_flag"]
+    assert not any(rows[1][c] for c in flag_columns())
+    assert rows[1]["n_unidentified"] == 190
+    assert run["domain_shift"] and run["n_samples_shifted"] == 1
+    # Without an OOD reference: null statistics, no alarm, flags untouched.
+    plain, run = apply_shift(diffs, {}, {"a": 0, "b": 0}, None)
+    assert plain.column("flags").to_pylist() == diffs.column("flags").to_pylist()
+    assert plain.column("ood_ks").null_count == 2 and not run["domain_shift"]
+
+
+def _tiny_checkpoint(tmp_path: Path) -> str:
+    model = create_model("bloodnet", len(CLASS_NAMES), pretrained=False, filters=(8, 8, 8, 8, 8, 8, 8),
+                         batch_norm=True, input_size=32)
+    meta = CheckpointMetadata("bloodnet", list(CLASS_NAMES), 32, [0.5] * 3, [0.5] * 3,
+                              model_kwargs={"filters": [8] * 7, "batch_norm": True, "input_size": 32})
+    write_checkpoint(tmp_path / "plain", model, meta)
+    return str(tmp_path / "plain")
+
+
+def test_the_checkpoint_seal_covers_the_ood_file(tmp_path, reference):
+    plain = _tiny_checkpoint(tmp_path)
+    assert "ood" not in json.loads((Path(plain) / "bloodray.json").read_text())
+    assert load_checkpoint(plain).ood is None
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    out = CellPredictor(plain, device="cpu")({"image": images})
+    assert np.isnan(out["ood_score"]).all() and not out["unidentified"].any()
+
+    loaded = load_checkpoint(plain)
+    assert early_layer(loaded.model, 32) == ("features.7", 0)  # BloodNet+BN: the ReLU of block 2
+    predictor = CellPredictor(plain, device="cpu", return_features=True)
+    feats = predictor({"image": np.random.default_rng(1).integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)})
+    labels = np.arange(40) % 3
+    ref = fit_ood(feats["ood_pen"][:30].astype(float), labels[:30], feats["ood_early"][:30].astype(float),
+                  feats["ood_pen"][30:].astype(float), feats["ood_early"][30:].astype(float),
+                  early_layer(loaded.model, 32))
+    blob = ref.tensors_bytes()
+    with pytest.raises(CheckpointError, match="ood update needs"):
+        export_checkpoint(plain, str(tmp_path / "x"), ood=ref.metadata("0" * 64), ood_file=blob)
+    dest = export_checkpoint(plain, str(tmp_path / "ood"), ood=ref.metadata(hashlib.sha256(blob).hexdigest()),
+                             ood_file=blob)
+    assert read_metadata(dest).checkpoint_id != read_metadata(plain).checkpoint_id
+    scored = CellPredictor(dest, device="cpu")({"image": images})
+    assert np.isfinite(scored["ood_score"]).all()
+    # A re-export (e.g. a new temperature) carries the OOD file along.
+    again = export_checkpoint(dest, str(tmp_path / "again"), temperature=2.0)
+    assert load_checkpoint(again).ood.threshold == pytest.approx(ref.threshold)
+
+    # Tampering with the OOD file, or with its metadata, is refused.
+    (Path(again) / OOD_FILE).write_bytes(blob[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="OOD file does not match"):
+        load_checkpoint(again)
+    meta_path = Path(dest) / "bloodray.json"
+    raw = json.loads(meta_path.read_text())
+    raw["ood"]["threshold"] = 1e9
+    meta_path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="seal"):
+        load_checkpoint(dest)

@@ -1,0 +1,125 @@
+"""The unidentified status and the domain-shift alarm in real nightly runs (local Ray cluster).
+
+A BloodNet trained on synthetic cells gets an OOD reference fitted on other
+synthetic cells; an archive like its training cells runs without alarm, one
+whose colours and scale differ trips it (and with ``shift.on_alarm=fail``
+publishes nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodray.checkpoint import export_checkpoint
+from bloodray.classes import CLASS_TO_INDEX
+from bloodray.config import load_config
+from bloodray.data import synth
+from bloodray.data.labelled import list_labelled_images
+from bloodray.evaluation.evaluate import fit_ood_reference
+from bloodray.evaluation.ood import SHIFT_FLAG
+from bloodray.nightly import contract
+from bloodray.nightly.config import ClassifyConfig, ClassifyError
+from bloodray.nightly.differential import count_columns
+from bloodray.nightly.pipeline import run_classification
+from helpers_model import train_quick_checkpoint
+
+pytestmark = pytest.mark.slow
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def ood_checkpoint(tmp_path_factory, ray_cluster):
+    base = tmp_path_factory.mktemp("shift")
+    plain = train_quick_checkpoint(base / "checkpoint", size=SIZE)
+    cells = base / "cells"
+    synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=7)
+    rows = [{"uri": uri, "label": CLASS_TO_INDEX[name]} for uri, name in list_labelled_images(str(cells))]
+    ref, _ = fit_ood_reference(plain, rows[0::2], rows[1::2])
+    blob = ref.tensors_bytes()
+    return export_checkpoint(plain, str(base / "with-ood"), ood=ref.metadata(hashlib.sha256(blob).hexdigest()),
+                             ood_file=blob)
+
+
+def _shift_images(root: Path) -> None:
+    """Another lab: channels permuted (stain, camera) and cells at half scale on a flat background."""
+    for path in root.rglob("*.jpg"):
+        arr = np.asarray(Image.open(path).convert("RGB"))[..., [2, 0, 1]]
+        small = Image.fromarray(arr).resize((arr.shape[1] // 2, arr.shape[0] // 2))
+        canvas = Image.new("RGB", (arr.shape[1], arr.shape[0]), tuple(int(v) for v in arr.reshape(-1, 3).mean(0)))
+        canvas.paste(small, (arr.shape[1] // 4, arr.shape[0] // 4))
+        canvas.save(path, quality=95)
+
+
+def _config(archive: Path, out: Path, checkpoint: str, *extra: str) -> ClassifyConfig:
+    return load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}",
+                                              f"model.checkpoint={checkpoint}", "inference.batch_size=32",
+                                              *extra])
+
+
+def _tables(out: Path):
+    from bloodray.analysis.query import read_table
+
+    return read_table(str(out), "predictions").to_pylist(), read_table(str(out), "differentials").to_pylist()
+
+
+def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint, capsys):
+    samples = synth.default_samples(2, 60, seed=1)
+    normal, shifted = tmp_path / "normal", tmp_path / "shifted"
+    synth.write_archive(str(normal), samples, size=SIZE, seed=11)
+    synth.write_archive(str(shifted), samples, size=SIZE, seed=12)
+    _shift_images(shifted)
+
+    # Cells like the training cells: scored, counted, no alarm.
+    result = run_classification(_config(normal, tmp_path / "out-normal", ood_checkpoint))
+    preds, diffs = _tables(tmp_path / "out-normal")
+    assert not result.domain_shift and result.shift_warning() is None
+    assert all(r["ood_score"] is not None for r in preds)
+    assert np.mean([r["status"] == contract.UNIDENTIFIED for r in preds]) < 0.1
+    assert not any(d["domain_shift"] for d in diffs)
+
+    # Another lab's cells: unidentified, not counted, every sample under the alarm with the one flag.
+    result = run_classification(_config(shifted, tmp_path / "out-shifted", ood_checkpoint))
+    preds, diffs = _tables(tmp_path / "out-shifted")
+    unidentified = [r for r in preds if r["status"] == contract.UNIDENTIFIED]
+    assert len(unidentified) > 0.5 * len(preds)
+    # They keep their predicted class and confidence, and are not sent to review for their class.
+    assert all(r["predicted_class"] and r["confidence"] is not None and not r["needs_review"] for r in unidentified)
+    for d in diffs:
+        assert d["domain_shift"] and d["flags"] == [SHIFT_FLAG] and d["any_flag"]
+        assert d["n_unidentified"] == sum(r["status"] == contract.UNIDENTIFIED for r in preds
+                                          if r["sample_id"] == d["sample_id"])
+        assert sum(d[c] for c in count_columns()) == d["n_classified"] - d["n_unidentified"]
+    assert result.domain_shift and result.n_samples_shifted == len(diffs) == 2
+    assert result.n_unidentified == len(unidentified)
+    warning = result.shift_warning()
+    assert result.run_id in warning and "2 of 2 sample(s) (100%)" in warning
+    runs = contract.visible_runs(str(tmp_path / "out-shifted")).to_pylist()
+    assert runs[0]["domain_shift"] and runs[0]["n_samples_shifted"] == 2
+
+    # The report shows the alarm before anything else.
+    from bloodray.analysis.report import write_report
+
+    html = Path(write_report(str(tmp_path / "out-shifted"), dest=str(tmp_path / "report"))).read_text()
+    assert "Domain-shift alarm" in html and html.index("Domain-shift alarm") < html.index("<h2>Run</h2>")
+
+    # shift.on_alarm=fail: the run fails and publishes nothing.
+    with pytest.raises(ClassifyError, match="domain-shift alarm.*nothing was published"):
+        run_classification(_config(shifted, tmp_path / "out-fail", ood_checkpoint, "shift.on_alarm=fail"))
+    assert contract.committed_runs(str(tmp_path / "out-fail")).num_rows == 0
+
+    # The command line: one warning line naming the run and the share of samples affected.
+    from bloodray import cli
+
+    capsys.readouterr()
+    code = cli.run(["classify", "--set", f"input.uri={shifted}", "--set", f"output.uri={tmp_path / 'out-cli'}",
+                    "--set", f"model.checkpoint={ood_checkpoint}", "--set", "inference.batch_size=32",
+                    "--set", "inference.num_gpus=0"])
+    assert code == 0
+    run_id = contract.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "domain-shift alarm" in line]
+    assert len(warnings) == 1 and run_id in warnings[0] and "2 of 2 sample(s) (100%)" in warnings[0]
