@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -145,7 +146,15 @@ def classify_config_from_args(args: argparse.Namespace):
 def cmd_classify(args) -> int:
     from bloodray.nightly.pipeline import run_classification
 
-    result = run_classification(classify_config_from_args(args))
+    cfg = classify_config_from_args(args)
+    try:
+        result = run_classification(cfg)
+    except OSError as exc:
+        # Bad inputs are error rows, never exceptions: an OS error that reaches here is the output store's
+        # (a full disk, a read-only folder, a path under a file), so name the output.
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise StorageError(f"output.uri {cfg.output.uri}: cannot write the run's outputs: "
+                           f"{type(exc).__name__}: {text}") from exc
     print(result.describe())
     return 0
 
@@ -270,6 +279,20 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
         return 2
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)``, so exit handlers run (``ray.shutdown`` stops the local cluster's processes).
+
+    Python's default for SIGTERM ends the process at once and leaves a local
+    Ray cluster started by the job (GCS server, raylet...) behind. Only the
+    command line installs it: library code never touches signal handlers.
+    """
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     """Console-script entry point."""
+    exit_on_sigterm()
     sys.exit(run(sys.argv[1:]))

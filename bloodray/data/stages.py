@@ -432,7 +432,10 @@ def shard_rows(shard_uri: str, preset: EvalPreset, storage_options: Mapping[str,
             kind = "unreadable"
         shard_error(kind, f"tar shard: {type(exc).__name__}: {text}")
     if len(rows):
-        yield rows.emit()
+        # A member's row and the shard's own error row may overfill the last batch.
+        out = rows.emit()
+        for start in range(0, len(rows), chunk_rows):
+            yield {k: v[start:start + chunk_rows] for k, v in out.items()}
 
 
 def read_decode_shards(batch: dict[str, np.ndarray], *, preset: EvalPreset,

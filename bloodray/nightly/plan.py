@@ -21,8 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from bloodray import storage
-from bloodray.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
-from bloodray.classes import CLASS_NAMES
+from bloodray.checkpoint import load_checkpoint, resolve_checkpoint
 from bloodray.config import ConfigError
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stages import cluster_cpu_slots
@@ -131,11 +130,10 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
         raise ClassifyError(f"run.run_id: run {run_id!r} is already committed for {run_date} under {output_uri}; "
                             "choose a new run id (or leave it unset)")
 
-    # Checkpoint problems surface here, before Ray starts any actor.
+    # Checkpoint problems surface here, before Ray starts any actor: the whole checkpoint (seal, weights hash,
+    # architecture) is verified by loading it once on the driver's CPU.
     checkpoint_uri = resolve_checkpoint(cfg.model.checkpoint, so)
-    meta = read_metadata(checkpoint_uri, so)
-    if list(meta.classes) != list(CLASS_NAMES):
-        raise CheckpointError(f"{checkpoint_uri}: checkpoint classes {meta.classes} differ from {list(CLASS_NAMES)}")
+    meta = load_checkpoint(checkpoint_uri, so, device="cpu").metadata
     flags = cfg.flags
     try:
         rules = load_flag_rules(flags.reference_ranges, so, ig_percent=flags.ig_percent, min_wbc=flags.min_wbc,
@@ -183,8 +181,11 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
                    model_name=meta.model_name, preset=preset,
                    review_threshold=effective_threshold(cfg, meta.review_threshold), rules=rules, sample_metadata=sample_metadata,
                    started_at=started, listing=listing, skip_samples=skip, carried_from=carried_from)
-    storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
-                      json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
+    try:
+        storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
+                          json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
+    except Exception as exc:  # noqa: BLE001 - missing bucket, path under a file, read-only or full disk
+        raise storage.describe_storage_error(output_uri, exc) from exc
     plan.timings["list"] = time.monotonic() - timer
     return plan
 
