@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from typing import Callable, Sequence
@@ -280,12 +281,19 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM into ``SystemExit(143)``, so exit handlers run (``ray.shutdown`` stops the local cluster's processes).
+    """Make SIGTERM a clean exit that stops the local Ray cluster the job started.
 
-    Python's default for SIGTERM ends the process at once and leaves a local
-    Ray cluster started by the job (GCS server, raylet...) behind. Only the
-    command line installs it: library code never touches signal handlers.
+    Python's default for SIGTERM ends the process at once; after ``ray.init``
+    Ray's failure signal handler (absl) aborts the driver on SIGTERM instead of
+    letting ``ray.shutdown`` run, which leaves Ray's dashboard and runtime-env
+    agents behind. So the handler is disabled (``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1``,
+    unless set; it only prints stack traces of crashes) and SIGTERM raises
+    ``SystemExit(143)`` (``ray.init`` installs its own equivalent, ``SystemExit(15)``),
+    so exit handlers run. Only the command line calls it: library code never
+    touches signal handlers or the environment.
     """
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
     def handler(signum, _frame):
         raise SystemExit(128 + signum)
 

@@ -199,7 +199,7 @@ def test_unclear_or_silent_inputs_are_named(hostile_run):  # defect 11
 
 def test_pictures_that_are_not_cells_are_not_counted(hostile_run):  # defect 11
     con, _expected, good, _ignored = hostile_run
-    s1 = con.sql("SELECT n_images, n_classified, n_errors FROM differentials WHERE sample_id = 'S1'").fetchone()
+    s1 = con.sql("SELECT n_images, n_classified, n_errors FROM differentials WHERE sample_id = 'S1'").fetchall()[0]
     n_good = sum(1 for u in good if "/S1/" in u)
     assert s1[1] == n_good == 7
     not_cells = con.sql("SELECT message FROM errors WHERE error_type = 'not_a_cell_image' ORDER BY message").fetchall()
@@ -362,10 +362,12 @@ def _running(pid: int) -> bool:
 
 
 def test_sigterm_leaves_no_ray_processes():
+    """The driver of the command line (``exit_on_sigterm``, as ``bloodray`` calls it) with a local cluster at work."""
     script = ("from bloodray.cli import exit_on_sigterm\n"
               "exit_on_sigterm()\n"
               "import ray, time\n"
-              "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+              "ray.init(address='local', num_cpus=1)\n"
+              "ray.data.range(4).map_batches(lambda batch: batch).take_all()\n"
               "print('ready', flush=True)\n"
               "while True:\n"
               "    time.sleep(1)\n")
@@ -376,7 +378,8 @@ def test_sigterm_leaves_no_ray_processes():
         ray_processes = _descendants(proc.pid)
         assert ray_processes  # the local cluster: GCS server, raylet, workers...
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+        # SystemExit from the CLI's handler (143) or from the one ray.init installs (15); not an abort (-6).
+        assert proc.wait(timeout=300) in (signal.SIGTERM, 128 + signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
