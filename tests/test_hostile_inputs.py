@@ -30,7 +30,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from bloodray import cli
+from bloodray import cli, storage
 from bloodray.checkpoint import PACKAGED_CHECKPOINT, WEIGHTS_FILE
 from bloodray.config import load_config
 from bloodray.data.synth_cells import render_cell
@@ -390,3 +390,19 @@ def test_sigterm_leaves_no_ray_processes():
             break
         time.sleep(1)
     assert not left
+
+
+def test_object_storage_reads_are_literal_and_capped(s3_bucket):  # defects 8, 9 on S3
+    from bloodray.data.stages import ReadLimits, read_many
+
+    bucket, so = s3_bucket
+    fs, _ = storage.filesystem(bucket, so)
+    names = {"S1/odd[1].jpg": _cell(1), "S1/cell_[0].jpg": _cell(2), "S1/cell_0.jpg": _cell(3), "S1/empty.jpg": b"",
+             "S1/big.jpg": b"\xff" * 5000}
+    for name, data in names.items():
+        fs.pipe(f"{bucket}/{name}".split("://", 1)[1], data)
+    uris = [f"{bucket}/{name}" for name in names] + [f"{bucket}/S1/missing.jpg"]
+    got = read_many(uris, so, ReadLimits(max_file_bytes=4096))
+    assert got[:4] == [names["S1/odd[1].jpg"], names["S1/cell_[0].jpg"], names["S1/cell_0.jpg"], b""]
+    assert getattr(got[4], "kind", None) == "file_too_large"
+    assert isinstance(got[5], FileNotFoundError)

@@ -50,7 +50,7 @@ class InputListing:
     files: list[tuple[str, str]] = field(default_factory=list)
     #: URIs of tar shards.
     shards: list[str] = field(default_factory=list)
-    #: error rows (stage ``list``) for images that cannot be assigned to a sample.
+    #: error rows (stage ``list``): images that cannot be assigned to a sample, unsupported formats and archives.
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: files ignored because of their type (not an image, not a shard for the layout).
     ignored: int = 0

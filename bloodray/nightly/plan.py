@@ -172,6 +172,8 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
                             f"(layout {cfg.input.layout}; images: *.jpg, *.jpeg, *.png, *.bmp, *.tif; shards: *.tar)")
     n_listed = len(listing.files)
     listing.files = [(u, s) for u, s in listing.files if s not in skip]
+    # Listing error rows of a carried-over sample (a .gif in it...) come with its carried rows.
+    listing.errors = [e for e in listing.errors if e["sample_id"] is None or e["sample_id"] not in skip]
     log.info("found %d image file(s) (%d skipped as already classified), %d tar shard(s), %d unassignable, "
              "%d other file(s) ignored", n_listed, n_listed - len(listing.files), len(listing.shards),
              len(listing.errors), listing.ignored)
