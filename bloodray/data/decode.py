@@ -28,8 +28,8 @@ SUPPORTED_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr
 FAILURE_KINDS = ("empty", "truncated", "not_image", "corrupt", "unsupported_mode", "too_large", "not_a_cell_image")
 
 #: Defaults of :class:`CellImageLimits` (the nightly job's ``limits.*`` keys). Real crops are far inside them:
-#: PBC crops are 360-366 px with a grey-level standard deviation of at least ~21 (Chula: 168-420 px, at least ~7);
-#: blank or placeholder images have a deviation near 0.
+#: PBC crops are 360-366 px with a grey-level standard deviation of at least 18.7 (Chula: at least 168 px and 7.8,
+#: but for one 10 x 10 px fragment); blank or placeholder images have a deviation near 0 (bench/input_reads.py).
 DEFAULT_MIN_SIDE_PX = 24
 DEFAULT_MAX_SIDE_PX = 2048
 DEFAULT_MAX_ASPECT_RATIO = 3.0
