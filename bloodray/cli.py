@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -148,7 +150,15 @@ def classify_config_from_args(args: argparse.Namespace):
 def cmd_classify(args) -> int:
     from bloodray.nightly.pipeline import run_classification
 
-    result = run_classification(classify_config_from_args(args))
+    cfg = classify_config_from_args(args)
+    try:
+        result = run_classification(cfg)
+    except OSError as exc:
+        # Bad inputs are error rows, never exceptions: an OS error that reaches here is the output store's
+        # (a full disk, a read-only folder, a path under a file), so name the output.
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise StorageError(f"output.uri {cfg.output.uri}: cannot write the run's outputs: "
+                           f"{type(exc).__name__}: {text}") from exc
     print(result.describe())
     warning = result.shift_warning()
     if warning:
@@ -276,6 +286,27 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
         return 2
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM a clean exit that stops the local Ray cluster the job started.
+
+    Python's default for SIGTERM ends the process at once; after ``ray.init``
+    Ray's failure signal handler (absl) aborts the driver on SIGTERM instead of
+    letting ``ray.shutdown`` run, which leaves Ray's dashboard and runtime-env
+    agents behind. So the handler is disabled (``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1``,
+    unless set; it only prints stack traces of crashes) and SIGTERM raises
+    ``SystemExit(143)`` (``ray.init`` installs its own equivalent, ``SystemExit(15)``),
+    so exit handlers run. Only the command line calls it: library code never
+    touches signal handlers or the environment.
+    """
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     """Console-script entry point."""
+    exit_on_sigterm()
     sys.exit(run(sys.argv[1:]))

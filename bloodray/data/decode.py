@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
+
+import numpy as np
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -22,7 +25,15 @@ DEFAULT_MAX_PIXELS = 25_000_000
 SUPPORTED_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "RGBX"})
 
 #: Every value :attr:`ImageDecodeError.kind` can take.
-FAILURE_KINDS = ("empty", "truncated", "not_image", "corrupt", "unsupported_mode", "too_large")
+FAILURE_KINDS = ("empty", "truncated", "not_image", "corrupt", "unsupported_mode", "too_large", "not_a_cell_image")
+
+#: Defaults of :class:`CellImageLimits` (the nightly job's ``limits.*`` keys). Real crops are far inside them:
+#: PBC crops are 360-366 px with a grey-level standard deviation of at least 18.7 (Chula: at least 168 px and 7.8,
+#: but for one 10 x 10 px fragment); blank or placeholder images have a deviation near 0 (bench/input_reads.py).
+DEFAULT_MIN_SIDE_PX = 24
+DEFAULT_MAX_SIDE_PX = 2048
+DEFAULT_MAX_ASPECT_RATIO = 3.0
+DEFAULT_MIN_CONTRAST = 2.0
 
 
 class ImageDecodeError(ValueError):
@@ -35,13 +46,51 @@ class ImageDecodeError(ValueError):
         self.kind = kind
 
 
+@dataclass(frozen=True)
+class CellImageLimits:
+    """What a picture of one cell looks like; anything else is refused as ``not_a_cell_image``.
+
+    A 1x1 px placeholder, a 5000 x 4999 blank page or a near-constant image
+    would otherwise be classified (with high confidence) and counted in a
+    differential. ``min_contrast`` is the standard deviation of the grey
+    levels (0-255) of the resized image.
+    """
+
+    min_side_px: int = DEFAULT_MIN_SIDE_PX
+    max_side_px: int = DEFAULT_MAX_SIDE_PX
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    min_contrast: float = DEFAULT_MIN_CONTRAST
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise ``not_a_cell_image`` for a picture too small, too large or too elongated for a cell crop."""
+        short, long = sorted((width, height))
+        if short < self.min_side_px:
+            raise ImageDecodeError("not_a_cell_image", f"{width}x{height} px: a side is below {self.min_side_px} px "
+                                                       "(limits.min_side_px)")
+        if long > self.max_side_px:
+            raise ImageDecodeError("not_a_cell_image", f"{width}x{height} px: a side is above {self.max_side_px} px "
+                                                       "(limits.max_side_px)")
+        if long / short > self.max_aspect_ratio:
+            raise ImageDecodeError("not_a_cell_image", f"{width}x{height} px: aspect ratio above "
+                                                       f"{self.max_aspect_ratio} (limits.max_aspect_ratio)")
+
+    def check_contrast(self, pixels: np.ndarray) -> None:
+        """Raise ``not_a_cell_image`` for a blank or near-constant RGB ``uint8`` image."""
+        grey = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        contrast = float(grey.std())
+        if contrast < self.min_contrast:
+            raise ImageDecodeError("not_a_cell_image", f"blank or near-constant image (grey-level deviation "
+                                                       f"{contrast:.2f} < {self.min_contrast}, limits.min_contrast)")
+
+
 def decode_image(data: bytes, *, target_size: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cell: CellImageLimits | None = None) -> Image.Image:
     """Decode ``data`` to an RGB PIL image, refusing anything suspicious.
 
     ``target_size`` lets JPEG decoding use DCT scaling (``Image.draft``), which
     decodes a 360 px CellaVision crop at 1/2 or 1/4 scale when the model only
     needs 100-224 px: several times faster with no visible loss after resize.
+    ``cell`` checks the stored size (before any DCT scaling) against a cell crop's.
     """
     if not data:
         raise ImageDecodeError("empty", "file is empty (0 bytes)")
@@ -61,6 +110,8 @@ def decode_image(data: bytes, *, target_size: int | None = None,
     width, height = image.size
     if width * height > max_pixels:
         raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    if cell is not None:
+        cell.check_size(width, height)
     if image.mode not in SUPPORTED_MODES:
         raise ImageDecodeError("unsupported_mode", f"unsupported image mode {image.mode!r}")
     try:

@@ -8,7 +8,8 @@ never fails a task: it becomes a row with the one error shape,
 
 ``stage``       where it failed: ``list``, ``read``, ``decode`` (``infer`` is added by consumers)
 ``error_type``  a stable kind: ``unreadable``, ``truncated``, ``unsafe_member``, ``corrupt_archive``,
-                ``empty``, ``no_sample_id``, or an :class:`~bloodray.data.preset.ImageDecodeError` kind
+                ``empty``, ``no_sample_id``, one of :data:`READ_FAILURE_KINDS`, or an
+                :class:`~bloodray.data.decode.ImageDecodeError` kind (``not_a_cell_image``...)
 ``message``     one line for a person
 
 All three are ``""`` on a good row (and ``image_sha256`` is ``""`` when nothing was read). ``error`` repeats them as one
@@ -18,19 +19,41 @@ report lists. Every other input column passes through unchanged.
 
 Tar shards are read as streams (never extracted to disk); absolute or ``..``
 member paths, links and device members are refused as ``unsafe_member`` rows.
+
+Reads are bounded (:class:`ReadLimits`): only regular files are opened (a FIFO
+or a link to a device is a ``not_regular_file`` row, never a hang), files and
+members over ``max_file_bytes`` are ``file_too_large`` rows, and a local read
+that gives no data within ``read_timeout_s`` is a ``read_timeout`` row. Names
+reach the filesystem literally: ``[``, ``]``, ``*`` and ``?`` are never globs.
+
+Which names are inputs (:func:`name_kind`, shared by the archive listing and
+the tar reader): supported images; ``__MACOSX/`` folders and ``._*`` AppleDouble
+files are ignored (macOS resource forks, not pictures); other image formats
+(``.gif``...) are ``unsupported_format`` rows and archives inside a tar are
+``nested_archive`` rows. In a shard a member name seen before is a
+``duplicate_member`` row with the id ``<shard>#<member>#<n>`` (n-th occurrence;
+the first is classified), so every ``image_uri`` is unique. A shard that is not
+a tar (``not_a_tar_archive``, e.g. gzip data) or that ends early
+(``corrupt_archive``, with a row for the shard saying later members are lost)
+is accounted for by a row with the shard's URI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import posixpath
+import stat
 import tarfile
-from typing import Any, Iterator, Mapping, Sequence
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from bloodray import storage
 from bloodray.classes import is_image_path
-from bloodray.data.decode import ImageDecodeError
+from bloodray.data.decode import CellImageLimits, ImageDecodeError, decode_image
 from bloodray.data.preset import EvalPreset
 
 #: The error columns every consumer of the stage reads (and the nightly errors table stores).
@@ -39,6 +62,118 @@ ERROR_COLUMNS: tuple[str, ...] = ("stage", "error_type", "message")
 OUTPUT_COLUMNS: tuple[str, ...] = ("image_sha256",) + ERROR_COLUMNS + ("error", "image")
 #: How many files one storage request fetches; object storage fetches a request's files concurrently.
 READ_CHUNK = 128
+#: Largest image file read (bytes): a CellaVision crop is ~30 kB, a 25 MP uncompressed TIFF ~75 MB.
+DEFAULT_MAX_FILE_BYTES = 128 * 2**20
+#: Seconds a local file read may take before the file becomes a ``read_timeout`` row.
+DEFAULT_READ_TIMEOUT_S = 60.0
+#: Error types of bounded reads and of the naming rules (:func:`name_kind`).
+READ_FAILURE_KINDS = ("not_regular_file", "file_too_large", "read_timeout", "unsupported_format",
+                      "unsupported_archive", "nested_archive", "duplicate_member", "not_a_tar_archive")
+#: Image formats a scanner or export tool may write that the job does not read (an error row each).
+UNSUPPORTED_IMAGE_SUFFIXES = (".gif", ".webp", ".jfif", ".jpe", ".jp2", ".j2k", ".heic", ".heif", ".svg",
+                              ".ico", ".dcm")
+#: Archive formats other than plain tar (an error row each: they would hide images).
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip",
+                    ".7z", ".rar", ".gz", ".bz2", ".xz", ".zst")
+#: Leading bytes of compressed or other archive data (what a mislabelled ``.tar`` really holds).
+_ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                  (b"PK\x03\x04", "zip"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!", "rar"))
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on reading one input (the nightly job's ``limits.*`` keys).
+
+    ``cell``: when set, decoded images that do not look like one cell's crop
+    become ``not_a_cell_image`` rows (:class:`~bloodray.data.decode.CellImageLimits`).
+    """
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    cell: CellImageLimits | None = None
+
+
+class InputReadError(OSError):
+    """A file refused by :class:`ReadLimits`; ``kind`` is one of :data:`READ_FAILURE_KINDS`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def name_kind(relpath: str) -> str:
+    """What a file name is to the job: ``image``, ``tar``, ``ignored``, ``unsupported_format``, ``archive`` or ``other``.
+
+    ``ignored``: macOS metadata (anything under ``__MACOSX/``, ``._*`` AppleDouble files), never pictures of the
+    sample. ``archive``: a compressed or non-tar archive (:data:`ARCHIVE_SUFFIXES`).
+    """
+    parts = [p for p in relpath.split("/") if p]
+    if not parts or "__MACOSX" in parts or parts[-1].startswith("._"):
+        return "ignored"
+    lower = parts[-1].lower()
+    if is_image_path(lower):
+        return "image"
+    if lower.endswith(".tar"):
+        return "tar"
+    if lower.endswith(UNSUPPORTED_IMAGE_SUFFIXES):
+        return "unsupported_format"
+    if lower.endswith(ARCHIVE_SUFFIXES):
+        return "archive"
+    return "other"
+
+
+def _call_with_timeout(fn: Callable[[], bytes], timeout: float, what: str) -> bytes:
+    """``fn()``, or :class:`InputReadError` ``read_timeout`` when it has not returned after ``timeout`` seconds.
+
+    The read runs in a daemon thread: a read stuck in the kernel (a hung network mount) cannot be
+    interrupted, but it no longer holds up the task, nor the process's exit.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="bloodray-read", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise InputReadError("read_timeout", f"{what}: no data within {timeout:g} s (limits.read_timeout_s)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def open_regular_local(path: str):
+    """Open a local path for reading only if it is a regular file (after links): never blocks on a FIFO or device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("FIFO" if stat.S_ISFIFO(mode) else "character device" if stat.S_ISCHR(mode) else
+                    "block device" if stat.S_ISBLK(mode) else "socket" if stat.S_ISSOCK(mode) else "special file")
+            raise InputReadError("not_regular_file", f"{path}: not a regular file ({kind}); refused")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    with open_regular_local(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise InputReadError("file_too_large", f"{path}: {size} bytes exceeds limits.max_file_bytes ({max_bytes})")
+        data = fh.read(max_bytes + 1)  # the file may have grown since fstat
+    if len(data) > max_bytes:
+        raise InputReadError("file_too_large", f"{path}: more than limits.max_file_bytes ({max_bytes}) bytes")
+    return data
 
 
 def error_row(sample_id: str | None, uri: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
@@ -58,28 +193,44 @@ def sample_id_of(relpath: str, rule: str) -> str | None:
     return parts[-2] if rule == "parent" else parts[0]
 
 
-def read_many(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[bytes | BaseException]:
+def read_many(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None,
+              limits: ReadLimits = ReadLimits()) -> list[bytes | BaseException]:
     """Fetch files of one filesystem; each result is the bytes or the exception for that file.
 
     The filesystem is resolved once (resolving an S3 URI costs about as much
-    as decoding an image) and files are fetched :data:`READ_CHUNK` at a time.
+    as decoding an image). Local files are opened only when regular and read
+    with the size cap and timeout of ``limits``; object storage fetches
+    :data:`READ_CHUNK` files concurrently per request, each a ranged GET of at
+    most ``max_file_bytes + 1`` bytes (timeouts: botocore's). Paths are used
+    literally (no glob expansion).
     """
     if not uris:
         return []
     fs, _ = storage.filesystem(uris[0], storage_options)
     paths = [fs._strip_protocol(u) for u in uris]
-    results: list[bytes | BaseException] = []
+    cap = limits.max_file_bytes
+    if storage.is_local(fs):
+        results: list[bytes | BaseException] = []
+        for path in paths:
+            try:
+                results.append(_call_with_timeout(lambda p=path: _read_local(p, cap), limits.read_timeout_s, path))
+            except Exception as exc:  # noqa: BLE001 - one bad file is one error row
+                results.append(exc)
+        return results
+    results = []
     for start in range(0, len(paths), READ_CHUNK):
         chunk = paths[start:start + READ_CHUNK]
         try:
-            fetched = fs.cat(chunk, on_error="return")
+            # cat_ranges, unlike cat, never expands glob characters and reads at most cap + 1 bytes.
+            fetched = list(fs.cat_ranges(chunk, [0] * len(chunk), [cap + 1] * len(chunk), on_error="return"))
         except Exception as exc:  # noqa: BLE001 - a whole-request failure marks each file
-            fetched = {p: exc for p in chunk}
-        if not isinstance(fetched, dict):  # a single path returns its bytes
-            fetched = {chunk[0]: fetched}
-        # fsspec may normalise keys (protocol, trailing slash); look each up tolerant of that.
-        normalised = {k.split("://", 1)[-1]: v for k, v in fetched.items()}
-        results.extend(normalised.get(p.split("://", 1)[-1], FileNotFoundError(p)) for p in chunk)
+            fetched = [exc] * len(chunk)
+        for path, data in zip(chunk, fetched):
+            if isinstance(data, OSError) and "range is not satisfiable" in str(data).lower():
+                data = b""  # a range GET of an empty object is refused with InvalidRange
+            elif isinstance(data, bytes) and len(data) > cap:
+                data = InputReadError("file_too_large", f"{path}: more than limits.max_file_bytes ({cap}) bytes")
+            results.append(data)
     return results
 
 
@@ -111,10 +262,22 @@ class _Rows:
             self.cols[key].append(value)
         self.images.append(image)
 
-    def decode(self, extra: Mapping[str, Any], data: bytes, preset: EvalPreset) -> None:
+    def read_failed(self, extra: Mapping[str, Any], exc: BaseException) -> None:
+        if isinstance(exc, InputReadError):
+            self.fail(extra, "read", exc.kind, str(exc))
+        else:
+            self.fail(extra, "read", "unreadable", f"{type(exc).__name__}: {exc}")
+
+    def decode(self, extra: Mapping[str, Any], data: bytes, preset: EvalPreset,
+               cell: CellImageLimits | None = None) -> None:
         sha = hashlib.sha256(data).hexdigest()
         try:
-            image = preset.load(data)
+            if cell is None:
+                image = preset.load(data)
+            else:
+                image = preset.resize(decode_image(data, target_size=preset.input_size,
+                                                   max_pixels=preset.max_pixels, cell=cell))
+                cell.check_contrast(image)
         except ImageDecodeError as exc:
             self.fail(extra, "decode", exc.kind, str(exc), sha)
         except Exception as exc:  # noqa: BLE001 - a bad file is an error row, never a failed task
@@ -135,7 +298,8 @@ class _Rows:
 
 
 def read_decode_files(batch: dict[str, np.ndarray], *, preset: EvalPreset,
-                      storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+                      storage_options: Mapping[str, Any] | None = None,
+                      limits: ReadLimits = ReadLimits()) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: rows with a ``uri`` column -> decoded, resized uint8 images.
 
     Adds :data:`OUTPUT_COLUMNS`; an unreadable or undecodable file becomes an
@@ -143,11 +307,11 @@ def read_decode_files(batch: dict[str, np.ndarray], *, preset: EvalPreset,
     """
     uris = [str(u) for u in batch["uri"]]
     rows = _Rows(preset.input_size)
-    for data in read_many(uris, storage_options):
+    for data in read_many(uris, storage_options, limits):
         if isinstance(data, BaseException):
-            rows.fail({}, "read", "unreadable", f"{type(data).__name__}: {data}")
+            rows.read_failed({}, data)
         else:
-            rows.decode({}, data, preset)
+            rows.decode({}, data, preset, limits.cell)
     # One output row per input row: the input columns pass through with their own dtypes.
     return {**batch, **rows.emit()}
 
@@ -170,71 +334,118 @@ def member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _open_shard(fs, path: str, uri: str):
+    """Open a shard for streaming: local shards only when regular; :class:`InputReadError` when it is no tar."""
+    fh = open_regular_local(path) if storage.is_local(fs) else fs.open(path, "rb")
+    try:
+        head = fh.read(8)
+        for magic, name in _ARCHIVE_MAGIC:
+            if head.startswith(magic):
+                raise InputReadError("not_a_tar_archive", f"{uri}: not a tar archive ({name} data)")
+        fh.seek(0)
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
 def shard_rows(shard_uri: str, preset: EvalPreset, storage_options: Mapping[str, Any] | None,
-               sample_id_from: str, skip_samples: frozenset[str], chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+               sample_id_from: str, skip_samples: frozenset[str], chunk_rows: int,
+               limits: ReadLimits = ReadLimits()) -> Iterator[dict[str, np.ndarray]]:
     """Stream one tar shard member by member into batches of at most ``chunk_rows`` rows.
 
-    Each row has ``uri`` (``<shard>#<member>``, or the shard itself for a
-    shard-level error), ``sample_id`` and :data:`OUTPUT_COLUMNS`. Members of
+    Each row has ``uri`` (``<shard>#<member>``; ``<shard>#<member>#<n>`` for the
+    n-th occurrence of a repeated name; the shard itself for a shard-level
+    error), ``sample_id`` and :data:`OUTPUT_COLUMNS`. Members of
     ``skip_samples`` are left out.
     """
 
     def new() -> _Rows:
         return _Rows(preset.input_size, ("uri", "sample_id"))
 
+    def shard_error(kind: str, message: str) -> None:
+        rows.fail({"uri": shard_uri, "sample_id": None}, "read", kind, message)
+
     rows = new()
+    seen: dict[str, int] = {}
     try:
         fs, path = storage.filesystem(shard_uri, storage_options)
-        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with _open_shard(fs, path, shard_uri) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             for member in tar:
                 problem = member_problem(member)
                 # A path that leaves the archive names no trustworthy sample.
                 sample_id = None if _escapes(member.name) else sample_id_of(member.name, sample_id_from)
-                extra = {"uri": f"{shard_uri}#{member.name}", "sample_id": sample_id}
+                kind = name_kind(member.name)
                 if sample_id is not None and sample_id in skip_samples:
                     continue
-                if problem:
+                if kind == "ignored" or (not problem and not member.isfile()):
+                    continue  # macOS metadata and directories
+                if kind == "other" and not problem:
+                    continue  # non-image files, as in the folder layout
+                seen[member.name] = seen.get(member.name, 0) + 1
+                count = seen[member.name]
+                uri = f"{shard_uri}#{member.name}" + (f"#{count}" if count > 1 else "")
+                extra = {"uri": uri, "sample_id": sample_id}
+                if count > 1:
+                    rows.fail(extra, "read", "duplicate_member",
+                              f"member name {member.name!r} occurs {count} times in the shard; only the first is read")
+                elif problem:
                     rows.fail(extra, "read", "unsafe_member", problem)
-                elif not member.isfile() or not is_image_path(member.name):
-                    continue  # directories and non-image files, as in the folder layout
+                elif kind == "unsupported_format":
+                    rows.fail(extra, "read", "unsupported_format",
+                              f"{posixpath.splitext(member.name)[1]} images are not read (use JPEG, PNG, BMP or TIFF)")
+                elif kind in ("tar", "archive"):
+                    rows.fail(extra, "read", "nested_archive", "archives inside a tar shard are not read")
                 elif sample_id is None:
                     rows.fail(extra, "read", "no_sample_id", "member is at the top of the tar, not in a sample folder")
+                elif member.size > limits.max_file_bytes:
+                    rows.fail(extra, "read", "file_too_large",
+                              f"{member.size} bytes exceeds limits.max_file_bytes ({limits.max_file_bytes})")
                 else:
                     try:
                         data = tar.extractfile(member).read()
                     except Exception as exc:  # noqa: BLE001 - a cut-off shard ends with this member
                         rows.fail(extra, "read", "truncated", f"cannot read member: {exc}")
+                        shard_error("corrupt_archive", f"tar shard is cut inside member {member.name!r} "
+                                                       f"({exc}); any members after it are lost")
                         break
-                    rows.decode(extra, data, preset)
+                    rows.decode(extra, data, preset, limits.cell)
                 if len(rows) >= chunk_rows:
                     yield rows.emit()
                     rows = new()
             else:
                 # tarfile ends iteration silently at a cut or damaged header; only
                 # the end-of-archive block (zeros) tells a complete shard apart.
-                block = fs.cat_file(path, start=tar.offset, end=tar.offset + 512)
+                fh.seek(tar.offset)
+                block = fh.read(512)
                 if len(block) < 512 or block.strip(b"\0"):
-                    rows.fail({"uri": shard_uri, "sample_id": None}, "read", "corrupt_archive",
-                              f"tar shard ends without an end-of-archive block at byte {tar.offset} "
-                              "(truncated or damaged header); any members after it are missing")
+                    shard_error("corrupt_archive",
+                                f"tar shard ends without an end-of-archive block at byte {tar.offset} "
+                                "(truncated or damaged header); any members after it are lost")
+    except InputReadError as exc:
+        shard_error(exc.kind, str(exc))
     except Exception as exc:  # noqa: BLE001 - the shard itself is the bad input
         text = str(exc) or type(exc).__name__
         if isinstance(exc, tarfile.TarError):
             kind = "empty" if "empty file" in text else "corrupt_archive"
         else:
             kind = "unreadable"
-        rows.fail({"uri": shard_uri, "sample_id": None}, "read", kind, f"tar shard: {type(exc).__name__}: {text}")
+        shard_error(kind, f"tar shard: {type(exc).__name__}: {text}")
     if len(rows):
-        yield rows.emit()
+        # A member's row and the shard's own error row may overfill the last batch.
+        out = rows.emit()
+        for start in range(0, len(rows), chunk_rows):
+            yield {k: v[start:start + chunk_rows] for k, v in out.items()}
 
 
 def read_decode_shards(batch: dict[str, np.ndarray], *, preset: EvalPreset,
                        storage_options: Mapping[str, Any] | None = None, sample_id_from: str = "parent",
                        skip_samples: frozenset[str] = frozenset(),
-                       chunk_rows: int = 64) -> Iterator[dict[str, np.ndarray]]:
+                       chunk_rows: int = 64, limits: ReadLimits = ReadLimits()) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data ``map_batches`` function (flat map): tar shard ``uri`` rows -> one row per image member."""
     for shard_uri in batch["uri"]:
-        yield from shard_rows(str(shard_uri), preset, storage_options, sample_id_from, skip_samples, chunk_rows)
+        yield from shard_rows(str(shard_uri), preset, storage_options, sample_id_from, skip_samples, chunk_rows,
+                              limits)
 
 
 def cluster_cpu_slots(cpus_per_task: float) -> int:

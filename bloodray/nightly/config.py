@@ -8,13 +8,16 @@ Each section validates its own keys and names the dotted key in its error
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from bloodray.classes import DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
 from bloodray.config import ConfigError, StorageConfig
-from bloodray.data.decode import DEFAULT_MAX_PIXELS
+from bloodray.data.decode import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE_PX,
+                                  DEFAULT_MIN_CONTRAST, DEFAULT_MIN_SIDE_PX, CellImageLimits)
+from bloodray.data.stages import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, ReadLimits
 
 #: Review threshold used when neither the config nor the checkpoint sets one.
 DEFAULT_REVIEW_THRESHOLD = 0.7
@@ -163,6 +166,8 @@ class InferenceConfig:
     decode_cpus: float = 1.0
 
     def validate(self, prefix: str) -> None:
+        for name in ("num_gpus", "decode_cpus"):
+            _require_finite(prefix, name, getattr(self, name))
         if self.batch_size < 1:
             raise ConfigError(f"{prefix}.batch_size: must be >= 1, got {self.batch_size}")
         if self.concurrency is not None and self.concurrency < 1:
@@ -173,16 +178,51 @@ class InferenceConfig:
             raise ConfigError(f"{prefix}.decode_cpus: must be > 0, got {self.decode_cpus}")
 
 
+def _require_finite(prefix: str, name: str, value: float) -> None:
+    # YAML reads ".inf" and ".nan" as floats; every comparison with NaN is False, so check first.
+    if not math.isfinite(value):
+        raise ConfigError(f"{prefix}.{name}: must be a finite number, got {value}")
+
+
 @dataclass
 class LimitsConfig:
-    """Input safety limits."""
+    """Input safety limits (README, "Input rules")."""
 
     #: images with more pixels (width x height) are refused before decoding (errors, ``too_large``).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: files (and tar members) larger than this many bytes are not read (errors, ``file_too_large``).
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    #: a local file read taking longer than this is abandoned (errors, ``read_timeout``).
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    #: images whose shorter side is below this are not cell crops (errors, ``not_a_cell_image``).
+    min_side_px: int = DEFAULT_MIN_SIDE_PX
+    #: images whose longer side is above this are not cell crops (errors, ``not_a_cell_image``).
+    max_side_px: int = DEFAULT_MAX_SIDE_PX
+    #: longer side / shorter side above this is not a cell crop (errors, ``not_a_cell_image``).
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    #: grey-level standard deviation (0-255) below which an image is blank (errors, ``not_a_cell_image``); 0 = off.
+    min_contrast: float = DEFAULT_MIN_CONTRAST
 
     def validate(self, prefix: str) -> None:
-        if self.max_pixels < 1:
-            raise ConfigError(f"{prefix}.max_pixels: must be >= 1, got {self.max_pixels}")
+        for name in ("read_timeout_s", "max_aspect_ratio", "min_contrast"):
+            _require_finite(prefix, name, getattr(self, name))
+        for name in ("max_pixels", "max_file_bytes", "min_side_px", "max_side_px"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.read_timeout_s <= 0:
+            raise ConfigError(f"{prefix}.read_timeout_s: must be > 0, got {self.read_timeout_s}")
+        if self.max_side_px < self.min_side_px:
+            raise ConfigError(f"{prefix}.max_side_px: must be >= limits.min_side_px ({self.min_side_px}), "
+                              f"got {self.max_side_px}")
+        if self.max_aspect_ratio < 1:
+            raise ConfigError(f"{prefix}.max_aspect_ratio: must be >= 1, got {self.max_aspect_ratio}")
+        if self.min_contrast < 0:
+            raise ConfigError(f"{prefix}.min_contrast: must be >= 0, got {self.min_contrast}")
+
+    def read_limits(self) -> ReadLimits:
+        """The read and cell-image bounds of the read+decode stage."""
+        cell = CellImageLimits(self.min_side_px, self.max_side_px, self.max_aspect_ratio, self.min_contrast)
+        return ReadLimits(max_file_bytes=self.max_file_bytes, read_timeout_s=self.read_timeout_s, cell=cell)
 
 
 @dataclass

@@ -11,6 +11,21 @@ The sample id is the image's parent folder (``sample_id_from: parent``) or the
 first path component under the archive root (``root``); inside a tar the
 member path plays the role of the path under the root
 (:func:`bloodray.data.stages.sample_id_of`).
+
+Listing rules (:func:`bloodray.data.stages.name_kind`, shared with the tar
+reader), so that every file that looks like an input is accounted for:
+
+* ignored (counted in ``InputListing.ignored``): anything under a
+  ``__MACOSX/`` folder and ``._*`` AppleDouble files (macOS resource forks,
+  not pictures of the sample); files that are neither images nor archives;
+  files the layout excludes (tar shards with ``folders``, image files with ``tar``);
+* error rows (stage ``list``): images in formats the job does not read
+  (``.gif``, ``.webp``... : ``unsupported_format``), compressed or non-tar
+  archives (``.zip``, ``.tar.gz``... : ``unsupported_archive``), and images
+  directly under the root (``no_sample_id``).
+
+Names are taken literally: ``[``, ``]``, ``*`` and ``?`` in a file name are
+characters, never glob patterns.
 """
 
 from __future__ import annotations
@@ -21,8 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from bloodray import storage
-from bloodray.classes import is_image_path
-from bloodray.data.stages import error_row, sample_id_of
+from bloodray.data.stages import error_row, name_kind, sample_id_of
 from bloodray.nightly.config import ClassifyError
 
 TAR_SUFFIX = ".tar"
@@ -36,7 +50,7 @@ class InputListing:
     files: list[tuple[str, str]] = field(default_factory=list)
     #: URIs of tar shards.
     shards: list[str] = field(default_factory=list)
-    #: error rows (stage ``list``) for images that cannot be assigned to a sample.
+    #: error rows (stage ``list``): images that cannot be assigned to a sample, unsupported formats and archives.
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: files ignored because of their type (not an image, not a shard for the layout).
     ignored: int = 0
@@ -89,20 +103,33 @@ def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "par
     finally:
         fs.invalidate_cache()  # the listing cache would hold an entry per file for the whole run
     listing = InputListing()
-    want_images = layout in ("auto", "folders")
-    want_tars = layout in ("auto", "tar")
     for path in sorted(paths):
         rel = path[len(base):].lstrip("/") if path.startswith(base) else posixpath.basename(path)
-        uri = storage.full_uri(fs, path)
-        if want_tars and path.lower().endswith(TAR_SUFFIX):
-            listing.shards.append(uri)
-        elif want_images and is_image_path(path):
-            sample_id = sample_id_of(rel, sample_id_from)
-            if sample_id is None:
-                listing.errors.append(error_row(None, uri, "list", "no_sample_id",
-                                                 "image is directly under the archive root, not in a sample folder"))
-            else:
-                listing.files.append((uri, sample_id))
-        else:
-            listing.ignored += 1
+        classify_listed_file(listing, storage.full_uri(fs, path), rel, layout, sample_id_from)
     return listing
+
+
+def classify_listed_file(listing: InputListing, uri: str, rel: str, layout: str, sample_id_from: str) -> None:
+    """Apply the listing rules (module docstring) to one file: add it to ``listing`` as an image, shard, error or ignored."""
+    kind = name_kind(rel)
+    want_images = layout in ("auto", "folders")
+    want_tars = layout in ("auto", "tar")
+    if kind == "tar" and want_tars:
+        listing.shards.append(uri)
+        return
+    if (kind == "image" and want_images) or kind in ("unsupported_format", "archive"):
+        sample_id = sample_id_of(rel, sample_id_from)
+        if kind == "unsupported_format":
+            suffix = posixpath.splitext(rel)[1]
+            listing.errors.append(error_row(sample_id, uri, "list", "unsupported_format",
+                                            f"{suffix} images are not read (use JPEG, PNG, BMP or TIFF)"))
+        elif kind == "archive":
+            listing.errors.append(error_row(sample_id, uri, "list", "unsupported_archive",
+                                            "only uncompressed .tar shards are read; unpack or re-pack it as .tar"))
+        elif sample_id is None:
+            listing.errors.append(error_row(None, uri, "list", "no_sample_id",
+                                            "image is directly under the archive root, not in a sample folder"))
+        else:
+            listing.files.append((uri, sample_id))
+        return
+    listing.ignored += 1

@@ -137,14 +137,16 @@ def build_dataset(plan: RunPlan):
         work_blocks += blocks
         parts.append(ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             read_decode_files, batch_size=read_bs,
-            fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options},
+            fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
+                       "limits": cfg.limits.read_limits()},
             **read_args))
     if plan.listing.shards:
         shards = [{"uri": u} for u in plan.listing.shards]
         parts.append(ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
             read_decode_shards, batch_size=1,
             fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
-                       "sample_id_from": cfg.input.sample_id_from, "chunk_rows": bs},
+                       "sample_id_from": cfg.input.sample_id_from, "chunk_rows": bs,
+                       "limits": cfg.limits.read_limits()},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.

@@ -21,8 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from bloodray import storage
-from bloodray.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
-from bloodray.classes import CLASS_NAMES
+from bloodray.checkpoint import load_checkpoint, resolve_checkpoint
 from bloodray.config import ConfigError
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stages import cluster_cpu_slots
@@ -176,11 +175,10 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
     run_id, run_date, output_uri = lease.run_id, lease.run_date, lease.output_uri
     input_uri = storage.join(cfg.input.uri.rstrip("/"), cfg.run.date) if cfg.run.date else cfg.input.uri
     fs, _root = contract.output_root(output_uri, so)
-    # Checkpoint problems surface here, before Ray starts any actor.
+    # Checkpoint problems surface here, before Ray starts any actor: the whole checkpoint (seal, weights hash,
+    # architecture) is verified by loading it once on the driver's CPU.
     checkpoint_uri = resolve_checkpoint(cfg.model.checkpoint, so)
-    meta = read_metadata(checkpoint_uri, so)
-    if list(meta.classes) != list(CLASS_NAMES):
-        raise CheckpointError(f"{checkpoint_uri}: checkpoint classes {meta.classes} differ from {list(CLASS_NAMES)}")
+    meta = load_checkpoint(checkpoint_uri, so, device="cpu").metadata
     flags = cfg.flags
     try:
         rules = load_flag_rules(flags.reference_ranges, so, ig_percent=flags.ig_percent, min_wbc=flags.min_wbc,
@@ -220,8 +218,11 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
                    started_at=started, listing=listing, skip_samples=skip, carried_images=carried,
                    carried_from=carried_from if carried else None, lease=lease,
                    ood=dict(meta.ood) or None, shift_rule=ShiftRule(cfg.shift.alpha, cfg.shift.min_effect))
-    storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
-                      json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
+    try:
+        storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
+                          json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
+    except Exception as exc:  # noqa: BLE001 - missing bucket, path under a file, read-only or full disk
+        raise storage.describe_storage_error(output_uri, exc) from exc
     plan.timings["list"] = time.monotonic() - timer
     return plan
 
