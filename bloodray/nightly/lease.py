@@ -38,6 +38,8 @@ import threading
 import uuid
 from typing import Any, Mapping
 
+from fsspec.implementations.local import LocalFileSystem
+
 from bloodray import storage
 from bloodray.nightly import contract
 from bloodray.nightly.config import ClassifyError
@@ -338,7 +340,8 @@ def acquire_lease(output_uri: str, run_date: str, run_id: str, seconds: float,
     """
     fs, root = contract.output_root(output_uri, storage_options)
     path = contract.lease_path(root, run_date)
-    store = _LocalStore(fs, path) if storage.is_local(fs) else _S3Store(fs, path)
+    # Any filesystem over local paths (a LocalFileSystem subclass, too) locks with flock; object stores use CAS.
+    store = _LocalStore(fs, path) if storage.is_local(fs) or isinstance(fs, LocalFileSystem) else _S3Store(fs, path)
     lease = Lease(store, storage.full_uri(fs, path), output_uri, run_date, run_id, seconds)
     try:
         lease._acquire()
