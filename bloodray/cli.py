@@ -14,10 +14,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from bloodray.checkpoint import CheckpointError
+# Only light imports here: --help, --version and query must not wait for torch
+# (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
 from bloodray.config import ConfigError, StorageConfig, load_config
-from bloodray.data.labelled import DatasetError
-from bloodray.models import UnknownModelError
 from bloodray.storage import StorageError
 
 #: What ``bloodray --help`` opens with (the module docstring is for developers).
@@ -39,6 +38,9 @@ config or storage, named in one line."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from bloodray.checkpoint import CheckpointError
+    from bloodray.data.labelled import DatasetError
+    from bloodray.models import UnknownModelError
     from bloodray.nightly.config import ClassifyError
     from bloodray.analysis.query import QueryError
     from bloodray.analysis.report import ReportError
@@ -208,7 +210,12 @@ def cmd_query(args) -> int:
     if text is None:
         print(f"wrote {table.num_rows} row(s) to {args.out}", file=sys.stderr)
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        text = text if text.endswith("\n") else text + "\n"
+        # In pieces, so a reader that leaves early (`| head`) is noticed at once
+        # (BrokenPipeError, handled in main) instead of after one huge write.
+        for start in range(0, len(text), 1 << 16):
+            sys.stdout.write(text[start:start + (1 << 16)])
+            sys.stdout.flush()
     return 0
 
 

@@ -99,6 +99,16 @@ def configure_ray_data() -> None:
     # bars show "0/?" for streaming reads and interleave with log lines.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Turning the bars off makes Ray Data warn how to turn them on again; that
+    # one line is about our own setting, so it is dropped (nothing else is).
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _DropBarsDisabled) for f in progress_logger.filters):
+        progress_logger.addFilter(_DropBarsDisabled())
+
+
+class _DropBarsDisabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
 
 
 def init_ray(**kwargs: Any) -> None:

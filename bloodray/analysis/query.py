@@ -404,7 +404,7 @@ def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None 
         _check_export_target(out, output_uri, storage_options)
     con = connect(output_uri, storage_options)
     try:
-        if con.execute("SELECT count(*) FROM all_runs").fetchone()[0] == 0:
+        if con.execute("SELECT count(*) FROM all_runs").fetchall()[0][0] == 0:
             log.warning("%s holds no committed run yet: every view is empty", output_uri)
         table = _fetch_user_sql(con, sql, output_uri)
     finally:
