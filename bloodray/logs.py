@@ -42,7 +42,8 @@ class _OneLine(logging.Formatter):
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
     # Python's default prints two lines (file:line and the source line); a user
     # needs the message, which names the file or URI at fault.
-    logging.getLogger("bloodray").warning("%s", message)
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    logging.getLogger("bloodray").warning("%s%s", kind, message)
 
 
 def setup_logging(verbosity: int = DEFAULT) -> None:
@@ -62,8 +63,8 @@ def setup_logging(verbosity: int = DEFAULT) -> None:
     handler.setFormatter(_OneLine())
     logger.addHandler(handler)
     logger.setLevel(level)
-    # Our handler prints bloodray's lines; the root logger (Ray adds none there) must not print them again.
-    logger.propagate = False
+    # Records still propagate: the command line's root logger has no handler
+    # (Ray configures only "ray"), and pytest's caplog listens on the root.
     warnings.showwarning = _show_warning
     if _verbosity < VERBOSE:
         # Ray Data logs "Starting execution of Dataset ..." and its plan at INFO to the console.

@@ -85,6 +85,43 @@ def test_default_configs_load_from_any_directory(tmp_path, monkeypatch):
     assert code == 2
 
 
+def test_logging_levels_and_ray_settings(capsys, monkeypatch):
+    import logging
+    import warnings
+
+    from bloodray import logs
+
+    monkeypatch.setattr(logs, "_verbosity", None)
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)
+    assert logs.ray_init_kwargs() == {}  # a library user keeps Ray's defaults
+    log = logging.getLogger("bloodray.nightly.pipeline")
+
+    logs.setup_logging(logs.QUIET)
+    log.info("progress line")
+    log.warning("something odd in s3://b/x")
+    with logs.progress(total=3, desc="classify") as bar:
+        bar.update(3)
+    assert capsys.readouterr().err == "bloodray WARNING: something odd in s3://b/x\n"
+
+    logs.setup_logging(logs.DEFAULT)
+    log.info("run %s: classifying", "r1")
+    log.debug("details")
+    warnings.warn("s3://b/runs/x.parquet: unreadable run manifest", UserWarning)
+    assert capsys.readouterr().err.splitlines() == [
+        "bloodray: run r1: classifying", "bloodray WARNING: s3://b/runs/x.parquet: unreadable run manifest"]
+    assert logs.ray_init_kwargs() == {"log_to_driver": False, "logging_level": logging.WARNING}
+    assert os.environ["RAY_DATA_LOG_LEVEL"] == "WARNING"
+
+    logs.setup_logging(logs.VERBOSE)
+    log.debug("details")
+    assert capsys.readouterr().err == "bloodray DEBUG: details\n"
+    assert logs.ray_init_kwargs() == {} and "RAY_DATA_LOG_LEVEL" not in os.environ
+    # Flags before or after the command.
+    assert cli.build_parser().parse_args(["-q", "models"]).verbosity == logs.QUIET
+    assert cli.build_parser().parse_args(["models", "--verbose"]).verbosity == logs.VERBOSE
+    assert cli.build_parser().parse_args(["models"]).verbosity == logs.DEFAULT
+
+
 # --------------------------------------------------------------------------- read-only query
 ATTACKS = {
     "copy_over_committed": "COPY (SELECT * FROM predictions LIMIT 0) TO '{victim}' (FORMAT parquet)",
