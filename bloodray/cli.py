@@ -15,13 +15,33 @@ import signal
 import sys
 from typing import Callable, Sequence
 
-from bloodray.checkpoint import CheckpointError
+# Only light imports here: --help, --version and query must not wait for torch
+# (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
 from bloodray.config import ConfigError, StorageConfig, load_config
-from bloodray.data.labelled import DatasetError
-from bloodray.models import UnknownModelError
 from bloodray.storage import StorageError
 
+#: What ``bloodray --help`` opens with (the module docstring is for developers).
+DESCRIPTION = """\
+bloodray classifies peripheral blood cell images (PBC classes: basophil,
+eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet),
+counts per-sample differentials with flags, and writes everything to Parquet.
+Research use only: not a diagnostic device.
+
+Typical session:
+  bloodray classify --set input.uri=/data/archive --set output.uri=/data/out --date 2026-01-01
+  bloodray query "SELECT * FROM differentials WHERE any_flag" --output /data/out
+  bloodray report --output /data/out
+
+Every command runs from any directory: without --config it uses the packaged
+defaults (the same files as configs/ in the repository). `bloodray COMMAND --help`
+lists a command's options; exit status 2 means a problem with the input,
+config or storage, named in one line."""
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from bloodray.checkpoint import CheckpointError
+    from bloodray.data.labelled import DatasetError
+    from bloodray.models import UnknownModelError
     from bloodray.nightly.config import ClassifyError
     from bloodray.analysis.query import QueryError
     from bloodray.analysis.report import ReportError
@@ -30,9 +50,39 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
             ReportError, FileNotFoundError, PermissionError)
 
 
+def packaged_default(name: str | None) -> str | None:
+    """Path of a packaged default config given its name under ``configs/`` (``"train/bloodnet.yaml"``).
+
+    Accepts the historical ``configs/...`` spelling. A name that is not
+    packaged is returned as it is (a path relative to the working directory).
+    """
+    if name is None:
+        return None
+    from bloodray.defaults import packaged_config
+
+    rel = name[len("configs/"):] if name.startswith("configs/") else name
+    try:
+        return str(packaged_config(rel))
+    except FileNotFoundError:
+        return name
+
+
+def _default_help(name: str | None) -> str:
+    if name is None:
+        return "none"
+    rel = name[len("configs/"):] if name.startswith("configs/") else name
+    return f"the packaged {rel}, identical to configs/{rel} in the repository"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """``--config FILE`` and repeatable ``--set dotted.key=value``."""
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    """``--config FILE`` and repeatable ``--set dotted.key=value``.
+
+    ``default_config`` names a packaged default (``configs/train/bloodnet.yaml``
+    or ``train/bloodnet.yaml``), so the command works from any directory; a
+    ``--config`` given by the user is a path relative to the working directory.
+    """
+    parser.add_argument("--config", default=packaged_default(default_config), metavar="YAML",
+                        help=f"YAML config (default: {_default_help(default_config)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
 
@@ -127,8 +177,9 @@ def cmd_synth(args) -> int:
 
 def add_classify_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
     """The classification job's options: ``--config``, ``--set`` and the ``--date``/``--incremental`` shortcuts."""
-    parser.add_argument("--config", "-c", metavar="YAML", default=default_config,
-                        help=f"config file, e.g. configs/classify/nightly.yaml (default: {default_config})")
+    parser.add_argument("--config", "-c", metavar="YAML", default=packaged_default(default_config),
+                        help="config file, e.g. configs/classify/nightly.yaml "
+                             f"(default: {_default_help(default_config)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set run.date=2024-05-01 (repeatable)")
     parser.add_argument("--date", metavar="YYYY-MM-DD", help="shortcut for --set run.date=YYYY-MM-DD")
@@ -167,9 +218,19 @@ def cmd_classify(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from bloodray.analysis.query import query_main
+    from bloodray.analysis.query import export
 
-    print(query_main(args.output, args.sql, _storage_options(args), fmt=args.format))
+    table, text = export(args.output, args.sql, _storage_options(args), fmt=args.format, out=args.out,
+                         max_rows=None if args.all_rows else args.max_rows)
+    if text is None:
+        print(f"wrote {table.num_rows} row(s) to {args.out}", file=sys.stderr)
+    else:
+        text = text if text.endswith("\n") else text + "\n"
+        # In pieces, so a reader that leaves early (`| head`) is noticed at once
+        # (BrokenPipeError, handled in main) instead of after one huge write.
+        for start in range(0, len(text), 1 << 16):
+            sys.stdout.write(text[start:start + (1 << 16)])
+            sys.stdout.flush()
     return 0
 
 
@@ -201,7 +262,8 @@ def cmd_compare(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bloodray`` command."""
-    parser = argparse.ArgumentParser(prog="bloodray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bloodray", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model with Ray Train")
@@ -251,12 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_classify_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("query", help="run SQL (DuckDB) over the committed outputs")
-    p.add_argument("sql")
-    p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
-    add_storage_arguments(p)
-    p.set_defaults(func=cmd_query)
+    add_query_parser(sub)
 
     p = sub.add_parser("report", help="HTML report with plots for a run date")
     p.add_argument("--output", required=True, help="output root of the classify job")
@@ -273,12 +330,61 @@ def build_parser() -> argparse.ArgumentParser:
                                        "accuracy, params, timings)")
     add_config_arguments(p, "configs/compare/cpu.yaml")
     p.set_defaults(func=cmd_compare)
+    add_output_arguments(parser, sub)
     return parser
 
 
+def add_query_parser(sub) -> argparse.ArgumentParser:
+    """``bloodray query SQL --output ROOT [--format ...] [--out FILE]``."""
+    from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS
+
+    p = sub.add_parser("query", help="run read-only SQL (DuckDB) over the committed outputs; print or export it",
+                       description="Run SQL over the views runs, all_runs, predictions, differentials and errors "
+                                   "of an output root. Read-only: SQL cannot read or write files, load extensions "
+                                   "or change settings.")
+    p.add_argument("sql", help='e.g. "SELECT sample_id, pct_neutrophil FROM differentials WHERE any_flag"')
+    p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
+    p.add_argument("--format", default="table", choices=list(EXPORT_FORMATS),
+                   help="table (terminal, long paths cut from the left), csv, json, or parquet (needs --out)")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="write the result to FILE (local path or s3://) instead of stdout; not inside the output's "
+                        "table folders")
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows shown by --format table")
+    p.add_argument("--all-rows", action="store_true", help="show every row with --format table")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_query)
+    return p
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, sub=None) -> None:
+    """``--version`` and the console verbosity flags, on the main parser and (verbosity) on every subcommand.
+
+    The flags work before or after the subcommand (``bloodray -q classify`` and
+    ``bloodray classify --quiet``); a subcommand's flag wins.
+    """
+    from bloodray import __version__
+
+    parser.add_argument("--version", action="version", version=f"bloodray {__version__}")
+    # Short forms only on the main parser, so no subcommand's own options can clash with them.
+    targets = [(parser, 0, True)] + [(p, argparse.SUPPRESS, False) for p in (sub.choices.values() if sub else [])]
+    for target, default, short in targets:
+        group = target.add_mutually_exclusive_group()
+        group.add_argument(*(["-q"] if short else []), "--quiet", dest="verbosity", action="store_const", const=-1,
+                           default=default, help="warnings and errors only, no progress bars")
+        group.add_argument(*(["-v"] if short else []), "--verbose", dest="verbosity", action="store_const", const=1,
+                           default=default, help="debug lines, and Ray's own console output and progress bars")
+
+
 def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
-    """Parse ``argv`` and run the chosen command; expected errors become one line on stderr."""
+    """Parse ``argv`` and run the chosen command; expected errors become one line on stderr.
+
+    Console output (bloodray's log lines, Ray's, progress bars) is configured
+    here, once per command, from ``--quiet``/``--verbose``.
+    """
+    from bloodray.logs import setup_logging
+
     args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbosity", 0))
     try:
         return (handler or args.func)(args)
     except _expected_errors() as exc:
@@ -309,4 +415,14 @@ def exit_on_sigterm() -> None:
 def main() -> None:
     """Console-script entry point."""
     exit_on_sigterm()
-    sys.exit(run(sys.argv[1:]))
+    try:
+        code = run(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `bloodray query ... | head`: the reader left. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail again, and
+        # exit like other Unix tools killed by SIGPIPE (128 + 13), no traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
+    sys.exit(code)

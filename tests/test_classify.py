@@ -91,7 +91,7 @@ def test_nightly_config_loads_with_documented_defaults():
     cfg = load_config(ClassifyConfig, REPO / "configs" / "classify" / "nightly.yaml", ["run.date=2024-05-01"])
     assert cfg.run.date == "2024-05-01"
     assert cfg.review.threshold is None  # effective 0.7 unless the checkpoint sets one
-    assert cfg.flags.reference_ranges == "configs/reference_ranges.yaml"
+    assert cfg.flags.reference_ranges is None  # the packaged ranges (configs/reference_ranges.yaml shows them)
     assert cfg.model.checkpoint is None
     defaults = ClassifyConfig(input=nightly_config.InputConfig(uri="a"), output=nightly_config.OutputConfig(uri="b"))
     assert defaults.inference.num_gpus == 0 and defaults.output.rows_per_file == 100_000

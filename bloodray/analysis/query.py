@@ -22,39 +22,43 @@ manifests, and each view reads exactly that list. The views are therefore a
 snapshot of the root taken when :func:`connect` ran; reconnect to see a run
 committed later.
 
-S3 (and any other non-local fsspec protocol) is read through the fsspec
-filesystem registered on the connection, not DuckDB's httpfs extension, so the
-same credentials chain and ``endpoint_url`` as the rest of bloodray apply.
+The connection is read-only over the outputs and locked: the data views scan
+pyarrow datasets registered on the connection (pyarrow reads the files,
+through the same fsspec filesystem, credentials chain and ``endpoint_url`` as
+the rest of bloodray), and then DuckDB's own settings turn file access off
+(``enable_external_access=false``) and freeze every setting
+(``lock_configuration=true``). SQL can therefore not read or write any file
+(``COPY ... TO``, ``ATTACH``, ``read_csv``, ``read_text``, ``glob``), install or
+load extensions, or change a setting to undo this. DuckDB's ``allowed_paths``
+is not used: it admits writes to the allowed files as well as reads.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import decimal
-import io
-import json
-import math
+import logging
 import posixpath
 import warnings
 from typing import Any, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from bloodray import storage
+from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
 from bloodray.nightly import contract
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
 #: Every view :func:`connect` creates.
 VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES
-#: Output formats understood by :func:`format_table` / :func:`query_main`.
-FORMATS: tuple[str, ...] = ("table", "csv", "json")
-#: Rows printed by the terminal ``table`` format unless told otherwise.
-DEFAULT_MAX_ROWS = 200
+#: Top-level folders of an output root (any one of them makes a folder an output root).
+ROOT_FOLDERS: tuple[str, ...] = (contract.RUNS, contract.RUN_CONFIGS, contract.STAGING) + contract.TABLES
 
 RUN_DATE_PREFIX = contract.RUN_DATE_PREFIX
+
+log = logging.getLogger(__name__)
 
 
 class QueryError(RuntimeError):
@@ -113,14 +117,25 @@ def _glob(fs: Any, pattern: str, uri: str) -> list[str]:
 
 
 def _check_root(fs: Any, root: str, output_uri: str) -> None:
+    """Refuse a root that does not exist, and a non-empty folder that holds none of the output folders.
+
+    An empty folder is a root no run has written to yet (its views are empty).
+    """
     try:
         exists = fs.isdir(root)
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)} if exists else set()
     except Exception as exc:  # noqa: BLE001 - re-raised with the URI attached
         raise storage.describe_storage_error(output_uri, exc) from exc
     if not exists:
         raise storage.StorageError(
             f"{output_uri}: no bloodray output here (the path does not exist or is empty); "
             "check --output and, for S3, the endpoint and credentials"
+        )
+    if names and not names & set(ROOT_FOLDERS):
+        # Querying some other folder used to give empty views and exit 0: a typo looked like "no data".
+        raise storage.StorageError(
+            f"{output_uri}: not a bloodray output root (none of {', '.join(f'{n}/' for n in ROOT_FOLDERS)} "
+            "in it); give the folder the classify job writes to (output.uri)"
         )
 
 
@@ -153,22 +168,33 @@ def _run_key(path: str, table_root: str) -> tuple[str, str] | None:
     return rel[0][len(RUN_DATE_PREFIX):], rel[1]
 
 
-def _configure(con: duckdb.DuckDBPyConnection, fs: Any) -> None:
-    """Session settings, and the fsspec filesystem for non-local roots."""
+def _configure(con: duckdb.DuckDBPyConnection) -> None:
+    """Session settings that do not touch files."""
     try:
         con.execute("SET TimeZone = 'UTC'")
     except duckdb.Error:  # ICU missing: timestamps still work, just in local time
         pass
-    try:
-        # Files of a committed run never change, and on S3 every footer read is
-        # a round trip through Python; caching them makes repeated queries cheap.
-        con.execute("SET parquet_metadata_cache = true")
-    except duckdb.Error:
-        pass
-    if not storage.is_local(fs):
-        # httpfs cannot be downloaded everywhere and would not share our endpoint
-        # or credentials; a registered fsspec filesystem serves s3:// (etc.) paths.
-        con.register_filesystem(fs)
+
+
+def _lock(con: duckdb.DuckDBPyConnection) -> None:
+    """Make the connection read-only over the outputs: no file access, no extensions, no setting changes.
+
+    Runs after the views exist: they scan registered pyarrow datasets, which
+    DuckDB's file-system switch does not govern, so they keep working while
+    every file name in SQL is refused.
+    """
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET allow_community_extensions = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _register_dataset(con: duckdb.DuckDBPyConnection, name: str, dataset: Any) -> None:
+    # Registered objects live in DuckDB's temp catalog; the public view on top
+    # of it keeps the name and columns users know.
+    con.register(f"_{name}_files", dataset)
+    con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_files")
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri: str) -> None:
@@ -177,6 +203,10 @@ def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri
     def uri_of(path: str) -> str:
         return storage.full_uri(fs, path)
 
+    if not storage.is_local(fs):
+        # Only while the views are built: DuckDB reads the (few, small)
+        # manifests itself; _lock() later turns all file access off.
+        con.register_filesystem(fs)
     manifests = [
         p for p in _glob(fs, f"{root}/{contract.RUNS}/{RUN_DATE_PREFIX}*/*.parquet", output_uri)
         if not _hidden(posixpath.basename(p))
@@ -187,11 +217,13 @@ def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri
         # manifests may or may not repeat it as a column, and where they do the
         # hive value replaces it. VARCHAR (not DuckDB's DATE autocast) so it
         # joins with the data views and compares with '2024-03-01' literals.
-        con.execute(
-            f"CREATE VIEW all_runs AS SELECT * FROM read_parquet({_file_list(manifest_uris)}, "
+        # Materialised (one row per run): the view must not read files once locked.
+        committed = fetch_arrow(con,
+            f"SELECT * FROM read_parquet({_file_list(manifest_uris)}, "
             "union_by_name=true, hive_partitioning=true, hive_types={'run_date': VARCHAR}) "
-            f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at"
-        )
+            f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at")
+        con.register("_all_runs_files", committed)
+        con.execute("CREATE VIEW all_runs AS SELECT * FROM _all_runs_files ORDER BY run_date, committed_at")
         con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
     else:
         con.execute(f"CREATE VIEW all_runs AS {_empty_view_sql('all_runs')}")
@@ -206,14 +238,15 @@ def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri
             for path in _glob(fs, f"{table_root}/{RUN_DATE_PREFIX}*/*/*.parquet", output_uri):
                 key = _run_key(path, table_root)
                 if key is not None and key in visible:
-                    files.append(uri_of(path))
+                    files.append(path)
         if files:
-            # hive run_date is typed VARCHAR (DuckDB would autocast to DATE) to
-            # match runs.run_date; the <run_id>/ segment has no "=" and is ignored.
-            con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_file_list(files)}, "
-                "hive_partitioning=true, union_by_name=true, hive_types={'run_date': VARCHAR})"
-            )
+            # The contract's schema (run_date from the path, as VARCHAR, to match
+            # runs.run_date): a file without a column reads it as NULL, as
+            # union_by_name did; the <run_id>/ segment has no "=" and is ignored.
+            dataset = ds.dataset(files, schema=contract.with_run_date(contract.SCHEMAS[table]()), format="parquet",
+                                 filesystem=contract.arrow_filesystem(fs), partitioning=contract.PARTITIONING,
+                                 partition_base_dir=table_root)
+            _register_dataset(con, table, dataset)
         else:
             con.execute(f"CREATE VIEW {table} AS {_empty_view_sql(table)}")
 
@@ -232,10 +265,12 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None) -
         ``differentials`` and ``errors`` (see the module docstring). A table with
         no files for the visible runs gets an empty view with the contract's
         columns, so queries bind on a fresh root too. The session time zone is
-        UTC, so timestamps print as stored.
+        UTC, so timestamps print as stored. The connection is locked read-only
+        (module docstring): SQL naming a file or changing a setting fails with
+        ``duckdb.PermissionException`` or ``duckdb.InvalidInputException``.
 
     Raises:
-        storage.StorageError: the root does not exist or cannot be listed.
+        storage.StorageError: the root does not exist, cannot be listed, or is not an output root.
         QueryError: DuckDB cannot read the files behind the views.
     """
     fs, root = storage.filesystem(output_uri, storage_options)
@@ -247,8 +282,9 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None) -
 
     con = duckdb.connect(":memory:")
     try:
-        _configure(con, fs)
+        _configure(con)
         _create_views(con, fs, root, output_uri)
+        _lock(con)
     except duckdb.Error as exc:
         con.close()
         raise QueryError(f"{output_uri}: cannot build the output views: {exc}") from exc
@@ -267,11 +303,26 @@ def run_query(output_uri: str, sql: str, storage_options: Mapping[str, Any] | No
     """
     con = connect(output_uri, storage_options)
     try:
-        return fetch_arrow(con, sql)
-    except duckdb.Error as exc:
-        raise QueryError(f"query against {output_uri} failed: {exc}") from exc
+        return _fetch_user_sql(con, sql, output_uri)
     finally:
         con.close()
+
+
+def _refused(exc: duckdb.Error) -> bool:
+    return isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
+
+
+def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str) -> pa.Table:
+    """Run analyst SQL on a locked connection; DuckDB's error becomes one line naming the root."""
+    try:
+        return fetch_arrow(con, sql)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _refused(exc):
+            raise QueryError(f"query against {output_uri} refused: {first} (bloodray query is read-only: "
+                             "it reads the views runs, all_runs, predictions, differentials and errors, "
+                             "and no files, extensions or settings)") from exc
+        raise QueryError(f"query against {output_uri} failed: {first}") from exc
 
 
 def read_table(output_uri: str, name: str, storage_options: Mapping[str, Any] | None = None,
@@ -297,107 +348,6 @@ def read_table(output_uri: str, name: str, storage_options: Mapping[str, Any] | 
         con.close()
 
 
-# --------------------------------------------------------------------------- formatting
-def _plain(value: Any, float32: bool = False) -> Any:
-    """A JSON-safe Python value (NaN -> None, timestamps -> ISO strings)."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return None
-        # float32 columns widen to noisy doubles (0.8999999761...); 7 digits is
-        # all a float32 holds.
-        return float(f"{value:.7g}") if float32 else value
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat()
-    if isinstance(value, _dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {str(k): _plain(v, float32) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, float32) for v in value]
-    return value
-
-
-def _columns(table: pa.Table) -> list[list[Any]]:
-    return [
-        [_plain(v, pa.types.is_float32(table.schema.field(i).type)) for v in table.column(i).to_pylist()]
-        for i in range(table.num_columns)
-    ]
-
-
-def _cell_text(value: Any, width: int | None = None) -> str:
-    if value is None:
-        text = "NULL"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float):
-        text = f"{value:.6g}"
-    elif isinstance(value, (list, dict)):
-        text = json.dumps(value, ensure_ascii=False)
-    else:
-        text = str(value)
-    text = text.replace("\n", "\\n").replace("\t", " ")
-    if width is not None and len(text) > width:
-        text = text[: max(width - 1, 1)] + "…"
-    return text
-
-
-def format_table(table: pa.Table, fmt: str = "table", max_rows: int | None = DEFAULT_MAX_ROWS,
-                 max_width: int = 48) -> str:
-    """Render a pyarrow Table for a terminal or a file.
-
-    Args:
-        fmt: ``table`` (aligned text, numbers right-aligned, long cells cut at
-            ``max_width``), ``csv`` (header + all rows; lists/structs as JSON) or
-            ``json`` (an array of objects, timestamps ISO 8601, NaN as null).
-        max_rows: rows shown by ``table`` (``None`` for all); csv and json
-            always hold every row.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    names = table.column_names
-    if fmt == "json":
-        cols = _columns(table)
-        rows = [dict(zip(names, row)) for row in zip(*cols)] if cols else []
-        return json.dumps(rows, ensure_ascii=False, indent=1)
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(names)
-        for row in zip(*_columns(table)):
-            writer.writerow(
-                "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict))
-                else ("true" if v else "false") if isinstance(v, bool) else v
-                for v in row
-            )
-        return buf.getvalue()
-
-    shown = table if max_rows is None else table.slice(0, max_rows)
-    cols = _columns(shown)
-    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
-               for t in table.schema.types]
-    text_cols = [[_cell_text(v, max_width) for v in col] for col in cols]
-    widths = [max([len(n)] + [len(c) for c in col]) for n, col in zip(names, text_cols)]
-
-    def line(cells: Sequence[str]) -> str:
-        return " | ".join(c.rjust(w) if num else c.ljust(w)
-                          for c, w, num in zip(cells, widths, numeric)).rstrip()
-
-    out = [line(names), "-+-".join("-" * w for w in widths)]
-    out.extend(line(row) for row in zip(*text_cols))
-    total = table.num_rows
-    if shown.num_rows < total:
-        out.append(f"({shown.num_rows} of {total} rows shown; use --format csv or json for all)")
-    else:
-        out.append(f"({total} row{'s' if total != 1 else ''})")
-    return "\n".join(out)
-
-
 def query_main(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None = None,
                fmt: str = "table", max_rows: int | None = DEFAULT_MAX_ROWS) -> str:
     """Run ``sql`` on an output root and return the result formatted for the terminal.
@@ -409,3 +359,57 @@ def query_main(output_uri: str, sql: str, storage_options: Mapping[str, Any] | N
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     return format_table(run_query(output_uri, sql, storage_options), fmt, max_rows)
+
+
+def _check_export_target(out: str, output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Refuse an export file inside the output's own tables (it would overwrite or add committed data)."""
+    fs_out, path_out = storage.filesystem(out, storage_options)
+    fs_root, root = storage.filesystem(output_uri, storage_options)
+    target = storage.full_uri(fs_out, path_out).rstrip("/")
+    base = storage.full_uri(fs_root, root.rstrip("/"))
+    if storage.is_local(fs_out) and storage.is_local(fs_root):
+        import os
+
+        target, base = os.path.realpath(path_out), os.path.realpath(root)
+    for folder in ROOT_FOLDERS:
+        inner = f"{base}/{folder}"
+        if target == inner or target.startswith(inner + "/"):
+            raise QueryError(f"{out}: refusing to write an export inside the output's {folder}/ folder; "
+                             "choose a file elsewhere")
+
+
+def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None = None, fmt: str = "table",
+           out: str | None = None, max_rows: int | None = DEFAULT_MAX_ROWS) -> tuple[pa.Table, str | None]:
+    """What ``bloodray query`` does: run ``sql`` read-only, and write the result to ``out`` if given.
+
+    Logs a warning (one line) when the root holds no committed run, since
+    every view is then empty and an empty answer is not "no cells".
+
+    Returns:
+        ``(result, text)``: ``text`` is the rendering to print (``None`` when
+        the result went to ``out``).
+
+    Raises:
+        storage.StorageError: the root is missing or not an output root.
+        QueryError: the SQL failed or was refused, or ``out`` lies inside the output's tables.
+        ValueError: ``fmt`` is unknown, or parquet without ``out``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "parquet" and not out:
+        raise QueryError("--format parquet needs --out FILE (Parquet is binary)")
+    if out and fmt == "table":
+        raise QueryError("--out needs --format csv, json or parquet")
+    if out:
+        _check_export_target(out, output_uri, storage_options)
+    con = connect(output_uri, storage_options)
+    try:
+        if con.execute("SELECT count(*) FROM all_runs").fetchall()[0][0] == 0:
+            log.warning("%s holds no committed run yet: every view is empty", output_uri)
+        table = _fetch_user_sql(con, sql, output_uri)
+    finally:
+        con.close()
+    if out:
+        write_export(table, fmt, out, storage_options)
+        return table, None
+    return table, format_table(table, fmt, max_rows)

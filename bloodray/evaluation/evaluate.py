@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
+from bloodray.logs import init_ray, progress
 from bloodray import rundir, storage
 from bloodray.classes import CLASS_NAMES, NUM_CLASSES
 from bloodray.evaluation.metrics import classification_metrics, table2_markdown
@@ -71,8 +72,7 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     from bloodray.data.stages import cluster_cpu_slots, read_decode_files
     from bloodray.predict import CellPredictor
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     opts = dict(storage_options or {})
     meta = read_metadata(checkpoint, opts)
     blocks = max(1, min(64, len(rows) // batch_size))
@@ -89,7 +89,17 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
                         fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": opts, "tta": tta,
                                                "return_features": return_features},
                         **model_resources)
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    # Streamed rather than collected with to_arrow_refs() so the bar moves;
+    # blocks arrive as they finish, so the rows are put back in input order.
+    parts = []
+    with progress(total=len(rows), desc="evaluate", unit="img") as bar:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            bar.update(block.num_rows)
+            parts.append(block)
+    table = pa.concat_tables(parts, promote_options="default")
+    position = {row["uri"]: i for i, row in enumerate(rows)}
+    uris = table.column("uri").to_pylist()
+    return table.take(sorted(range(table.num_rows), key=lambda i: position.get(uris[i], i)))
 
 
 def _matrix(table: pa.Table, column: str) -> np.ndarray:

@@ -50,6 +50,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from bloodray.logs import init_ray, progress
 from bloodray.classes import CLASS_NAMES
 from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards
 from bloodray.nightly import contract
@@ -179,20 +180,23 @@ def classify_to_staging(plan: RunPlan) -> None:
     if not (plan.listing.files or plan.listing.shards):
         plan.timings["read_decode_infer"] = 0.0
         return
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
+    init_ray()  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
     timer = time.monotonic()
     log.info("run %s: classifying %d image file(s) and %d tar shard(s)", plan.run_id,
              len(plan.listing.files), len(plan.listing.shards))
     schema = contract.staged_schema()
 
+    # Images (classified or failed) as they arrive; tar shards' member counts
+    # are known only once read, so with shards the bar counts without a total.
+    total = None if plan.listing.shards else len(plan.listing.files)
+
     def batches() -> Iterator[pa.RecordBatch]:
         # Output blocks as the actors finish them; Ray Data retries lost work, so each arrives once.
-        for block in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield from block.cast(schema).to_batches()
+        with progress(total=total, desc="classify", unit="img") as bar:
+            for block in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
+                bar.update(block.num_rows)
+                yield from block.cast(schema).to_batches()
 
     # Files of output.rows_per_file rows, not one tiny file per batch: the staged
     # results are a few hundred bytes per image, so the driver keeps up with any pool.

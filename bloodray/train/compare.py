@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
+from bloodray.logs import init_ray
 from bloodray import __version__, rundir, storage
 from bloodray.classes import NUM_CLASSES
 from bloodray.config import ConfigError, to_dict
@@ -301,13 +302,10 @@ def run_comparison(cfg: CompareConfig) -> ComparisonResult:
     skipped, an interrupted one resumes from its checkpoint. The tables are
     rewritten after each model, so they show progress during a long run.
     """
-    import ray
-
     opts = cfg.storage.storage_options()
     table, fingerprint = prepare_shared_split(cfg)
     storage.write_bytes(storage.join(cfg.output.path, CONFIG_YAML), _config_yaml(cfg), opts)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
+    init_ray()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
     hardware = describe_hardware(cfg)
     split = {"sha256": fingerprint, "n": table.num_rows, "class_counts": class_counts(table),
              "uri": rundir.split_manifest(cfg.output.path)}

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from bloodray.logs import init_ray
 from bloodray import rundir, storage
 from bloodray.config import save_config, to_dict
 from bloodray.data.labelled import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed,
@@ -114,8 +115,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # Data problems (missing bucket, bad credentials, empty folder) surface before any cluster work.
     table, dropped = prepare_split(cfg.run_uri, cfg.data, opts)
     save_config(cfg, rundir.run_config(cfg.run_uri), opts)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
+    init_ray()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
     print(f"[bloodray] {table.num_rows} images after de-duplication ({len(dropped)} dropped); "
           f"split {json.dumps({s: int(sum(c.values())) for s, c in class_counts(table).items()})}", flush=True)
 

@@ -1,0 +1,155 @@
+"""Console output of the ``bloodray`` command: its own log lines, Ray's, and progress bars.
+
+The command line calls :func:`setup_logging` once; library code only logs
+(``logging.getLogger(__name__)``), starts Ray through :func:`init_ray` and wraps
+long loops in :func:`progress`. Without :func:`setup_logging` (bloodray used as
+a library, in a notebook or a test) nothing here changes Ray's or Python's
+defaults, and progress bars follow tqdm's own rule (shown on a terminal only).
+
+Levels (``verbosity``): ``-1`` (``--quiet``) warnings and errors only, no
+progress bars; ``0`` (default) bloodray's progress lines at INFO, Ray at
+WARNING, Ray Data's own progress bars and execution banners off (bloodray's bar
+replaces them); ``1`` (``--verbose``) bloodray at DEBUG and Ray as Ray itself
+configures it (worker output forwarded, Ray Data's bars back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+QUIET, DEFAULT, VERBOSE = -1, 0, 1
+
+#: Set by :func:`setup_logging`; ``None`` means "used as a library: leave Ray's defaults alone".
+_verbosity: int | None = None
+
+
+class _OneLine(logging.Formatter):
+    """``bloodray: message`` (or ``bloodray WARNING: message``); tracebacks only at DEBUG."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "bloodray" if record.levelno == logging.INFO else f"bloodray {record.levelname}"
+        text = f"{prefix}: {record.getMessage()}"
+        if record.exc_info and _verbosity is not None and _verbosity >= VERBOSE:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    # Python's default prints two lines (file:line and the source line); a user
+    # needs the message, which names the file or URI at fault.
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    logging.getLogger("bloodray").warning("%s%s", kind, message)
+
+
+def setup_logging(verbosity: int = DEFAULT) -> None:
+    """Configure console output for one ``bloodray`` command; safe to call again (tests do).
+
+    Must run before Ray is started: Ray Data reads ``RAY_DATA_LOG_LEVEL`` when
+    it configures its loggers.
+    """
+    global _verbosity
+    _verbosity = max(QUIET, min(VERBOSE, int(verbosity)))
+    level = {QUIET: logging.WARNING, DEFAULT: logging.INFO, VERBOSE: logging.DEBUG}[_verbosity]
+    logger = logging.getLogger("bloodray")
+    for handler in [h for h in logger.handlers if getattr(h, "_bloodray", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._bloodray = True  # type: ignore[attr-defined]
+    handler.setFormatter(_OneLine())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    # Records still propagate: the command line's root logger has no handler
+    # (Ray configures only "ray"), and pytest's caplog listens on the root.
+    warnings.showwarning = _show_warning
+    if _verbosity < VERBOSE:
+        # Ray Data logs "Starting execution of Dataset ..." and its plan at INFO to the console.
+        os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
+    else:
+        os.environ.pop("RAY_DATA_LOG_LEVEL", None)
+
+
+def verbosity() -> int | None:
+    """The level set by :func:`setup_logging`, or ``None`` when it was never called."""
+    return _verbosity
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Keyword arguments of ``ray.init`` for the configured verbosity (empty as a library)."""
+    if _verbosity is None or _verbosity >= VERBOSE:
+        return {}
+    # log_to_driver=False stops workers' stdout/stderr (model summaries, Ray
+    # Data's per-task lines) from being copied to the console; a task that
+    # fails still raises in the driver with its traceback, and every worker
+    # log stays in Ray's session log directory.
+    return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
+def configure_ray_data() -> None:
+    """Ray Data's console settings for the configured verbosity (driver-side ``DataContext``)."""
+    if _verbosity is None or _verbosity >= VERBOSE:
+        return
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # bloodray's own bar (progress()) counts images; Ray Data's per-operator
+    # bars show "0/?" for streaming reads and interleave with log lines.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # Turning the bars off makes Ray Data warn how to turn them on again; that
+    # one line is about our own setting, so it is dropped (nothing else is).
+    progress_logger = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _DropBarsDisabled) for f in progress_logger.filters):
+        progress_logger.addFilter(_DropBarsDisabled())
+
+
+class _DropBarsDisabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def init_ray(**kwargs: Any) -> None:
+    """Start or join Ray (``RAY_ADDRESS``, else a local cluster) unless it already runs.
+
+    With :func:`setup_logging` called, Ray's own console output is turned down
+    to warnings (see :func:`ray_init_kwargs`); ``kwargs`` go to ``ray.init``.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**{**ray_init_kwargs(), **kwargs})
+    configure_ray_data()
+
+
+class _Counter:
+    """The do-nothing bar of a quiet run: same ``update`` as tqdm's."""
+
+    def update(self, n: int = 1) -> None:  # noqa: D401 - tqdm's signature
+        pass
+
+    def set_postfix_str(self, s: str = "") -> None:
+        pass
+
+
+@contextmanager
+def progress(total: int | None = None, desc: str = "", unit: str = "img") -> Iterator[Any]:
+    """A progress bar on stderr: ``with progress(total=n, desc="classify") as bar: bar.update(k)``.
+
+    Hidden with ``--quiet`` and whenever stderr is not a terminal (tqdm's rule),
+    so logs and CI output hold no bar lines.
+    """
+    if _verbosity is not None and _verbosity <= QUIET:
+        yield _Counter()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True,
+               mininterval=0.5, leave=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
