@@ -12,6 +12,9 @@ DuckDB connection with these views:
 ``predictions``    rows of visible runs only
 ``differentials``  idem
 ``errors``         idem
+``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
+``reviews``        reviewers' corrections of visible runs (:mod:`bloodray.review.verified`)
+``verified_differentials``  differentials counted from verified classes where reviewed
 
 Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), taken from the
 ``run_date=`` path segment; cast with ``run_date::DATE`` for date arithmetic.
@@ -48,7 +51,7 @@ from bloodray.nightly import contract
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
 #: Every view :func:`connect` creates.
-VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES
+VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES + (contract.REVIEWS, contract.VERIFIED_DIFFERENTIALS)
 #: Output formats understood by :func:`format_table` / :func:`query_main`.
 FORMATS: tuple[str, ...] = ("table", "csv", "json")
 #: Rows printed by the terminal ``table`` format unless told otherwise.
@@ -249,6 +252,9 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None) -
     try:
         _configure(con, fs)
         _create_views(con, fs, root, output_uri)
+        from bloodray.review.verified import create_views as create_review_views
+
+        create_review_views(con, fs, root, storage_options)
     except duckdb.Error as exc:
         con.close()
         raise QueryError(f"{output_uri}: cannot build the output views: {exc}") from exc

@@ -82,7 +82,7 @@ def staging_connection(plan: RunPlan):
     con.register("results", staged_dataset(fs, posixpath.join(plan.staging, "results"), contract.staged_schema()))
     con.register("list_errors", pa.Table.from_pylist(plan.listing.errors, schema=contract.errors_schema().remove(0)))
     carried = carried_runs(plan)
-    for table in ("predictions", "errors"):
+    for table in ("predictions", "errors", "thumbnails"):
         con.register(f"old_{table}", contract.table_dataset(plan.output_uri, table, carried, plan.storage_options))
     con.register("skip", pa.table({"sample_id": pa.array(sorted(plan.skip_samples), pa.string())}))
     return con
@@ -109,9 +109,15 @@ def write_image_tables(plan: RunPlan, con) -> None:
         UNION ALL SELECT {errors} FROM list_errors
         UNION ALL SELECT {errors} FROM old_errors WHERE sample_id IN (SELECT sample_id FROM skip)
         ORDER BY sample_id NULLS FIRST, image_uri"""
+    thumbnails = contract.select_list("thumbnails", {"run_id": "$run_id"})
+    thumbnails_sql = f"""
+        SELECT {thumbnails} FROM results WHERE error_type IS NULL
+        UNION ALL
+        SELECT {thumbnails} FROM old_thumbnails WHERE sample_id IN (SELECT sample_id FROM skip)
+        ORDER BY sample_id, image_uri"""
     params = {"run_id": plan.run_id, "threshold": plan.review_threshold, "model_name": plan.model_name,
               "checkpoint_id": plan.checkpoint_id}
-    for table, sql in (("predictions", predictions_sql), ("errors", errors_sql)):
+    for table, sql in (("predictions", predictions_sql), ("errors", errors_sql), ("thumbnails", thumbnails_sql)):
         used = {k: v for k, v in params.items() if f"${k}" in sql}
         write_table(con.sql(sql, params=used).to_arrow_reader(65_536), contract.SCHEMAS[table](), fs,
                      posixpath.join(plan.staging, table), plan.cfg.output.rows_per_file)
