@@ -118,8 +118,11 @@ def create_views(con, fs, root: str, storage_options: Any = None) -> None:
         con.execute(f"CREATE VIEW reviews AS {_empty(contract.REVIEWS)}")
     reviewed = [r for (r,) in con.execute("SELECT DISTINCT run_id FROM reviews ORDER BY 1").fetchall()]
     con.register("_verified_reviewed_runs", verified_rows(con, reviewed, storage_options))
-    plain = ", ".join("CAST(0 AS BIGINT) AS n_verified" if n == "n_verified" else f'"{n}"'
-                      for n, _ in _cols(contract.VERIFIED_DIFFERENTIALS))
+    # Older or hand-written files may lack newer columns: those read as NULL, as in the other views.
+    have = {r[0] for r in con.execute("DESCRIBE differentials").fetchall()}
+    plain = ", ".join("CAST(0 AS BIGINT) AS n_verified" if n == "n_verified"
+                      else f'CAST("{n}" AS {t}) AS "{n}"' if n in have else f'CAST(NULL AS {t}) AS "{n}"'
+                      for n, t in _cols(contract.VERIFIED_DIFFERENTIALS))
     con.execute(f"""CREATE VIEW {contract.VERIFIED_DIFFERENTIALS} AS
         SELECT {plain} FROM differentials WHERE run_id NOT IN (SELECT run_id FROM _verified_reviewed_runs)
         UNION ALL SELECT * FROM _verified_reviewed_runs""")
