@@ -284,9 +284,9 @@ def cmd_review_labels(args) -> int:
     from bloodray.review.roundtrip import export_labels
 
     counts = export_labels(args.output, args.dest, _storage_options(args))
-    print(f"wrote {counts['archive']} original image(s) and {counts['thumbnail']} thumbnail(s) "
-          f"(archive unreachable) to {args.dest}" + (f"; {counts['missing']} without any image" if counts["missing"]
-                                                      else ""))
+    print(f"wrote {counts['archive']} original image(s) and {counts['thumbnail']} thumbnail(s) (where the archive "
+          f"was unreachable) to {args.dest}" + (f"; {counts['missing']} cell(s) without any image skipped"
+                                                  if counts["missing"] else ""))
     return 0
 
 

@@ -62,8 +62,8 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tupl
                                 min_wbc=flags.min_wbc, erythroblast_per_100_wbc=flags.erythroblast_per_100_wbc,
                                 confidence=flags.confidence)
     except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"flags.reference_ranges {flags.reference_ranges}: {exc}; verified flags use the "
-                      "packaged reference ranges", stacklevel=3)
+        warnings.warn(f"flags.reference_ranges: {exc}; verified flags use the packaged reference ranges",
+                      stacklevel=3)
         rules = FlagRules(ig_percent=flags.ig_percent, min_wbc=flags.min_wbc,
                           erythroblast_per_100_wbc=flags.erythroblast_per_100_wbc, confidence=flags.confidence)
     meta = None
@@ -71,8 +71,7 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tupl
         try:
             meta = load_sample_metadata(flags.sample_metadata, storage_options)
         except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"flags.sample_metadata {flags.sample_metadata}: {exc}; verified flags use "
-                          "percentages only", stacklevel=3)
+            warnings.warn(f"flags.sample_metadata: {exc}; verified flags use percentages only", stacklevel=3)
     return rules, meta
 
 
