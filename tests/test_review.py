@@ -178,3 +178,23 @@ def test_review_round_trip(tmp_path, ray_cluster, capsys):
     assert rc == 0 and "wrote 0 original image(s) and 3 thumbnail(s)" in printed
     assert len(list_labelled_images(str(thumbs_dir))) == 3
     assert {r["source"] for r in _read_csv(thumbs_dir / roundtrip.LABELS_MANIFEST)} == {"thumbnail"}
+
+
+def test_gallery_puts_unidentified_then_review_cells_first_and_shows_ood_scores():
+    from bloodray.analysis import gallery
+
+    jpeg = thumbnail_jpeg(__import__("numpy").full((64, 64, 3), 120, "uint8"))
+    cells = [
+        {"image_uri": "s3://a/S1/ok.jpg", "predicted_class": "neutrophil", "confidence": 0.99, "needs_review": False},
+        {"image_uri": "s3://a/S1/low.jpg", "predicted_class": "neutrophil", "confidence": 0.41, "needs_review": True},
+        {"image_uri": "s3://a/shard.tar#S1/odd.jpg", "predicted_class": "monocyte", "confidence": 0.8,
+         "needs_review": False, "status": "unidentified", "ood_score": 7.25},
+        {"image_uri": "s3://a/S1/eo.jpg", "predicted_class": "eosinophil", "confidence": 0.97, "needs_review": False},
+    ]
+    page = gallery.gallery(cells, {c["image_uri"]: jpeg for c in cells[:3]}, confident_per_class=0)
+    order = [page.index(name) for name in ("odd.jpg", "low.jpg")]
+    assert order == sorted(order) and page.index("Unidentified (1)") < page.index("neutrophil (2, 1 to review)")
+    assert "OOD 7.25" in page and "conf 0.41" in page
+    assert "ok.jpg" not in page and "1 more confident cell(s) not shown" in page  # capped per class
+    assert "eo.jpg" not in page and "no thumbnail" not in page
+    assert page.count("src='data:image/jpeg;base64,") == 2
