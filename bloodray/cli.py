@@ -23,7 +23,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from bloodray.nightly.config import ClassifyError
     from bloodray.analysis.query import QueryError
     from bloodray.analysis.report import ReportError
-
     from bloodray.review.roundtrip import ReviewError
 
     return (ConfigError, DatasetError, StorageError, CheckpointError, UnknownModelError, ClassifyError, QueryError,

@@ -19,8 +19,6 @@ reads at phone (390 px) and desktop widths. In order:
 from __future__ import annotations
 
 import datetime as _dt
-import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
