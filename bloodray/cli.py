@@ -1,7 +1,7 @@
 """The ``bloodray`` command line: parse arguments, build a typed config, call one library function.
 
 Subcommands: ``train``, ``evaluate``, ``calibrate``, ``export``, ``classify``,
-``query``, ``report``, ``models``, ``synth``, ``demo``, ``compare``. Expected failures (bad config, missing data,
+``query``, ``report``, ``models``, ``synth``, ``demo``, ``compare``, ``review``. Expected failures (bad config, missing data,
 unreadable checkpoint, storage errors) print one line naming the culprit and
 exit with status 2; nothing already written is removed.
 """
@@ -45,9 +45,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from bloodray.nightly.config import ClassifyError
     from bloodray.analysis.query import QueryError
     from bloodray.analysis.report import ReportError
+    from bloodray.review.roundtrip import ReviewError
 
     return (ConfigError, DatasetError, StorageError, CheckpointError, UnknownModelError, ClassifyError, QueryError,
-            ReportError, FileNotFoundError, PermissionError)
+            ReportError, ReviewError, FileNotFoundError, PermissionError)
 
 
 def packaged_default(name: str | None) -> str | None:
@@ -330,8 +331,60 @@ def build_parser() -> argparse.ArgumentParser:
                                        "accuracy, params, timings)")
     add_config_arguments(p, "configs/compare/cpu.yaml")
     p.set_defaults(func=cmd_compare)
+    add_review_parser(sub)
     add_output_arguments(parser, sub)
     return parser
+
+
+def cmd_review_export(args) -> int:
+    from bloodray.review.roundtrip import export_review
+
+    csv_uri, html_uri, n = export_review(args.output, args.date, args.dest, _storage_options(args))
+    print(f"{n} cell(s) to review: fill verified_class in {csv_uri}; gallery: {html_uri}")
+    return 0
+
+
+def cmd_review_import(args) -> int:
+    from bloodray.review.roundtrip import import_review
+
+    result = import_review(args.output, args.date, args.file, args.reviewer, _storage_options(args))
+    print(f"imported {result.n_reviews} review(s) of run {result.run_id} ({result.n_changed} class change(s)) "
+          f"into {result.uri}")
+    return 0
+
+
+def cmd_review_labels(args) -> int:
+    from bloodray.review.roundtrip import export_labels
+
+    counts = export_labels(args.output, args.dest, _storage_options(args))
+    print(f"wrote {counts['archive']} original image(s) and {counts['thumbnail']} thumbnail(s) (where the archive "
+          f"was unreachable) to {args.dest}" + (f"; {counts['missing']} cell(s) without any image skipped"
+                                                  if counts["missing"] else ""))
+    return 0
+
+
+def add_review_parser(sub) -> None:
+    """``bloodray review export|import|labels``: the reviewer's round trip."""
+    review = sub.add_parser("review", help="export cells to review, import verified classes, export labels")
+    rsub = review.add_subparsers(dest="review_command", required=True)
+    p = rsub.add_parser("export", help="write review.csv and a self-contained review.html for a run date")
+    p.add_argument("--output", required=True, help="output root of the classify job")
+    p.add_argument("--date", required=True, help="run date YYYY-MM-DD")
+    p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.csv and review.html")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_review_export)
+    p = rsub.add_parser("import", help="validate a filled review.csv and append it to the reviews table")
+    p.add_argument("file", help="the filled review.csv")
+    p.add_argument("--output", required=True, help="output root of the classify job")
+    p.add_argument("--date", required=True, help="run date YYYY-MM-DD the review list was exported for")
+    p.add_argument("--reviewer", default=None, help="reviewer name for rows whose reviewer column is empty")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_review_import)
+    p = rsub.add_parser("labels", help="export reviewed cells as a labelled <class>/<file> folder for training")
+    p.add_argument("--output", required=True, help="output root of the classify job")
+    p.add_argument("--dest", required=True, help="folder (or s3:// prefix) to write <class>/<file> images to")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_review_labels)
 
 
 def add_query_parser(sub) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ DUCKDB_TYPE = {
     pa.bool_(): "BOOLEAN",
     pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE",
     pa.list_(pa.string()): "VARCHAR[]",
+    pa.binary(): "BLOB",
 }
 DATE = "2024-05-01"
 
@@ -63,9 +64,11 @@ def test_error_columns_and_staged_rows_derive_from_the_contract(tmp_path):
     staged = contract.staged_schema()
     predictions = contract.predictions_schema()
     per_image = [n for n in predictions.names if n not in contract.RUN_LEVEL_PREDICTION_COLUMNS]
-    assert staged.names == per_image + list(stages.ERROR_COLUMNS)
+    thumbnail_only = [n for n in contract.thumbnails_schema().names if n not in predictions.names]
+    assert staged.names == per_image + list(stages.ERROR_COLUMNS) + thumbnail_only
     for name in staged.names:
-        source = predictions if name in predictions.names else contract.errors_schema()
+        source = (predictions if name in predictions.names else contract.thumbnails_schema()
+                  if name in thumbnail_only else contract.errors_schema())
         assert staged.field(name).type == source.field(name).type, name
     for table in contract.TABLES:
         assert contract.select_list(table).split(", ") == contract.SCHEMAS[table]().names

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import base64
 import re
 
 import pyarrow as pa
@@ -225,10 +226,18 @@ def test_report(output_root, tmp_path):
     fs.invalidate_cache()
     page = fs.cat_file(path).decode("utf-8")
     folder = path.rsplit("/", 1)[0]
-    images = re.findall(r'<img src="([^"]+)"', page)
-    assert "differential_1.png" in images and "flags.png" in images and "review.png" in images
-    for name in images:
-        assert fs.cat_file(f"{folder}/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
+    # One self-contained file: every figure is a data: URI, nothing else is written beside it.
+    images = re.findall(r"<img class=fig src='data:image/png;base64,([^']+)' alt='([^']+)'", page)
+    alts = {alt for _, alt in images}
+    assert {"WBC differential against reference ranges", "Number of samples per flag",
+            "Share of images needing review per sample"} <= alts
+    for data, _ in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] == ["report.html"]
+    page = re.sub(r"data:image/[a-z]+;base64,[^'\"]+", "data:", page)  # base64 holds any short text by chance
+    assert '<meta name=viewport content="width=device-width, initial-scale=1">' in page
+    assert "Research use only" in page
+    assert page.index("Sample S-high&amp;neut") < page.index("Engineering details")
     assert NEW in page and OLD in page  # OLD only as "superseded"
     assert UNCOMMITTED not in page and "S9" not in page
     assert "S-high&amp;neut" in page and "S-high&neut" not in page

@@ -12,6 +12,9 @@ DuckDB connection with these views:
 ``predictions``    rows of visible runs only
 ``differentials``  idem
 ``errors``         idem
+``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
+``reviews``        reviewers' corrections of visible runs (:mod:`bloodray.review.verified`)
+``verified_differentials``  differentials counted from verified classes where reviewed
 
 Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), taken from the
 ``run_date=`` path segment; cast with ``run_date::DATE`` for date arithmetic.
@@ -52,7 +55,7 @@ from bloodray.nightly import contract
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
 #: Every view :func:`connect` creates.
-VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES
+VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES + (contract.REVIEWS, contract.VERIFIED_DIFFERENTIALS)
 #: Top-level folders of an output root (any one of them makes a folder an output root).
 ROOT_FOLDERS: tuple[str, ...] = (contract.RUNS, contract.RUN_CONFIGS, contract.STAGING) + contract.TABLES
 
@@ -284,6 +287,9 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None) -
     try:
         _configure(con)
         _create_views(con, fs, root, output_uri)
+        from bloodray.review.verified import create_views as create_review_views
+
+        create_review_views(con, fs, root, storage_options)
         _lock(con)
     except duckdb.Error as exc:
         con.close()

@@ -453,3 +453,37 @@ def cluster_cpu_slots(cpus_per_task: float) -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+
+
+#: Longest side of a cell thumbnail (pixels); smaller decoded images are kept at their size.
+THUMBNAIL_SIZE = 80
+#: JPEG quality of thumbnails: ~2-3 kB per cell, enough to judge a cell by eye.
+THUMBNAIL_QUALITY = 85
+
+
+def thumbnail_jpeg(image: np.ndarray, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    """JPEG bytes of a decoded uint8 HxWx3 image, scaled down to at most ``size`` pixels a side."""
+    import io
+
+    from PIL import Image
+
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    if max(pil.size) > size:
+        pil.thumbnail((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def thumbnails(batch: Mapping[str, np.ndarray], size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """Thumbnail JPEG bytes for each row of a decoded batch (``None`` for error rows).
+
+    Made from the stage's decoded ``image`` column, before the model sees the
+    batch, so reviewers see the very pixels the model classified.
+    """
+    images = batch["image"]
+    errors = batch.get("error")
+    out = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        out[i] = None if errors is not None and errors[i] else thumbnail_jpeg(image, size)
+    return out

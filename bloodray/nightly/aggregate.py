@@ -93,8 +93,9 @@ def staging_connection(plan: RunPlan):
     con.execute(f"SET temp_directory = '{spill}'")
     con.register("results", staged_dataset(fs, posixpath.join(plan.staging, "results"), contract.staged_schema()))
     con.register("list_errors", pa.Table.from_pylist(plan.listing.errors, schema=contract.errors_schema().remove(0)))
-    con.register("old_predictions", contract.table_dataset(plan.output_uri, "predictions", carried_runs(plan),
-                                                           plan.storage_options))
+    carried = carried_runs(plan)
+    for table in ("predictions", "thumbnails"):
+        con.register(f"old_{table}", contract.table_dataset(plan.output_uri, table, carried, plan.storage_options))
     con.register("carry", pa.table({"image_uri": pa.array(sorted(plan.carried_images), pa.string())}))
     return con
 
@@ -124,9 +125,15 @@ def write_image_tables(plan: RunPlan, con) -> None:
         SELECT {errors} FROM results WHERE error_type IS NOT NULL
         UNION ALL SELECT {errors} FROM list_errors
         ORDER BY sample_id NULLS FIRST, image_uri"""
+    thumbnails = contract.select_list("thumbnails", {"run_id": "$run_id"})
+    thumbnails_sql = f"""
+        SELECT {thumbnails} FROM results WHERE error_type IS NULL
+        UNION ALL
+        SELECT {thumbnails} FROM old_thumbnails WHERE image_uri IN (SELECT image_uri FROM carry)
+        ORDER BY sample_id, image_uri"""
     params = {"run_id": plan.run_id, "threshold": plan.review_threshold, "model_name": plan.model_name,
               "checkpoint_id": plan.checkpoint_id}
-    for table, sql in (("predictions", predictions_sql), ("errors", errors_sql)):
+    for table, sql in (("predictions", predictions_sql), ("errors", errors_sql), ("thumbnails", thumbnails_sql)):
         used = {k: v for k, v in params.items() if f"${k}" in sql}
         write_table(con.sql(sql, params=used).to_arrow_reader(65_536), contract.SCHEMAS[table](), fs,
                      posixpath.join(plan.staging, table), plan.cfg.output.rows_per_file)

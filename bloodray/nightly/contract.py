@@ -6,6 +6,8 @@ one output root, as Parquet::
     <output>/predictions/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet   one row per classified image
     <output>/errors/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet        one row per image that failed
     <output>/differentials/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet one row per sample
+    <output>/thumbnails/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet    one small JPEG per classified image
+    <output>/reviews/run_date=<YYYY-MM-DD>/<review_id>.parquet            reviewers' corrections (one file per import)
     <output>/runs/run_date=<YYYY-MM-DD>/<run_id>.parquet                  the run manifest (one row)
     <output>/run_configs/run_date=<YYYY-MM-DD>/<run_id>.yaml              the run's final config
     <output>/_staging/<run_id>/...                                        work in progress (ignored by readers)
@@ -46,7 +48,11 @@ from bloodray.data.stages import ERROR_COLUMNS
 from bloodray.nightly.differential import count_columns, differential_fields
 
 #: Data tables, one directory each under the output root.
-TABLES: tuple[str, ...] = ("predictions", "errors", "differentials")
+TABLES: tuple[str, ...] = ("predictions", "errors", "differentials", "thumbnails")
+#: Reviewers' corrections: appended by ``bloodray review import``, one whole file per import.
+REVIEWS = "reviews"
+#: Differentials recomputed from verified classes (a query view, never a stored table).
+VERIFIED_DIFFERENTIALS = "verified_differentials"
 RUNS = "runs"
 RUN_CONFIGS = "run_configs"
 #: Leading underscore: pyarrow dataset discovery skips it, and no table glob matches it.
@@ -139,8 +145,41 @@ def shift_fields() -> list[tuple[str, pa.DataType]]:
             ("domain_shift", pa.bool_())]
 
 
+def thumbnails_schema() -> pa.Schema:
+    """Schema of the files under ``thumbnails/``: a small JPEG of every classified image.
+
+    A side table rather than a predictions column, so analysts' scans of
+    predictions stay small; join on ``(run_id, image_uri)``. The JPEG is made
+    from the decoded, resized image (:func:`bloodray.data.stages.thumbnail_jpeg`),
+    so a review needs no access to the archive.
+    """
+    return pa.schema([("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string()),
+                      ("jpeg", pa.binary())])
+
+
+def reviews_schema() -> pa.Schema:
+    """Schema of the files under ``reviews/``: one row per reviewed cell of a run.
+
+    ``old_class`` is the class the run predicted, ``new_class`` the verified
+    one (equal when the reviewer confirmed the prediction).
+    """
+    return pa.schema([("run_id", pa.string()), ("image_uri", pa.string()), ("old_class", pa.string()),
+                      ("new_class", pa.string()), ("reviewer", pa.string()), ("reviewed_at", _TS)])
+
+
+def verified_differentials_schema() -> pa.Schema:
+    """Schema of the ``verified_differentials`` query view: :func:`differentials_schema` plus ``n_verified``.
+
+    Same columns as ``differentials``, counted from the verified class of each
+    cell where a review exists (the predicted class elsewhere); ``n_review``
+    counts cells still needing review, ``n_verified`` the reviewed cells.
+    """
+    return differentials_schema().append(pa.field("n_verified", pa.int64()))
+
+
 SCHEMAS = {"predictions": predictions_schema, "errors": errors_schema,
-           "differentials": differentials_schema, RUNS: runs_schema}
+           "differentials": differentials_schema, "thumbnails": thumbnails_schema, RUNS: runs_schema,
+           REVIEWS: reviews_schema, VERIFIED_DIFFERENTIALS: verified_differentials_schema}
 
 #: Prediction columns a run sets for every row (run id, review rule, model), not the model per image.
 RUN_LEVEL_PREDICTION_COLUMNS: tuple[str, ...] = ("run_id", "needs_review", "model_name", "checkpoint_id")
@@ -156,6 +195,8 @@ def staged_schema() -> pa.Schema:
     pred = predictions_schema()
     fields = [f for f in pred if f.name not in RUN_LEVEL_PREDICTION_COLUMNS]
     fields += [errors_schema().field(c) for c in ERROR_COLUMNS]
+    # The thumbnail travels with its image's row until the thumbnails table is selected from it.
+    fields += [f for f in thumbnails_schema() if f.name not in {x.name for x in fields} | {"run_id"}]
     return pa.schema(fields)
 
 
@@ -228,6 +269,11 @@ def manifest_path(root: str, run_date: str, run_id: str) -> str:
 def config_path(root: str, run_date: str, run_id: str) -> str:
     """Path of a run's saved config YAML."""
     return posixpath.join(root, RUN_CONFIGS, f"{RUN_DATE_PREFIX}{run_date}", f"{run_id}.yaml")
+
+
+def review_path(root: str, run_date: str, review_id: str) -> str:
+    """Path of one review import's file (written whole, atomically)."""
+    return posixpath.join(root, REVIEWS, f"{RUN_DATE_PREFIX}{run_date}", f"{review_id}.parquet")
 
 
 def staging_dir(root: str, run_id: str) -> str:

@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from bloodray.logs import init_ray, progress
 from bloodray.classes import CLASS_NAMES
-from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards
+from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards, thumbnails
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables, write_table
 from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
@@ -99,6 +99,8 @@ def to_staged_rows(batch: dict[str, np.ndarray]) -> pa.Table:
         "predicted_class": pa.array([str(c) if k else None for c, k in zip(batch["predicted_class"], ok)],
                                     pa.string()),
         "confidence": pa.array(np.asarray(batch["confidence"], dtype=np.float32), pa.float32(), mask=~ok),
+        # Thumbnails of rows that failed inference are dropped with the row's prediction.
+        "jpeg": pa.array([t if k else None for t, k in zip(batch.get("jpeg", [None] * n), ok)], pa.binary()),
     }
     for j, col in enumerate(contract.prob_columns()):
         columns[col] = pa.array(probs[:, j], pa.float32(), mask=~ok)
@@ -118,7 +120,12 @@ class CellPredictorResults(CellPredictor):
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return to_staged_rows(super().__call__(batch))
+        # The thumbnail is made here, where the decoded image still is (on a CPU
+        # cluster this is the fused decode task itself); the predictor drops ``image``.
+        jpeg = thumbnails(batch)
+        out = super().__call__(batch)
+        out["jpeg"] = jpeg
+        return to_staged_rows(out)
 
 
 def build_dataset(plan: RunPlan):

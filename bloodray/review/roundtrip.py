@@ -1,0 +1,264 @@
+"""The review round trip behind ``bloodray review export|import|labels``.
+
+``export`` writes the cells to review of a date's visible run -- cells the job
+marked ``needs_review`` and, when the out-of-distribution check added a
+``status`` column, cells it marked ``unidentified`` -- as ``review.csv``
+(``verified_class`` and ``reviewer`` empty, to fill in) and ``review.html`` (a
+self-contained gallery of their thumbnails). ``import`` validates a filled CSV
+as a whole and appends it to the ``reviews`` table as ONE Parquet file written
+atomically, so an import appears whole or not at all. ``labels`` writes every
+reviewed cell as ``<dest>/<verified_class>/<sample_id>__<file>`` -- an
+ImageFolder that ``bloodray train`` and
+:func:`bloodray.data.labelled.list_labelled_images` read directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import posixpath
+import tarfile
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from bloodray import storage
+from bloodray.analysis import gallery, query
+from bloodray.classes import CLASS_NAMES, class_from_folder
+from bloodray.data.stages import read_many
+from bloodray.nightly import contract
+
+#: Columns of ``review.csv``; ``verified_class`` and ``reviewer`` are the reviewer's.
+CSV_COLUMNS: tuple[str, ...] = ("run_id", "sample_id", "image_uri", "predicted_class", "confidence",
+                                "verified_class", "reviewer")
+CSV_FILE, HTML_FILE = "review.csv", "review.html"
+#: Listing of an exported label folder: where each image's bytes came from.
+LABELS_MANIFEST = "labels.csv"
+
+
+class ReviewError(RuntimeError):
+    """A review file or request is invalid; the message names the file and row. Nothing was applied."""
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What ``review import`` appended."""
+
+    uri: str
+    run_id: str
+    n_reviews: int
+    n_changed: int
+
+
+def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
+    rows = query.fetch_arrow(con, "SELECT run_id, run_date FROM runs WHERE run_date = ?", [run_date]).to_pylist()
+    if not rows:
+        raise ReviewError(f"{output_uri}: no committed run for run_date={run_date}")
+    return rows[0]
+
+
+def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, Any] | None = None,
+                 with_thumbnails: bool = True) -> tuple[str, list[dict[str, Any]], dict[str, bytes]]:
+    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs."""
+    con = query.connect(output_uri, storage_options)
+    try:
+        run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
+        cols = {r[0] for r in con.execute("DESCRIBE predictions").fetchall()}
+        extra = [c for c in ("status", "ood_score") if c in cols]
+        wanted = "needs_review" + (f" OR status = '{gallery.UNIDENTIFIED}'" if "status" in cols else "")
+        select = ", ".join(["run_id", "sample_id", "image_uri", "predicted_class", "confidence", "needs_review"]
+                           + extra)
+        cells = query.fetch_arrow(con, f"SELECT {select} FROM predictions WHERE run_id = ? AND ({wanted}) "
+                                       "ORDER BY sample_id, image_uri", [run_id]).to_pylist()
+        thumbs: dict[str, bytes] = {}
+        if with_thumbnails and cells:
+            rows = con.execute("SELECT t.image_uri, t.jpeg FROM thumbnails t JOIN predictions p "
+                               f"USING (run_id, image_uri) WHERE t.run_id = ? AND ({wanted})", [run_id]).fetchall()
+            thumbs = {u: bytes(j) for u, j in rows if j is not None}
+        return run_id, cells, thumbs
+    finally:
+        con.close()
+
+
+def export_review(output_uri: str, run_date: str, dest: str,
+                  storage_options: Mapping[str, Any] | None = None) -> tuple[str, str, int]:
+    """Write ``review.csv`` and ``review.html`` for a date into ``dest``; returns their URIs and the cell count."""
+    run_id, cells, thumbs = review_cells(output_uri, run_date, storage_options)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in cells:
+        writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["predicted_class"],
+                         f"{c['confidence']:.4f}", "", ""])
+    by_sample: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        by_sample.setdefault(str(c["sample_id"]), []).append(c)
+    body = [f"<h1>Cells to review — run_date {gallery.e(run_date)}</h1>",
+            f"<p>{len(cells)} cell(s) of run {gallery.e(run_id)} from {gallery.e(output_uri)}. Fill "
+            f"<code>verified_class</code> (one of {gallery.e(', '.join(CLASS_NAMES))}) in {CSV_FILE} and import "
+            "it with <code>bloodray review import</code>.</p>"]
+    for sample, group in by_sample.items():
+        body.append(f"<h2>Sample {gallery.e(sample)} ({len(group)})</h2>"
+                    + gallery.gallery(group, thumbs, confident_per_class=None))
+    document = gallery.page(f"bloodray review {run_date}", "".join(body))
+    fs, path = storage.filesystem(dest, storage_options)
+    path = path.rstrip("/")
+    try:
+        storage.put_bytes(fs, posixpath.join(path, HTML_FILE), document.encode("utf-8"))
+        storage.put_bytes(fs, posixpath.join(path, CSV_FILE), buf.getvalue().encode("utf-8"))
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(dest, exc) from exc
+    return storage.join(dest, CSV_FILE), storage.join(dest, HTML_FILE), len(cells)
+
+
+def _verified(value: str) -> str | None:
+    text = value.strip()
+    return text if text in CLASS_NAMES else class_from_folder(text)
+
+
+def parse_review_file(text: str, where: str, run_id: str, predicted: Mapping[str, str],
+                      reviewer: str | None) -> list[dict[str, Any]]:
+    """Validate a filled review CSV against the run's predictions; the rows to append.
+
+    Rows with an empty ``verified_class`` are skipped (not reviewed yet).
+    Raises :class:`ReviewError` naming the first bad row: unknown class,
+    unknown cell, duplicate cell, a cell of another run, no reviewer.
+    """
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in ("image_uri", "verified_class") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ReviewError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
+    now = dt.datetime.now(dt.timezone.utc)
+    seen: dict[str, int] = {}
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        at = f"{where}: row {line}"
+        raw = (row.get("verified_class") or "").strip()
+        if not raw:
+            continue
+        uri = (row.get("image_uri") or "").strip()
+        if row.get("run_id") and row["run_id"].strip() != run_id:
+            raise ReviewError(f"{at}: run_id {row['run_id'].strip()!r} is not the visible run {run_id!r} of "
+                              "this date (export the review list again)")
+        if uri not in predicted:
+            raise ReviewError(f"{at}: unknown cell {uri!r} (not a prediction of run {run_id})")
+        if uri in seen:
+            raise ReviewError(f"{at}: duplicate cell {uri!r} (also on row {seen[uri]})")
+        seen[uri] = line
+        new_class = _verified(raw)
+        if new_class is None:
+            raise ReviewError(f"{at}: unknown class {raw!r}; expected one of {', '.join(CLASS_NAMES)}")
+        who = (row.get("reviewer") or "").strip() or reviewer
+        if not who:
+            raise ReviewError(f"{at}: no reviewer (fill the reviewer column or pass --reviewer)")
+        rows.append({"run_id": run_id, "image_uri": uri, "old_class": predicted[uri], "new_class": new_class,
+                     "reviewer": who, "reviewed_at": now})
+    return rows
+
+
+def import_review(output_uri: str, run_date: str, review_file: str, reviewer: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> ImportResult:
+    """Validate a filled review CSV and append it to ``reviews`` as one atomically written file.
+
+    Raises :class:`ReviewError` (nothing is written) when any row is invalid or nothing was reviewed.
+    """
+    try:
+        fs, path = storage.filesystem(review_file, storage_options)
+        text = fs.cat_file(path).decode("utf-8-sig")
+    except FileNotFoundError as exc:
+        raise ReviewError(f"{review_file}: review file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ReviewError(f"{review_file}: not a UTF-8 CSV file ({exc})") from exc
+    con = query.connect(output_uri, storage_options)
+    try:
+        run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
+        predicted = dict(con.execute("SELECT image_uri, predicted_class FROM predictions WHERE run_id = ?",
+                                     [run_id]).fetchall())
+    finally:
+        con.close()
+    rows = parse_review_file(text, review_file, run_id, predicted, reviewer)
+    if not rows:
+        raise ReviewError(f"{review_file}: no row has a verified_class; nothing to import")
+    fs, root = contract.output_root(output_uri, storage_options)
+    review_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    path = contract.review_path(root, str(run_date), review_id)
+    table = pa.Table.from_pylist(rows, schema=contract.reviews_schema())
+    try:
+        storage.put_bytes(fs, path, storage.parquet_bytes(table), atomic=True)
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(storage.full_uri(fs, path), exc) from exc
+    return ImportResult(uri=storage.full_uri(fs, path), run_id=run_id, n_reviews=len(rows),
+                        n_changed=sum(r["old_class"] != r["new_class"] for r in rows))
+
+
+def _archive_bytes(uris: list[str], storage_options: Mapping[str, Any] | None) -> dict[str, bytes]:
+    """Original bytes of the images still reachable (plain files and tar members); others are left out."""
+    out: dict[str, bytes] = {}
+    plain = [u for u in uris if "#" not in u]
+    for uri, data in zip(plain, read_many(plain, storage_options) if plain else []):
+        if isinstance(data, bytes):
+            out[uri] = data
+    members: dict[str, set[str]] = {}
+    for u in uris:
+        if "#" in u:
+            shard, member = u.split("#", 1)
+            members.setdefault(shard, set()).add(member)
+    for shard, wanted in members.items():
+        try:
+            fs, path = storage.filesystem(shard, storage_options)
+            with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+                for member in tar:
+                    if member.name in wanted and member.isfile():
+                        out[f"{shard}#{member.name}"] = tar.extractfile(member).read()
+        except Exception:  # noqa: BLE001 - an unreachable shard: its cells fall back to thumbnails
+            continue
+    return out
+
+
+def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Write every reviewed cell of the visible runs as ``<dest>/<verified_class>/<sample_id>__<file>``.
+
+    The original image bytes are copied from the archive where it is still
+    reachable, else the thumbnail is written (``<file>.thumb.jpg``);
+    ``labels.csv`` in ``dest`` lists each file with its source
+    (``archive``/``thumbnail``). Returns counts per source.
+    """
+    con = query.connect(output_uri, storage_options)
+    try:
+        from bloodray.review.verified import LATEST_REVIEWS_SQL
+
+        rows = con.execute(f"""WITH r AS ({LATEST_REVIEWS_SQL})
+            SELECT r.image_uri, p.sample_id, r.new_class, r.reviewer, t.jpeg FROM r
+            JOIN predictions p USING (run_id, image_uri) LEFT JOIN thumbnails t USING (run_id, image_uri)
+            ORDER BY r.new_class, p.sample_id, r.image_uri""").fetchall()
+    finally:
+        con.close()
+    if not rows:
+        raise ReviewError(f"{output_uri}: no reviewed cells to export (import a review first)")
+    originals = _archive_bytes([r[0] for r in rows], storage_options)
+    fs, base = storage.filesystem(dest, storage_options)
+    base = base.rstrip("/")
+    listing = io.StringIO()
+    writer = csv.writer(listing, lineterminator="\n")
+    writer.writerow(["file", "class_name", "image_uri", "sample_id", "reviewer", "source"])
+    counts = {"archive": 0, "thumbnail": 0, "missing": 0}
+    try:
+        for uri, sample_id, cls, who, jpeg in rows:
+            name = f"{sample_id}__{gallery.file_name(uri)}"
+            data, source = originals.get(uri), "archive"
+            if data is None:
+                data, source = (bytes(jpeg) if jpeg is not None else None), "thumbnail"
+                name = posixpath.splitext(name)[0] + ".thumb.jpg"
+            if data is None:
+                counts["missing"] += 1
+                continue
+            counts[source] += 1
+            storage.put_bytes(fs, posixpath.join(base, cls, name), data)
+            writer.writerow([f"{cls}/{name}", cls, uri, sample_id, who, source])
+        storage.put_bytes(fs, posixpath.join(base, LABELS_MANIFEST), listing.getvalue().encode("utf-8"))
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(dest, exc) from exc
+    return counts

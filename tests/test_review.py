@@ -1,0 +1,200 @@
+"""The review round trip end to end: a real Ray classify of a synthetic archive, export, fill, import, query, labels.
+
+Bad review files (unknown class, unknown cell, duplicate cell, another run's
+cells) must fail with one line naming the row, and leave the reviews table
+untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+
+import pytest
+from PIL import Image
+
+from bloodray import cli, storage
+from bloodray.analysis import query
+from bloodray.classes import CLASS_NAMES
+from bloodray.config import load_config
+from bloodray.data import synth
+from bloodray.data.labelled import list_labelled_images
+from bloodray.data.stages import THUMBNAIL_SIZE, thumbnail_jpeg
+from bloodray.nightly import contract
+from bloodray.nightly.config import ClassifyConfig
+from bloodray.nightly.differential import compute_differentials, count_columns
+from bloodray.nightly.pipeline import run_classification
+from bloodray.review import roundtrip
+
+DATE = "2024-06-01"
+
+
+def test_thumbnail_is_a_small_jpeg_of_the_decoded_image():
+    import numpy as np
+
+    big = np.zeros((224, 224, 3), np.uint8)
+    big[:, 112:] = 200
+    thumb = Image.open(io.BytesIO(thumbnail_jpeg(big)))
+    assert thumb.format == "JPEG" and thumb.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+    assert thumb.getpixel((5, 40))[0] < 30 < 170 < thumb.getpixel((75, 40))[0]
+    small = Image.open(io.BytesIO(thumbnail_jpeg(np.full((64, 64, 3), 90, np.uint8))))
+    assert small.size == (64, 64)  # never enlarged
+
+
+def _read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_csv(path, rows: list[dict[str, str]]) -> str:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.run(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.slow
+def test_review_round_trip(tmp_path, ray_cluster, capsys):
+    archive, out = tmp_path / "archive", str(tmp_path / "out")
+    synth.write_archive(storage.join(str(archive), DATE), synth.default_samples(2, 8, seed=5), size=64, seed=5)
+    cfg = load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}", f"run.date={DATE}",
+                                             "inference.batch_size=8", "review.threshold=0.99"])
+    result = run_classification(cfg)
+    assert result.n_predictions == 16 and result.n_review > 3
+
+    # Every classified image has its thumbnail in the side table.
+    con = query.connect(out)
+    try:
+        thumbs = con.execute("SELECT p.image_uri, t.jpeg FROM predictions p LEFT JOIN thumbnails t "
+                             "USING (run_id, image_uri)").fetchall()
+        stored = con.sql("SELECT * FROM differentials ORDER BY sample_id").to_arrow_table()
+        before = con.sql("SELECT * EXCLUDE (n_verified) FROM verified_differentials ORDER BY sample_id"
+                             ).to_arrow_table()
+    finally:
+        con.close()
+    assert len(thumbs) == 16 and all(
+        Image.open(io.BytesIO(j)).format == "JPEG" and max(Image.open(io.BytesIO(j)).size) <= THUMBNAIL_SIZE
+        for _, j in thumbs)
+    assert before.to_pylist() == stored.to_pylist()  # nothing reviewed yet: verified = predicted
+
+    # Export: CSV to fill and a self-contained gallery.
+    review_dir = tmp_path / "review"
+    rc, printed, _ = _cli(capsys, "review", "export", "--output", out, "--date", DATE, "--dest", str(review_dir))
+    assert rc == 0 and "to review" in printed
+    rows = _read_csv(review_dir / roundtrip.CSV_FILE)
+    assert list(rows[0]) == list(roundtrip.CSV_COLUMNS) and len(rows) == result.n_review
+    assert all(r["run_id"] == result.run_id and r["verified_class"] == "" for r in rows)
+    page = (review_dir / roundtrip.HTML_FILE).read_text()
+    assert page.count("<img ") == len(rows) and page.count("src='data:image/jpeg;base64,") == len(rows)
+    assert "Research use only" in page
+
+    # The reviewer relabels two cells and confirms one; the rest stay unreviewed.
+    filled = [dict(r) for r in rows]
+    new = {0: "basophil", 1: "eosinophil"}
+    for i, cls in new.items():
+        filled[i]["verified_class"] = cls if cls != filled[i]["predicted_class"] else "monocyte"
+        new[i] = filled[i]["verified_class"]
+    filled[2]["verified_class"] = filled[2]["predicted_class"]
+
+    # Bad files: one line naming the row, exit 2, nothing applied.
+    bad_cases = {
+        "unknown class": (lambda rs: rs[3].update(verified_class="unicorn"), "row 5: unknown class 'unicorn'"),
+        "unknown cell": (lambda rs: rs[3].update(image_uri="/nowhere/x.jpg", verified_class="monocyte"),
+                         "row 5: unknown cell '/nowhere/x.jpg'"),
+        "duplicate": (lambda rs: rs.append(dict(rs[0])), f"row {len(filled) + 2}: duplicate cell"),
+        "wrong run": (lambda rs: rs[1].update(run_id="another-run"), "row 3: run_id 'another-run'"),
+    }
+    for name, (spoil, message) in bad_cases.items():
+        spoilt = [dict(r) for r in filled]
+        spoil(spoilt)
+        path = _write_csv(tmp_path / f"bad-{name.replace(' ', '-')}.csv", spoilt)
+        rc, _, err = _cli(capsys, "review", "import", path, "--output", out, "--date", DATE, "--reviewer", "dr x")
+        ours = [line for line in err.splitlines() if line.startswith("bloodray review: error:")]
+        assert rc == 2 and len(ours) == 1 and message in ours[0], (name, err)  # Ray's own log lines aside
+        assert not (tmp_path / "out" / contract.REVIEWS).exists(), name
+    no_reviewer = _write_csv(tmp_path / "no-reviewer.csv", filled)
+    rc, _, err = _cli(capsys, "review", "import", no_reviewer, "--output", out, "--date", DATE)
+    assert rc == 2 and "row 2: no reviewer" in err
+
+    # A good file: appended as one whole file.
+    good = _write_csv(tmp_path / "filled.csv", filled)
+    rc, printed, _ = _cli(capsys, "review", "import", good, "--output", out, "--date", DATE, "--reviewer", "dr x")
+    assert rc == 0 and "imported 3 review(s)" in printed and "2 class change(s)" in printed
+    files = list((tmp_path / "out" / contract.REVIEWS / f"run_date={DATE}").glob("*.parquet"))
+    assert len(files) == 1
+
+    con = query.connect(out)
+    try:
+        reviews = con.execute("SELECT image_uri, old_class, new_class, reviewer, run_date FROM reviews "
+                              "ORDER BY image_uri").fetchall()
+        verified = con.sql("SELECT * FROM verified_differentials ORDER BY sample_id").to_arrow_table()
+        predictions = {u: (s, c) for u, s, c in con.execute(
+            "SELECT image_uri, sample_id, predicted_class FROM predictions").fetchall()}
+    finally:
+        con.close()
+    assert len(reviews) == 3 and {r[3] for r in reviews} == {"dr x"} and {r[4] for r in reviews} == {DATE}
+    assert {r[0]: r[2] for r in reviews} == {filled[i]["image_uri"]: filled[i]["verified_class"] for i in range(3)}
+
+    # The verified view equals the job's own differential code run on the verified classes.
+    verified_class = {u: c for u, (_, c) in predictions.items()}
+    verified_class.update({r[0]: r[2] for r in reviews})
+    counts = {s: {c: 0 for c in CLASS_NAMES} for s in stored.column("sample_id").to_pylist()}
+    for uri, (sample, _) in predictions.items():
+        counts[sample][verified_class[uri]] += 1
+    import pyarrow as pa
+
+    table = pa.table({"sample_id": list(counts), **{col: [counts[s][c] for s in counts]
+                                                      for c, col in zip(CLASS_NAMES, count_columns())}})
+    expected = compute_differentials(table).to_pylist()
+    got = verified.to_pylist()
+    for want, row in zip(expected, got):
+        for key in ("n_wbc", "pct_neutrophil", "pct_basophil", "pct_eosinophil", "pct_monocyte_hi", "flags"):
+            assert row[key] == want[key], key
+    assert sum(r["n_verified"] for r in got) == 3
+    assert sum(r["n_review"] for r in got) == result.n_review - 3
+
+    # Labels for training: original archive bytes while the archive is there.
+    labels = tmp_path / "labels"
+    rc, printed, _ = _cli(capsys, "review", "labels", "--output", out, "--dest", str(labels))
+    assert rc == 0 and "wrote 3 original image(s) and 0 thumbnail(s)" in printed
+    listed = list_labelled_images(str(labels))
+    assert sorted(c for _, c in listed) == sorted(filled[i]["verified_class"] for i in range(3))
+    for uri, _cls in listed:
+        source = next(r["image_uri"] for r in filled[:3] if uri.endswith(r["image_uri"].rsplit("/", 1)[-1]))
+        assert open(uri, "rb").read() == open(source, "rb").read()
+
+    # Archive gone: thumbnails stand in, and the manifest says so.
+    shutil.move(str(archive), str(tmp_path / "archive-moved"))
+    thumbs_dir = tmp_path / "labels-thumbs"
+    rc, printed, _ = _cli(capsys, "review", "labels", "--output", out, "--dest", str(thumbs_dir))
+    assert rc == 0 and "wrote 0 original image(s) and 3 thumbnail(s)" in printed
+    assert len(list_labelled_images(str(thumbs_dir))) == 3
+    assert {r["source"] for r in _read_csv(thumbs_dir / roundtrip.LABELS_MANIFEST)} == {"thumbnail"}
+
+
+def test_gallery_puts_unidentified_then_review_cells_first_and_shows_ood_scores():
+    from bloodray.analysis import gallery
+
+    jpeg = thumbnail_jpeg(__import__("numpy").full((64, 64, 3), 120, "uint8"))
+    cells = [
+        {"image_uri": "s3://a/S1/ok.jpg", "predicted_class": "neutrophil", "confidence": 0.99, "needs_review": False},
+        {"image_uri": "s3://a/S1/low.jpg", "predicted_class": "neutrophil", "confidence": 0.41, "needs_review": True},
+        {"image_uri": "s3://a/shard.tar#S1/odd.jpg", "predicted_class": "monocyte", "confidence": 0.8,
+         "needs_review": False, "status": "unidentified", "ood_score": 7.25},
+        {"image_uri": "s3://a/S1/eo.jpg", "predicted_class": "eosinophil", "confidence": 0.97, "needs_review": False},
+    ]
+    page = gallery.gallery(cells, {c["image_uri"]: jpeg for c in cells[:3]}, confident_per_class=0)
+    order = [page.index(name) for name in ("odd.jpg", "low.jpg")]
+    assert order == sorted(order) and page.index("Unidentified (1)") < page.index("neutrophil (2, 1 to review)")
+    assert "OOD 7.25" in page and "conf 0.41" in page
+    assert "ok.jpg" not in page and "1 more confident cell(s) not shown" in page  # capped per class
+    assert "eo.jpg" not in page and "no thumbnail" not in page
+    assert page.count("src='data:image/jpeg;base64,") == 2
