@@ -67,6 +67,9 @@ def setup_logging(verbosity: int = DEFAULT) -> None:
     # (Ray configures only "ray"), and pytest's caplog listens on the root.
     warnings.showwarning = _show_warning
     if _verbosity < VERBOSE:
+        # Ray Data's own context warns about its own deprecated settings whenever it is copied to workers;
+        # nothing a user of bloodray can act on.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
         # Ray Data logs "Starting execution of Dataset ..." and its plan at INFO to the console.
         os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
     else:

@@ -230,10 +230,12 @@ def _small_archive(root: Path) -> str:
 
 
 def _one_line_exit_2(argv: list[str], capsys) -> str:
-    code = cli.run(["classify", *argv])
+    # --quiet: progress lines off, so stderr holds exactly what a failure prints.
+    code = cli.run(["--quiet", "classify", *argv])
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = err.strip().splitlines()
+    # Lines a Ray process prefixes with its name come from the test's shared cluster, not from this command.
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("\x1b[36m(", "("))]
     assert len(lines) == 1 and lines[0].startswith("bloodray classify: error: "), err
     return lines[0]
 

@@ -201,8 +201,13 @@ class _S3Store:
         try:
             out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key,
                                   Body=json.dumps(record).encode(), **condition)
-        except (FileExistsError, FileNotFoundError):
+        except FileExistsError:
             return None
+        except FileNotFoundError as exc:
+            if "IfNoneMatch" in condition:
+                # Creating cannot race a deletion: the bucket itself is missing.
+                raise storage.describe_storage_error(storage.full_uri(self.fs, self.path), exc) from exc
+            return None  # the object we meant to replace was deleted: a lost race
         except OSError as exc:
             if _precondition_failed(exc):
                 return None
