@@ -88,16 +88,43 @@ class AugmentSection:
     color_jitter: float = 0.1
     hue_jitter: float = 0.02
     min_scale: float = 0.85
+    # Robustness to other labs' slides (issue 12); all off by default so earlier runs stay reproducible.
+    zoom_out: float = 1.0
+    zoom_out_prob: float = 0.5
+    stain_jitter: float = 0.0
+    gamma: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: float = 1.5
+    noise_std: float = 0.0
+    jpeg_prob: float = 0.0
+    jpeg_quality_min: int = 30
 
     def validate(self, prefix: str) -> None:
         if not 0.0 < self.min_scale <= 1.0:
             raise ConfigError(f"{prefix}.min_scale: must be in (0, 1]")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ConfigError(f"{prefix}.color_jitter: must be in [0, 1)")
+        if not 1.0 <= self.zoom_out <= 4.0:
+            raise ConfigError(f"{prefix}.zoom_out: must be in [1, 4] (1 = off)")
+        for name in ("zoom_out_prob", "blur_prob", "jpeg_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{prefix}.{name}: must be in [0, 1]")
+        if not 0.0 <= self.stain_jitter < 1.0:
+            raise ConfigError(f"{prefix}.stain_jitter: must be in [0, 1)")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"{prefix}.gamma: must be in [0, 1]")
+        if self.blur_sigma < 0.3:
+            raise ConfigError(f"{prefix}.blur_sigma: must be >= 0.3")
+        if not 0.0 <= self.noise_std <= 64.0:
+            raise ConfigError(f"{prefix}.noise_std: must be in [0, 64] (0..255 scale)")
+        if not 1 <= self.jpeg_quality_min <= 95:
+            raise ConfigError(f"{prefix}.jpeg_quality_min: must be in [1, 95]")
 
     def to_augment(self) -> AugmentConfig:
         """The augmentation these settings describe."""
-        return AugmentConfig(self.flips, self.rotate90, self.color_jitter, self.hue_jitter, self.min_scale)
+        import dataclasses
+
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
 
 @dataclass
