@@ -96,10 +96,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="5,10,20,50")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--freeze-epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pbc-test-max", type=int, default=0, help="score at most this many PBC test images (0 = all)")
     ap.add_argument("--set", action="append", default=[], help="extra dotted.key=value for every fine-tune")
     ap.add_argument("--workdir", default="/tmp/bloodray_adapt_bench")
@@ -164,7 +165,7 @@ def main() -> None:
                 f"data.root={lab}", "model.init_checkpoint=default", f"run.name=k{k}_s{seed}",
                 f"run.storage_path={work / 'runs'}", f"train.epochs={args.epochs}",
                 f"train.freeze_backbone_epochs={args.freeze_epochs}", f"train.lr={args.lr}",
-                f"train.seed={seed}", f"data.split.seed={seed}", f"scaling.num_workers={args.workers}",
+                f"train.seed={seed}", f"train.batch_size={args.batch_size}", f"data.split.seed={seed}", f"scaling.num_workers={args.workers}",
                 "scaling.cpus_per_worker=1", "data.cpus_per_task=0.25", *args.set])
             t0 = time.perf_counter()
             out = run_training(cfg)
