@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+# Ray Train's 60 s for a worker group to start is too short on a loaded shared machine (set before ray.init).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 CHULA = Path(os.environ.get("BLOODRAY_CHULA", "/work/shared/data/chula_wbc"))
 
 
