@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--pbc-test-max", type=int, default=500, help="score at most this many PBC test images (0 = all)")
     ap.add_argument("--set", action="append", default=[], help="extra dotted.key=value for every fine-tune")
     ap.add_argument("--workdir", default="/tmp/bloodray_adapt_bench")
+    ap.add_argument("--name", default="adapt", help="results file name under bench/results/")
+    ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot rows (a variant run)")
     args = ap.parse_args()
 
     import ray
@@ -149,17 +151,18 @@ def main() -> None:
                                       "pbc_test_scored": len(y_pbc)},
               "zero_shot": {}, "adapted": []}
     model = shipped.model
-    for mode in ("running", "batch"):
+    for mode in () if args.no_zero_shot else ("running", "batch"):
         pred = predict(model, x_all, preset, mode)
         result["zero_shot"][f"chula_all_{mode}"] = scores(y_all, pred)
         # Batch statistics over the scored half alone, as a lab would run them on its own slides.
         result["zero_shot"][f"chula_scored_{mode}"] = scores(y_held, predict(model, x_held, preset, mode)
                                                              if mode == "batch" else pred[held])
         result["zero_shot"][f"pbc_test_{mode}"] = scores(y_pbc, predict(model, x_pbc, preset, mode))
-    adapted = adabn(model, x_all, preset)
-    result["zero_shot"]["chula_all_adabn"] = scores(y_all, predict(adapted, x_all, preset))
-    print("zero-shot:", result["zero_shot"], flush=True)
-    _common.save("adapt", result, markdown(result))
+    if not args.no_zero_shot:
+        adapted = adabn(model, x_all, preset)
+        result["zero_shot"]["chula_all_adabn"] = scores(y_all, predict(adapted, x_all, preset))
+        print("zero-shot:", result["zero_shot"], flush=True)
+    _common.save(args.name, result, markdown(result))
 
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=True)
@@ -192,9 +195,9 @@ def main() -> None:
                   f"{row['pbc_test']['accuracy']:.4f}, {seconds:.0f} s", flush=True)
             shutil.rmtree(work / "runs" / f"k{k}_s{seed}", ignore_errors=True)
             result["total_seconds"] = round(time.perf_counter() - started, 1)
-            _common.save("adapt", result, markdown(result))  # after every run: partial results survive a stop
+            _common.save(args.name, result, markdown(result))  # after every run: partial results survive a stop
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    _common.save("adapt", result, markdown(result))
+    _common.save(args.name, result, markdown(result))
     print(markdown(result))
 
 
