@@ -22,6 +22,9 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")
+# Ray Train gives a worker group 60 s to start; on a loaded shared machine importing torch in two workers can take
+# longer, and the run then fails with "placement group was removed" instead of training.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 def _free_port() -> int:

@@ -107,3 +107,15 @@ def test_training_writes_a_checkpoint_and_a_run_folder(pack, tmp_path):
                               batch_size=16, init_checkpoint=str(tmp_path / "run" / "checkpoint"), device="cpu")
     with pytest.raises(ConfigError, match="^init_checkpoint:"):
         train_packed(wrong)
+
+
+def test_pack_trainer_runs_the_shared_robustness_augmentation(pack, tmp_path):
+    _, path, _ = pack
+    robust = {"zoom_out": 1.5, "stain_jitter": 0.05, "blur_prob": 0.5, "noise_std": 4.0, "jpeg_prob": 0.5}
+    cfg = PackedTrainConfig(pack=str(path), output=str(tmp_path / "robust"), model="bloodnet",
+                            model_kwargs={"norm": "group"}, epochs=1, batch_size=16, warmup_epochs=0,
+                            robust=robust, device="cpu")
+    assert cfg.robust_augment().stain_jitter == 0.05
+    assert train_packed(cfg)["epochs_run"] == 1
+    with pytest.raises(ConfigError, match="^robust: unknown"):
+        load_config(PackedTrainConfig, overrides=["pack=x.parquet", "robust.sharpen=1"])

@@ -9,6 +9,11 @@ Two geometric schemes, one colour scheme:
 - both then jitter brightness, saturation, contrast and hue through :func:`colour_matrices`, which folds the chain
   into one 3x3 matrix and offset per image. The numpy path calls it on CPU tensors, so both trainers see the same
   colour math.
+
+Robustness to other labs (issue 12), all off by default and applied by :func:`robust_batch` (which
+:func:`augment_batch` calls, and which any trainer can call on a uint8 batch): zoom-out onto a background estimated
+from the border (cells at another magnification), HED-space stain jitter, gamma, defocus blur, Gaussian noise and
+JPEG re-compression at a random quality.
 """
 
 from __future__ import annotations
@@ -31,12 +36,34 @@ class AugmentConfig:
     hue_jitter: float = 0.02
     #: random zoom: crop a square of this fraction of the side (min), resized back.
     min_scale: float = 0.85
+    #: zoom-out: shrink the image by up to this factor (1 = off) onto the background colour of its border.
+    zoom_out: float = 1.0
+    #: share of images that are zoomed out (when ``zoom_out`` > 1).
+    zoom_out_prob: float = 0.5
+    #: HED stain jitter: each stain's optical density is scaled by U(1-s, 1+s) and shifted by U(-s, s) / 10 (0 = off).
+    stain_jitter: float = 0.0
+    #: gamma ``exp(U(-g, g))`` applied to the 0..1 intensities (0 = off).
+    gamma: float = 0.0
+    #: share of images blurred (defocus), with a Gaussian of sigma U(0.3, blur_sigma) px.
+    blur_prob: float = 0.0
+    blur_sigma: float = 1.5
+    #: Gaussian noise of std U(0, noise_std) on the 0..255 scale (0 = off).
+    noise_std: float = 0.0
+    #: share of images re-compressed as JPEG at a quality drawn from [jpeg_quality_min, 95].
+    jpeg_prob: float = 0.0
+    jpeg_quality_min: int = 30
+
+    @property
+    def robust(self) -> bool:
+        """Whether any robustness augmentation of :func:`robust_batch` is on."""
+        return (self.zoom_out > 1.0 and self.zoom_out_prob > 0) or self.stain_jitter > 0 or self.gamma > 0 \
+            or self.blur_prob > 0 or self.noise_std > 0 or self.jpeg_prob > 0
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     """Augment a uint8 NHWC batch of square images on the CPU; returns a new uint8 NHWC array.
 
-    Per image, in this order: a random zoom (a square crop of ``min_scale``..1 of
+    Per image, in this order: the robustness augmentations of :func:`robust_batch` (when any is on), a random zoom (a square crop of ``min_scale``..1 of
     the side at a random place, resized back with bilinear interpolation), a
     random rotation by a multiple of 90 degrees, a random horizontal flip, then
     brightness / saturation / contrast / hue jitter. Every step works on the
@@ -52,8 +79,10 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConf
     if cfg.rotate90 and h != w:
         raise ValueError(f"rotate90 needs square images, got {h}x{w}")
     out: np.ndarray = images
+    if cfg.robust and n:
+        out = robust_batch(images, rng, cfg)  # uint8, a new array
     if cfg.min_scale < 1.0 and n:
-        out = _random_zoom(images, rng, cfg.min_scale)  # float32
+        out = _random_zoom(out, rng, cfg.min_scale)  # float32
     if (cfg.color_jitter > 0 or cfg.hue_jitter > 0) and n:
         out = _jitter_colors(out, rng, cfg)  # uint8
     elif out.dtype != np.uint8:
@@ -265,3 +294,113 @@ def augment_on_device(images, cfg: WarpAugmentConfig, generator=None):
         m, offset = colour_matrices(brightness, saturation, contrast, hue, x.mean((2, 3)))
         x = torch.einsum("nij,njhw->nihw", m, x) + offset[:, :, None, None]
     return x.clamp_(0.0, 1.0)
+
+
+#: skimage's ``rgb_from_hed`` (Ruifrok & Johnston's haematoxylin, eosin, DAB vectors) and its inverse, as constants
+#: so that the stain jitter needs no scikit-image.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+#: skimage's floor on intensities before the log (optical density of a black pixel).
+_OD_FLOOR = 1e-6
+
+
+def robust_batch(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """The robustness augmentations of ``cfg`` on a uint8 NHWC batch; returns a new uint8 array of the same shape.
+
+    In this order: zoom-out (:func:`zoom_out`), HED stain jitter, gamma, defocus blur, Gaussian noise, JPEG
+    re-compression. Every draw comes from ``rng`` in a fixed order whatever is switched on, so a batch's transforms
+    depend only on ``images``, ``cfg`` and the state of ``rng``.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 NHWC RGB batch, got {images.dtype} {images.shape}")
+    n = images.shape[0]
+    # Draw everything first so that switching one step on or off does not shift the others' random numbers.
+    shrink = np.where(rng.random(n) < cfg.zoom_out_prob, rng.uniform(1.0, max(1.0, cfg.zoom_out), n), 1.0)
+    place = rng.random((n, 2))
+    s = cfg.stain_jitter
+    # Stained pixels have optical densities of ~0.01-0.1 on skimage's scale: a shift of s itself would blacken them.
+    alpha, beta = rng.uniform(1 - s, 1 + s, (n, 3)), rng.uniform(-s, s, (n, 3)) / 10
+    gamma = np.exp(rng.uniform(-cfg.gamma, cfg.gamma, n))
+    sigma = np.where(rng.random(n) < cfg.blur_prob, rng.uniform(0.3, max(0.3, cfg.blur_sigma), n), 0.0)
+    noise_std = rng.uniform(0.0, cfg.noise_std, n)
+    noise_seed = int(rng.integers(0, 2**63))
+    quality = np.where(rng.random(n) < cfg.jpeg_prob, rng.integers(cfg.jpeg_quality_min, 96, n), 0)
+
+    out = images.copy()
+    if cfg.zoom_out > 1.0:
+        for i in np.flatnonzero(shrink > 1.0):
+            out[i] = zoom_out(out[i], float(shrink[i]), place[i])
+    x = out.astype(np.float32) / 255.0
+    if s > 0:
+        x = stain_jitter(x, alpha, beta)
+    if cfg.gamma > 0:
+        x = np.power(x, gamma[:, None, None, None].astype(np.float32))
+    x *= 255.0
+    if cfg.blur_prob > 0 and (sigma > 0).any():
+        from scipy.ndimage import gaussian_filter
+
+        for i in np.flatnonzero(sigma > 0):
+            # Separable Gaussian over rows and columns only; a stand-in for a defocused objective.
+            x[i] = gaussian_filter(x[i], sigma=(sigma[i], sigma[i], 0), mode="reflect")
+    if cfg.noise_std > 0:
+        x += np.random.default_rng(noise_seed).standard_normal(x.shape, dtype=np.float32) \
+            * noise_std[:, None, None, None].astype(np.float32)
+    out = _to_uint8(x)
+    for i in np.flatnonzero(quality > 0):
+        out[i] = jpeg_roundtrip(out[i], int(quality[i]))
+    return out
+
+
+def stain_jitter(x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Scale and shift each image's haematoxylin, eosin and DAB optical densities (Tellez et al. 2018).
+
+    ``x`` is float NHWC in [0, 1]; ``alpha`` and ``beta`` are (N, 3). skimage's ``rgb2hed`` then ``hed2rgb`` with the
+    stains changed in between, folded into one affine map of the optical density per image (skimage's clip of
+    negative stains is left out: it would make the round trip lossy even with no jitter). Returns [0, 1] floats.
+    """
+    log_floor = np.log(_OD_FLOOR)
+    od = np.log(np.maximum(x, _OD_FLOOR)) / log_floor  # skimage's normalised optical density, >= 0
+    m = (HED_FROM_RGB[None] * alpha[:, None, :]) @ RGB_FROM_HED[None]  # (N, 3, 3)
+    shift = beta @ RGB_FROM_HED  # (N, 3)
+    n = x.shape[0]
+    od = np.matmul(od.reshape(n, -1, 3), m.astype(np.float32)) + shift[:, None, :].astype(np.float32)
+    return np.clip(np.exp(od * log_floor), 0.0, 1.0).reshape(x.shape).astype(np.float32)
+
+
+def border_colour(image: np.ndarray, width: int = 2) -> np.ndarray:
+    """The median RGB of an HxWx3 image's outer ``width`` pixels: the slide background around a centred cell."""
+    ring = np.concatenate([image[:width].reshape(-1, 3), image[-width:].reshape(-1, 3),
+                           image[:, :width].reshape(-1, 3), image[:, -width:].reshape(-1, 3)])
+    return np.median(ring, axis=0)
+
+
+def zoom_out(image: np.ndarray, factor: float, place: np.ndarray | tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+    """Shrink a uint8 HxWx3 image by ``factor`` (>= 1) and paste it on a canvas of the border's colour.
+
+    The cell then looks as it would at a ``factor`` times lower magnification. ``place`` (two numbers in [0, 1])
+    puts the shrunk image anywhere on the canvas (0.5, 0.5 = centred). Returns a new uint8 array of the same shape.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    sh, sw = max(1, int(round(h / factor))), max(1, int(round(w / factor)))
+    small = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+    canvas = np.empty_like(image)
+    canvas[...] = np.rint(border_colour(image)).astype(np.uint8)
+    top, left = int(place[0] * (h - sh)), int(place[1] * (w - sw))
+    canvas[top:top + sh, left:left + sw] = small
+    return canvas
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """Encode a uint8 HxWx3 image as JPEG at ``quality`` with PIL and decode it again (a lab's compression)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"), dtype=np.uint8)

@@ -34,6 +34,8 @@ from bloodray.classes import NUM_CLASSES
 from bloodray.models.registry import PretrainedWeightsError, build_from_weights, load_state_dict_file, register_model
 
 PAPER_FILTERS: tuple[int, ...] = (32, 64, 64, 64, 128, 256, 256)
+#: Normalisation layers BloodNet can put after each convolution (``norm=``).
+NORMS = ("batch", "group", "none")
 #: Index of the last Linear in ``BloodNet.classifier`` (Flatten, Linear, ReLU, Linear).
 HEAD = "classifier.3"
 
@@ -60,7 +62,13 @@ class BloodNet(nn.Module):
         pool_stride: stride of the 2x2 max-pools (2 = ``bloodnet``,
             1 = the paper's literal text, ``bloodnet_paper``).
         dropout: dropout after every block (0.25 in the paper).
-        batch_norm: add BatchNorm after each convolution (not in the paper).
+        batch_norm: add BatchNorm after each convolution (not in the paper); the
+            same as ``norm="batch"``.
+        norm: normalisation after each convolution: ``"batch"``, ``"group"``
+            (GroupNorm, statistics per image, so they do not depend on the
+            batch or on the lab the training batches came from) or ``"none"``.
+            ``None`` follows ``batch_norm``.
+        groups: GroupNorm's number of groups (capped by the channel count).
         filters: output channels of the seven conv blocks.
         hidden: width of the dense layer before the output.
     """
@@ -75,15 +83,25 @@ class BloodNet(nn.Module):
         batch_norm: bool = False,
         filters: Sequence[int] = PAPER_FILTERS,
         hidden: int = 128,
+        norm: str | None = None,
+        groups: int = 8,
     ):
         super().__init__()
+        if norm is None:
+            norm = "batch" if batch_norm else "none"
+        elif batch_norm and norm != "batch":
+            raise ValueError(f"batch_norm=True contradicts norm={norm!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         layers: list[nn.Module] = []
         channels, side = 3, input_size
         for width in filters:
-            # The conv bias is redundant in front of BatchNorm's own shift.
-            layers.append(nn.Conv2d(channels, width, kernel_size=3, padding="same", bias=not batch_norm))
-            if batch_norm:
+            # The conv bias is redundant in front of a norm layer's own shift.
+            layers.append(nn.Conv2d(channels, width, kernel_size=3, padding="same", bias=norm == "none"))
+            if norm == "batch":
                 layers.append(nn.BatchNorm2d(width))
+            elif norm == "group":
+                layers.append(nn.GroupNorm(math.gcd(groups, width), width))
             layers += [
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(kernel_size=2, stride=pool_stride, ceil_mode=True),

@@ -33,6 +33,24 @@ class SplitSection:
 
 
 @dataclass
+class MixOriginalSection:
+    """A share of the original model's training images mixed into a fine-tune's training split (against forgetting)."""
+
+    #: the original training folder (e.g. the PBC root the starting model was trained on); unset = off.
+    root: str | None = None
+    #: share of its training split (per class) added to the run's training split.
+    share: float = 0.0
+    #: how the original root was split when the starting model was trained (its val/test images stay out).
+    split: SplitSection = field(default_factory=SplitSection)
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ConfigError(f"{prefix}.share: must be in [0, 1]")
+        if self.share > 0 and not self.root:
+            raise ConfigError(f"{prefix}.root: required when {prefix}.share > 0")
+
+
+@dataclass
 class DataSection:
     """Where the labelled images are and how they are split and fed."""
 
@@ -44,6 +62,7 @@ class DataSection:
     cpus_per_task: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_batch_size: int = 64
+    mix_original: MixOriginalSection = field(default_factory=MixOriginalSection)
 
     def validate(self, prefix: str) -> None:
         if not self.root:
@@ -66,6 +85,9 @@ class ModelSection:
     #: override the registry's input size (px); None = the model's own.
     input_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: start from these weights: a checkpoint or run dir (local or s3://) or ``default`` (the packaged model).
+    #: The architecture (kwargs, input size) comes from the checkpoint.
+    init_checkpoint: str | None = None
 
     def validate(self, prefix: str) -> None:
         try:
@@ -88,16 +110,43 @@ class AugmentSection:
     color_jitter: float = 0.1
     hue_jitter: float = 0.02
     min_scale: float = 0.85
+    # Robustness to other labs' slides (issue 12); all off by default so earlier runs stay reproducible.
+    zoom_out: float = 1.0
+    zoom_out_prob: float = 0.5
+    stain_jitter: float = 0.0
+    gamma: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: float = 1.5
+    noise_std: float = 0.0
+    jpeg_prob: float = 0.0
+    jpeg_quality_min: int = 30
 
     def validate(self, prefix: str) -> None:
         if not 0.0 < self.min_scale <= 1.0:
             raise ConfigError(f"{prefix}.min_scale: must be in (0, 1]")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ConfigError(f"{prefix}.color_jitter: must be in [0, 1)")
+        if not 1.0 <= self.zoom_out <= 4.0:
+            raise ConfigError(f"{prefix}.zoom_out: must be in [1, 4] (1 = off)")
+        for name in ("zoom_out_prob", "blur_prob", "jpeg_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{prefix}.{name}: must be in [0, 1]")
+        if not 0.0 <= self.stain_jitter < 1.0:
+            raise ConfigError(f"{prefix}.stain_jitter: must be in [0, 1)")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"{prefix}.gamma: must be in [0, 1]")
+        if self.blur_sigma < 0.3:
+            raise ConfigError(f"{prefix}.blur_sigma: must be >= 0.3")
+        if not 0.0 <= self.noise_std <= 64.0:
+            raise ConfigError(f"{prefix}.noise_std: must be in [0, 64] (0..255 scale)")
+        if not 1 <= self.jpeg_quality_min <= 95:
+            raise ConfigError(f"{prefix}.jpeg_quality_min: must be in [1, 95]")
 
     def to_augment(self) -> AugmentConfig:
         """The augmentation these settings describe."""
-        return AugmentConfig(self.flips, self.rotate90, self.color_jitter, self.hue_jitter, self.min_scale)
+        import dataclasses
+
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
 
 @dataclass
@@ -130,6 +179,8 @@ class OptimSection:
     precise_bn_batches: int = 0
     #: evaluate the best checkpoint on the test split when training ends.
     evaluate_test: bool = True
+    #: train the head only for the first N epochs (the backbone's weights and BatchNorm statistics stay as loaded).
+    freeze_backbone_epochs: int = 0
 
     def validate(self, prefix: str) -> None:
         if self.epochs < 1:
@@ -146,6 +197,8 @@ class OptimSection:
             raise ConfigError(f"{prefix}.ema_decay: must be in [0, 1) (got {self.ema_decay})")
         if self.precise_bn_batches < 0:
             raise ConfigError(f"{prefix}.precise_bn_batches: must be >= 0")
+        if not 0 <= self.freeze_backbone_epochs <= self.epochs:
+            raise ConfigError(f"{prefix}.freeze_backbone_epochs: must be in [0, epochs]")
 
     def recipe(self) -> Recipe:
         """The training recipe these settings describe (shared with the pack trainer and the benchmark)."""

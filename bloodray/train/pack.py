@@ -33,7 +33,7 @@ from PIL import Image
 from bloodray.classes import CLASS_NAMES, NUM_CLASSES
 from bloodray.config import ConfigError
 from bloodray.data.labelled import SplitFractions, build_split, read_many
-from bloodray.data.augment import WarpAugmentConfig, augment_on_device
+from bloodray.data.augment import AugmentConfig, WarpAugmentConfig, augment_on_device, robust_batch
 from bloodray.data.preset import EvalPreset
 from bloodray.train.recipe import Recipe, builder_kwargs, precise_bn, start_training, train_step
 
@@ -188,6 +188,10 @@ class PackedTrainConfig:
     translate: float = 0.05
     color_jitter: float = 0.1
     hue_jitter: float = 0.02
+    #: robustness augmentation (issue 12), keys as under ``train.augment`` of ``bloodray train`` (zoom_out,
+    #: zoom_out_prob, stain_jitter, gamma, blur_prob, blur_sigma, noise_std, jpeg_prob, jpeg_quality_min); the same
+    #: :func:`bloodray.data.augment.robust_batch` runs on each batch's CPU copy before the on-device warp.
+    robust: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     #: before each evaluation, re-estimate BatchNorm statistics from this many
     #: un-augmented training batches ("precise BN"; 0 = off). Running averages
@@ -217,6 +221,14 @@ class PackedTrainConfig:
             raise ConfigError(f"min_scale/max_scale: need 0 < min_scale <= max_scale (got {self.min_scale}, {self.max_scale})")
         if self.precise_bn_batches < 0:
             raise ConfigError(f"precise_bn_batches: must be >= 0 (got {self.precise_bn_batches})")
+        unknown = sorted(set(self.robust) - set(ROBUST_KEYS))
+        if unknown:
+            raise ConfigError(f"robust: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(ROBUST_KEYS)}")
+
+    def robust_augment(self) -> AugmentConfig | None:
+        """The robustness augmentation of this run (None when ``robust`` switches nothing on)."""
+        cfg = AugmentConfig(**self.robust)
+        return cfg if cfg.robust else None
 
     def recipe(self) -> Recipe:
         """The training recipe of this run (the same one ``bloodray train`` builds from its ``train`` section)."""
@@ -229,6 +241,11 @@ class PackedTrainConfig:
         """The on-device augmentation of this run."""
         return WarpAugmentConfig(self.rotate, self.flips, self.min_scale, self.max_scale, self.translate,
                                  self.color_jitter, self.hue_jitter)
+
+
+#: The robustness keys of ``robust`` (the same names as under ``train.augment``).
+ROBUST_KEYS = ("zoom_out", "zoom_out_prob", "stain_jitter", "gamma", "blur_prob", "blur_sigma", "noise_std",
+               "jpeg_prob", "jpeg_quality_min")
 
 
 def _device(name: str):
@@ -336,9 +353,10 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n_train} training images")
-    recipe, augment = cfg.recipe(), cfg.warp_augment()
+    recipe, augment, robust = cfg.recipe(), cfg.warp_augment(), cfg.robust_augment()
     state = start_training(model, recipe, steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    robust_rng = np.random.default_rng(cfg.seed)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"macro_f1": -1.0}
@@ -354,7 +372,10 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=device)
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = augment_on_device(store["train"][idx], augment, generator)
+            batch = store["train"][idx]
+            if robust is not None:
+                batch = torch.from_numpy(robust_batch(batch.cpu().numpy(), robust_rng, robust)).to(device)
+            x = augment_on_device(batch, augment, generator)
             x = ((x - mean) / std).contiguous(memory_format=memory_format)
             loss_sum += train_step(state, x, targets["train"][idx], recipe, amp)
         _sync(device)

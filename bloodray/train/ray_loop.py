@@ -24,6 +24,7 @@ from bloodray.config import from_dict, to_dict
 from bloodray.data.augment import AugmentConfig, augment_batch
 from bloodray.data.preset import EvalPreset
 from bloodray.models import get_model_info
+from bloodray.train.adapt import backbone_parameters, load_init_weights, set_backbone_norm_eval
 from bloodray.train.config import TrainConfig
 from bloodray.train.recipe import TrainingState, precise_bn, start_training, train_step
 
@@ -65,6 +66,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     start_epoch, history, train_state = 0, [], None
     resume_from = ray.train.get_checkpoint()
+    if cfg.model.init_checkpoint and resume_from is None:
+        source = load_init_weights(model, cfg)
+        if rank == 0:
+            print(f"[bloodray] starting from the weights of {source}", flush=True)
     if resume_from is not None:
         with resume_from.as_directory() as directory:
             resumed = load_resume_state(directory)
@@ -95,6 +100,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, opt.epochs):
         started = time.perf_counter()
         model.train()
+        frozen = backbone_parameters(model, cfg.model.name) if epoch < opt.freeze_backbone_epochs else []
+        if frozen:
+            set_backbone_norm_eval(model, cfg.model.name)
         loss_sum, seen = 0.0, 0
         # Augmentation runs in the iterator's prefetch thread, on the batch the model will see next,
         # seeded by (seed, rank, epoch) so a resumed epoch draws the same transforms.
@@ -102,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in train_shard.iter_torch_batches(batch_size=opt.batch_size, collate_fn=collate, device=device,
                                                     local_shuffle_buffer_size=opt.shuffle_buffer,
                                                     drop_last=False):
-            loss = train_step(state, normalize(batch["image"]), batch["label"], recipe, autocast)
+            loss = train_step(state, normalize(batch["image"]), batch["label"], recipe, autocast, frozen)
             loss_sum += float(loss) * len(batch["label"])
             seen += len(batch["label"])
         train_seconds = time.perf_counter() - started

@@ -19,6 +19,7 @@ from bloodray import rundir, storage
 from bloodray.config import save_config, to_dict
 from bloodray.data.labelled import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed,
                                     read_parquet, rows_of, write_parquet)
+from bloodray.train.adapt import mix_original, with_init_checkpoint
 from bloodray.train.config import DataSection, TrainConfig, load_train_config
 from bloodray.train.ray_loop import steps_per_epoch, train_loop_per_worker
 
@@ -85,8 +86,10 @@ def prepare_split(run_uri: str, data: DataSection,
     sp = data.split
     table, dropped = build_split(data.root, SplitFractions(sp.train, sp.val, sp.test), sp.seed, opts,
                                  data.max_per_class)
+    table, mixed = mix_original(table, data, opts)
     storage.write_json(report_uri, {"data_root": data.root, "kept": table.num_rows, "dropped": dropped,
-                                    "class_counts": class_counts(table)}, opts)
+                                    "class_counts": class_counts(table),
+                                    **({"mixed_original": mixed} if mixed else {})}, opts)
     write_parquet(table, manifest_uri, opts)
     return table, dropped
 
@@ -112,6 +115,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     opts = cfg.storage.storage_options()
+    # The starting checkpoint's architecture, read (and its seal checked) before any data or cluster work.
+    cfg = with_init_checkpoint(cfg)
     # Data problems (missing bucket, bad credentials, empty folder) surface before any cluster work.
     table, dropped = prepare_split(cfg.run_uri, cfg.data, opts)
     save_config(cfg, rundir.run_config(cfg.run_uri), opts)

@@ -201,12 +201,20 @@ def start_training(model: nn.Module, recipe: Recipe, steps_per_epoch: int) -> Tr
 
 
 def train_step(state: TrainingState, images: torch.Tensor, targets: torch.Tensor, recipe: Recipe,
-               autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """One optimizer step on a normalized batch; returns the (detached) loss."""
+               autocast: contextlib.AbstractContextManager | None = None,
+               frozen: Iterable[nn.Parameter] = ()) -> torch.Tensor:
+    """One optimizer step on a normalized batch; returns the (detached) loss.
+
+    ``frozen`` parameters keep their values and optimizer state: their gradients are dropped before the step
+    (the optimizers skip a parameter without a gradient). Dropping them, rather than switching ``requires_grad``
+    off, leaves DistributedDataParallel's set of parameters the same in every epoch.
+    """
     with autocast if autocast is not None else contextlib.nullcontext():
         loss, _ = classification_loss(state.model(images), targets, recipe)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    for p in frozen:
+        p.grad = None
     state.optimizer.step()
     state.scheduler.step()
     if state.ema is not None:
