@@ -78,7 +78,8 @@ def file_name(uri: Any) -> str:
     return posixpath.basename(text.split("#", 1)[-1]) or text
 
 
-def _number(value: Any) -> float | None:
+def num(value: Any) -> float | None:
+    """A number from a table cell (None for missing, booleans, text and NaN)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -97,11 +98,11 @@ def cell_card(cell: Mapping[str, Any], jpeg: bytes | None) -> str:
     """One gallery cell: thumbnail, file name, class, confidence and (when present) OOD score."""
     kind = "unidentified" if is_unidentified(cell) else "review" if cell.get("needs_review") else ""
     name = file_name(cell.get("image_uri"))
-    conf = _number(cell.get("confidence"))
+    conf = num(cell.get("confidence"))
     lines = [f"<div class=name title='{e(cell.get('image_uri'))}'>{e(name)}</div>",
              f"<div>{e(cell.get('predicted_class'))}</div>",
              f"<div>conf {conf:.2f}</div>" if conf is not None else ""]
-    ood = _number(cell.get("ood_score"))
+    ood = num(cell.get("ood_score"))
     if ood is not None:
         lines.append(f"<div>OOD {ood:.2f}</div>")
     if kind:
@@ -112,7 +113,7 @@ def cell_card(cell: Mapping[str, Any], jpeg: bytes | None) -> str:
 
 
 def _order(cells: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return sorted(cells, key=lambda c: (not c.get("needs_review"), _number(c.get("confidence")) or 0.0,
+    return sorted(cells, key=lambda c: (not c.get("needs_review"), num(c.get("confidence")) or 0.0,
                                         str(c.get("image_uri"))))
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-import math
 from typing import Any, Mapping, Sequence
 
+from bloodray.analysis.gallery import num
 from bloodray.classes import DIFFERENTIAL_CLASSES, cell_class, reference_ranges
 
 #: Samples per differential figure; more make rows too thin to read.
@@ -14,17 +14,6 @@ SAMPLES_PER_FIGURE = 40
 TOP_N = 40
 
 _OK, _LOW, _HIGH = "#2b7bba", "#d62728", "#d62728"
-
-
-def num(value: Any) -> float | None:
-    """A finite float, or None."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(out) else out
 
 
 def side(sample: Mapping[str, Any], cls: str) -> str | None:
