@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from typing import Callable, Sequence
 
 # Only light imports here: --help, --version and query must not wait for torch
 # (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
 from bloodray.config import ConfigError, StorageConfig, load_config
+from bloodray.defaults import default_config_path, describe_default_config
+from bloodray.logs import exit_on_sigterm
 from bloodray.storage import StorageError
 
 #: What ``bloodray --help`` opens with (the module docstring is for developers).
@@ -62,30 +63,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def packaged_default(name: str | None) -> str | None:
-    """Path of a packaged default config given its name under ``configs/`` (``"train/bloodnet.yaml"``).
-
-    Accepts the historical ``configs/...`` spelling. A name that is not
-    packaged is returned as it is (a path relative to the working directory).
-    """
-    if name is None:
-        return None
-    from bloodray.defaults import packaged_config
-
-    rel = name[len("configs/"):] if name.startswith("configs/") else name
-    try:
-        return str(packaged_config(rel))
-    except FileNotFoundError:
-        return name
-
-
-def _default_help(name: str | None) -> str:
-    if name is None:
-        return "none"
-    rel = name[len("configs/"):] if name.startswith("configs/") else name
-    return f"the packaged {rel}, identical to configs/{rel} in the repository"
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
     """``--config FILE`` and repeatable ``--set dotted.key=value``.
 
@@ -93,8 +70,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     or ``train/bloodnet.yaml``), so the command works from any directory; a
     ``--config`` given by the user is a path relative to the working directory.
     """
-    parser.add_argument("--config", default=packaged_default(default_config), metavar="YAML",
-                        help=f"YAML config (default: {_default_help(default_config)})")
+    parser.add_argument("--config", default=default_config_path(default_config), metavar="YAML",
+                        help=f"YAML config (default: {describe_default_config(default_config)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
 
@@ -189,9 +166,9 @@ def cmd_synth(args) -> int:
 
 def add_classify_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
     """The classification job's options: ``--config``, ``--set`` and the ``--date``/``--incremental`` shortcuts."""
-    parser.add_argument("--config", "-c", metavar="YAML", default=packaged_default(default_config),
+    parser.add_argument("--config", "-c", metavar="YAML", default=default_config_path(default_config),
                         help="config file, e.g. configs/classify/nightly.yaml "
-                             f"(default: {_default_help(default_config)})")
+                             f"(default: {describe_default_config(default_config)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set run.date=2024-05-01 (repeatable)")
     parser.add_argument("--date", metavar="YYYY-MM-DD", help="shortcut for --set run.date=YYYY-MM-DD")
@@ -499,26 +476,6 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
     except _expected_errors() as exc:
         print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def exit_on_sigterm() -> None:
-    """Make SIGTERM a clean exit that stops the local Ray cluster the job started.
-
-    Python's default for SIGTERM ends the process at once; after ``ray.init``
-    Ray's failure signal handler (absl) aborts the driver on SIGTERM instead of
-    letting ``ray.shutdown`` run, which leaves Ray's dashboard and runtime-env
-    agents behind. So the handler is disabled (``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1``,
-    unless set; it only prints stack traces of crashes) and SIGTERM raises
-    ``SystemExit(143)`` (``ray.init`` installs its own equivalent, ``SystemExit(15)``),
-    so exit handlers run. Only the command line calls it: library code never
-    touches signal handlers or the environment.
-    """
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-
-    def handler(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bloodray.cli import exit_on_sigterm, run  # noqa: E402
+from bloodray.cli import run  # noqa: E402
+from bloodray.logs import exit_on_sigterm  # noqa: E402
 
 if __name__ == "__main__":
     exit_on_sigterm()  # SIGTERM (a cancelled job) stops the local Ray cluster too

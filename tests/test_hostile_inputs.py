@@ -365,7 +365,7 @@ def _running(pid: int) -> bool:
 
 def test_sigterm_leaves_no_ray_processes():
     """The driver of the command line (``exit_on_sigterm``, as ``bloodray`` calls it) with a local cluster at work."""
-    script = ("from bloodray.cli import exit_on_sigterm\n"
+    script = ("from bloodray.logs import exit_on_sigterm\n"
               "exit_on_sigterm()\n"
               "import ray, time\n"
               "ray.init(address='local', num_cpus=1)\n"

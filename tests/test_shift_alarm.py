@@ -105,7 +105,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     from bloodray.analysis.report import write_report
 
     html = Path(write_report(str(tmp_path / "out-shifted"), dest=str(tmp_path / "report"))).read_text()
-    assert "Domain-shift alarm" in html and html.index("Domain-shift alarm") < html.index("<h2>Run</h2>")
+    assert "Domain-shift alarm" in html and html.index("Domain-shift alarm") < html.index("<section")
 
     # shift.on_alarm=fail: the run fails and publishes nothing.
     with pytest.raises(ClassifyError, match="domain-shift alarm.*nothing was published"):

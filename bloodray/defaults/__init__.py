@@ -32,3 +32,26 @@ def packaged_configs() -> list[str]:
     """Relative names of every packaged YAML file."""
     root = Path(str(resources.files(__name__)))
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+
+
+def default_config_path(name: str | None) -> str | None:
+    """Path of a packaged default config given its name under ``configs/`` (``"train/bloodnet.yaml"``).
+
+    Accepts the historical ``configs/...`` spelling. A name that is not
+    packaged is returned as it is (a path relative to the working directory).
+    """
+    if name is None:
+        return None
+    rel = name[len("configs/"):] if name.startswith("configs/") else name
+    try:
+        return str(packaged_config(rel))
+    except FileNotFoundError:
+        return name
+
+
+def describe_default_config(name: str | None) -> str:
+    """How ``--help`` names a packaged default config."""
+    if name is None:
+        return "none"
+    rel = name[len("configs/"):] if name.startswith("configs/") else name
+    return f"the packaged {rel}, identical to configs/{rel} in the repository"

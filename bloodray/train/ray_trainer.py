@@ -120,7 +120,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # Data problems (missing bucket, bad credentials, empty folder) surface before any cluster work.
     table, dropped = prepare_split(cfg.run_uri, cfg.data, opts)
     save_config(cfg, rundir.run_config(cfg.run_uri), opts)
-    init_ray()  # joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one
+    # Joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one. The workers' own lines (one per
+    # epoch, the resume notice) are the training's progress report, so they reach the console.
+    init_ray(log_to_driver=True)
     print(f"[bloodray] {table.num_rows} images after de-duplication ({len(dropped)} dropped); "
           f"split {json.dumps({s: int(sum(c.values())) for s, c in class_counts(table).items()})}", flush=True)
 
