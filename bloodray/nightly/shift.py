@@ -24,9 +24,10 @@ import pyarrow as pa
 from bloodray.evaluation.ood import SHIFT_FLAG, ShiftRule, shift_statistics
 from bloodray.nightly.differential import flag_columns
 
-__all__ = ["SHIFT_FLAG", "ShiftRule", "apply_shift", "no_shift"]
+__all__ = ["SHIFT_FLAG", "SHIFT_COLUMNS", "ShiftRule", "apply_shift", "no_shift", "withhold_flags"]
 
-_STAT_COLUMNS = ("n_unidentified", "share_unidentified", "unidentified_p_value", "ood_ks", "ood_ks_p_value",
+#: Per-sample columns of the alarm in differentials (the run-level ones add n_samples_shifted).
+SHIFT_COLUMNS = ("n_unidentified", "share_unidentified", "unidentified_p_value", "ood_ks", "ood_ks_p_value",
                  "domain_shift")
 
 
@@ -39,6 +40,20 @@ def no_shift() -> dict[str, Any]:
 def _stats(scores: np.ndarray, ood: Mapping[str, Any], rule: ShiftRule) -> dict[str, Any]:
     return shift_statistics(scores, float(ood["threshold"]), list(ood["val_quantiles"]),
                             float(ood["val_unidentified_share"]), rule, int(ood.get("n_val") or 1000))
+
+
+def withhold_flags(diffs: pa.Table, shifted: np.ndarray) -> pa.Table:
+    """Samples under the alarm keep only the flag :data:`SHIFT_FLAG`; their other ``flag_*`` columns are false."""
+    if not shifted.any():
+        return diffs
+    for col in flag_columns():
+        diffs = diffs.set_column(diffs.schema.get_field_index(col), col,
+                                 pa.array(np.asarray(diffs.column(col).to_pylist(), dtype=bool) & ~shifted))
+    flags = [[SHIFT_FLAG] if s else f for s, f in zip(shifted, diffs.column("flags").to_pylist())]
+    diffs = diffs.set_column(diffs.schema.get_field_index("flags"), "flags",
+                             pa.array(flags, diffs.schema.field("flags").type))
+    return diffs.set_column(diffs.schema.get_field_index("any_flag"), "any_flag",
+                            pa.array(np.asarray(diffs.column("any_flag").to_pylist(), dtype=bool) | shifted))
 
 
 def apply_shift(diffs: pa.Table, scores: Mapping[str, np.ndarray], unidentified: Mapping[str, int],
@@ -58,19 +73,11 @@ def apply_shift(diffs: pa.Table, scores: Mapping[str, np.ndarray], unidentified:
         row["n_unidentified"] = int(unidentified.get(sid, 0))
         rows.append(row)
     shifted = np.array([r["domain_shift"] for r in rows], dtype=bool)
-    for name in _STAT_COLUMNS:
+    for name in SHIFT_COLUMNS:
         values = [r[name] for r in rows]
         diffs = diffs.append_column(name, pa.array(values, diffs.schema.field(name).type
                                                    if name in diffs.schema.names else None))
-    if shifted.any():
-        for col in flag_columns():
-            diffs = diffs.set_column(diffs.schema.get_field_index(col), col,
-                                     pa.array(np.asarray(diffs.column(col).to_pylist(), dtype=bool) & ~shifted))
-        flags = [[SHIFT_FLAG] if s else f for s, f in zip(shifted, diffs.column("flags").to_pylist())]
-        diffs = diffs.set_column(diffs.schema.get_field_index("flags"), "flags",
-                                 pa.array(flags, diffs.schema.field("flags").type))
-        diffs = diffs.set_column(diffs.schema.get_field_index("any_flag"), "any_flag",
-                                 pa.array(np.asarray(diffs.column("any_flag").to_pylist(), dtype=bool) | shifted))
+    diffs = withhold_flags(diffs, shifted)
     run = no_shift()
     if ood:
         pooled = np.concatenate([np.asarray(v, dtype=np.float64) for v in scores.values()]) if scores else np.zeros(0)

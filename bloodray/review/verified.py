@@ -21,6 +21,7 @@ import posixpath
 import warnings
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -31,6 +32,7 @@ from bloodray.nightly import contract
 from bloodray.nightly.config import FlagsConfig
 from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, load_flag_rules
 from bloodray.nightly.sample_metadata import load_sample_metadata
+from bloodray.nightly.shift import SHIFT_COLUMNS, withhold_flags
 
 #: SQL of the latest review of each reviewed cell (over the ``reviews`` view).
 LATEST_REVIEWS_SQL = ("SELECT * FROM reviews QUALIFY row_number() OVER "
@@ -80,18 +82,22 @@ def verified_rows(con, run_ids: list[str], storage_options: Any = None) -> pa.Ta
     names = [n for n, _ in _cols(contract.VERIFIED_DIFFERENTIALS)]
     if not run_ids:
         return contract.view_schema(contract.VERIFIED_DIFFERENTIALS).empty_table()
-    per_class = ", ".join(f"count(*) FILTER (WHERE cls = '{c}') AS {col}"
+    # As in the job: unidentified cells are not counted, unless a reviewer gave them a class.
+    per_class = ", ".join(f"count(*) FILTER (WHERE cls = '{c}' AND counted) AS {col}"
                           for c, col in zip(CLASS_NAMES, count_columns()))
+    # The alarm's statistics describe the images, not their classes: they stay as the run computed them.
+    shift = ", ".join(f"any_value(d.{col}) AS {col}" for col in SHIFT_COLUMNS)
     ids = ", ".join("'" + r.replace("'", "''") + "'" for r in run_ids)
     counts = con.sql(f"""
         WITH r AS ({LATEST_REVIEWS_SQL}),
         cells AS (
             SELECT p.run_id, p.run_date, p.sample_id, coalesce(r.new_class, p.predicted_class) AS cls,
-                   p.needs_review AND r.new_class IS NULL AS still_review, r.new_class IS NOT NULL AS verified
+                   p.needs_review AND r.new_class IS NULL AS still_review, r.new_class IS NOT NULL AS verified,
+                   p.status IS DISTINCT FROM '{contract.UNIDENTIFIED}' OR r.new_class IS NOT NULL AS counted
             FROM predictions p LEFT JOIN r USING (run_id, image_uri) WHERE p.run_id IN ({ids}))
         SELECT c.run_id, c.sample_id, any_value(d.n_images) AS n_images, count(*) AS n_classified,
                any_value(d.n_errors) AS n_errors, count(*) FILTER (WHERE still_review) AS n_review,
-               {per_class}, count(*) FILTER (WHERE verified) AS n_verified, c.run_date
+               {per_class}, count(*) FILTER (WHERE verified) AS n_verified, {shift}, c.run_date
         FROM cells c LEFT JOIN differentials d USING (run_id, sample_id)
         GROUP BY c.run_id, c.run_date, c.sample_id ORDER BY c.run_date, c.sample_id""").to_arrow_table()
     configs = dict(con.execute(f"SELECT run_id, config_yaml FROM runs WHERE run_id IN ({ids})").fetchall())
@@ -99,7 +105,9 @@ def verified_rows(con, run_ids: list[str], storage_options: Any = None) -> pa.Ta
     for run_id in run_ids:
         mask = pc.equal(counts.column("run_id"), run_id)
         rules, meta = run_flag_rules(configs.get(run_id), storage_options)
-        parts.append(compute_differentials(counts.filter(mask), rules, meta))
+        diffs = compute_differentials(counts.filter(mask), rules, meta)
+        shifted = np.asarray(diffs.column("domain_shift").fill_null(False).to_pylist(), dtype=bool)
+        parts.append(withhold_flags(diffs, shifted))
     table = pa.concat_tables(parts)
     return table.select(names).cast(contract.view_schema(contract.VERIFIED_DIFFERENTIALS))
 
