@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,11 +36,13 @@ CHECK_JS = """JSON.stringify({
 async def _session(url: str, viewport, expression: str | None, screenshot: bool, full_page: bool):
     import aiohttp
 
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still be writing the profile while it is removed: never fail on that.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                                  "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-port=0",
                                  f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             port = None
             for line in proc.stderr:
@@ -93,7 +97,11 @@ async def _session(url: str, viewport, expression: str | None, screenshot: bool,
                         png = base64.b64decode((await call("Page.captureScreenshot", **params))["data"])
                     return result, png
         finally:
-            proc.kill()
+            # The whole process group: the renderer and GPU helpers too, not only the browser process.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
 
 
