@@ -1,7 +1,7 @@
 """The ``bloodray`` command line: parse arguments, build a typed config, call one library function.
 
 Subcommands: ``train``, ``evaluate``, ``calibrate``, ``export``, ``classify``,
-``query``, ``report``, ``models``, ``synth``, ``demo``, ``compare``, ``review``. Expected failures (bad config, missing data,
+``query``, ``vacuum``, ``report``, ``models``, ``synth``, ``demo``, ``compare``, ``review``. Expected failures (bad config, missing data,
 unreadable checkpoint, storage errors) print one line naming the culprit and
 exit with status 2; nothing already written is removed.
 """
@@ -16,7 +16,9 @@ from typing import Callable, Sequence
 
 # Only light imports here: --help, --version and query must not wait for torch
 # (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
-from bloodray.config import ConfigError, StorageConfig, load_config
+from bloodray.cli_common import add_storage_arguments, storage_options
+from bloodray.cli_outputs import add_output_root_parsers
+from bloodray.config import ConfigError, load_config
 from bloodray.defaults import default_config_path, describe_default_config
 from bloodray.logs import exit_on_sigterm
 from bloodray.storage import StorageError
@@ -45,7 +47,8 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.checkpoint", "CheckpointError"), ("bloodray.data.labelled", "DatasetError"),
     ("bloodray.models", "UnknownModelError"), ("bloodray.nightly.config", "ClassifyError"),
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
-    ("bloodray.review.roundtrip", "ReviewError"), ("bloodray.train.pack", "PackError"))
+    ("bloodray.review.roundtrip", "ReviewError"), ("bloodray.train.pack", "PackError"),
+    ("bloodray.nightly.tables", "TableError"))
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -76,14 +79,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
 
 
-def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (credentials: AWS chain)")
-
-
-def _storage_options(args) -> dict:
-    return StorageConfig(endpoint_url=args.endpoint_url).storage_options()
-
-
 def cmd_train(args) -> int:
     from bloodray.train.ray_trainer import load_train_config, run_training
 
@@ -100,7 +95,7 @@ def cmd_evaluate(args) -> int:
     from bloodray.evaluation.evaluate import evaluate_folder, evaluate_run
     from bloodray import storage
 
-    opts = _storage_options(args)
+    opts = storage_options(args)
     if args.run:
         result = evaluate_run(args.run, args.split, opts, args.output, checkpoint=args.checkpoint, tta=args.tta)
     elif args.data:
@@ -116,7 +111,7 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from bloodray.evaluation.evaluate import calibrate_run
 
-    result = calibrate_run(args.run, _storage_options(args), args.max_review_share, checkpoint=args.checkpoint)
+    result = calibrate_run(args.run, storage_options(args), args.max_review_share, checkpoint=args.checkpoint)
     test = result["test"]
     print(f"temperature {result['temperature']:.3f}; review threshold {result['review_threshold']:.3f} "
           f"(chosen on val for <= {args.max_review_share:.0%} flagged)")
@@ -133,7 +128,7 @@ def cmd_calibrate(args) -> int:
 def cmd_export(args) -> int:
     from bloodray.checkpoint import export_checkpoint
 
-    print(f"exported to {export_checkpoint(args.checkpoint, args.to, _storage_options(args))}")
+    print(f"exported to {export_checkpoint(args.checkpoint, args.to, storage_options(args))}")
     return 0
 
 
@@ -152,12 +147,12 @@ def cmd_synth(args) -> int:
 
     if args.kind == "labelled":
         counts = synth.write_labelled_dataset(args.out, args.per_class, size=args.size, seed=args.seed,
-                                              storage_options=_storage_options(args))
+                                              storage_options=storage_options(args))
         print(f"wrote {sum(counts.values())} labelled images to {args.out}: {json.dumps(counts)}")
     else:
         samples = synth.default_samples(args.samples, args.cells, seed=args.seed)
         rows = synth.write_archive(args.out, samples, layout=args.layout, size=args.size, seed=args.seed,
-                                   storage_options=_storage_options(args))
+                                   storage_options=storage_options(args))
         print(f"wrote {len(rows)} images of {len(samples)} samples to {args.out} ({args.layout} layout)")
         for spec in samples:
             print(f"  {spec.sample_id}: {json.dumps({k: v for k, v in spec.counts.items() if v})}")
@@ -206,27 +201,10 @@ def cmd_classify(args) -> int:
     return 0
 
 
-def cmd_query(args) -> int:
-    from bloodray.analysis.query import export
-
-    table, text = export(args.output, args.sql, _storage_options(args), fmt=args.format, out=args.out,
-                         max_rows=None if args.all_rows else args.max_rows)
-    if text is None:
-        print(f"wrote {table.num_rows} row(s) to {args.out}", file=sys.stderr)
-    else:
-        text = text if text.endswith("\n") else text + "\n"
-        # In pieces, so a reader that leaves early (`| head`) is noticed at once
-        # (BrokenPipeError, handled in main) instead of after one huge write.
-        for start in range(0, len(text), 1 << 16):
-            sys.stdout.write(text[start:start + (1 << 16)])
-            sys.stdout.flush()
-    return 0
-
-
 def cmd_report(args) -> int:
     from bloodray.analysis.report import write_report
 
-    path = write_report(args.output, run_date=args.date, dest=args.dest, storage_options=_storage_options(args))
+    path = write_report(args.output, run_date=args.date, dest=args.dest, storage_options=storage_options(args))
     print(f"report: {path}")
     return 0
 
@@ -346,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_classify_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)
 
-    add_query_parser(sub)
+    add_output_root_parsers(sub)
 
     p = sub.add_parser("report", help="HTML report with plots for a run date")
     p.add_argument("--output", required=True, help="output root of the classify job")
@@ -364,82 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, "configs/compare/cpu.yaml")
     p.set_defaults(func=cmd_compare)
     add_pack_parsers(sub)
-    add_review_parser(sub)
     add_output_arguments(parser, sub)
     return parser
-
-
-def cmd_review_export(args) -> int:
-    from bloodray.review.roundtrip import export_review
-
-    csv_uri, html_uri, n = export_review(args.output, args.date, args.dest, _storage_options(args))
-    print(f"{n} cell(s) to review: fill verified_class in {csv_uri}; gallery: {html_uri}")
-    return 0
-
-
-def cmd_review_import(args) -> int:
-    from bloodray.review.roundtrip import import_review
-
-    result = import_review(args.output, args.date, args.file, args.reviewer, _storage_options(args))
-    print(f"imported {result.n_reviews} review(s) of run {result.run_id} ({result.n_changed} class change(s)) "
-          f"into {result.uri}")
-    return 0
-
-
-def cmd_review_labels(args) -> int:
-    from bloodray.review.roundtrip import export_labels
-
-    counts = export_labels(args.output, args.dest, _storage_options(args))
-    print(f"wrote {counts['archive']} original image(s) and {counts['thumbnail']} thumbnail(s) (where the archive "
-          f"was unreachable) to {args.dest}" + (f"; {counts['missing']} cell(s) without any image skipped"
-                                                  if counts["missing"] else ""))
-    return 0
-
-
-def add_review_parser(sub) -> None:
-    """``bloodray review export|import|labels``: the reviewer's round trip."""
-    review = sub.add_parser("review", help="export cells to review, import verified classes, export labels")
-    rsub = review.add_subparsers(dest="review_command", required=True)
-    p = rsub.add_parser("export", help="write review.csv and a self-contained review.html for a run date")
-    p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--date", required=True, help="run date YYYY-MM-DD")
-    p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.csv and review.html")
-    add_storage_arguments(p)
-    p.set_defaults(func=cmd_review_export)
-    p = rsub.add_parser("import", help="validate a filled review.csv and append it to the reviews table")
-    p.add_argument("file", help="the filled review.csv")
-    p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--date", required=True, help="run date YYYY-MM-DD the review list was exported for")
-    p.add_argument("--reviewer", default=None, help="reviewer name for rows whose reviewer column is empty")
-    add_storage_arguments(p)
-    p.set_defaults(func=cmd_review_import)
-    p = rsub.add_parser("labels", help="export reviewed cells as a labelled <class>/<file> folder for training")
-    p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--dest", required=True, help="folder (or s3:// prefix) to write <class>/<file> images to")
-    add_storage_arguments(p)
-    p.set_defaults(func=cmd_review_labels)
-
-
-def add_query_parser(sub) -> argparse.ArgumentParser:
-    """``bloodray query SQL --output ROOT [--format ...] [--out FILE]``."""
-    from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS
-
-    p = sub.add_parser("query", help="run read-only SQL (DuckDB) over the committed outputs; print or export it",
-                       description="Run SQL over the views runs, all_runs, predictions, differentials and errors "
-                                   "of an output root. Read-only: SQL cannot read or write files, load extensions "
-                                   "or change settings.")
-    p.add_argument("sql", help='e.g. "SELECT sample_id, pct_neutrophil FROM differentials WHERE any_flag"')
-    p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
-    p.add_argument("--format", default="table", choices=list(EXPORT_FORMATS),
-                   help="table (terminal, long paths cut from the left), csv, json, or parquet (needs --out)")
-    p.add_argument("--out", metavar="FILE", default=None,
-                   help="write the result to FILE (local path or s3://) instead of stdout; not inside the output's "
-                        "table folders")
-    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows shown by --format table")
-    p.add_argument("--all-rows", action="store_true", help="show every row with --format table")
-    add_storage_arguments(p)
-    p.set_defaults(func=cmd_query)
-    return p
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, sub=None) -> None:

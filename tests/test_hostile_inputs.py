@@ -34,7 +34,7 @@ from bloodray import cli, storage
 from bloodray.checkpoint import PACKAGED_CHECKPOINT, WEIGHTS_FILE
 from bloodray.config import load_config
 from bloodray.data.synth_cells import render_cell
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyConfig
 from bloodray.nightly.pipeline import run_classification
 
@@ -130,10 +130,10 @@ def _overrides(archive: str, out: str, *extra: str) -> list[str]:
 
 def _tables(out: str) -> duckdb.DuckDBPyConnection:
     """DuckDB over the committed, visible run's Parquet files."""
-    visible = contract.visible_runs(out, None, DATE)
+    visible = tables.visible_runs(out, None, DATE)
     con = duckdb.connect()
     for table in contract.TABLES:
-        con.register(table, contract.table_dataset(out, table, visible, None).to_table())
+        con.register(table, tables.run_rows(out, table, visible, None).to_table())
     return con
 
 

@@ -16,7 +16,7 @@ import pytest
 from bloodray.analysis import query
 from bloodray.config import load_config
 from bloodray.data import synth
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.pipeline import ClassifyConfig, run_classification
 
 DATE = "2024-07-01"
@@ -71,7 +71,7 @@ def test_incremental_run_reconciles_per_image(tmp_path, ray_cluster):
     assert (diffs["S0001"]["n_classified"], diffs["S0001"]["n_errors"]) == (5, 0)
     assert diffs["S0002"]["n_images"] == 4
     assert inc.incremental_skipped_samples == 0
-    run = contract.visible_runs(str(out)).to_pylist()[0]
+    run = tables.visible_runs(str(out)).to_pylist()[0]
     assert (run["run_id"], run["carried_from_run_id"], run["n_inputs"]) == (inc.run_id, first.run_id, 4)
 
     # Nothing changed since: everything is carried, nothing is read, each sample skipped.

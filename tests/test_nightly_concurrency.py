@@ -24,7 +24,7 @@ from bloodray import storage
 from bloodray.analysis import query
 from bloodray.config import ConfigError, load_config
 from bloodray.data import synth
-from bloodray.nightly import commit, contract, lease
+from bloodray.nightly import commit, contract, lease, tables
 from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.pipeline import ClassifyConfig, run_classification, stage_run
 from bloodray.nightly.plan import plan_run
@@ -99,9 +99,9 @@ def test_two_real_runs_of_one_date_one_fails_fast_and_the_other_commits(tmp_path
             os.killpg(winner.pid, signal.SIGKILL)
     assert winner.returncode == 0, stderr[stderr.find("Traceback"):][:4000] or stderr[-4000:]
     # The date holds exactly the winner's rows; the loser left nothing anywhere.
-    visible = contract.visible_runs(str(out)).to_pylist()
+    visible = tables.visible_runs(str(out)).to_pylist()
     assert [r["run_id"] for r in visible] == ["winner-run"]
-    assert contract.committed_runs(str(out)).column("run_id").to_pylist() == ["winner-run"]
+    assert tables.committed_runs(str(out)).column("run_id").to_pylist() == ["winner-run"]
     preds = query.read_table(str(out), "predictions")
     errors = query.read_table(str(out), "errors")
     uris = preds.column("image_uri").to_pylist() + errors.column("image_uri").to_pylist()
@@ -192,7 +192,7 @@ def test_commit_refuses_a_run_that_lost_its_lease_on_s3(s3_bucket, ray_cluster):
     with pytest.raises(lease.LeaseLostError, match="usurper-run"):
         commit.commit_run(plan)
     fs.invalidate_cache()
-    assert contract.committed_runs(out, so).num_rows == 0
+    assert tables.committed_runs(out, so).num_rows == 0
     assert not fs.exists(contract.staging_dir(out_path, plan.run_id))
     assert not any(fs.exists(contract.partition_dir(out_path, t, DATE, plan.run_id)) for t in contract.TABLES)
     assert lease.live_holders(out, so) == {"usurper-run"}
@@ -222,7 +222,7 @@ def test_commit_refuses_staged_rows_that_do_not_account_for_the_listing(tmp_path
     (errors / "part-9.parquet").write_bytes((errors / "part-0.parquet").read_bytes())
     with pytest.raises(ClassifyError, match=r"1 image\(s\) with more than one row \(e\.g\. .*broken\.jpg\)"):
         commit.commit_run(plan)
-    assert _staging_runs(out) == [] and contract.committed_runs(str(out)).num_rows == 0
+    assert _staging_runs(out) == [] and tables.committed_runs(str(out)).num_rows == 0
 
     # Untouched, it commits: every listed image once.
     result = commit.commit_run(_staged(cfg))

@@ -1,6 +1,7 @@
 """DuckDB views and the HTML report over an output tree written in the contract layout.
 
-The tree is written here with pyarrow, not by the classification job, so these
+The tree is written here with pyarrow and committed with the Delta layer
+(:mod:`bloodray.nightly.tables`), not by the classification job, so these
 tests pin the contract itself: only the visible (latest committed) run of each
 date shows; uncommitted runs, superseded runs and ``_staging/`` never do.
 """
@@ -22,6 +23,7 @@ from bloodray.analysis import query as query
 
 from bloodray.analysis import report as report
 from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES, reference_ranges
+from bloodray.nightly import tables
 
 D1, D2 = "2024-03-01", "2024-03-02"
 OLD, NEW, UNCOMMITTED, D2_RUN = "run-d1-old", "run-d1-new", "run-d1-uncommitted", "run-d2"
@@ -104,13 +106,23 @@ def build_tree(root: str, storage_options=None, *, with_errors: bool = True) -> 
         with fs.open(path, "wb") as f:
             pq.write_table(table, f)
 
+    def commit(run_id: str, run_date: str) -> None:
+        """Commit every file of the run to its tables, the manifest last (as the classify job does)."""
+        for table in ("predictions", "errors", "differentials", "runs"):
+            files = [p for p in fs.find(f"{base}/{table}/run_date={run_date}")
+                     if (f"/{run_id}/part-" in p or p.endswith(f"/{run_id}.parquet"))]
+            if files:
+                tables.commit_files(root, table, run_date, run_id, files, replace_date=table != "runs",
+                                    storage_options=storage_options)
+
     # Date 1: an older committed run, superseded by a newer one.
     put(f"predictions/run_date={D1}/{OLD}/part-0.parquet", _predictions(OLD, ["S1", "S2"], 7))
     put(f"differentials/run_date={D1}/{OLD}/part-0.parquet",
         pa.Table.from_pylist([_differential(OLD, "S1", NORMAL), _differential(OLD, "S2", NORMAL)]))
     if with_errors:
         put(f"errors/run_date={D1}/{OLD}/part-0.parquet", _errors(OLD, [("decode", "OSError")] * 5))
-    put(f"runs/run_date={D1}/{OLD}.parquet", _manifest(OLD, D1, _ts(1), 14, 5, 2))
+    put(f"runs/run_date={D1}/{OLD}.parquet", _manifest(OLD, D1, _ts(1), 14, 5, 2).drop_columns(["run_date"]))
+    commit(OLD, D1)
 
     # The newer run writes two part files; the second lacks a column the first
     # has (union_by_name must fill NULLs, not fail).
@@ -123,7 +135,9 @@ def build_tree(root: str, storage_options=None, *, with_errors: bool = True) -> 
     if with_errors:
         put(f"errors/run_date={D1}/{NEW}/part-0.parquet",
             _errors(NEW, [("decode", "OSError"), ("decode", "OSError"), ("preprocess", "ValueError")]))
-    put(f"runs/run_date={D1}/{NEW}.parquet", _manifest(NEW, D1, _ts(2), 12, 3 if with_errors else 0, 3))
+    put(f"runs/run_date={D1}/{NEW}.parquet",
+        _manifest(NEW, D1, _ts(2), 12, 3 if with_errors else 0, 3).drop_columns(["run_date"]))
+    commit(NEW, D1)
 
     # An uncommitted (crashed or still running) later run: data, no manifest.
     put(f"predictions/run_date={D1}/{UNCOMMITTED}/part-0.parquet", _predictions(UNCOMMITTED, ["S1"], 50))
@@ -139,9 +153,10 @@ def build_tree(root: str, storage_options=None, *, with_errors: bool = True) -> 
     put(f"predictions/run_date={D2}/{D2_RUN}/part-0.parquet", _predictions(D2_RUN, ["T1", "T2"], 3))
     put(f"differentials/run_date={D2}/{D2_RUN}/part-0.parquet",
         pa.Table.from_pylist([_differential(D2_RUN, "T1", NORMAL), _differential(D2_RUN, "T2", NORMAL)]))
-    # The manifest may leave run_date to the path (as bloodray.nightly.contract writes it).
+    # run_date is a Delta partition column: in the log and the path, never in the files.
     put(f"runs/run_date={D2}/{D2_RUN}.parquet",
         _manifest(D2_RUN, D2, _ts(3) + dt.timedelta(days=1), 6, 0, 2).drop_columns(["run_date"]))
+    commit(D2_RUN, D2)
     return {"predictions": {D1: 12, D2: 6}, "differentials": {D1: 3, D2: 2},
             "errors": {D1: 3 if with_errors else 0}}
 
@@ -289,13 +304,12 @@ def test_missing_root_names_the_uri(tmp_path, s3_bucket):
         query.read_table(str(tmp_path), "runs; DROP TABLE x")
 
 
-def test_torn_manifest_is_ignored_with_a_warning(tmp_path):
+def test_torn_uncommitted_manifest_is_invisible(tmp_path):
     uri = str(tmp_path / "out")
     build_tree(uri)
-    # A later run whose manifest write was cut short must not hide the visible
-    # run or break the views.
+    # A later run whose manifest write was cut short (before its Delta commit) must not hide the visible
+    # run or break the views: no Delta version lists the file.
     torn = tmp_path / "out" / "runs" / f"run_date={D1}" / f"{UNCOMMITTED}.parquet"
     torn.write_bytes(b"PAR1 not really parquet")
-    with pytest.warns(UserWarning, match=re.escape(str(torn))):
-        table = query.run_query(uri, "SELECT run_date, run_id FROM runs ORDER BY run_date")
+    table = query.run_query(uri, "SELECT run_date, run_id FROM runs ORDER BY run_date")
     assert table.to_pylist() == [{"run_date": D1, "run_id": NEW}, {"run_date": D2, "run_id": D2_RUN}]

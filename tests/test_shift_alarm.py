@@ -22,7 +22,7 @@ from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.evaluation.evaluate import fit_ood_reference
 from bloodray.evaluation.ood import SHIFT_FLAG
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyConfig, ClassifyError
 from bloodray.nightly.differential import count_columns
 from bloodray.nightly.pipeline import run_classification
@@ -98,7 +98,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     assert result.n_unidentified == len(unidentified)
     warning = result.shift_warning()
     assert result.run_id in warning and "2 of 2 sample(s) (100%)" in warning
-    runs = contract.visible_runs(str(tmp_path / "out-shifted")).to_pylist()
+    runs = tables.visible_runs(str(tmp_path / "out-shifted")).to_pylist()
     assert runs[0]["domain_shift"] and runs[0]["n_samples_shifted"] == 2
 
     # The report shows the alarm before anything else.
@@ -110,7 +110,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     # shift.on_alarm=fail: the run fails and publishes nothing.
     with pytest.raises(ClassifyError, match="domain-shift alarm.*nothing was published"):
         run_classification(_config(shifted, tmp_path / "out-fail", ood_checkpoint, "shift.on_alarm=fail"))
-    assert contract.committed_runs(str(tmp_path / "out-fail")).num_rows == 0
+    assert tables.committed_runs(str(tmp_path / "out-fail")).num_rows == 0
 
     # The command line: one warning line naming the run and the share of samples affected.
     from bloodray import cli
@@ -120,6 +120,6 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
                     "--set", f"model.checkpoint={ood_checkpoint}", "--set", "inference.batch_size=32",
                     "--set", "inference.num_gpus=0"])
     assert code == 0
-    run_id = contract.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
+    run_id = tables.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "domain-shift alarm" in line]
     assert len(warnings) == 1 and run_id in warnings[0] and "2 of 2 sample(s) (100%)" in warnings[0]

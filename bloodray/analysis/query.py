@@ -1,29 +1,28 @@
 """SQL access to a bloodray output root through DuckDB.
 
 An output root (local path or ``s3://bucket/prefix``) is laid out as
-:mod:`bloodray.nightly.contract` says, which also owns the column types of the
-views and the rule of which run is visible: a run is committed iff its
-manifest exists, and the *visible* run of a date is the committed one with the
-latest ``committed_at``. :func:`connect` returns a
-DuckDB connection with these views:
+:mod:`bloodray.nightly.contract` says; its tables are Delta Lake tables read
+through :mod:`bloodray.nightly.tables`. The contract also owns the column
+types of the views and the rule of which run is visible: each run of a date
+replaces the date's rows of every table, and ``runs`` keeps the manifest of
+every committed run. :func:`connect` returns a DuckDB connection with these views:
 
 ``runs``           the visible run of every date (one row per date)
 ``all_runs``       every committed manifest, superseded reruns included
-``predictions``    rows of visible runs only
+``predictions``    the committed rows: the visible run of each date
 ``differentials``  idem
 ``errors``         idem
 ``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
 ``reviews``        reviewers' corrections of visible runs (:mod:`bloodray.review.verified`)
 ``verified_differentials``  differentials counted from verified classes where reviewed
 
-Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), taken from the
-``run_date=`` path segment; cast with ``run_date::DATE`` for date arithmetic.
+Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), the Delta
+partition value; cast with ``run_date::DATE`` for date arithmetic.
 
-Data of uncommitted or superseded runs, and anything under ``_staging/``, never
-shows in the views: the files behind each view are picked in Python from the
-manifests, and each view reads exactly that list. The views are therefore a
-snapshot of the root taken when :func:`connect` ran; reconnect to see a run
-committed later.
+The views read what a Delta reader reads: files of uncommitted or superseded
+runs, and anything under ``_staging/``, never show. They are a snapshot of
+the tables' versions when :func:`connect` ran (reconnect to see a run
+committed later), or of the versions current at ``as_of`` (time travel).
 
 The connection is read-only over the outputs and locked: the data views scan
 pyarrow datasets registered on the connection (pyarrow reads the files,
@@ -41,16 +40,14 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import posixpath
-import warnings
 from typing import Any, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
@@ -84,16 +81,6 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _file_list(uris: Sequence[str]) -> str:
-    return "[" + ", ".join(_sql_str(u) for u in uris) + "]"
-
-
-def _hidden(name: str) -> bool:
-    # Writers (Arrow, Spark, our own job) keep temporary and marker files behind
-    # a leading "_" or "."; they are never data.
-    return name.startswith(("_", "."))
-
-
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
     """Run ``sql`` on ``con`` and return every row as a pyarrow Table.
 
@@ -108,15 +95,6 @@ def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] 
         return pa.table({})
     fetch = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
     return fetch()
-
-
-def _glob(fs: Any, pattern: str, uri: str) -> list[str]:
-    try:
-        return sorted(fs.glob(pattern))
-    except FileNotFoundError:
-        return []
-    except Exception as exc:  # noqa: BLE001 - re-raised with the URI attached
-        raise storage.describe_storage_error(uri, exc) from exc
 
 
 def _check_root(fs: Any, root: str, output_uri: str) -> None:
@@ -140,35 +118,6 @@ def _check_root(fs: Any, root: str, output_uri: str) -> None:
             f"{output_uri}: not a bloodray output root (none of {', '.join(f'{n}/' for n in ROOT_FOLDERS)} "
             "in it); give the folder the classify job writes to (output.uri)"
         )
-
-
-def _readable_manifests(con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[str]:
-    """Drop manifests DuckDB cannot read, with a warning naming each one.
-
-    A torn or foreign file under ``runs/`` must not take every view down with
-    it; a run whose manifest cannot be read is treated as not committed.
-    """
-    try:
-        con.execute(f"SELECT count(*) FROM read_parquet({_file_list(uris)}, union_by_name=true)").fetchall()
-        return uris
-    except duckdb.Error:
-        pass
-    good = []
-    for uri in uris:
-        try:
-            con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(uri)})").fetchall()
-            good.append(uri)
-        except duckdb.Error as exc:
-            warnings.warn(f"{uri}: unreadable run manifest, run treated as uncommitted ({exc})", stacklevel=3)
-    return good
-
-
-def _run_key(path: str, table_root: str) -> tuple[str, str] | None:
-    """``(run_date, run_id)`` of a data file at ``<table>/run_date=D/<run_id>/<file>``."""
-    rel = path[len(table_root):].strip("/").split("/")
-    if len(rel) != 3 or not rel[0].startswith(RUN_DATE_PREFIX) or _hidden(rel[1]) or _hidden(rel[2]):
-        return None
-    return rel[0][len(RUN_DATE_PREFIX):], rel[1]
 
 
 def _configure(con: duckdb.DuckDBPyConnection) -> None:
@@ -200,68 +149,67 @@ def _register_dataset(con: duckdb.DuckDBPyConnection, name: str, dataset: Any) -
     con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_files")
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, fs: Any, root: str, output_uri: str) -> None:
-    """Create ``runs``/``all_runs`` from the manifests, then the data views over visible runs only."""
-
-    def uri_of(path: str) -> str:
-        return storage.full_uri(fs, path)
-
-    if not storage.is_local(fs):
-        # Only while the views are built: DuckDB reads the (few, small)
-        # manifests itself; _lock() later turns all file access off.
-        con.register_filesystem(fs)
-    manifests = [
-        p for p in _glob(fs, f"{root}/{contract.RUNS}/{RUN_DATE_PREFIX}*/*.parquet", output_uri)
-        if not _hidden(posixpath.basename(p))
-    ]
-    manifest_uris = _readable_manifests(con, [uri_of(p) for p in manifests]) if manifests else []
-    if manifest_uris:
-        # run_date comes from the path, as for the data views: the job's
-        # manifests may or may not repeat it as a column, and where they do the
-        # hive value replaces it. VARCHAR (not DuckDB's DATE autocast) so it
-        # joins with the data views and compares with '2024-03-01' literals.
-        # Materialised (one row per run): the view must not read files once locked.
-        committed = fetch_arrow(con,
-            f"SELECT * FROM read_parquet({_file_list(manifest_uris)}, "
-            "union_by_name=true, hive_partitioning=true, hive_types={'run_date': VARCHAR}) "
-            f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at")
+def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_options: Mapping[str, Any] | None,
+                  as_of: _dt.datetime | None) -> None:
+    """Create ``runs``/``all_runs`` from the ``runs`` table, then one view per data table, all read through Delta."""
+    # Materialised (one row per run): the view must not read files once locked.
+    committed = tables.committed_runs(output_uri, storage_options, as_of=as_of)
+    if committed.num_rows:
         con.register("_all_runs_files", committed)
-        con.execute("CREATE VIEW all_runs AS SELECT * FROM _all_runs_files ORDER BY run_date, committed_at")
+        con.execute("CREATE VIEW all_runs AS SELECT * FROM _all_runs_files "
+                    f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at")
         con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
     else:
         con.execute(f"CREATE VIEW all_runs AS {_empty_view_sql('all_runs')}")
         con.execute(f"CREATE VIEW runs AS {_empty_view_sql('runs')}")
-
-    visible = {(str(d), str(r)) for d, r in con.execute("SELECT run_date, run_id FROM runs").fetchall()}
-
     for table in DATA_TABLES:
-        table_root = f"{root}/{table}"
-        files = []
-        if visible:
-            for path in _glob(fs, f"{table_root}/{RUN_DATE_PREFIX}*/*/*.parquet", output_uri):
-                key = _run_key(path, table_root)
-                if key is not None and key in visible:
-                    files.append(path)
-        if files:
-            # The contract's schema (run_date from the path, as VARCHAR, to match
-            # runs.run_date): a file without a column reads it as NULL, as
-            # union_by_name did; the <run_id>/ segment has no "=" and is ignored.
-            dataset = ds.dataset(files, schema=contract.with_run_date(contract.SCHEMAS[table]()), format="parquet",
-                                 filesystem=contract.arrow_filesystem(fs), partitioning=contract.PARTITIONING,
-                                 partition_base_dir=table_root)
-            _register_dataset(con, table, dataset)
-        else:
-            con.execute(f"CREATE VIEW {table} AS {_empty_view_sql(table)}")
+        # The Delta log picks the files (the current version holds the latest committed run of each date);
+        # pyarrow reads them lazily, with DuckDB's projection and filter pushdown.
+        _register_dataset(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
+
+
+def _warn_pending(output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    """A run that stopped between its table commits leaves the tables disagreeing until its date runs again."""
+    try:
+        pending = tables.pending_intents(output_uri, storage_options)
+    except Exception:  # noqa: BLE001 - a warning only
+        return
+    for intent in pending:
+        log.warning("%s: run %s of %s stopped half-way through its commit; its tables may disagree until the "
+                    "next run of %s completes it", output_uri, intent["run_id"], intent["run_date"],
+                    intent["run_date"])
+
+
+def parse_as_of(value: str | _dt.datetime | None) -> _dt.datetime | None:
+    """``--as-of``: an ISO timestamp (``2026-11-30T06:00``, UTC unless it names a zone) or a date (its end).
+
+    Raises ValueError with the accepted forms.
+    """
+    if value is None or isinstance(value, _dt.datetime):
+        return value if value is None or value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
+    text = str(value).strip()
+    try:
+        if len(text) == 10:
+            return _dt.datetime.combine(_dt.date.fromisoformat(text), _dt.time.max, _dt.timezone.utc)
+        stamp = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--as-of: {value!r} is not a time; give an ISO timestamp such as 2026-11-30T06:00:00Z "
+                         "or a date such as 2026-11-30") from None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=_dt.timezone.utc)
 
 
 # --------------------------------------------------------------------------- public API
-def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None,
+            as_of: str | _dt.datetime | None = None) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with views over a bloodray output root.
 
     Args:
         output_uri: the output root (local path, ``file://`` or ``s3://bucket/prefix``).
         storage_options: fsspec options such as ``{"endpoint_url": ...}``; secrets
             come from the AWS chain, not from here.
+        as_of: read every table as it was at this time (Delta time travel; see
+            :func:`parse_as_of`); superseded versions stay reachable until
+            ``bloodray vacuum`` deletes their files.
 
     Returns:
         A connection with the views ``runs``, ``all_runs``, ``predictions``,
@@ -282,14 +230,17 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None) -
     # directory listing from before the latest run committed.
     fs.invalidate_cache()
     _check_root(fs, root, output_uri)
+    when = parse_as_of(as_of)
+    if when is None:
+        _warn_pending(output_uri, storage_options)
 
     con = duckdb.connect(":memory:")
     try:
         _configure(con)
-        _create_views(con, fs, root, output_uri)
+        _create_views(con, output_uri, storage_options, when)
         from bloodray.review.verified import create_views as create_review_views
 
-        create_review_views(con, fs, root, storage_options)
+        create_review_views(con, output_uri, storage_options, when)
         _lock(con)
     except duckdb.Error as exc:
         con.close()
@@ -385,11 +336,13 @@ def _check_export_target(out: str, output_uri: str, storage_options: Mapping[str
 
 
 def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None = None, fmt: str = "table",
-           out: str | None = None, max_rows: int | None = DEFAULT_MAX_ROWS) -> tuple[pa.Table, str | None]:
+           out: str | None = None, max_rows: int | None = DEFAULT_MAX_ROWS,
+           as_of: str | _dt.datetime | None = None) -> tuple[pa.Table, str | None]:
     """What ``bloodray query`` does: run ``sql`` read-only, and write the result to ``out`` if given.
 
     Logs a warning (one line) when the root holds no committed run, since
     every view is then empty and an empty answer is not "no cells".
+    ``as_of``: query the tables as they were then (:func:`connect`).
 
     Returns:
         ``(result, text)``: ``text`` is the rendering to print (``None`` when
@@ -400,6 +353,10 @@ def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None 
         QueryError: the SQL failed or was refused, or ``out`` lies inside the output's tables.
         ValueError: ``fmt`` is unknown, or parquet without ``out``.
     """
+    try:
+        when = parse_as_of(as_of)
+    except ValueError as exc:
+        raise QueryError(str(exc)) from None
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "parquet" and not out:
@@ -408,10 +365,11 @@ def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None 
         raise QueryError("--out needs --format csv, json or parquet")
     if out:
         _check_export_target(out, output_uri, storage_options)
-    con = connect(output_uri, storage_options)
+    con = connect(output_uri, storage_options, as_of=when)
     try:
         if con.execute("SELECT count(*) FROM all_runs").fetchall()[0][0] == 0:
-            log.warning("%s holds no committed run yet: every view is empty", output_uri)
+            log.warning("%s holds no committed run %s: every view is empty", output_uri,
+                        f"at {when.isoformat()}" if when else "yet")
         table = _fetch_user_sql(con, sql, output_uri)
     finally:
         con.close()

@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 
 from bloodray import storage
 from bloodray.classes import CLASS_NAMES
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.differential import compute_differentials, count_columns
 from bloodray.nightly.plan import RunPlan
@@ -78,7 +78,7 @@ def carried_runs(plan: RunPlan) -> pa.Table:
     runs = contract.with_run_date(contract.runs_schema()).empty_table()
     if plan.carried_from is None:
         return runs
-    visible = contract.visible_runs(plan.output_uri, plan.storage_options, plan.run_date)
+    visible = tables.visible_runs(plan.output_uri, plan.storage_options, plan.run_date)
     return visible.filter(pc.equal(visible.column("run_id"), plan.carried_from))
 
 
@@ -95,7 +95,7 @@ def staging_connection(plan: RunPlan):
     con.register("list_errors", pa.Table.from_pylist(plan.listing.errors, schema=contract.errors_schema().remove(0)))
     carried = carried_runs(plan)
     for table in ("predictions", "thumbnails"):
-        con.register(f"old_{table}", contract.table_dataset(plan.output_uri, table, carried, plan.storage_options))
+        con.register(f"old_{table}", tables.run_rows(plan.output_uri, table, carried, plan.storage_options))
     con.register("carry", pa.table({"image_uri": pa.array(sorted(plan.carried_images), pa.string())}))
     return con
 

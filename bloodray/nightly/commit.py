@@ -1,20 +1,23 @@
-"""Publishing a staged nightly run: copy its tables into their partitions, write the manifest last, clean up.
+"""Committing a staged nightly run: its files into the tables, then one Delta commit per table, the manifest last.
 
-The commit protocol (layout: :mod:`bloodray.nightly.contract`)::
+The commit protocol (layout: :mod:`bloodray.nightly.contract`; Delta: :mod:`bloodray.nightly.tables`)::
 
     check the staged rows account for the listing            else refuse: nothing published
     renew the lease of (output, date)                        else refuse: another run took over
-    copy staged files into <table>/run_date=<D>/<run_id>/
-    write run_configs/run_date=<D>/<run_id>.yaml
+    copy staged files into <table>/run_date=<D>/<run_id>/    invisible: no Delta log lists them
+    write run_configs/... and the manifest file runs/run_date=<D>/<run_id>.parquet
     renew the lease again
-    write runs/run_date=<D>/<run_id>.parquet                 LAST: marks the run committed
-    delete superseded runs of that date and stale staging    best effort
-    release the lease
+    write _commits/run_date=<D>/<run_id>.json                the commit point: from here the run rolls forward
+    Delta commit per data table: replace the date's rows     thumbnails, errors, predictions, differentials
+    Delta commit to runs: append the manifest row            LAST: the run is listed as committed
+    remove the intent; delete stale staging and uncommitted leftovers; release the lease
 
-A run that fails before its manifest is written removes its own staging and
-files (:func:`discard_run`); one that dies leaves nothing visible to readers
-going through the manifests, and its leftovers are deleted by the next
-committed run of that date.
+A run that fails before its intent is written removes its own staging and
+files (:func:`discard_run`): readers still see the previous run of the date.
+One that stops after it (killed between two table commits) is completed by
+the next run of the date (:func:`bloodray.nightly.tables.complete_pending_commits`),
+which skips the tables already done. Superseded runs' files stay for time
+travel until ``bloodray vacuum``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import pyarrow as pa
 
 from bloodray import storage
 from bloodray.config import dump_yaml, save_config
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.aggregate import check_accounting
 from bloodray.nightly.lease import live_holders
@@ -39,12 +42,14 @@ from bloodray.nightly.plan import RUN_MARKER, RunPlan, RunResult, now, remove_st
 log = logging.getLogger(__name__)
 
 
-def publish_files(plan: RunPlan) -> None:
+def publish_files(plan: RunPlan) -> dict[str, list[str]]:
     """Commit step 1: copy the staged tables into their partitions and save the config.
 
-    Nothing becomes visible: readers only read runs that have a manifest.
+    Nothing becomes visible: no Delta log lists these files yet. Returns the
+    files of each table, relative to the output root.
     """
     fs, root = contract.output_root(plan.output_uri, plan.storage_options)
+    files: dict[str, list[str]] = {}
     for table in contract.TABLES:
         staged = contract.parquet_files(fs, posixpath.join(plan.staging, table))
         if not staged:
@@ -56,23 +61,28 @@ def publish_files(plan: RunPlan) -> None:
         if storage.is_local(fs):
             fs.makedirs(target, exist_ok=True)
         # Server-side copies on object storage: no bytes pass through the driver.
-        fs.copy(staged, [posixpath.join(target, posixpath.basename(p)) for p in staged])
+        targets = [posixpath.join(target, posixpath.basename(p)) for p in staged]
+        fs.copy(staged, targets)
+        files[table] = [posixpath.relpath(p, root) for p in targets]
     save_config(plan.cfg, storage.full_uri(fs, contract.config_path(root, plan.run_date, plan.run_id)),
                 plan.storage_options)
+    return files
 
 
 def discard_run(plan: RunPlan) -> None:
-    """Undo an uncommitted run: delete its staging, partition files and config; release its lease.
+    """Undo an uncommitted run: delete its staging, partition files, manifest file and config; release its lease.
 
-    Best effort and only this run's own paths (its run id); a run whose
-    manifest exists is committed and is left alone.
+    Best effort and only this run's own paths (its run id); a run past its
+    commit point (intent written) is committed and is left alone.
     """
     fs, root = contract.output_root(plan.output_uri, plan.storage_options)
     try:
         fs.invalidate_cache()
-        if not fs.exists(contract.manifest_path(root, plan.run_date, plan.run_id)):
+        if not fs.exists(contract.intent_path(root, plan.run_date, plan.run_id)) and not tables.is_committed(
+                plan.output_uri, contract.RUNS, plan.run_id, plan.storage_options):
             paths = [contract.partition_dir(root, t, plan.run_date, plan.run_id) for t in contract.TABLES]
-            paths.append(contract.config_path(root, plan.run_date, plan.run_id))
+            paths += [contract.config_path(root, plan.run_date, plan.run_id),
+                      contract.manifest_path(root, plan.run_date, plan.run_id)]
             for path in paths:
                 if fs.exists(path):
                     fs.rm(path, recursive=True)
@@ -84,18 +94,34 @@ def discard_run(plan: RunPlan) -> None:
         plan.lease.release()
 
 
+def _manifest(plan: RunPlan, committed_at: dt.datetime) -> dict[str, Any]:
+    """The run's manifest row (:func:`bloodray.nightly.contract.runs_schema`)."""
+    return {
+        "run_id": plan.run_id, "status": contract.COMMITTED, "started_at": plan.started_at,
+        "committed_at": committed_at, "checkpoint": plan.checkpoint_uri, "checkpoint_id": plan.checkpoint_id,
+        "model_name": plan.model_name, "review_threshold": plan.review_threshold, "input_uri": plan.input_uri,
+        "output_uri": plan.output_uri, "config_yaml": dump_yaml(plan.cfg), "n_inputs": plan.stats["n_inputs"],
+        "n_predictions": plan.stats["n_predictions"], "n_errors": plan.stats["n_errors"],
+        "n_samples": plan.stats["n_samples"], "n_review": plan.stats["n_review"],
+        "timings_json": json.dumps({k: round(v, 3) for k, v in plan.timings.items()}),
+        "incremental_skipped_samples": len(plan.skip_samples), "carried_from_run_id": plan.carried_from,
+        **plan.run_shift,
+    }
+
+
 def commit_run(plan: RunPlan) -> RunResult:
-    """Publish a staged run: check it, copy its files into the partitions, then write the manifest LAST.
+    """Publish a staged run: check it, put its files in place, then commit every table, the manifest LAST.
 
     Refuses (:class:`ClassifyError`, nothing published, the run discarded)
     when the staged rows do not account for every listed input exactly once
     (:func:`bloodray.nightly.aggregate.check_accounting`) or when the run no
     longer holds its lease (:class:`~bloodray.nightly.lease.LeaseLostError`).
 
-    Until the manifest exists the run is invisible to readers (:func:`bloodray.nightly.contract.visible_runs`);
-    a crash anywhere before that leaves the previously visible run untouched.
-    Afterwards, superseded runs of the date and stale staging are deleted
-    (best effort, see :func:`cleanup_runs`).
+    Until its commit intent is written the run is invisible to every reader
+    and a failure discards it; from then on it is committed, and if this
+    process stops before every table has it the next run of the date
+    completes it (module docstring). Afterwards stale staging and files of
+    runs that never committed are deleted (best effort, see :func:`cleanup_runs`).
     """
     timer = time.monotonic()
     fs, root = contract.output_root(plan.output_uri, plan.storage_options)
@@ -103,31 +129,31 @@ def commit_run(plan: RunPlan) -> RunResult:
         check_accounting(plan)
         if plan.lease is not None:
             plan.lease.renew()
-        publish_files(plan)
+        files = publish_files(plan)
+        committed_at = now()
+        plan.timings["commit"] = time.monotonic() - timer
+        manifest_path = contract.manifest_path(root, plan.run_date, plan.run_id)
+        storage.put_bytes(fs, manifest_path, storage.parquet_bytes(
+            pa.Table.from_pylist([_manifest(plan, committed_at)], schema=contract.runs_schema())), atomic=True)
+        files[contract.RUNS] = [posixpath.relpath(manifest_path, root)]
         if plan.lease is not None:
-            # Proof that the lease is still ours, and a full lease period for the manifest write.
+            # Proof that the lease is still ours, and a full lease period for the table commits.
             plan.lease.renew()
+        tables.write_intent(plan.output_uri, plan.run_date, plan.run_id, files, plan.storage_options)
     except BaseException:
         discard_run(plan)
         raise
-    committed_at = now()
-    plan.timings["commit"] = time.monotonic() - timer
+    try:
+        tables.apply_intent(plan.output_uri, {"run_id": plan.run_id, "run_date": plan.run_date, "files": files},
+                            plan.storage_options)
+    except BaseException:
+        remove_staging(fs, plan.staging)
+        if plan.lease is not None:
+            plan.lease.release()
+        log.error("run %s of %s is committed but not every table has it yet; the next run of the date "
+                  "completes the commit", plan.run_id, plan.run_date)
+        raise
     timings = {k: round(v, 3) for k, v in plan.timings.items()}
-    manifest = {
-        "run_id": plan.run_id, "status": contract.COMMITTED, "started_at": plan.started_at,
-        "committed_at": committed_at, "checkpoint": plan.checkpoint_uri, "checkpoint_id": plan.checkpoint_id,
-        "model_name": plan.model_name, "review_threshold": plan.review_threshold, "input_uri": plan.input_uri,
-        "output_uri": plan.output_uri, "config_yaml": dump_yaml(plan.cfg), "n_inputs": plan.stats["n_inputs"],
-        "n_predictions": plan.stats["n_predictions"], "n_errors": plan.stats["n_errors"],
-        "n_samples": plan.stats["n_samples"], "n_review": plan.stats["n_review"],
-        "timings_json": json.dumps(timings), "incremental_skipped_samples": len(plan.skip_samples),
-        "carried_from_run_id": plan.carried_from,
-        **plan.run_shift,
-    }
-    manifest_path = contract.manifest_path(root, plan.run_date, plan.run_id)
-    storage.put_bytes(fs, manifest_path,
-                      storage.parquet_bytes(pa.Table.from_pylist([manifest], schema=contract.runs_schema())),
-                      atomic=True)
     log.info("run %s committed: %d predictions, %d errors, %d samples (%d need review)", plan.run_id,
              plan.stats["n_predictions"], plan.stats["n_errors"], plan.stats["n_samples"], plan.stats["n_review"])
     cleanup_runs(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
@@ -168,12 +194,13 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
                  storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Delete what the committed run ``run_id`` supersedes; returns the deleted paths.
 
-    For ``run_date``: data directories of runs committed before it, and data
-    directories and configs of uncommitted runs that started before it
-    (crashed runs). Staging: its own, that of committed runs, of runs of the
-    same date that started before it, and of any run older than
+    For ``run_date``: data directories, manifest files and configs of runs
+    that never committed and started before it (crashed runs; no Delta
+    version lists their files). Staging: its own, that of committed runs, of
+    runs of the same date that started before it, and of any run older than
     :data:`STALE_STAGING_AGE`. A run still in flight (started later, or of
-    another date) is left alone. Manifests of superseded runs stay, as the
+    another date) is left alone. Files of superseded committed runs stay, for
+    time travel, until ``bloodray vacuum``; their manifests stay as the
     history of what ran. Best effort: failures are logged, never raised.
 
     Staging of a run that holds a live lease (:mod:`bloodray.nightly.lease`)
@@ -184,25 +211,31 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
     fs, root = contract.output_root(output_uri, storage_options)
     deleted: list[str] = []
     try:
-        runs = contract.committed_runs(output_uri, storage_options, run_date)
+        runs = tables.committed_runs(output_uri, storage_options, run_date)
+        pending = {i["run_id"] for i in tables.pending_intents(output_uri, storage_options, run_date)}
         committed = dict(zip(runs.column("run_id").to_pylist(), runs.column("committed_at").to_pylist()))
         if run_id not in committed:
             raise ClassifyError(f"run {run_id} is not committed; nothing is cleaned up")
         ours = run_marker(fs, root, run_id)
         ours_started = ours["started_at"] if ours else committed[run_id]
 
-        def superseded(other: str) -> bool:
-            """Same-date run whose files may go."""
-            if other == run_id:
+        def crashed(other: str) -> bool:
+            """Same-date run that never committed and started before this one: its files may go."""
+            if other == run_id or other in committed or other in pending:
                 return False
-            if other in committed:
-                return committed[other] < committed[run_id]
             marker = run_marker(fs, root, other)
             return marker is None or marker["started_at"] < ours_started
 
         for table in contract.TABLES:
             date_dir = posixpath.join(root, table, f"{contract.RUN_DATE_PREFIX}{run_date}")
-            deleted += [posixpath.join(date_dir, other) for other in subdirs(fs, date_dir) if superseded(other)]
+            deleted += [posixpath.join(date_dir, other) for other in subdirs(fs, date_dir) if crashed(other)]
+        manifest_dir = posixpath.join(root, contract.RUNS, f"{contract.RUN_DATE_PREFIX}{run_date}")
+        try:
+            manifest_files = fs.ls(manifest_dir, detail=False)
+        except FileNotFoundError:
+            manifest_files = []
+        deleted += [p for p in manifest_files
+                    if p.endswith(".parquet") and crashed(posixpath.basename(p).removesuffix(".parquet"))]
         config_dir = posixpath.join(root, contract.RUN_CONFIGS, f"{contract.RUN_DATE_PREFIX}{run_date}")
         try:
             config_files = fs.ls(config_dir, detail=False)
@@ -210,7 +243,7 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
             config_files = []
         for path in config_files:
             other = posixpath.basename(path).removesuffix(".yaml")
-            if other not in committed and superseded(other):
+            if crashed(other):
                 deleted.append(path)
         staging_root = posixpath.join(root, contract.STAGING)
         holders = live_holders(output_uri, storage_options) - {run_id}
@@ -225,7 +258,7 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
         for path in deleted:
             fs.rm(path, recursive=True)
         if deleted:
-            log.info("cleanup after run %s: removed %d superseded or stale path(s)", run_id, len(deleted))
+            log.info("cleanup after run %s: removed %d stale path(s)", run_id, len(deleted))
     except Exception as exc:  # noqa: BLE001 - cleanup never fails a committed run
         log.warning("cleanup after run %s incomplete (%s); leftovers are invisible to readers and are "
                     "removed by a later run", run_id, exc)

@@ -1,36 +1,45 @@
-"""Layout, schemas and committed-run readers of the nightly classification outputs.
+"""Layout and schemas of the nightly classification outputs.
 
 Everything the classification job (:mod:`bloodray.nightly.pipeline`) writes lives under
-one output root, as Parquet::
+one output root. The four data tables, ``runs`` and ``reviews`` are Delta Lake
+tables (:data:`DELTA_TABLES`; commits, reads, time travel and vacuum:
+:mod:`bloodray.nightly.tables`), partitioned hive-style by ``run_date``::
 
+    <output>/predictions/_delta_log/                                      the table's Delta log
     <output>/predictions/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet   one row per classified image
     <output>/errors/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet        one row per image that failed
     <output>/differentials/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet one row per sample
     <output>/thumbnails/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet    one small JPEG per classified image
     <output>/reviews/run_date=<YYYY-MM-DD>/<review_id>.parquet            reviewers' corrections (one file per import)
     <output>/runs/run_date=<YYYY-MM-DD>/<run_id>.parquet                  the run manifest (one row)
-    <output>/run_configs/run_date=<YYYY-MM-DD>/<run_id>.yaml              the run's final config
+    <output>/run_configs/run_date=<YYYY-MM-DD>/<run_id>.yaml              the run's final config (plain file)
     <output>/_staging/<run_id>/...                                        work in progress (ignored by readers)
     <output>/_leases/run_date=<YYYY-MM-DD>.json                           who is writing that date (ignored by readers)
+    <output>/_commits/run_date=<YYYY-MM-DD>/<run_id>.json                 a run committing right now (ignored by readers)
 
-``run_date`` is only in the paths (hive partitioning), never a column inside
-the files, so DuckDB (``hive_partitioning=true``) and
-``pyarrow.dataset(..., partitioning="hive")`` both add it from the path; the
-plain ``<run_id>/`` directory level is ignored by both.
+``run_date`` is a Delta partition column: its value is in the Delta log and
+in the ``run_date=`` directory names, never a column inside the files. What
+belongs to a table is what its Delta log says: a file in a table's folder
+that no committed version lists (a run that crashed before its commit, or a
+superseded run kept for time travel) is never read by a Delta reader. Each
+run of a date replaces that date's rows in one Delta commit per table, so the
+current version of each table holds the latest committed run of every date;
+``runs`` keeps one manifest row per committed run (superseded reruns
+included), and the *visible* run of a date is the one with the latest
+``committed_at``.
 
-A run is committed when its manifest exists; the manifest is written after
-all its data files. The *visible* run of a date is the committed run with the
-latest ``committed_at``. Reading a data table directory directly (a bare glob)
-can also see files of a crashed run or of an older run not yet cleaned up,
-so readers should go through :func:`visible_runs` / :func:`table_dataset` (or
-:func:`bloodray.analysis.query.read_table` and the views of
-:func:`bloodray.analysis.query.connect`), or join the ``runs`` table on ``run_id``.
+Plain Parquet globs over a table folder are not a reader of this format: they
+also see files no version lists. Use a Delta reader
+(``deltalake.DeltaTable(uri).to_pyarrow_dataset()``, Spark, Trino, Polars'
+``read_delta``, DuckDB's ``delta_scan``) or bloodray's own
+(:mod:`bloodray.analysis.query`).
 
 This module is the one owner of that contract: one pyarrow schema per table
 (:data:`SCHEMAS`); the staged per-image rows of a run (:func:`staged_schema`),
 the SQL select lists that fill the tables (:func:`select_list`), the DuckDB
-column types of the query views (:func:`duckdb_columns`) and the visible-run
-rule (:func:`visible_runs_sql`) are derived from it.
+column types of the query views (:func:`duckdb_columns`), the Delta table
+schemas (:func:`with_run_date`) and the visible-run rule
+(:func:`visible_runs_sql`) are derived from it.
 """
 
 from __future__ import annotations
@@ -55,10 +64,14 @@ REVIEWS = "reviews"
 VERIFIED_DIFFERENTIALS = "verified_differentials"
 RUNS = "runs"
 RUN_CONFIGS = "run_configs"
+#: Tables stored as Delta Lake tables (:mod:`bloodray.nightly.tables`): the data tables, the manifests, the reviews.
+DELTA_TABLES: tuple[str, ...] = TABLES + (RUNS, REVIEWS)
 #: Leading underscore: pyarrow dataset discovery skips it, and no table glob matches it.
 STAGING = "_staging"
 #: One lease object per run date (:mod:`bloodray.nightly.lease`); never read as a table.
 LEASES = "_leases"
+#: Commit intents of runs committing right now (:mod:`bloodray.nightly.tables`); never read as a table.
+COMMITS = "_commits"
 #: Status of a committed run (the only status a manifest is ever written with).
 COMMITTED = "committed"
 #: Hive partition column of every table; it lives in the paths, never inside the files.
@@ -281,6 +294,11 @@ def staging_dir(root: str, run_id: str) -> str:
     return posixpath.join(root, STAGING, run_id)
 
 
+def intent_path(root: str, run_date: str, run_id: str) -> str:
+    """A run's commit intent: written once its files are in place, removed once every table has committed it."""
+    return posixpath.join(root, COMMITS, f"{RUN_DATE_PREFIX}{run_date}", f"{run_id}.json")
+
+
 def lease_path(root: str, run_date: str) -> str:
     """The lease object of one run date (one writer per output and date)."""
     return posixpath.join(root, LEASES, f"{RUN_DATE_PREFIX}{run_date}.json")
@@ -311,79 +329,3 @@ def parquet_files(fs, directory: str) -> list[str]:
     return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
 
 
-def _dataset(fs, files: list[str], base: str, schema: pa.Schema) -> ds.Dataset:
-    return ds.dataset(files, schema=with_run_date(schema), format="parquet", filesystem=arrow_filesystem(fs),
-                      partitioning=PARTITIONING, partition_base_dir=base)
-
-
-# ---------------------------------------------------------------------------
-# Readers.
-# ---------------------------------------------------------------------------
-
-
-def committed_runs(output_uri: str, storage_options: Mapping[str, Any] | None = None,
-                   run_date: str | None = None) -> pa.Table:
-    """Every committed run manifest (with ``run_date``), visible or not."""
-    fs, root = output_root(output_uri, storage_options)
-    base = table_dir(root, RUNS)
-    directory = posixpath.join(base, f"{RUN_DATE_PREFIX}{run_date}") if run_date else base
-    try:
-        files = parquet_files(fs, directory)
-    except Exception as exc:  # noqa: BLE001
-        raise storage.describe_storage_error(storage.full_uri(fs, directory), exc) from exc
-    if not files:
-        return with_run_date(runs_schema()).empty_table()
-    return _dataset(fs, files, base, runs_schema()).to_table()
-
-
-def visible_runs(output_uri: str, storage_options: Mapping[str, Any] | None = None,
-                 run_date: str | None = None) -> pa.Table:
-    """The visible run of each date: the committed manifest with the latest ``committed_at``.
-
-    Returns the manifest rows (schema :func:`runs_schema` plus ``run_date``),
-    one per date, ordered by date; ``run_date`` restricts to one date.
-    """
-    runs = committed_runs(output_uri, storage_options, run_date)
-    if runs.num_rows == 0:
-        return runs
-    import duckdb
-
-    con = duckdb.connect()
-    try:
-        con.register("manifests", runs)
-        out = con.sql(visible_runs_sql("manifests")).to_arrow_table()
-    finally:
-        con.close()
-    return out.cast(with_run_date(runs_schema()))
-
-
-def run_files(output_uri: str, table: str, runs: pa.Table,
-              storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """fsspec paths of the files of ``table`` that belong to ``runs`` (rows with run_date, run_id)."""
-    fs, root = output_root(output_uri, storage_options)
-    dates = runs.column("run_date").to_pylist()
-    wanted = {partition_dir(root, table, d, r) for d, r in zip(dates, runs.column("run_id").to_pylist())}
-    if not wanted:
-        return []
-    base = table_dir(root, table)
-    # One listing per table (or per date when only one is wanted), never one per file.
-    directory = posixpath.join(base, f"{RUN_DATE_PREFIX}{dates[0]}") if len(set(dates)) == 1 else base
-    try:
-        files = parquet_files(fs, directory)
-    except Exception as exc:  # noqa: BLE001
-        raise storage.describe_storage_error(storage.full_uri(fs, directory), exc) from exc
-    return [f for f in files if posixpath.dirname(f) in wanted]
-
-
-def table_dataset(output_uri: str, table: str, runs: pa.Table,
-                  storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:
-    """A pyarrow dataset over the files of ``table`` written by ``runs`` (with ``run_date``).
-
-    Lazy: DuckDB can scan it (``con.register``) with projection and filter pushdown.
-    """
-    schema = SCHEMAS[table]()
-    files = run_files(output_uri, table, runs, storage_options)
-    if not files:
-        return ds.dataset(with_run_date(schema).empty_table())
-    fs, root = output_root(output_uri, storage_options)
-    return _dataset(fs, files, table_dir(root, table), schema)

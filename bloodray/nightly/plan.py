@@ -25,7 +25,7 @@ from bloodray.checkpoint import load_checkpoint, resolve_checkpoint
 from bloodray.config import ConfigError
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stages import cluster_cpu_slots
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyConfig, ClassifyError, InferenceConfig, effective_threshold
 from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
                                            load_flag_rules, load_sample_metadata)
@@ -154,7 +154,7 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
 
     try:
         fs.invalidate_cache()
-        already = fs.exists(contract.manifest_path(root, run_date, run_id))
+        already = tables.is_committed(output_uri, contract.RUNS, run_id, so)
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(output_uri, exc) from exc
     if already:
@@ -163,6 +163,9 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
 
     lease = acquire_lease(output_uri, run_date, run_id, cfg.run.lease_seconds, so)
     try:
+        # A run of this date that stopped half-way through its table commits is finished first, under the lease,
+        # so every table agrees on the date's run before this one replaces it.
+        tables.complete_pending_commits(output_uri, run_date, so)
         return _plan(cfg, lease, started, timer)
     except BaseException:
         remove_staging(fs, contract.staging_dir(root, run_id))
@@ -243,14 +246,14 @@ def previous_predictions(output_uri: str, run_date: str, checkpoint_id: str,
 
     Only predictions: images that failed last time are read again.
     """
-    visible = contract.visible_runs(output_uri, storage_options, run_date)
+    visible = tables.visible_runs(output_uri, storage_options, run_date)
     if not visible.num_rows:
         return None, frozenset()
     if visible.column("checkpoint_id")[0].as_py() != checkpoint_id:
         log.info("incremental: the visible run of %s used checkpoint %s, not %s; classifying everything",
                  run_date, visible.column("checkpoint_id")[0].as_py(), checkpoint_id)
         return None, frozenset()
-    done = contract.table_dataset(output_uri, "predictions", visible, storage_options).to_table(columns=["image_uri"])
+    done = tables.run_rows(output_uri, "predictions", visible, storage_options).to_table(columns=["image_uri"])
     return visible.column("run_id")[0].as_py(), frozenset(done.column("image_uri").to_pylist())
 
 

@@ -29,7 +29,7 @@ from bloodray import storage
 from bloodray.analysis import gallery, query
 from bloodray.classes import CLASS_NAMES, class_from_folder
 from bloodray.data.stages import read_many
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 
 #: Columns of ``review.csv``; ``verified_class`` and ``reviewer`` are the reviewer's.
 CSV_COLUMNS: tuple[str, ...] = ("run_id", "sample_id", "image_uri", "predicted_class", "confidence",
@@ -161,7 +161,7 @@ def parse_review_file(text: str, where: str, run_id: str, predicted: Mapping[str
 
 def import_review(output_uri: str, run_date: str, review_file: str, reviewer: str | None = None,
                   storage_options: Mapping[str, Any] | None = None) -> ImportResult:
-    """Validate a filled review CSV and append it to ``reviews`` as one atomically written file.
+    """Validate a filled review CSV and append it to the ``reviews`` Delta table in one commit.
 
     Raises :class:`ReviewError` (nothing is written) when any row is invalid or nothing was reviewed.
     """
@@ -190,6 +190,10 @@ def import_review(output_uri: str, run_date: str, review_file: str, reviewer: st
         storage.put_bytes(fs, path, storage.parquet_bytes(table), atomic=True)
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(storage.full_uri(fs, path), exc) from exc
+    # The file is invisible until this commit; a failed commit leaves nothing imported (the file is an orphan
+    # that vacuum removes), and the import can simply be repeated.
+    tables.commit_files(output_uri, contract.REVIEWS, str(run_date), review_id, [path], replace_date=False,
+                        storage_options=storage_options)
     return ImportResult(uri=storage.full_uri(fs, path), run_id=run_id, n_reviews=len(rows),
                         n_changed=sum(r["old_class"] != r["new_class"] for r in rows))
 

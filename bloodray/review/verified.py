@@ -17,7 +17,6 @@ the nightly job uses, with the flag rules saved in the run's config
 
 from __future__ import annotations
 
-import posixpath
 import warnings
 from typing import Any
 
@@ -25,10 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bloodray import storage
 from bloodray.classes import CLASS_NAMES
 from bloodray.config import from_dict, load_yaml_text
-from bloodray.nightly import contract
+from bloodray.nightly import contract, tables
 from bloodray.nightly.config import FlagsConfig
 from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, load_flag_rules
 from bloodray.nightly.sample_metadata import load_sample_metadata
@@ -112,15 +110,14 @@ def verified_rows(con, run_ids: list[str], storage_options: Any = None) -> pa.Ta
     return table.select(names).cast(contract.view_schema(contract.VERIFIED_DIFFERENTIALS))
 
 
-def create_views(con, fs, root: str, storage_options: Any = None) -> None:
-    """Create ``reviews`` and ``verified_differentials`` on a connection that already has the run views."""
-    files = [storage.full_uri(fs, p) for p in contract.parquet_files(fs, posixpath.join(root, contract.REVIEWS))]
-    if files:
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        cols = ", ".join(f'"{n}"' for n, _ in _cols(contract.REVIEWS))
-        # Materialised (reviews are small): once the connection is locked, no view may read files.
-        reviews = con.sql(f"SELECT {cols} FROM read_parquet([{listed}], hive_partitioning=true, "
-                          "union_by_name=true, hive_types={'run_date': VARCHAR})").to_arrow_table()
+def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any = None) -> None:
+    """Create ``reviews`` and ``verified_differentials`` on a connection that already has the run views.
+
+    ``as_of``: the ``reviews`` Delta table as it was then (as the run views).
+    """
+    # Materialised (reviews are small): once the connection is locked, no view may read files.
+    reviews = tables.read(output_uri, contract.REVIEWS, storage_options, as_of=as_of)
+    if reviews.num_rows:
         con.register("_reviews_files", reviews)
         con.execute("CREATE VIEW reviews AS SELECT * FROM _reviews_files WHERE run_id IN (SELECT run_id FROM runs)")
     else:
