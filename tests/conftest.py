@@ -1,13 +1,14 @@
 """Shared fixtures: a real S3-compatible server on loopback and a real local Ray cluster.
 
-The S3 server is moto in server mode (as s3fs's own tests use it), reached
-through s3fs over HTTP; nothing in Ray or S3 is mocked.
+The S3 server is moto in server mode, run as a separate process (as s3fs's own
+tests run it; :mod:`helpers_s3`), reached through s3fs over HTTP; nothing in Ray
+or S3 is mocked. Not in this process: deltalake blocks in Rust without releasing
+the GIL, and a server thread here could not answer it.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
@@ -27,24 +28,16 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def s3_server():
-    """Start moto's S3 server on 127.0.0.1; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+def s3_server(tmp_path_factory):
+    """Start moto's S3 server on 127.0.0.1 in a process of its own; yields its endpoint URL.
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    Its output (one line per request) goes to ``moto.log`` in the session's temporary directory.
+    """
+    from helpers_s3 import moto_server
+
+    with moto_server(log=tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture()

@@ -2,7 +2,7 @@
 S3 credentials refreshed.
 
 Everything here is real: Ray nodes are separate raylets (``ray.cluster_utils.Cluster``),
-processes are killed with SIGKILL, and the S3 outage stops a real moto server.
+processes are killed with SIGKILL, and the S3 outage takes a real moto server (its own process) off the network.
 Kept tiny (48 px cells, a few dozen images, a few epochs) for a 2-core machine.
 
 The multi-node test stops the session's Ray (``ray_cluster``) and starts it
@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -134,12 +133,6 @@ def _seen(out: str, so: dict | None = None) -> Counter:
 def _predicted(out: str, so: dict | None = None) -> dict[str, str]:
     preds = query.read_table(out, "predictions", so)
     return dict(zip(preds.column("image_uri").to_pylist(), preds.column("predicted_class").to_pylist()))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -378,45 +371,24 @@ def test_classification_survives_a_killed_inference_actor(tmp_path, checkpoint, 
 # ----------------------------------------------------------------------------- 4. S3 outage
 
 
-class _OutageServer:
-    """A moto S3 server of this test's own that can go away and come back on the same port."""
-
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-        self.up = True
-
-    def stop(self) -> None:
-        if self.up:
-            self._server.stop()
-            self._server._server.server_close()  # free the port: connections are refused, not left hanging
-            self.up = False
-
-    def start(self) -> None:
-        if not self.up:
-            self._server.start()  # moto's state lives in this process: buckets and objects survive
-            self.up = True
-
-
 @pytest.fixture()
 def outage_s3():
+    """An S3 endpoint of this test's own that can go away and come back on the same port (:class:`helpers_s3.OutageS3`):
+    moto in a process of its own behind a forwarder process that ``stop()`` kills and ``start()`` starts again."""
     import s3fs
+    from helpers_s3 import OutageS3
 
-    server = _OutageServer()
-    bucket = f"outage-{uuid.uuid4().hex[:8]}"  # moto's state is per process, shared with the session server
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint}, skip_instance_cache=True)
-    fs.mkdir(bucket)
-    so = {"endpoint_url": server.endpoint}
-    images = synth.write_archive(f"s3://{bucket}/archive/{DATE}", synth.default_samples(2, 16, seed=31), size=SIZE,
-                                 seed=31, storage_options=so)
+    server = OutageS3()
     try:
+        bucket = f"outage-{uuid.uuid4().hex[:8]}"  # this server's moto holds only this test's bucket
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint}, skip_instance_cache=True)
+        fs.mkdir(bucket)
+        so = {"endpoint_url": server.endpoint}
+        images = synth.write_archive(f"s3://{bucket}/archive/{DATE}", synth.default_samples(2, 16, seed=31), size=SIZE,
+                                     seed=31, storage_options=so)
         yield server, f"s3://{bucket}", so, images, fs
     finally:
-        server.stop()
+        server.close()
 
 
 def test_classification_rides_out_a_short_s3_outage(outage_s3, checkpoint, ray_cluster):
@@ -541,20 +513,9 @@ def iam_s3_server():
     import boto3
     import requests
 
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
+    from helpers_s3 import moto_server
+
+    with moto_server() as endpoint:  # INITIAL_NO_AUTH_ACTION_COUNT not inherited: no checks while setting up
         setup = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": FAKE_KEY_ID,
                  "aws_secret_access_key": FAKE_SECRET}
         iam = boto3.client("iam", **setup)
@@ -568,9 +529,6 @@ def iam_s3_server():
         requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
         signed = setup | {"aws_access_key_id": keys[1]["AccessKeyId"], "aws_secret_access_key": keys[1]["SecretAccessKey"]}
         yield endpoint, bucket, boto3.client("iam", **signed), keys
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_s3_credentials_are_refreshed_not_frozen(iam_s3_server, tmp_path, monkeypatch):
