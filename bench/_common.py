@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts (not part of the package).
 
-Machine facts, the real PBC images, a loopback moto S3 server started the same
-way as ``tests/conftest.py``, and JSON + markdown result files.
+Machine facts, the real PBC images, a loopback moto S3 server run as a separate
+process (as ``tests/conftest.py`` runs it), and JSON + markdown result files.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
-import logging
 import os
 import platform
 import shlex
@@ -17,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,6 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# moto's request log (werkzeug) would drown the benchmark's output.
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -100,21 +98,75 @@ def free_port() -> int:
 
 
 class MotoS3:
-    """moto's S3 server in this process, on 127.0.0.1 (as ``tests/conftest.py`` starts it)."""
+    """moto's S3 server on 127.0.0.1 as a separate process (``python -m moto.server``), as ``tests/`` run it.
+
+    Not in this process: deltalake commits the output table in Rust without releasing the GIL, and a server
+    thread in this interpreter could not answer it (the commit would time out). Start with :meth:`start` or
+    ``with MotoS3() as s3:``; :meth:`stop` (or leaving the ``with``) ends it. The server exits by itself if this
+    process dies without stopping it. ``pid``: the server's process id, for :class:`TreeMonitor`'s ``exclude``.
+    """
+
+    # moto's main() after a thread that ends the server once its parent is gone (re-parented), as tests/helpers_s3.py.
+    _CODE = ("import os, threading, time\n"
+             "parent = os.getppid()\n"
+             "def watch():\n"
+             "    while os.getppid() == parent:\n"
+             "        time.sleep(1)\n"
+             "    os._exit(0)\n"
+             "threading.Thread(target=watch, daemon=True).start()\n"
+             "from moto.server import main\n"
+             "main()\n")
 
     def __init__(self):
-        from moto.server import ThreadedMotoServer
-
         self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout: float = 60) -> "MotoS3":
+        """Start the server (if not running) and wait until it accepts connections."""
+        if self.proc is not None:
+            return self
+        self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.proc = None
+                raise RuntimeError(f"moto server exited with code {code} before it was ready")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not accept connections within {timeout:.0f} s")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; the process is always reaped. Safe to call twice."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def __enter__(self) -> "MotoS3":
-        self.server.start()
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.server.stop()
+        self.stop()
 
     def filesystem(self):
         import s3fs

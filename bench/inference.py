@@ -10,8 +10,9 @@ Writes ``bench/results/inference.json`` and ``bench/results/inference.md``.
 
 Over ``--n`` real PBC images (``/work/shared/data/pbc``, or ``$BLOODRAY_PBC``),
 arranged as an archive of samples of 100 cells (local: symlinks in a temp dir;
-S3: uploaded, untimed, to a moto server on 127.0.0.1 in this process, started
-as ``tests/conftest.py`` does), it measures images/s of
+S3: uploaded, untimed, to a moto server on 127.0.0.1 run as a separate
+process, ``_common.MotoS3``, as ``tests/conftest.py`` runs it), it measures
+images/s of
 
 (a) the classify job as a user runs it: a local Ray cluster of all CPUs
     (``ray.init(address="local", num_cpus=os.cpu_count(),
@@ -33,8 +34,9 @@ as ``tests/conftest.py`` does), it measures images/s of
     ``CellPredictor``), times the number of cores.
 
 and prints/saves a/b, a/c and per-stage times. On S3 the moto server shares
-the cores with the job (it runs in this process), so S3 figures include the
-server's CPU; the ceiling's S3 read stage includes it too.
+the cores with the job, so it slows the S3 wall times (and images/s), but it
+is a process of its own and its CPU time is in none of the CPU figures (a:
+left out of the job's process tree; b, c: CPU time of this process only).
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
     n = len(uris)
     per_image_ms = {k: v / n * 1e3 for k, v in cpu.items()}
     total_ms = sum(per_image_ms.values())
-    # CPU time of the whole process: on S3 it includes the client's I/O thread and the
-    # moto server's threads, which serve the job from this process too.
+    # CPU time of this whole process: on S3 it includes the client's I/O thread, not the
+    # moto server (a separate process).
     return {"images": n, "per_image_ms": per_image_ms, "per_image_total_ms": total_ms,
             "per_image_wall_ms": {k: v / n * 1e3 for k, v in wall.items()},
             "per_image_wall_total_ms": sum(wall.values()) / n * 1e3, "timing": "process CPU time",
@@ -158,12 +160,12 @@ def ceiling(uris: list[str], storage_options: dict, checkpoint: str | None, core
 
 
 def classify_job(archive: str, out: str, storage_options: dict, checkpoint: str | None,
-                 sets: list[str]) -> dict[str, Any]:
-    """(a) The nightly classify job through its library entry point."""
+                 sets: list[str], exclude: set[int] | None = None) -> dict[str, Any]:
+    """(a) The nightly classify job through its library entry point; ``exclude``: pids left out of its CPU."""
     from bloodray.nightly.pipeline import run_classification
 
     cfg = common.classify_config(archive, out, storage_options, checkpoint, sets)
-    monitor = common.TreeMonitor(interval=0.2, memory=False)
+    monitor = common.TreeMonitor(interval=0.2, exclude=exclude, memory=False)
     monitor.start()
     start = time.perf_counter()
     try:
@@ -198,7 +200,7 @@ def run_source(source: str, layout: list, tmp: Path, s3, args) -> dict[str, Any]
         archive = s3.upload(bucket, "archive", layout)
         warm_archive = s3.upload(f"{bucket}-warm", "archive", layout[:args.warmup])
         print(f"[s3] uploaded {n} images in {time.perf_counter() - t:.1f}s (not timed)", flush=True)
-        so = {"endpoint_url": s3.endpoint}
+        so = s3.storage_options
         fs = s3.filesystem()
         paths = [f"{bucket}/archive/{rel}" for rel, _ in layout]
         uris = [f"s3://{p}" for p in paths]
@@ -215,9 +217,10 @@ def run_source(source: str, layout: list, tmp: Path, s3, args) -> dict[str, Any]
           f"{res['ceiling']['images_per_s']:.1f} images/s on {os.cpu_count()} cores", flush=True)
 
     print(f"[{source}] (a) classify job (Ray Data) ...", flush=True)
+    exclude = {s3.pid} if source == "s3" else set()  # the moto server is not the job
     if args.warmup:
-        classify_job(warm_archive, out + "-warm", so, args.checkpoint, args.set)
-    res["job"] = classify_job(archive, out, so, args.checkpoint, args.set)
+        classify_job(warm_archive, out + "-warm", so, args.checkpoint, args.set, exclude)
+    res["job"] = classify_job(archive, out, so, args.checkpoint, args.set, exclude)
     assert res["job"]["n_predictions"] == n, res["job"]
     res["job"]["cluster_resources"] = ray.cluster_resources()
     print(f"[{source}]     {res['job']['images_per_s']:.1f} images/s; timings {res['job']['timings']}; "
@@ -264,7 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{rdi_rate / r['ceiling']['images_per_s']:.2f} of the ceiling; fixed costs (list, actor start, "
                   f"aggregate, commit) make up the rest of the end-to-end time.\n")
         job_cpu = r["job"]["cpu_ms_per_image"]
-        md.append(f"\nCPU per image (all processes of the job: driver, Ray, actors{', S3 server' if r['source'] == 's3' else ''}): "
+        md.append(f"\nCPU per image (all processes of the job: driver, Ray, actors{'; not the S3 server' if r['source'] == 's3' else ''}): "
                   f"{job_cpu:.2f} ms, vs {r['ceiling']['per_image_total_ms']:.2f} ms for read + decode + preprocess "
                   f"+ model alone (c) and {r['hand_loop']['cpu_seconds'] / n * 1e3:.2f} ms for the hand loop (b, "
                   f"{r['hand_loop']['torch_threads']} torch threads). On a busy machine this ratio "
@@ -303,13 +306,13 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bloodray-bench-") as tmp:
-            s3 = common.MotoS3().__enter__() if "s3" in sources else None
+            s3 = common.MotoS3().start() if "s3" in sources else None
             try:
                 for source in sources:
                     result["sources"].append(run_source(source, layout, Path(tmp) / source, s3, args))
             finally:
                 if s3 is not None:
-                    s3.__exit__()
+                    s3.stop()
     finally:
         ray.shutdown()
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -10,9 +10,9 @@ Writes ``bench/results/scale.json`` and ``bench/results/scale.md``.
 Each archive holds ``factor x base`` real PBC images (distinct images while
 there are enough, then the same images again under distinct names), as samples
 of 100 cells, as symlinks in a temp dir (``--source s3``: uploaded, untimed, to
-a moto server on 127.0.0.1 run as a separate process that is left out of the
-memory figures). Every factor runs in a fresh local Ray cluster
-(``ray.init(address="local", num_cpus=os.cpu_count())``) after one untimed
+a moto server on 127.0.0.1, ``_common.MotoS3``, a separate process that is left
+out of the CPU and memory figures). Every factor runs in a fresh local Ray
+cluster (``ray.init(address="local", num_cpus=os.cpu_count())``) after one untimed
 warm-up run, through :func:`bloodray.nightly.pipeline.run_classification` with default
 inference settings.
 
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -42,38 +40,6 @@ import _common as common  # noqa: E402 (sets fake AWS credentials before Ray sta
 
 TARGET_TIME_RATIO = 1.15
 TARGET_MEMORY_RATIO = 1.25
-
-
-class MotoProcess:
-    """moto's S3 server as a separate process on 127.0.0.1 (kept out of the job's memory figures)."""
-
-    def __init__(self):
-        self.port = common.free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()",
-                                      "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import socket
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.2)
-        self.close()
-        raise RuntimeError("moto server did not start")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    filesystem = common.MotoS3.filesystem
-    upload = common.MotoS3.upload
 
 
 def make_layout(total: int, per_sample: int = 100) -> list:
@@ -160,8 +126,8 @@ def main() -> None:
                                             f"{meta.input_size} px",
                               "interval_s": args.interval, "machine": common.machine_facts(),
                               "run": common.run_facts(), "runs": []}
-    s3 = MotoProcess() if args.source == "s3" else None
-    exclude = {s3.proc.pid} if s3 else set()
+    s3 = common.MotoS3().start() if args.source == "s3" else None
+    exclude = {s3.pid} if s3 else set()
     try:
         with tempfile.TemporaryDirectory(prefix="bloodray-scale-") as tmp:
             def archive_for(name: str, total: int) -> tuple[str, str, dict]:
@@ -170,7 +136,7 @@ def main() -> None:
                     root = Path(tmp) / name
                     return str(common.link_archive(root / "archive", layout)), str(root / "out"), {}
                 bucket = f"scale-{name}-{uuid.uuid4().hex[:6]}"
-                return (s3.upload(bucket, "archive", layout), f"s3://{bucket}/out", {"endpoint_url": s3.endpoint})
+                return s3.upload(bucket, "archive", layout), f"s3://{bucket}/out", s3.storage_options
 
             if args.warmup:
                 archive, out, so = archive_for("warmup", args.warmup)
@@ -189,7 +155,7 @@ def main() -> None:
                       flush=True)
     finally:
         if s3 is not None:
-            s3.close()
+            s3.stop()
 
     runs = result["runs"]
     first = runs[0]
