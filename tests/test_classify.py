@@ -36,6 +36,7 @@ from bloodray.nightly import pipeline as classify
 
 from bloodray.analysis import query
 from bloodray.nightly import contract as outputs
+from bloodray.nightly import tables
 
 from bloodray.data import synth as synth
 from bloodray.classes import CLASS_NAMES
@@ -65,21 +66,23 @@ def _config(archive: str, out: str, checkpoint: str, storage_options: dict, *ext
 
 
 def _duckdb(out: str, storage_options: dict) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection that reads ``out`` (s3:// through fsspec: httpfs is not available offline)."""
+    """DuckDB with each table registered from the Delta format's own reader (deltalake -> pyarrow dataset).
+
+    No bloodray code in the read path: what Spark, Trino or Polars would read. (DuckDB's ``delta``
+    extension would read the same log, but cannot be installed offline.)
+    """
+    from deltalake import DeltaTable
+
+    from bloodray.nightly.tables import delta_storage_options
+
+    fs, root = storage.filesystem(out, storage_options)
     con = duckdb.connect()
-    if out.startswith("s3://"):
-        con.register_filesystem(storage.filesystem(out, storage_options)[0])
+    for table in outputs.DELTA_TABLES:
+        uri = storage.full_uri(fs, f"{root.rstrip('/')}/{table}")
+        if DeltaTable.is_deltatable(uri, storage_options=delta_storage_options(fs, storage_options)):
+            con.register(table, DeltaTable(uri, storage_options=delta_storage_options(fs, storage_options))
+                         .to_pyarrow_dataset())
     return con
-
-
-def _visible_sql(out: str, table: str) -> str:
-    """How an analyst reads committed, visible rows with DuckDB: join the latest manifest per date."""
-    return f"""
-        WITH visible AS (
-            SELECT run_id, run_date FROM read_parquet('{out}/runs/*/*.parquet', hive_partitioning = true)
-            QUALIFY row_number() OVER (PARTITION BY run_date ORDER BY committed_at DESC, run_id DESC) = 1)
-        SELECT t.* FROM read_parquet('{out}/{table}/*/*/*.parquet', hive_partitioning = true) t
-        JOIN visible USING (run_id, run_date)"""
 
 
 # ---------------------------------------------------------------------------
@@ -315,17 +318,17 @@ def test_classify_archive_end_to_end(request, tmp_path, ray_cluster, trained_che
     assert diffs["S0002"]["pct_neutrophil_lo"] < diffs["S0002"]["pct_neutrophil"] < diffs["S0002"]["pct_neutrophil_hi"]
     assert not diffs["S0001"]["flag_neutrophil_high"]
 
-    # DuckDB and pyarrow both read the hive layout; run_date comes from the path only.
+    # The Delta tables through the format's own reader, queried with DuckDB; run_date is the partition value.
     con = _duckdb(out, so)
     for table, n in (("predictions", len(images)), ("errors", len(bad)), ("differentials", 3)):
-        rows = con.sql(f"SELECT count(*), min(run_date)::VARCHAR, count(DISTINCT run_id) "
-                       f"FROM ({_visible_sql(out, table)})").fetchall()
+        rows = con.sql(f"SELECT count(*), min(run_date)::VARCHAR, count(DISTINCT run_id) FROM {table}").fetchall()
         assert rows == [(n, DATE, 1)], table
-    manifest = con.sql(f"SELECT * FROM read_parquet('{out}/runs/*/*.parquet', hive_partitioning = true)").fetchall()
-    assert len(manifest) == 1
+    assert con.sql("SELECT count(*) FROM runs").fetchall() == [(1,)]
+    # The files keep the hive layout: pyarrow's plain hive discovery of a single-run folder reads the same rows.
     fs, out_path = storage.filesystem(out, so)
     pa_fs = outputs.arrow_filesystem(fs)
-    table = ds.dataset(f"{out_path}/predictions", filesystem=pa_fs, format="parquet", partitioning="hive").to_table()
+    table = ds.dataset(f"{out_path}/predictions", filesystem=pa_fs, format="parquet", partitioning="hive",
+                       exclude_invalid_files=True, ignore_prefixes=["_delta_log", ".", "_"]).to_table()
     assert table.num_rows == len(images) and set(table.column("run_date").to_pylist()) == {DATE}
     for name in outputs.TABLES:
         for path in outputs.parquet_files(fs, f"{out_path}/{name}"):
@@ -334,7 +337,7 @@ def test_classify_archive_end_to_end(request, tmp_path, ray_cluster, trained_che
                                             filesystem=pa_fs).names
 
     # The manifest describes the run; the config is saved beside it; staging is gone.
-    run = outputs.visible_runs(out, so).to_pylist()[0]
+    run = tables.visible_runs(out, so).to_pylist()[0]
     assert run["run_id"] == result.run_id and run["status"] == "committed" and run["run_date"] == DATE
     assert run["committed_at"] >= run["started_at"]
     assert set(json.loads(run["timings_json"])) == {"list", "read_decode_infer", "write", "aggregate", "commit"}
@@ -362,8 +365,8 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
     before = query.read_table(out, "predictions", so).sort_by("image_uri")
     assert before.num_rows == 30
 
-    # A run that dies after staging, even halfway through its commit (data
-    # files copied, no manifest), is invisible: readers still see the first run.
+    # A run that dies after staging, even halfway through publishing (data
+    # files copied, no Delta commit), is invisible: readers still see the first run.
     crashed = plan.plan_run(cfg)
     classify.stage_run(crashed)
     commit.publish_files(crashed)
@@ -371,18 +374,18 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
     # expires); inside this test process that is the lease given up without a commit.
     crashed.lease.release()
     assert run_dirs("predictions") == {first.run_id, crashed.run_id}
-    assert outputs.visible_runs(out, so).column("run_id").to_pylist() == [first.run_id]
+    assert tables.visible_runs(out, so).column("run_id").to_pylist() == [first.run_id]
     assert query.read_table(out, "predictions", so).sort_by("image_uri").equals(before)
     con = _duckdb(out, so)
-    assert con.sql(f"SELECT count(*) FROM ({_visible_sql(out, 'predictions')})").fetchall() == [(30,)]
+    assert con.sql("SELECT count(*), count(DISTINCT run_id) FROM predictions").fetchall() == [(30, 1)]
 
-    # A rerun of the date replaces it: no duplicates, older and crashed data removed, history kept.
+    # A rerun of the date replaces it: no duplicates, crashed data removed, superseded files kept for time travel.
     second = run_classification(cfg)
     after = query.read_table(out, "predictions", so)
     assert after.num_rows == 30 and len(set(after.column("image_uri").to_pylist())) == 30
     assert set(after.column("run_id").to_pylist()) == {second.run_id}
-    assert all(run_dirs(t) == {second.run_id} for t in outputs.TABLES)
-    assert sorted(outputs.committed_runs(out, so).column("run_id").to_pylist()) == sorted([first.run_id, second.run_id])
+    assert all(run_dirs(t) == {first.run_id, second.run_id} for t in outputs.TABLES)
+    assert sorted(tables.committed_runs(out, so).column("run_id").to_pylist()) == sorted([first.run_id, second.run_id])
     fs.invalidate_cache()
     assert not fs.exists(f"{out_path}/_staging/{crashed.run_id}")
 
@@ -400,10 +403,11 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
     diffs = {r["sample_id"]: r for r in query.read_table(out, "differentials", so).to_pylist()}
     assert sorted(diffs) == ["S0001", "S0002", "S0003", "S0100"]
     assert diffs["S0100"]["n_classified"] == 8
-    run = outputs.visible_runs(out, so).to_pylist()[0]
+    run = tables.visible_runs(out, so).to_pylist()[0]
     assert (run["run_id"], run["carried_from_run_id"], run["incremental_skipped_samples"]) == \
         (inc.run_id, second.run_id, 3)
-    assert all(run_dirs(t) == {inc.run_id} for t in outputs.TABLES)
+    assert all(run_dirs(t) == {first.run_id, second.run_id, inc.run_id} for t in outputs.TABLES)
+    assert all(set(tables.read(out, t, so).column("run_id").to_pylist()) <= {inc.run_id} for t in outputs.TABLES)
 
     # Nothing new: an incremental rerun reads nothing (no Ray work) and still publishes a complete run.
     again = run_classification(_config(archive, out, trained_checkpoint, so, "run.incremental=true"))
@@ -412,7 +416,7 @@ def test_rerun_crash_and_incremental_runs(s3_bucket, ray_cluster, trained_checkp
 
 
 def test_visible_run_is_latest_committed_manifest(tmp_path):
-    """Reader semantics on hand-written files: no manifest, no rows; the latest commit wins."""
+    """Reader semantics on hand-written files: no Delta commit, no rows; the latest commit wins."""
     out = str(tmp_path)
     t0 = np.datetime64("2024-05-02T01:00:00", "us")
 
@@ -424,21 +428,23 @@ def test_visible_run_is_latest_committed_manifest(tmp_path):
                 for i in range(n)]
         pq.write_table(pa.Table.from_pylist(table + rows, schema=outputs.predictions_schema()),
                        part / "part-0.parquet")
-        if minutes is not None:
+        if minutes is not None:  # committed: the date's predictions replaced, then the manifest appended
             manifest = {f.name: None for f in outputs.runs_schema()} | {
                 "run_id": run_id, "status": "committed", "committed_at": (t0 + np.timedelta64(minutes, "m")).item()}
             path = tmp_path / "runs" / f"run_date={DATE}" / f"{run_id}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist([manifest], schema=outputs.runs_schema()), path)
+            tables.commit_files(out, "predictions", DATE, run_id, [str(part / "part-0.parquet")], replace_date=True)
+            tables.commit_files(out, "runs", DATE, run_id, [str(path)], replace_date=False)
 
     assert query.read_table(out, "predictions").num_rows == 0
     write_run("b-later-id-earlier-commit", 5, 2)
     write_run("a-earlier-id-later-commit", 10, 3)
     write_run("c-crashed", None, 7)
-    assert outputs.visible_runs(out).column("run_id").to_pylist() == ["a-earlier-id-later-commit"]
+    assert tables.visible_runs(out).column("run_id").to_pylist() == ["a-earlier-id-later-commit"]
     got = query.read_table(out, "predictions")
     assert got.num_rows == 3 and set(got.column("run_date").to_pylist()) == {DATE}
     assert query.read_table(out, "predictions", run_date="2099-01-01").num_rows == 0
-    assert outputs.committed_runs(out).num_rows == 2
+    assert tables.committed_runs(out).num_rows == 2
     with pytest.raises(ValueError, match="unknown table 'predicitons'"):
         query.read_table(out, "predicitons")

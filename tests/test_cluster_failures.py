@@ -32,7 +32,7 @@ import pytest
 from bloodray import storage
 
 from bloodray.analysis import query
-from bloodray.nightly import contract as outputs
+from bloodray.nightly import tables
 
 from bloodray.data import synth as synth
 from bloodray.checkpoint import read_metadata
@@ -364,7 +364,7 @@ def test_classification_survives_a_killed_inference_actor(tmp_path, checkpoint, 
     assert max(seen.values()) == 1
     assert set(seen) == {r["uri"] for r in images}
     assert (result.n_predictions, result.n_errors, result.n_samples) == (len(images), 0, 4)
-    assert outputs.visible_runs(out).column("run_id").to_pylist() == [result.run_id]
+    assert tables.visible_runs(out).column("run_id").to_pylist() == [result.run_id]
     assert killer.killed is not None, "no inference actor was killed"
 
 
@@ -441,7 +441,7 @@ def test_long_s3_outage_fails_clearly_and_a_rerun_completes(outage_s3, checkpoin
     server.start()
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket[5:]}/out/runs")  # nothing visible
-    assert outputs.visible_runs(out, so).num_rows == 0
+    assert tables.visible_runs(out, so).num_rows == 0
     result = run_classification(cfg)
     seen = _seen(out, so)
     assert max(seen.values()) == 1 and set(seen) == {r["uri"] for r in images}
