@@ -120,8 +120,9 @@ def open_table(output_uri: str, table: str, storage_options: Mapping[str, Any] |
                as_of: dt.datetime | None = None):
     """The ``deltalake.DeltaTable`` of ``table``, or None when nothing was committed to it yet.
 
-    ``as_of``: the table as it was at that time (Delta time travel); None
-    when the table did not exist yet then.
+    ``as_of``: the table as it was at that time (Delta time travel: the
+    latest version committed by then; before the first run, the empty
+    version 0 that created the table).
     """
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
@@ -140,11 +141,10 @@ def open_table(output_uri: str, table: str, storage_options: Mapping[str, Any] |
     except Exception as exc:  # noqa: BLE001
         raise _describe(uri, exc) from exc
     if as_of is not None:
+        # delta-rs loads the earliest version for a time before it; ours is always the empty CREATE TABLE.
         try:
             delta.load_as_version(as_of)
-        except Exception as exc:  # noqa: BLE001 - before the table's first commit
-            if "before" in str(exc).lower() or "not found" in str(exc).lower() or "invalid" in str(exc).lower():
-                return None
+        except Exception as exc:  # noqa: BLE001
             raise _describe(uri, exc) from exc
     return delta
 
@@ -283,15 +283,10 @@ def committed_runs(output_uri: str, storage_options: Mapping[str, Any] | None = 
                    run_date: str | None = None, as_of: dt.datetime | None = None) -> pa.Table:
     """Every committed run manifest (``runs`` table, ``run_date`` included), visible or superseded.
 
-    ``as_of``: only runs committed by then.
+    ``as_of``: the ``runs`` table as it was then (its Delta version), as the data tables are read, so the
+    manifests and the rows agree: a run's manifest is committed after its data.
     """
-    runs = read(output_uri, contract.RUNS, storage_options,
-                run_dates=[run_date] if run_date else None)
-    if as_of is not None:
-        import pyarrow.compute as pc
-
-        runs = runs.filter(pc.less_equal(runs.column("committed_at"), pa.scalar(as_of, runs.schema.field(
-            "committed_at").type)))
+    runs = read(output_uri, contract.RUNS, storage_options, run_dates=[run_date] if run_date else None, as_of=as_of)
     return runs.cast(_schema(contract.RUNS))
 
 
