@@ -1,4 +1,4 @@
-"""``bloodray`` subcommands over a classify job's output root: ``query``, ``vacuum`` and ``review``."""
+"""``bloodray`` subcommands over a classify job's output root: ``query``, ``vacuum``, ``upgrade-output``, ``review``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ def add_output_root_parsers(sub) -> None:
     """Register ``query``, ``vacuum`` and ``review`` on the main parser's subcommands."""
     add_query_parser(sub)
     add_vacuum_parser(sub)
+    p = sub.add_parser("upgrade-output", help="commit an output root written before the Delta tables into them, "
+                                              "in place (once per root)")
+    p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_upgrade_output)
     add_review_parser(sub)
 
 
@@ -107,6 +112,15 @@ def add_query_parser(sub) -> argparse.ArgumentParser:
     add_storage_arguments(p)
     p.set_defaults(func=cmd_query)
     return p
+
+
+def cmd_upgrade_output(args) -> int:
+    from bloodray.nightly.legacy import upgrade_output
+
+    counts = upgrade_output(args.output, storage_options(args))
+    print(f"{args.output}: committed {counts['dates']} date(s), {counts['runs']} run manifest(s) and "
+          f"{counts['reviews']} review file(s) into the Delta tables")
+    return 0
 
 
 def cmd_vacuum(args) -> int:

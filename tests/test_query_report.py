@@ -95,8 +95,11 @@ def _manifest(run_id: str, run_date: str, committed: dt.datetime, n_pred: int, n
     })
 
 
-def build_tree(root: str, storage_options=None, *, with_errors: bool = True) -> dict:
-    """Write a two-date output tree; returns the expected visible counts."""
+def build_tree(root: str, storage_options=None, *, with_errors: bool = True, delta: bool = True) -> dict:
+    """Write a two-date output tree; returns the expected visible counts.
+
+    ``delta=False`` writes the pre-Delta layout (manifest files, no Delta log), as bloodray did before.
+    """
     fs, base = storage.filesystem(root, storage_options)
     base = base.rstrip("/")
 
@@ -108,6 +111,8 @@ def build_tree(root: str, storage_options=None, *, with_errors: bool = True) -> 
 
     def commit(run_id: str, run_date: str) -> None:
         """Commit every file of the run to its tables, the manifest last (as the classify job does)."""
+        if not delta:
+            return
         for table in ("predictions", "errors", "differentials", "runs"):
             files = [p for p in fs.find(f"{base}/{table}/run_date={run_date}")
                      if (f"/{run_id}/part-" in p or p.endswith(f"/{run_id}.parquet"))]

@@ -223,3 +223,29 @@ def test_commits_of_different_dates_race_on_s3_without_losing_one(s3_bucket):
     assert tables.commit_files(out, contract.RUNS, dates[0], "run-0", [contract.manifest_path(root, dates[0], "run-0")],
                                replace_date=False, storage_options=so) is False
     assert tables.committed_runs(out, so).num_rows == len(dates)
+
+
+def test_a_pre_delta_output_root_is_refused_then_upgraded_in_place(tmp_path, capsys):
+    from test_query_report import D1, D2, NEW, OLD, D2_RUN, build_tree
+
+    out = str(tmp_path / "out")
+    expected = build_tree(out, delta=False)  # the layout bloodray wrote before: manifests, no Delta log
+    with pytest.raises(storage.StorageError, match=r"older bloodray .*bloodray upgrade-output --output"):
+        query.connect(out)
+    assert cli_run(["query", "SELECT 1", "--output", out]) == 2
+    assert "bloodray upgrade-output --output" in capsys.readouterr().err
+
+    assert cli_run(["upgrade-output", "--output", out]) == 0
+    assert "committed 2 date(s), 3 run manifest(s)" in capsys.readouterr().out
+    # What the old readers showed, now through the Delta log: the visible run of each date, all manifests.
+    assert tables.visible_runs(out).column("run_id").to_pylist() == [NEW, D2_RUN]
+    assert sorted(tables.committed_runs(out).column("run_id").to_pylist()) == sorted([OLD, NEW, D2_RUN])
+    preds = query.read_table(out, "predictions")
+    assert {d: preds.filter(pa.compute.equal(preds.column("run_date"), d)).num_rows for d in (D1, D2)} == \
+        expected["predictions"]
+    assert set(_standard_runs(out, None, "predictions")) == {NEW, D2_RUN}
+    # Idempotent: a second upgrade commits nothing.
+    from bloodray.nightly.legacy import upgrade_output
+
+    assert upgrade_output(out) == {"runs": 0, "dates": 0, "reviews": 0}
+    assert _standard(out, None, "runs").version() == 3  # create + three manifests, no more

@@ -48,6 +48,7 @@ import pyarrow as pa
 from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
 from bloodray.nightly import contract, tables
+from bloodray.nightly.legacy import refuse_legacy
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
@@ -230,6 +231,7 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None,
     # directory listing from before the latest run committed.
     fs.invalidate_cache()
     _check_root(fs, root, output_uri)
+    refuse_legacy(output_uri, storage_options)
     when = parse_as_of(as_of)
     if when is None:
         _warn_pending(output_uri, storage_options)

@@ -30,6 +30,7 @@ from bloodray.nightly.config import ClassifyConfig, ClassifyError, InferenceConf
 from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
                                            load_flag_rules, load_sample_metadata)
 from bloodray.nightly.lease import Lease, acquire_lease
+from bloodray.nightly.legacy import refuse_legacy
 from bloodray.nightly.listing import InputListing, list_inputs
 from bloodray.nightly.shift import ShiftRule, no_shift
 
@@ -152,6 +153,7 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     run_id = cfg.run.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     fs, root = contract.output_root(output_uri, so)
 
+    refuse_legacy(output_uri, so)  # a new run would hide every older date of a pre-Delta root
     try:
         fs.invalidate_cache()
         already = tables.is_committed(output_uri, contract.RUNS, run_id, so)

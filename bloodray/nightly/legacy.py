@@ -1,0 +1,111 @@
+"""Upgrading an output root written before the tables were Delta Lake tables.
+
+Before, a run was committed when its manifest file existed under
+``runs/run_date=<D>/``, and the visible run of a date was the manifest with
+the latest ``committed_at``; the data files sat where they sit now. Such a
+root has Parquet files in its table folders and no ``_delta_log/``, so the
+Delta readers would see empty tables. :func:`upgrade_output` commits it into
+the Delta format in place, without copying or rewriting a data file:
+
+* every readable manifest is appended to ``runs`` (one commit per run, oldest
+  first), so ``all_runs`` keeps the history;
+* for each date, the files of its visible run replace the date in each data
+  table (files of superseded and crashed runs stay out of every version, and
+  ``bloodray vacuum`` deletes them);
+* every review file is appended to ``reviews``.
+
+Commits carry the usual app transactions, so running it again (say, after an
+interruption) skips what is done. Readers and the classify job refuse a
+pre-Delta root with a message naming ``bloodray upgrade-output``.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Any, Mapping
+
+import pyarrow.parquet as pq
+
+from bloodray import storage
+from bloodray.nightly import contract, tables
+
+log = logging.getLogger(__name__)
+
+
+class LegacyOutputError(storage.StorageError):
+    """The output root is in the pre-Delta layout; the message says how to upgrade it."""
+
+
+def _parquet_under(fs, directory: str) -> list[str]:
+    return [p for p in contract.parquet_files(fs, directory) if "/_delta_log/" not in p]
+
+
+def _dated(fs, table_dir: str) -> list[tuple[str, str]]:
+    """``(run_date, path)`` of the files directly under ``<table>/run_date=<D>/`` (manifests, review files)."""
+    out = []
+    for path in _parquet_under(fs, table_dir):
+        folder = posixpath.basename(posixpath.dirname(path))
+        if folder.startswith(contract.RUN_DATE_PREFIX) and posixpath.dirname(posixpath.dirname(path)) == table_dir:
+            out.append((folder.removeprefix(contract.RUN_DATE_PREFIX), path))
+    return out
+
+
+def is_legacy(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True when ``runs/`` holds manifest files but no Delta log (a root written by bloodray before Delta)."""
+    fs, root = contract.output_root(output_uri, storage_options)
+    runs = contract.table_dir(root, contract.RUNS)
+    try:
+        if fs.exists(posixpath.join(runs, "_delta_log")):
+            return False
+        return bool(_parquet_under(fs, runs))
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(output_uri, exc) from exc
+
+
+def refuse_legacy(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`LegacyOutputError` for a pre-Delta root, naming the command that upgrades it."""
+    if is_legacy(output_uri, storage_options):
+        raise LegacyOutputError(
+            f"{output_uri}: written by an older bloodray (plain Parquet, no Delta log); upgrade it once with "
+            f"`bloodray upgrade-output --output {output_uri}` (in place, no data is rewritten)")
+
+
+def upgrade_output(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Commit a pre-Delta output root into Delta tables in place; returns counts of what was committed.
+
+    Idempotent. Unreadable manifests are skipped with a warning (their run
+    was never readable as committed either).
+    """
+    fs, root = contract.output_root(output_uri, storage_options)
+    manifests = []
+    for run_date, path in _dated(fs, contract.table_dir(root, contract.RUNS)):
+        try:
+            with fs.open(path, "rb") as fh:
+                row = pq.read_table(fh, columns=["run_id", "status", "committed_at"]).to_pylist()[0]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: unreadable manifest, skipped (%s)", storage.full_uri(fs, path), exc)
+            continue
+        if row["status"] == contract.COMMITTED:
+            manifests.append((row["committed_at"], run_date, row["run_id"], path))
+    manifests.sort(key=lambda m: (m[0], m[2]))
+    visible: dict[str, str] = {}
+    for _at, run_date, run_id, _path in manifests:
+        visible[run_date] = run_id  # sorted by commit time: the last one wins, as the old readers had it
+    counts = {"runs": 0, "dates": 0, "reviews": 0}
+    for run_date, run_id in sorted(visible.items()):
+        done = False
+        for table in tables.COMMIT_ORDER:
+            files = _parquet_under(fs, contract.partition_dir(root, table, run_date, run_id))
+            if files:
+                done |= tables.commit_files(output_uri, table, run_date, run_id, files, replace_date=True,
+                                            storage_options=storage_options)
+        counts["dates"] += done
+    for _at, run_date, run_id, path in manifests:
+        counts["runs"] += tables.commit_files(output_uri, contract.RUNS, run_date, run_id, [path],
+                                              replace_date=False, storage_options=storage_options)
+    for run_date, path in _dated(fs, contract.table_dir(root, contract.REVIEWS)):
+        review_id = posixpath.basename(path).removesuffix(".parquet")
+        counts["reviews"] += tables.commit_files(output_uri, contract.REVIEWS, run_date, review_id, [path],
+                                                 replace_date=False, storage_options=storage_options)
+    return counts
