@@ -65,7 +65,7 @@ class TableError(RuntimeError):
 
 
 def app_id(run_id: str) -> str:
-    """Delta app transaction id of a run's commits (one per table)."""
+    """Delta app transaction id of a run's commits (one per table), or of a review import's (its review id)."""
     return f"bloodray-run-{run_id}"
 
 
