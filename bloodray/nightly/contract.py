@@ -123,7 +123,8 @@ def runs_schema() -> pa.Schema:
     carried over from ``carried_from_run_id``. ``timings_json`` holds seconds
     per stage: ``list``, ``read_decode_infer`` (the streaming Ray Data part,
     staging write included), ``write`` (predictions and errors tables),
-    ``aggregate`` (differentials) and ``commit``.
+    ``aggregate`` (differentials) and ``commit`` (checks, files into place and the
+    manifest file; the Delta log commits that follow are not in it).
     """
     return pa.schema([
         ("run_id", pa.string()), ("status", pa.string()), ("started_at", _TS), ("committed_at", _TS),
