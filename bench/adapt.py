@@ -15,6 +15,9 @@ What it measures (printed, and saved to bench/results/adapt.json and .md):
 Run by hand (CPU, about half an hour on the 2-core development machine):
 
     nice -n 10 .venv/bin/python bench/adapt.py
+    nice -n 5 .venv/bin/python bench/adapt.py --no-zero-shot --stain-norm --name adapt_stainnorm
+    # the second: the chula cells Reinhard-normalised to PBC colours (bench/stain_norm.py) before the fine-tune
+    # and before scoring
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bloodray_adapt_bench")
     ap.add_argument("--name", default="adapt", help="results file name under bench/results/")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot rows (a variant run)")
+    ap.add_argument("--stain-norm", action="store_true",
+                    help="Reinhard-normalise the chula cells to PBC colour statistics (bench/stain_norm.py), both "
+                         "the labelled cells the fine-tune reads (written as PNG) and the scored half")
     args = ap.parse_args()
 
     import ray
@@ -137,6 +143,21 @@ def main() -> None:
     held_names = {f for c in scored for f in scored[c]}
     held = np.array([f in held_names for f in chula_all])
     x_held, y_held = x_all[held], y_all[held]
+    normalise = None
+    if args.stain_norm:
+        from stain_norm import lab_stats, reinhard
+
+        ref = [s.mean(0) for s in lab_stats(decode(_common.pbc_images()[::25][:400], size))]
+        x_held = reinhard(x_held, *ref)
+
+        def write_normalised(src: Path, dst: Path) -> None:
+            """The original file, normalised at full resolution, as a lossless PNG."""
+            from PIL import Image
+
+            rgb = np.asarray(Image.open(src).convert("RGB"))
+            Image.fromarray(reinhard(rgb[None], *ref)[0]).save(dst.with_suffix(".png"))
+
+        normalise = write_normalised
     table, _ = _common_pbc_test()
     if args.pbc_test_max and args.pbc_test_max < len(table):
         # Every n-th image of the class-sorted list: a stratified subset.
@@ -174,7 +195,10 @@ def main() -> None:
             for c, files in pool.items():
                 (lab / c).mkdir(parents=True)
                 for i in sorted(rng.permutation(len(files))[:k]):
-                    os.symlink(files[i], lab / c / files[i].name)
+                    if normalise is not None:
+                        normalise(files[i], lab / c / files[i].name)
+                    else:
+                        os.symlink(files[i], lab / c / files[i].name)
             cfg = load_train_config(str(_common.REPO / "configs/train/adapt.yaml"), [
                 f"data.root={lab}", "model.init_checkpoint=default", f"run.name=k{k}_s{seed}",
                 f"run.storage_path={work / 'runs'}", f"train.epochs={args.epochs}",
