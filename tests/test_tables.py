@@ -216,9 +216,12 @@ def test_commits_of_different_dates_race_on_s3_without_losing_one(s3_bucket):
     assert errors == []
     runs = tables.committed_runs(out, so)
     assert sorted(runs.column("run_date").to_pylist()) == dates
-    # One log entry per commit, none lost or overwritten: consecutive versions (after the racing table creations).
-    writes = sorted(h["version"] for h in _standard(out, so, "runs").history() if h["operation"] == "WRITE")
-    assert writes == list(range(writes[0], writes[0] + len(dates)))
+    # One log entry per commit, none lost or overwritten. (Writers that find no table all create it: a late
+    # creator's CREATE TABLE, same schema, may land between the writes; the writes it raced retry.)
+    history = _standard(out, so, "runs").history()
+    writes = [h["version"] for h in history if h["operation"] == "WRITE"]
+    assert len(set(writes)) == len(dates)
+    assert {h["operation"] for h in history} == {"WRITE", "CREATE TABLE"}
     # Idempotent per run: committing a run again is a no-op, not a duplicate row.
     assert tables.commit_files(out, contract.RUNS, dates[0], "run-0", [contract.manifest_path(root, dates[0], "run-0")],
                                replace_date=False, storage_options=so) is False

@@ -42,6 +42,7 @@ import datetime as dt
 import json
 import logging
 import posixpath
+import random
 import time
 from typing import Any, Iterable, Mapping
 
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RETAIN_HOURS = 7 * 24
 #: Order in which a run commits its tables; ``runs`` (the manifest) always last.
 COMMIT_ORDER: tuple[str, ...] = ("thumbnails", "errors", "predictions", "differentials")
+#: Tries of one table commit that lost a race delta-rs does not resolve itself (a concurrent metadata change).
+COMMIT_ATTEMPTS = 5
 
 
 class TableError(RuntimeError):
@@ -204,27 +207,37 @@ def commit_files(output_uri: str, table: str, run_date: str, run_id: str, files:
     the table's log.
     """
     from deltalake import CommitProperties, Transaction
+    from deltalake.exceptions import CommitFailedError
 
     fs, root = contract.output_root(output_uri, storage_options)
     uri = _table_uri(fs, root, table)
-    delta = _ensure_table(fs, root, table, storage_options)
-    if delta.transaction_version(app_id(run_id)) is not None:
-        return False
     try:
         actions = [_add_action(fs, table_path(root, table), f, run_date) for f in files]
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(uri, exc) from exc
     props = CommitProperties(app_transactions=[Transaction(app_id(run_id), 1)],
                              custom_metadata={"bloodray.run_id": run_id, "bloodray.run_date": run_date})
-    try:
-        delta.create_write_transaction(
-            actions, mode="overwrite" if replace_date else "append", schema=_schema(table),
-            partition_by=[contract.RUN_DATE],
-            partition_filters=[(contract.RUN_DATE, "=", run_date)] if replace_date else None,
-            commit_properties=props)
-    except Exception as exc:  # noqa: BLE001
-        raise _describe(uri, exc) from exc
-    return True
+    for attempt in range(COMMIT_ATTEMPTS):
+        # Re-read the log on every attempt: delta-rs resolves racing commits of other partitions by itself, but
+        # not one that raced a change of the table's metadata (two writers creating a fresh table).
+        delta = _ensure_table(fs, root, table, storage_options)
+        if delta.transaction_version(app_id(run_id)) is not None:
+            return False
+        try:
+            delta.create_write_transaction(
+                actions, mode="overwrite" if replace_date else "append", schema=_schema(table),
+                partition_by=[contract.RUN_DATE],
+                partition_filters=[(contract.RUN_DATE, "=", run_date)] if replace_date else None,
+                commit_properties=props)
+            return True
+        except CommitFailedError as exc:
+            if attempt + 1 == COMMIT_ATTEMPTS:
+                raise _describe(uri, exc) from exc
+            log.debug("%s: commit of run %s conflicted (%s); retrying", uri, run_id, exc)
+            time.sleep(random.uniform(0.05, 0.5) * (attempt + 1))
+        except Exception as exc:  # noqa: BLE001
+            raise _describe(uri, exc) from exc
+    raise AssertionError("unreachable")
 
 
 def is_committed(output_uri: str, table: str, run_id: str,
