@@ -326,7 +326,9 @@ def parquet_files(fs, directory: str) -> list[str]:
         found = fs.find(directory)
     except FileNotFoundError:
         return []
-    # Hidden and underscore names are temporary files (e.g. a manifest being renamed into place).
-    return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+    # Hidden and underscore names are temporary files (a manifest being renamed into place) or another writer's
+    # bookkeeping (a Delta log's checkpoint Parquet under _delta_log/), never data.
+    return sorted(p for p in found if p.endswith(".parquet") and not any(
+        part.startswith((".", "_")) for part in posixpath.relpath(p, directory).split("/")))
 
 

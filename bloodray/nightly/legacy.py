@@ -37,14 +37,10 @@ class LegacyOutputError(storage.StorageError):
     """The output root is in the pre-Delta layout; the message says how to upgrade it."""
 
 
-def _parquet_under(fs, directory: str) -> list[str]:
-    return [p for p in contract.parquet_files(fs, directory) if "/_delta_log/" not in p]
-
-
 def _dated(fs, table_dir: str) -> list[tuple[str, str]]:
     """``(run_date, path)`` of the files directly under ``<table>/run_date=<D>/`` (manifests, review files)."""
     out = []
-    for path in _parquet_under(fs, table_dir):
+    for path in contract.parquet_files(fs, table_dir):
         folder = posixpath.basename(posixpath.dirname(path))
         if folder.startswith(contract.RUN_DATE_PREFIX) and posixpath.dirname(posixpath.dirname(path)) == table_dir:
             out.append((folder.removeprefix(contract.RUN_DATE_PREFIX), path))
@@ -58,7 +54,7 @@ def is_legacy(output_uri: str, storage_options: Mapping[str, Any] | None = None)
     try:
         if fs.exists(posixpath.join(runs, "_delta_log")):
             return False
-        return bool(_parquet_under(fs, runs))
+        return bool(contract.parquet_files(fs, runs))
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(output_uri, exc) from exc
 
@@ -96,7 +92,7 @@ def upgrade_output(output_uri: str, storage_options: Mapping[str, Any] | None = 
     for run_date, run_id in sorted(visible.items()):
         done = False
         for table in tables.COMMIT_ORDER:
-            files = _parquet_under(fs, contract.partition_dir(root, table, run_date, run_id))
+            files = contract.parquet_files(fs, contract.partition_dir(root, table, run_date, run_id))
             if files:
                 done |= tables.commit_files(output_uri, table, run_date, run_id, files, replace_date=True,
                                             storage_options=storage_options)

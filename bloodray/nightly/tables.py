@@ -299,8 +299,7 @@ def committed_runs(output_uri: str, storage_options: Mapping[str, Any] | None = 
     ``as_of``: the ``runs`` table as it was then (its Delta version), as the data tables are read, so the
     manifests and the rows agree: a run's manifest is committed after its data.
     """
-    runs = read(output_uri, contract.RUNS, storage_options, run_dates=[run_date] if run_date else None, as_of=as_of)
-    return runs.cast(_schema(contract.RUNS))
+    return read(output_uri, contract.RUNS, storage_options, run_dates=[run_date] if run_date else None, as_of=as_of)
 
 
 def visible_runs(output_uri: str, storage_options: Mapping[str, Any] | None = None,
