@@ -158,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     print("\nPer-sample differential (% of white cells; ig and erythroblasts per 100 WBC); truth = the synthetic profile\n")
     print(text)
     report = write_report(output, run_date=date)
-    print(f"\n[demo] Parquet tables: {output}/{{predictions,differentials,errors,runs}}/run_date={date}/")
+    print(f"\n[demo] Delta Lake tables (Parquet files + _delta_log/): {output}/{{predictions,differentials,errors,runs}}/")
     print(f"[demo] report: {report}")
     print(f'[demo] try: bloodray query "SELECT * FROM differentials WHERE any_flag" --output {output}')
     return DemoResult(run_uri=trained.run_uri, checkpoint=trained.best_checkpoint, output_uri=output, report=report,
