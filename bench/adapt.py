@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bloodray_adapt_bench")
     ap.add_argument("--name", default="adapt", help="results file name under bench/results/")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot rows (a variant run)")
+    ap.add_argument("--checkpoint", default="default",
+                    help="the model to measure and adapt: a checkpoint or run dir, or default (the packaged model); "
+                         "a checkpoint trained with stain normalisation applies it through its own preset")
     ap.add_argument("--stain-norm", action="store_true",
                     help="Reinhard-normalise the chula cells to PBC colour statistics (bench/stain_norm.py), both "
                          "the labelled cells the fine-tune reads (written as PNG) and the scored half")
@@ -132,7 +135,7 @@ def main() -> None:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shipped = load_checkpoint(None)
+    shipped = load_checkpoint(None if args.checkpoint == "default" else args.checkpoint)
     size, preset = shipped.metadata.input_size, shipped.metadata.preset()
 
     pool, scored = series_split(CHULA)
@@ -168,6 +171,7 @@ def main() -> None:
           f"PBC test {len(y_pbc)}", flush=True)
 
     result = {"machine": _common.machine_facts(), "run": _common.run_facts(),
+              "checkpoint": shipped.metadata.checkpoint_id, "stain_norm": shipped.metadata.stain_norm,
               "params": vars(args) | {"series": {c: sorted({f.name.split('_')[0] for f in pool[c]}) for c in pool},
                                       "pbc_test_scored": len(y_pbc)},
               "zero_shot": {}, "adapted": []}
@@ -200,7 +204,7 @@ def main() -> None:
                     else:
                         os.symlink(files[i], lab / c / files[i].name)
             cfg = load_train_config(str(_common.REPO / "configs/train/adapt.yaml"), [
-                f"data.root={lab}", "model.init_checkpoint=default", f"run.name=k{k}_s{seed}",
+                f"data.root={lab}", f"model.init_checkpoint={args.checkpoint}", f"run.name=k{k}_s{seed}",
                 f"run.storage_path={work / 'runs'}", f"train.epochs={args.epochs}",
                 f"train.freeze_backbone_epochs={args.freeze_epochs}", f"train.lr={args.lr}",
                 f"train.seed={seed}", f"train.batch_size={args.batch_size}", f"data.split.seed={seed}", f"scaling.num_workers={args.workers}",

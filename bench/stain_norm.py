@@ -30,45 +30,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from adapt import CHULA, decode, predict, scores  # noqa: E402
 
-#: sRGB (D65) -> XYZ.
-_RGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-_WHITE = np.array([0.95047, 1.0, 1.08883])
-
-
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 sRGB -> float L*a*b*."""
-    a = rgb.astype(np.float64) / 255.0
-    a = np.where(a > 0.04045, ((a + 0.055) / 1.055) ** 2.4, a / 12.92)
-    f = (a @ _RGB_TO_XYZ.T) / _WHITE
-    f = np.where(f > 0.008856, np.cbrt(f), 7.787 * f + 16 / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
-
-
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """float L*a*b* -> uint8 sRGB (clipped)."""
-    fy = (lab[..., 0] + 16) / 116
-    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
-    xyz = np.where(f > 0.2069, f ** 3, (f - 16 / 116) / 7.787) * _WHITE
-    a = np.clip(xyz @ np.linalg.inv(_RGB_TO_XYZ).T, 0, 1)
-    a = np.where(a > 0.0031308, 1.055 * a ** (1 / 2.4) - 0.055, 12.92 * a)
-    return np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
-
-
 def lab_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-image channel means and standard deviations in L*a*b* (n x 3 each)."""
-    labs = [rgb_to_lab(im).reshape(-1, 3) for im in images]
-    return np.array([lab.mean(0) for lab in labs]), np.array([lab.std(0) for lab in labs])
+    import torch
+
+    from bloodray.data.stain import rgb_to_lab
+
+    lab = rgb_to_lab(torch.as_tensor(images).permute(0, 3, 1, 2).double() / 255.0)
+    return lab.mean(dim=(2, 3)).numpy(), lab.std(dim=(2, 3), unbiased=False).numpy()
 
 
 def reinhard(images: np.ndarray, ref_mean: np.ndarray, ref_std: np.ndarray,
              source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Match L*a*b* statistics to the reference: per image, or with one ``source`` (mean, std) for all."""
-    out = []
-    for im in images:
-        lab = rgb_to_lab(im)
-        mean, std = source if source is not None else (lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0))
-        out.append(lab_to_rgb((lab - mean) / (std + 1e-6) * ref_std + ref_mean))
-    return np.stack(out)
+    """uint8 NHWC images matched to the reference with bloodray's own transform (:mod:`bloodray.data.stain`):
+    per image, or with one ``source`` (mean, std) for all (a lab-wide transform, which the library does not offer)."""
+    import torch
+
+    from bloodray.data.stain import StainReference, lab_to_rgb, reinhard as per_image, rgb_to_lab
+
+    rgb = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    reference = StainReference(tuple(ref_mean), tuple(ref_std))
+    if source is None:
+        out = per_image(rgb, reference)
+    else:
+        mean, std = (torch.tensor(np.asarray(v), dtype=torch.float32).view(1, 3, 1, 1) for v in source)
+        target_mean, target_std = (torch.tensor(np.asarray(v), dtype=torch.float32).view(1, 3, 1, 1)
+                                   for v in (ref_mean, ref_std))
+        out = lab_to_rgb((rgb_to_lab(rgb) - mean) / std * target_std + target_mean)
+    return (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ from bloodray import __version__, rundir, storage
 from bloodray.classes import CLASS_NAMES
 from bloodray.models import create_model, get_model_info
 from bloodray.data.preset import EvalPreset
+from bloodray.data.stain import StainReference, StainReferenceError
 
 FORMAT = "bloodray-checkpoint/2"
 #: Formats that are only read to re-seal them (``bloodray export``), never loaded.
@@ -102,6 +103,9 @@ class CheckpointMetadata:
     #: :data:`OOD_FILE`); empty = none. Left out of ``bloodray.json`` when empty, so checkpoints sealed
     #: before it existed keep their seal and id.
     ood: dict[str, Any] = field(default_factory=dict)
+    #: Stain normalisation the weights were trained with (:meth:`bloodray.data.stain.StainReference.to_metadata`);
+    #: empty = none. Left out of ``bloodray.json`` when empty, like ``ood``.
+    stain_norm: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     format: str = FORMAT
     #: SHA-256 of the canonical JSON of all the other fields (see :meth:`compute_seal`).
@@ -115,8 +119,9 @@ class CheckpointMetadata:
     def to_json_dict(self) -> dict[str, Any]:
         """The metadata as written to ``bloodray.json`` (JSON values only: numpy scalars as numbers, others as text)."""
         data = json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
-        if not data.get("ood"):
-            data.pop("ood", None)
+        for optional in ("ood", "stain_norm"):
+            if not data.get(optional):
+                data.pop(optional, None)
         return data
 
     def normalized(self) -> "CheckpointMetadata":
@@ -157,7 +162,7 @@ class CheckpointMetadata:
             raise bad("review_threshold", "must be null or a number in [0, 1]")
         if not (isinstance(self.epoch, int) and not isinstance(self.epoch, bool) and self.epoch >= 0):
             raise bad("epoch", "must be an integer >= 0")
-        for name in ("model_kwargs", "metrics", "config", "calibration", "ood"):
+        for name in ("model_kwargs", "metrics", "config", "calibration", "ood", "stain_norm"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be a mapping")
         if not isinstance(self.history, list):
@@ -165,10 +170,15 @@ class CheckpointMetadata:
         if self.ood and not (isinstance(self.ood.get("file_sha256"), str) and _SHA256.fullmatch(self.ood["file_sha256"])
                              and number(self.ood.get("threshold"))):
             raise bad("ood", f"must be empty or hold the {OOD_FILE} hash (file_sha256) and a finite threshold")
+        try:
+            StainReference.from_metadata(self.stain_norm, f"{where}: {METADATA_FILE}")
+        except StainReferenceError as exc:
+            raise CheckpointError(str(exc)) from exc
 
     def preset(self) -> EvalPreset:
-        """The evaluation preset these weights were trained for."""
-        return EvalPreset(self.input_size, tuple(self.mean), tuple(self.std))
+        """The evaluation preset these weights were trained for (stain normalisation included)."""
+        return EvalPreset(self.input_size, tuple(self.mean), tuple(self.std),
+                          stain=StainReference.from_metadata(self.stain_norm, METADATA_FILE))
 
     @classmethod
     def from_json(cls, text: str, where: str, *, legacy: bool = False) -> "CheckpointMetadata":

@@ -218,3 +218,34 @@ def test_adapt_through_ray_train_from_the_packaged_model(tmp_path, ray_cluster):
     # A frozen epoch: the backbone's weights and BatchNorm statistics are the packaged model's; the head moved.
     for name, value in tuned.model.state_dict().items():
         assert torch.equal(value, packaged.model.state_dict()[name]) != name.startswith(HEAD), name
+
+
+@pytest.mark.slow
+def test_stain_normalised_run_through_ray_train_and_an_adaptation_that_inherits_it(tmp_path, ray_cluster):
+    """model.stain_norm=reinhard fits the reference on the training split and seals it into every checkpoint;
+    a fine-tune from such a checkpoint keeps that reference (its weights' colour space), not its own lab's."""
+    from bloodray.data.labelled import rows_of
+    from bloodray.data.stain import fit_reference
+    from bloodray.train.ray_trainer import _stain_sample, prepare_split, run_training
+
+    start_uri, _ = _write_start_checkpoint(tmp_path / "start")
+    home = tmp_path / "home"
+    write_labelled_dataset(str(home), 6, size=SIZE, seed=3)
+    common = ["train.epochs=1", "train.batch_size=8", "scaling.num_workers=2", "data.split.train=0.5",
+              "data.split.val=0.25", "data.split.test=0.25", f"run.storage_path={tmp_path}/runs"]
+    cfg = load_train_config("configs/train/adapt.yaml", [
+        f"data.root={home}", f"model.init_checkpoint={start_uri}", "model.stain_norm=reinhard",
+        "run.name=stained", "train.freeze_backbone_epochs=0", "train.evaluate_test=true", *common])
+    result = run_training(cfg)
+    stained = load_checkpoint(result.best_checkpoint).metadata
+    assert stained.stain_norm["method"] == "reinhard"
+    table, _ = prepare_split(f"{tmp_path}/runs/stained", cfg.data, {})
+    assert stained.preset().stain == fit_reference(_stain_sample(rows_of(table, "train"), with_init_checkpoint(cfg)))
+    # The run's test evaluation went through the same preset, read back from the checkpoint.
+    assert 0.0 <= result.test_metrics["accuracy"] <= 1.0
+
+    lab = _lab_folder(tmp_path / "lab", 6, seed=4)
+    adapted = run_training(load_train_config("configs/train/adapt.yaml", [
+        f"data.root={lab}", f"model.init_checkpoint={result.best_checkpoint}", "run.name=adapted",
+        "train.freeze_backbone_epochs=0", *common]))
+    assert load_checkpoint(adapted.best_checkpoint).metadata.stain_norm == stained.stain_norm

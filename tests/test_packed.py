@@ -119,3 +119,25 @@ def test_pack_trainer_runs_the_shared_robustness_augmentation(pack, tmp_path):
     assert train_packed(cfg)["epochs_run"] == 1
     with pytest.raises(ConfigError, match="^robust: unknown"):
         load_config(PackedTrainConfig, overrides=["pack=x.parquet", "robust.sharpen=1"])
+
+
+def test_pack_trainer_fits_a_stain_reference_and_fine_tunes_keep_it(pack, tmp_path):
+    from bloodray.data.stain import fit_reference, reference_sample
+
+    _, path, _ = pack
+    cfg = PackedTrainConfig(pack=str(path), output=str(tmp_path / "stained"), model="bloodnet",
+                            model_kwargs={"norm": "group"}, epochs=1, batch_size=16, warmup_epochs=0,
+                            stain_norm="reinhard", device="cpu")
+    train_packed(cfg)
+    first = load_checkpoint(str(tmp_path / "stained" / "checkpoint")).metadata
+    train = load_pack(str(path)).images["train"]
+    assert first.preset().stain == fit_reference(train[reference_sample(len(train))])
+    # A fine-tune keeps the colour space its starting weights were trained in.
+    again = PackedTrainConfig(pack=str(path), output=str(tmp_path / "ft"), model="bloodnet",
+                              model_kwargs={"norm": "group"}, epochs=1, batch_size=16, warmup_epochs=0,
+                              stain_norm="reinhard", init_checkpoint=str(tmp_path / "stained" / "checkpoint"),
+                              device="cpu")
+    train_packed(again)
+    assert load_checkpoint(str(tmp_path / "ft" / "checkpoint")).metadata.stain_norm == first.stain_norm
+    with pytest.raises(ConfigError, match="^stain_norm: must be one of"):
+        load_config(PackedTrainConfig, overrides=["pack=x.parquet", "stain_norm=macenko"])

@@ -2,8 +2,9 @@
 
 The evaluation preset (:class:`EvalPreset`) is the one and only preprocessing
 used by evaluation and by the nightly classification job: decode to RGB
-(:mod:`bloodray.data.decode`), resize to the model's square input size, then
-normalize with the model's mean/std. Training augmentation (:mod:`bloodray.data.augment`)
+(:mod:`bloodray.data.decode`), resize to the model's square input size, then,
+in :meth:`EvalPreset.normalize`, stain-normalise when the checkpoint says so
+(:mod:`bloodray.data.stain`) and normalize with the model's mean/std. Training augmentation (:mod:`bloodray.data.augment`)
 is separate and runs on already-resized uint8 images, so both paths see pixels
 prepared the same way.
 """
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bloodray.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from bloodray.data.stain import StainReference, reinhard
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class EvalPreset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Reinhard stain normalisation towards the training lab's colours; None = off (models trained without it).
+    stain: StainReference | None = None
 
     def load(self, data: bytes) -> np.ndarray:
         """Decode bytes to a resized ``uint8`` HxWx3 array; raises :class:`~bloodray.data.decode.ImageDecodeError`."""
@@ -50,12 +54,24 @@ class EvalPreset:
         if device is not None:
             # Move uint8 first: a quarter of the bytes of float32 cross the bus.
             batch = batch.to(device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        batch = (batch - mean) / std
+        batch = self.standardize(batch.permute(0, 3, 1, 2).float().div_(255.0))
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if dtype is not None:
             batch = batch.to(dtype)
         return batch
+
+    def standardize(self, batch):
+        """Float NCHW tensor in [0, 1] -> the model's input: stain-normalised (when set), then mean/std.
+
+        The packed trainer augments on float tensors and calls this directly; everything else goes through
+        :meth:`normalize`.
+        """
+        import torch
+
+        if self.stain is not None:
+            # After augmentation, on exactly what the model sees: training learns the colours inference produces.
+            batch = reinhard(batch, self.stain)
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return (batch - mean) / std

@@ -199,8 +199,7 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
             sample_metadata = load_sample_metadata(flags.sample_metadata, so)
         except SampleMetadataError as exc:
             raise ConfigError(f"flags.sample_metadata: {exc}") from exc
-    base = meta.preset()
-    preset = EvalPreset(base.input_size, base.mean, base.std, cfg.limits.max_pixels)
+    preset = dataclasses.replace(meta.preset(), max_pixels=cfg.limits.max_pixels)
 
     carried_from, previous = None, frozenset()
     if cfg.run.incremental:

@@ -59,8 +59,27 @@ def with_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
                           f"{meta.input_size}; leave it unset")
     if cfg.model.pretrained:
         raise ConfigError("model.pretrained: cannot be combined with model.init_checkpoint")
-    model = dataclasses.replace(cfg.model, kwargs=kwargs, input_size=meta.input_size)
+    trained_with = meta.stain_norm.get("method", "none") if meta.stain_norm else "none"
+    model = dataclasses.replace(cfg.model, kwargs=kwargs, input_size=meta.input_size,
+                                stain_norm=cfg.model.stain_norm or trained_with)
     return dataclasses.replace(cfg, model=model)
+
+
+def stain_reference(cfg: TrainConfig, train_images) -> "StainReference | None":
+    """The stain reference of a run: None without ``model.stain_norm=reinhard``; else the starting checkpoint's
+    (its weights were trained in that colour space), else fitted on ``train_images()`` (uint8 NHWC)."""
+    from bloodray.checkpoint import read_metadata, resolve_checkpoint
+    from bloodray.data.stain import StainReference, fit_reference
+
+    if cfg.model.stain_norm != "reinhard":
+        return None
+    if cfg.model.init_checkpoint:
+        opts = cfg.storage.storage_options()
+        resolved = resolve_checkpoint(cfg.model.init_checkpoint, opts)
+        inherited = StainReference.from_metadata(read_metadata(resolved, opts).stain_norm, resolved)
+        if inherited is not None:
+            return inherited
+    return fit_reference(train_images())
 
 
 def load_init_weights(model: nn.Module, cfg: TrainConfig) -> str:

@@ -9,6 +9,7 @@ from bloodray import storage
 from bloodray.config import ConfigError, StorageConfig, load_config
 from bloodray.data.augment import AugmentConfig
 from bloodray.data.decode import DEFAULT_MAX_PIXELS
+from bloodray.data.stain import METHODS as STAIN_METHODS
 from bloodray.models import UnknownModelError, get_model_info
 from bloodray.train.recipe import Recipe, builder_kwargs
 
@@ -88,12 +89,18 @@ class ModelSection:
     #: start from these weights: a checkpoint or run dir (local or s3://) or ``default`` (the packaged model).
     #: The architecture (kwargs, input size) comes from the checkpoint.
     init_checkpoint: str | None = None
+    #: stain normalisation in the preset (:mod:`bloodray.data.stain`): ``reinhard`` or ``none``; unset = as
+    #: ``init_checkpoint`` was trained, else none. Its reference comes from the starting checkpoint when that has
+    #: one, else it is fitted on the training split, and it travels in every checkpoint of the run.
+    stain_norm: str | None = None
 
     def validate(self, prefix: str) -> None:
         try:
             get_model_info(self.name)
         except UnknownModelError as exc:
             raise ConfigError(f"{prefix}.name: {exc}") from None
+        if self.stain_norm is not None and self.stain_norm not in STAIN_METHODS:
+            raise ConfigError(f"{prefix}.stain_norm: must be one of {', '.join(STAIN_METHODS)} (got {self.stain_norm!r})")
         if self.weights_uri and not self.pretrained:
             raise ConfigError(f"{prefix}.weights_uri: set {prefix}.pretrained=true to load it")
         if self.input_size is not None and self.input_size < 16:

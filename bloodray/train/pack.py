@@ -35,6 +35,8 @@ from bloodray.config import ConfigError
 from bloodray.data.labelled import SplitFractions, build_split, read_many
 from bloodray.data.augment import AugmentConfig, WarpAugmentConfig, augment_on_device, robust_batch
 from bloodray.data.preset import EvalPreset
+from bloodray.data.stain import METHODS as STAIN_METHODS
+from bloodray.data.stain import StainReference, fit_reference, reference_sample
 from bloodray.train.recipe import Recipe, builder_kwargs, precise_bn, start_training, train_step
 
 PACK_FORMAT = "bloodray-pack-v1"
@@ -192,6 +194,9 @@ class PackedTrainConfig:
     #: zoom_out_prob, stain_jitter, gamma, blur_prob, blur_sigma, noise_std, jpeg_prob, jpeg_quality_min); the same
     #: :func:`bloodray.data.augment.robust_batch` runs on each batch's CPU copy before the on-device warp.
     robust: dict[str, Any] = field(default_factory=dict)
+    #: stain normalisation in the preset, as ``model.stain_norm`` of ``bloodray train``: ``reinhard`` or ``none``.
+    #: The reference is ``init_checkpoint``'s when it has one, else fitted on the pack's training images.
+    stain_norm: str = "none"
     eval_every: int = 1
     #: before each evaluation, re-estimate BatchNorm statistics from this many
     #: un-augmented training batches ("precise BN"; 0 = off). Running averages
@@ -221,6 +226,8 @@ class PackedTrainConfig:
             raise ConfigError(f"min_scale/max_scale: need 0 < min_scale <= max_scale (got {self.min_scale}, {self.max_scale})")
         if self.precise_bn_batches < 0:
             raise ConfigError(f"precise_bn_batches: must be >= 0 (got {self.precise_bn_batches})")
+        if self.stain_norm not in STAIN_METHODS:
+            raise ConfigError(f"stain_norm: must be one of {', '.join(STAIN_METHODS)} (got {self.stain_norm!r})")
         unknown = sorted(set(self.robust) - set(ROBUST_KEYS))
         if unknown:
             raise ConfigError(f"robust: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(ROBUST_KEYS)}")
@@ -294,6 +301,21 @@ def _clean_batches(images, preset: EvalPreset, batch_size: int, count: int, gene
         yield preset.normalize(images[idx], channels_last=images.device.type == "cuda")
 
 
+def _stain_reference(cfg: PackedTrainConfig, pack: LoadedPack) -> StainReference | None:
+    """The run's stain reference: ``init_checkpoint``'s (its weights' colour space), else fitted on the pack."""
+    if cfg.stain_norm != "reinhard":
+        return None
+    if cfg.init_checkpoint:
+        from bloodray.checkpoint import read_metadata, resolve_checkpoint
+
+        resolved = resolve_checkpoint(cfg.init_checkpoint)
+        inherited = StainReference.from_metadata(read_metadata(resolved).stain_norm, resolved)
+        if inherited is not None:
+            return inherited
+    train = pack.images["train"]
+    return fit_reference(train[reference_sample(len(train))])
+
+
 def _load_model(cfg: PackedTrainConfig, size: int, kwargs: dict[str, Any], device):
     import torch
 
@@ -339,10 +361,8 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     targets = {s: torch.from_numpy(a).to(device) for s, a in pack.labels.items()}
     load_s = time.perf_counter() - t_load
     size = pack.input_size
-    # Evaluation uses the inference preset itself; training normalizes its augmented floats the same way.
-    preset = EvalPreset(size, info.mean, info.std)
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+    # Evaluation uses the inference preset itself; training standardizes its augmented floats with it too.
+    preset = EvalPreset(size, info.mean, info.std, stain=_stain_reference(cfg, pack))
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.mixed_precision
            else contextlib.nullcontext())
@@ -376,7 +396,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
             if robust is not None:
                 batch = torch.from_numpy(robust_batch(batch.cpu().numpy(), robust_rng, robust)).to(device)
             x = augment_on_device(batch, augment, generator)
-            x = ((x - mean) / std).contiguous(memory_format=memory_format)
+            x = preset.standardize(x).contiguous(memory_format=memory_format)
             loss_sum += train_step(state, x, targets["train"][idx], recipe, amp)
         _sync(device)
         epoch_s = time.perf_counter() - t0
@@ -440,7 +460,8 @@ def _finish(cfg: PackedTrainConfig, pack: LoadedPack, eval_model, store, preset:
     np.save(out / "val_logits.npy", val_logits)
     metadata = CheckpointMetadata(
         model_name=cfg.model, classes=list(CLASS_NAMES), input_size=pack.input_size, mean=list(preset.mean),
-        std=list(preset.std), model_kwargs=kwargs, epoch=result["best_epoch"],
+        std=list(preset.std), stain_norm=preset.stain.to_metadata() if preset.stain else {}, model_kwargs=kwargs,
+        epoch=result["best_epoch"],
         metrics={"val_accuracy": result["val"]["accuracy"], "val_macro_f1": result["val"]["macro_f1"]},
         history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
         config={"trainer": "bloodray.train.pack", **asdict(cfg)})

@@ -23,6 +23,7 @@ from bloodray.classes import CLASS_NAMES, NUM_CLASSES
 from bloodray.config import from_dict, to_dict
 from bloodray.data.augment import AugmentConfig, augment_batch
 from bloodray.data.preset import EvalPreset
+from bloodray.data.stain import StainReference
 from bloodray.models import get_model_info
 from bloodray.train.adapt import backbone_parameters, load_init_weights, set_backbone_norm_eval
 from bloodray.train.config import TrainConfig
@@ -58,7 +59,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     info = get_model_info(cfg.model.name)
-    preset = EvalPreset(cfg.input_size, info.mean, info.std)
+    stain_norm = dict(loop_config.get("stain_norm") or {})
+    preset = EvalPreset(cfg.input_size, info.mean, info.std,
+                        stain=StainReference.from_metadata(stain_norm, "train_loop_config"))
     kwargs = cfg.builder_kwargs()
     model = create_model(cfg.model.name, NUM_CLASSES, pretrained=cfg.model.pretrained,
                          weights_uri=cfg.model.weights_uri, freeze_backbone=cfg.model.freeze_backbone,
@@ -144,7 +147,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 meta = CheckpointMetadata(
                     model_name=cfg.model.name, classes=list(CLASS_NAMES), input_size=preset.input_size,
-                    mean=list(info.mean), std=list(info.std), model_kwargs=kwargs, epoch=epoch + 1,
+                    mean=list(info.mean), std=list(info.std), stain_norm=stain_norm, model_kwargs=kwargs,
+                    epoch=epoch + 1,
                     metrics=metrics, history=history, config=to_dict(cfg) | {"storage": storage.redact(to_dict(cfg.storage))})
                 resume = {"epoch": epoch + 1, **state.state_dict()}
                 if chosen != "raw":

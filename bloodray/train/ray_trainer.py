@@ -19,7 +19,7 @@ from bloodray import rundir, storage
 from bloodray.config import save_config, to_dict
 from bloodray.data.labelled import (DatasetError, SplitFractions, build_split, class_counts, decode_batch, drop_failed,
                                     read_parquet, rows_of, write_parquet)
-from bloodray.train.adapt import mix_original, with_init_checkpoint
+from bloodray.train.adapt import mix_original, stain_reference, with_init_checkpoint
 from bloodray.train.config import DataSection, TrainConfig, load_train_config
 from bloodray.train.ray_loop import steps_per_epoch, train_loop_per_worker
 
@@ -103,6 +103,20 @@ def _decoded(rows: list[dict[str, Any]], cfg: TrainConfig):
                                      "max_pixels": cfg.data.max_pixels}).materialize()
 
 
+def _stain_sample(rows: list[dict[str, Any]], cfg: TrainConfig):
+    """Decoded uint8 images of the training rows the stain reference is fitted on (by sorted URI, so a resumed
+    run fits the same reference)."""
+    import numpy as np
+
+    from bloodray.data.stain import reference_sample
+
+    uris = sorted(row["uri"] for row in rows)
+    uris = [uris[i] for i in reference_sample(len(uris))]
+    batch = decode_batch({"uri": np.array(uris, dtype=object)}, input_size=cfg.input_size,
+                         storage_options=cfg.storage.storage_options(), max_pixels=cfg.data.max_pixels)
+    return np.stack([image for image, error in zip(batch["image"], batch["error"]) if not error])
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` with Ray Train and return the best checkpoint.
 
@@ -153,6 +167,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # workers' iterators (train_collate_fn), so no Ray Data stage runs beside the training workers.
     datasets["train"] = datasets["train"].randomize_block_order()
 
+    reference = stain_reference(cfg, lambda: _stain_sample(rows["train"], cfg))
+    if reference is not None:
+        print(f"[bloodray] stain normalisation: Reinhard towards L*a*b* mean {list(reference.lab_mean)}, "
+              f"std {list(reference.lab_std)} ({reference.images} images)", flush=True)
+
     storage_path, storage_fs = _ray_storage(cfg)
     resources = {"CPU": _cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
@@ -160,7 +179,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "steps_per_epoch": steps_per_epoch(
-            n_train, cfg.scaling.num_workers, cfg.train.batch_size)},
+            n_train, cfg.scaling.num_workers, cfg.train.batch_size),
+            "stain_norm": reference.to_metadata() if reference is not None else {}},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
