@@ -65,18 +65,18 @@ def with_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def stain_reference(cfg: TrainConfig, train_images) -> "StainReference | None":
-    """The stain reference of a run: None without ``model.stain_norm=reinhard``; else the starting checkpoint's
-    (its weights were trained in that colour space), else fitted on ``train_images()`` (uint8 NHWC)."""
+def stain_reference(method: str | None, init_checkpoint: str | None, train_images,
+                    storage_options: Mapping[str, Any] | None = None) -> "StainReference | None":
+    """The stain reference of a run, for every trainer: None unless ``method`` is ``reinhard``; else the starting
+    checkpoint's (its weights were trained in that colour space), else fitted on ``train_images()`` (uint8 NHWC)."""
     from bloodray.checkpoint import read_metadata, resolve_checkpoint
     from bloodray.data.stain import StainReference, fit_reference
 
-    if cfg.model.stain_norm != "reinhard":
+    if method != "reinhard":
         return None
-    if cfg.model.init_checkpoint:
-        opts = cfg.storage.storage_options()
-        resolved = resolve_checkpoint(cfg.model.init_checkpoint, opts)
-        inherited = StainReference.from_metadata(read_metadata(resolved, opts).stain_norm, resolved)
+    if init_checkpoint:
+        resolved = resolve_checkpoint(init_checkpoint, storage_options)
+        inherited = StainReference.from_metadata(read_metadata(resolved, storage_options).stain_norm, resolved)
         if inherited is not None:
             return inherited
     return fit_reference(train_images())

@@ -36,7 +36,7 @@ from bloodray.data.labelled import SplitFractions, build_split, read_many
 from bloodray.data.augment import AugmentConfig, WarpAugmentConfig, augment_on_device, robust_batch
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stain import METHODS as STAIN_METHODS
-from bloodray.data.stain import StainReference, fit_reference, reference_sample
+from bloodray.data.stain import reference_sample
 from bloodray.train.recipe import Recipe, builder_kwargs, precise_bn, start_training, train_step
 
 PACK_FORMAT = "bloodray-pack-v1"
@@ -301,21 +301,6 @@ def _clean_batches(images, preset: EvalPreset, batch_size: int, count: int, gene
         yield preset.normalize(images[idx], channels_last=images.device.type == "cuda")
 
 
-def _stain_reference(cfg: PackedTrainConfig, pack: LoadedPack) -> StainReference | None:
-    """The run's stain reference: ``init_checkpoint``'s (its weights' colour space), else fitted on the pack."""
-    if cfg.stain_norm != "reinhard":
-        return None
-    if cfg.init_checkpoint:
-        from bloodray.checkpoint import read_metadata, resolve_checkpoint
-
-        resolved = resolve_checkpoint(cfg.init_checkpoint)
-        inherited = StainReference.from_metadata(read_metadata(resolved).stain_norm, resolved)
-        if inherited is not None:
-            return inherited
-    train = pack.images["train"]
-    return fit_reference(train[reference_sample(len(train))])
-
-
 def _load_model(cfg: PackedTrainConfig, size: int, kwargs: dict[str, Any], device):
     import torch
 
@@ -362,7 +347,11 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     load_s = time.perf_counter() - t_load
     size = pack.input_size
     # Evaluation uses the inference preset itself; training standardizes its augmented floats with it too.
-    preset = EvalPreset(size, info.mean, info.std, stain=_stain_reference(cfg, pack))
+    from bloodray.train.adapt import stain_reference
+
+    train = pack.images["train"]
+    reference = stain_reference(cfg.stain_norm, cfg.init_checkpoint, lambda: train[reference_sample(len(train))])
+    preset = EvalPreset(size, info.mean, info.std, stain=reference)
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.mixed_precision
            else contextlib.nullcontext())

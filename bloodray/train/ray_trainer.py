@@ -167,7 +167,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # workers' iterators (train_collate_fn), so no Ray Data stage runs beside the training workers.
     datasets["train"] = datasets["train"].randomize_block_order()
 
-    reference = stain_reference(cfg, lambda: _stain_sample(rows["train"], cfg))
+    reference = stain_reference(cfg.model.stain_norm, cfg.model.init_checkpoint,
+                                lambda: _stain_sample(rows["train"], cfg), opts)
     if reference is not None:
         print(f"[bloodray] stain normalisation: Reinhard towards L*a*b* mean {list(reference.lab_mean)}, "
               f"std {list(reference.lab_std)} ({reference.images} images)", flush=True)
