@@ -8,9 +8,11 @@ What it measures (printed, and saved to bench/results/adapt.json and .md):
    statistics re-estimated once on the target images (AdaBN);
 2. the adaptation curve: chula_wbc split by series (the file-name prefix before ``_``; per class, every other
    series in sorted order goes to the labelled pool, the rest is scored), ``k`` labelled cells per class drawn
-   from the pool with each seed, a fine-tune of the packaged model with ``bloodray.train.ray_trainer.run_training``
-   (``configs/train/adapt.yaml`` with ``model.init_checkpoint=default``), then accuracy and balanced accuracy on
-   the scored half and the PBC test accuracy of the adapted model (forgetting).
+   from the pool with each seed, a fine-tune of the packaged model (or ``--checkpoint``) with
+   ``bloodray.train.ray_trainer.run_training`` and ``configs/train/adapt.yaml`` as a lab would run it (``--lr``,
+   ``--epochs``, ``--freeze-epochs``, ``--workers``, ``--batch-size`` and ``--set`` override it for a variant),
+   then accuracy and balanced accuracy on the scored half and the PBC test accuracy of the adapted model
+   (forgetting).
 
 Run by hand (CPU, about half an hour on the 2-core development machine):
 
@@ -102,11 +104,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="5,10,20,50")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--freeze-epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=8)
+    # Unset: configs/train/adapt.yaml's own values, so the bench measures what a lab would run.
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--freeze-epochs", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--pbc-test-max", type=int, default=500, help="score at most this many PBC test images (0 = all)")
     ap.add_argument("--set", action="append", default=[], help="extra dotted.key=value for every fine-tune")
     ap.add_argument("--workdir", default="/tmp/bloodray_adapt_bench")
@@ -190,7 +193,7 @@ def main() -> None:
     _common.save(args.name, result, markdown(result))
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=max(2, (args.workers or 1) + 1), include_dashboard=False, log_to_driver=True)
     # Seeds outermost, so that a run stopped early still has every k for the first seeds.
     for seed in [int(v) for v in args.seeds.split(",")]:
         for k in [int(v) for v in args.ks.split(",")]:
@@ -205,9 +208,12 @@ def main() -> None:
                         os.symlink(files[i], lab / c / files[i].name)
             cfg = load_train_config(str(_common.REPO / "configs/train/adapt.yaml"), [
                 f"data.root={lab}", f"model.init_checkpoint={args.checkpoint}", f"run.name=k{k}_s{seed}",
-                f"run.storage_path={work / 'runs'}", f"train.epochs={args.epochs}",
-                f"train.freeze_backbone_epochs={args.freeze_epochs}", f"train.lr={args.lr}",
-                f"train.seed={seed}", f"train.batch_size={args.batch_size}", f"data.split.seed={seed}", f"scaling.num_workers={args.workers}",
+                f"run.storage_path={work / 'runs'}",
+                *(f"{key}={value}" for key, value in (
+                    ("train.epochs", args.epochs), ("train.lr", args.lr),
+                    ("train.freeze_backbone_epochs", args.freeze_epochs), ("train.batch_size", args.batch_size),
+                    ("scaling.num_workers", args.workers)) if value is not None),
+                f"train.seed={seed}", f"data.split.seed={seed}",
                 "scaling.cpus_per_worker=1", "data.cpus_per_task=0.25", *args.set])
             t0 = time.perf_counter()
             out = run_training(cfg)
@@ -229,24 +235,27 @@ def main() -> None:
     print(markdown(result))
 
 
-def _common_pbc_test() -> tuple[list[tuple[str, int]], list]:
-    """(uri, label) of the PBC test split every bloodray run uses (fractions 0.7/0.1/0.2, seed 0)."""
+def _common_pbc_test(split: str = "test") -> tuple[list[tuple[str, int]], list]:
+    """(uri, label) of one PBC split every bloodray run uses (fractions 0.7/0.1/0.2, seed 0): test by default."""
     from bloodray.data.labelled import build_split
 
     table, dropped = build_split(str(_common.PBC))
     rows = [(u, int(lab)) for u, lab, s in zip(table.column("uri").to_pylist(), table.column("label").to_pylist(),
-                                               table.column("split").to_pylist()) if s == "test"]
+                                               table.column("split").to_pylist()) if s == split]
     return rows, dropped
 
 
 def markdown(result: dict) -> str:
-    z = result["zero_shot"]
-    lines = ["# Adapting the packaged model to chula_wbc (bench/adapt.py)", "", _common.facts_markdown(result), "",
-             "## Zero-shot (packaged model)", "",
+    z, params = result["zero_shot"], result["params"]
+    lines = ["# Adapting a trained model to chula_wbc (bench/adapt.py)", "", _common.facts_markdown(result), "",
+             f"## Zero-shot ({params.get('checkpoint', 'default')})", "",
              _common.table(["scored on", "BN statistics", "accuracy", "balanced accuracy", "macro-F1"],
                            [[name.rsplit("_", 1)[0], name.rsplit("_", 1)[1], s["accuracy"], s["balanced_accuracy"],
                              s["macro_f1"]] for name, s in z.items()]), "",
-             "## Fine-tuned through Ray Train (configs/train/adapt.yaml, init_checkpoint=default)", ""]
+             f"## Fine-tuned through Ray Train (configs/train/adapt.yaml, init_checkpoint={params.get('checkpoint', 'default')})", "",
+             "Overrides of adapt.yaml: " + ", ".join(
+                 f"{key}={params[key]}" for key in ("epochs", "freeze_epochs", "lr", "workers", "batch_size")
+                 if params.get(key) is not None) + "".join(f", {s}" for s in params.get("set", [])) + ".", ""]
     rows = []
     for k in sorted({r["k"] for r in result["adapted"]}):
         runs = [r for r in result["adapted"] if r["k"] == k]

@@ -21,7 +21,7 @@ Usage::
 
     python bench/ood.py [--checkpoint CK] [--per-sample 100]
 
-Writes bench/results/ood.json and ood.md.
+Writes bench/results/ood.json and ood.md (``--name`` to change).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="OOD score and domain-shift alarm: PBC test split vs chula_wbc")
     p.add_argument("--checkpoint", default=None, help="checkpoint with an OOD reference (default: packaged)")
     p.add_argument("--per-sample", type=int, default=100)
+    p.add_argument("--name", default="ood", help="results file name under bench/results/")
     args = p.parse_args(argv)
     result = {"run": run_facts(), "machine": machine_facts(), "per_sample": args.per_sample}
     per = {}
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
           ]),
           "\nChula samples not under the alarm: "
           + (", ".join(f"{s['sample_id']} ({s['n_classified']} cells)" for s in small) or "none") + "\n"]
-    js, mdp = save("ood", result, "\n".join(md))
+    js, mdp = save(args.name, result, "\n".join(md))
     print("\n".join(md))
     print(f"saved {js} and {mdp}")
     return 0
