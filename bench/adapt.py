@@ -253,9 +253,9 @@ def markdown(result: dict) -> str:
                            [[name.rsplit("_", 1)[0], name.rsplit("_", 1)[1], s["accuracy"], s["balanced_accuracy"],
                              s["macro_f1"]] for name, s in z.items()]), "",
              f"## Fine-tuned through Ray Train (configs/train/adapt.yaml, init_checkpoint={params.get('checkpoint', 'default')})", "",
-             "Overrides of adapt.yaml: " + ", ".join(
-                 f"{key}={params[key]}" for key in ("epochs", "freeze_epochs", "lr", "workers", "batch_size")
-                 if params.get(key) is not None) + "".join(f", {s}" for s in params.get("set", [])) + ".", ""]
+             "Overrides of adapt.yaml: " + (", ".join(
+                 [f"{key}={params[key]}" for key in ("epochs", "freeze_epochs", "lr", "workers", "batch_size")
+                  if params.get(key) is not None] + list(params.get("set", []))) or "none (as shipped)") + ".", ""]
     rows = []
     for k in sorted({r["k"] for r in result["adapted"]}):
         runs = [r for r in result["adapted"] if r["k"] == k]
