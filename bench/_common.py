@@ -355,7 +355,7 @@ def machine_facts() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
         "memory_gib": mem_gib,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": _load_average(),
         "python": platform.python_version(),
         "ray": ray.__version__,
         "torch": torch.__version__,
@@ -363,6 +363,10 @@ def machine_facts() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
     }
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def run_facts() -> dict[str, Any]:
@@ -376,8 +380,8 @@ def run_facts() -> dict[str, Any]:
 def save(name: str, result: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """Write ``bench/results/<name>.json`` and ``.md``; returns their paths."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = dict(result)
-    result.setdefault("machine", {}).setdefault("load_average_at_end", [round(x, 2) for x in os.getloadavg()])
+    # A fresh machine dict: a bench that saves after every run must not keep its first "end" (or share it).
+    result = {**result, "machine": {**result.get("machine", {}), "load_average_at_end": _load_average()}}
     js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     js.write_text(json.dumps(result, indent=2, default=str) + "\n")
     md.write_text(markdown)
@@ -388,7 +392,8 @@ def facts_markdown(result: dict[str, Any]) -> str:
     m, r = result["machine"], result["run"]
     return (f"- command: `{r['command']}`\n- date: {r['date']}; git commit: `{r['git_commit']}`\n"
             f"- machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB; "
-            f"load average at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}\n"
+            f"load average at start {m['load_average_at_start']}, at end "
+            f"{m.get('load_average_at_end') or _load_average()}\n"
             f"- python {m['python']}, ray {m['ray']}, torch {m['torch']} "
             f"(default threads {m['torch_default_threads']})\n")
 
