@@ -171,3 +171,47 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     assert _check_verified(out, verdicts) == table
     for folder in ("reviews", "signoffs"):
         assert len(list((Path(out) / folder / f"run_date={DATE}").glob("*.parquet"))) == 1
+
+
+def test_reviews_of_an_older_bloodray_survive_upgrade_output_and_new_imports(tmp_path, capsys):
+    """Review files written before reviews carried the image content: committed by upgrade-output, applied by
+    file name, kept by a second upgrade and by vacuum; a new import then adds the content columns to the table."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+    from test_query_report import D1, NEW, build_tree
+
+    out = str(tmp_path / "out")
+    build_tree(out, delta=False)
+    old_schema = pa.schema([(n, contract.reviews_schema().field(n).type) for n in
+                            ("run_id", "image_uri", "old_class", "new_class", "reviewer", "reviewed_at")])
+    legacy = tmp_path / "out" / "reviews" / f"run_date={D1}" / "20240302T080000Z-legacy1.parquet"
+    legacy.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{
+        "run_id": NEW, "image_uri": "s3://in/S1/1.jpg", "old_class": "eosinophil", "new_class": "monocyte",
+        "reviewer": "dr old", "reviewed_at": dt.datetime(2024, 3, 2, 8, tzinfo=dt.timezone.utc)}],
+        schema=old_schema), legacy)
+    for _ in range(2):  # a second upgrade (say, after an interruption) keeps it once
+        assert cli.run(["upgrade-output", "--output", out]) == 0
+    capsys.readouterr()
+    assert cli.run(["vacuum", "--output", out, "--retain-hours", "0"]) == 0
+    assert legacy.exists()
+    (review,) = _rows(out, "SELECT * FROM reviews")
+    assert (review["reviewer"], review["image_sha256"], review["review_status"]) == ("dr old", None, "applied")
+    s1 = _rows(out, f"SELECT * FROM verified_differentials WHERE run_date = '{D1}' AND sample_id = 'S1'")[0]
+    assert (s1["n_verified"], s1["reviewers"]) == (1, "dr old")
+
+    # A page's decisions on top: the reviews table gains the content columns, for every Delta reader.
+    doc = {"format": dec.FORMAT, "run_date": D1, "run_id": NEW, "signoffs": [], "reviews": [
+        {"sample_id": "S1", "image_uri": "s3://in/S1/2.jpg", "image_sha256": f"{2:064x}", "verified_class": "ig",
+         "reviewer": "dr new", "reviewed_at": "2024-03-03T08:00:00Z"}]}
+    path = tmp_path / "decisions.json"
+    path.write_text(json.dumps(doc))
+    assert cli.run(["review", "import", str(path), "--output", out, "--date", D1]) == 0
+    fields = {f.name for f in DeltaTable(str(Path(out) / "reviews")).schema().fields}
+    assert {"sample_id", "image_sha256", "source"} <= fields
+    assert [r["review_status"] for r in _rows(out, "SELECT * FROM reviews ORDER BY reviewed_at")] == ["applied"] * 2
+    delta_s1 = [r for r in _delta_verified(out) if r["sample_id"] == "S1"]
+    assert [(r["n_verified"], r["reviewers"]) for r in delta_s1] == [(2, "dr new, dr old")]
