@@ -60,6 +60,12 @@ def _delta_verified(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["run_date"], r["sample_id"]))
 
 
+def _report(capsys, out: str, dest: Path) -> str:
+    rc, printed, _ = _cli(capsys, "report", "--output", out, "--date", DATE, "--dest", str(dest))
+    assert rc == 0 and "report:" in printed
+    return (dest / "report.html").read_text()
+
+
 def _other_class(cls: str) -> str:
     return next(c for c in ("basophil", "eosinophil", "monocyte") if c != cls)
 
@@ -132,6 +138,12 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
              r["signoff_outdated"], r["n_reviews_unmatched"]) for r in table] == [
         ("S0001", 2, "dr a", "signed_off", "dr b", False, 0), ("S0002", 2, "dr a", "signed_off", "dr b", False, 0)]
     assert {r["review_status"] for r in _rows(out, "SELECT review_status FROM reviews")} == {"applied"}
+    # The report after the import: verified and machine side by side, who reviewed and who signed off.
+    page = _report(capsys, out, tmp_path / "report-1")
+    assert "After review:" in page and "Machine alone:" in page and "4</b> cells reviewed by dr a" in page
+    assert "2</b> of 2 samples signed off" in page and page.count("signed off by dr b, 2024-06-04 09:00 UTC") >= 4
+    assert page.count("<th>machine %</th><th>machine 95 % interval</th><th>verified %</th>") == 2
+    assert "Review and sign-off" in page and "no longer match" not in page and "OUTDATED" not in page
     # The same file again: imported once.
     rc, printed, _ = _cli(capsys, "review", "import", str(path), "--output", out, "--date", DATE)
     assert rc == 0 and "imported before" in printed
@@ -163,6 +175,11 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     table = _check_verified(out, verdicts)
     assert [(r["n_verified"], r["n_reviews_unmatched"], r["signoff_status"], r["signoff_outdated"])
             for r in table] == [(2, 0, "signed_off", True), (1, 1, "signed_off", True)]
+
+    page = _report(capsys, out, tmp_path / "report-3")
+    assert "1 review(s) no longer match an image" in page and "Reviews that no longer match an image (1)" in page
+    assert doc["reviews"][3]["image_uri"] in page and "OUTDATED: the sample&#x27;s cells changed" in page
+    assert "0</b> of 2 samples signed off" in page
 
     # Vacuum (no retention) deletes superseded runs' files, never a review or a sign-off.
     rc, printed, _ = _cli(capsys, "vacuum", "--output", out, "--retain-hours", "0")
