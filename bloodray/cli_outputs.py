@@ -102,8 +102,8 @@ def add_query_parser(sub) -> argparse.ArgumentParser:
     from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS
 
     p = sub.add_parser("query", help="run read-only SQL (DuckDB) over the committed outputs; print or export it",
-                       description="Run SQL over the views runs, all_runs, predictions, differentials and errors "
-                                   "of an output root. Read-only: SQL cannot read or write files, load extensions "
+                       description="Run SQL over the views runs, all_runs, predictions, differentials, errors, "
+                                   "thumbnails, reviews, signoffs and verified_differentials of an output root. Read-only: SQL cannot read or write files, load extensions "
                                    "or change settings.")
     p.add_argument("sql", help='e.g. "SELECT sample_id, pct_neutrophil FROM differentials WHERE any_flag"')
     p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
