@@ -196,6 +196,9 @@ def import_decisions(output_uri: str, run_date: str, review_file: str, reviewer:
         con.close()
     now = dt.datetime.now(dt.timezone.utc)
     reviews, signoffs, notes = resolve(decisions, run_date, state, review_file, now)
+    if decisions.output_uri and decisions.output_uri.rstrip("/") != str(output_uri).rstrip("/"):
+        # Informational only (a bucket may be mounted under another name), but worth a look.
+        notes.append(f"the file was exported from {decisions.output_uri}, and is imported into {output_uri}")
     import_id = f"review-{hashlib.sha256(data).hexdigest()[:24]}"
     fs, root = contract.output_root(output_uri, storage_options)
     uri, fresh = storage.full_uri(fs, contract.review_path(root, run_date, import_id)), False
