@@ -215,6 +215,10 @@ def test_reviews_of_an_older_bloodray_survive_upgrade_output_and_new_imports(tmp
     capsys.readouterr()
     assert cli.run(["vacuum", "--output", out, "--retain-hours", "0"]) == 0
     assert legacy.exists()
+    # Dates classified before verified_differentials existed get it from `review refresh`.
+    assert cli.run(["review", "refresh", "--output", out]) == 0
+    assert "2024-03-01: 3 sample(s), 1 reviewed cell(s)" in capsys.readouterr().out
+    assert {r["run_date"] for r in _delta_verified(out)} == {"2024-03-01", "2024-03-02"}
     (review,) = _rows(out, "SELECT * FROM reviews")
     assert (review["reviewer"], review["image_sha256"], review["review_status"]) == ("dr old", None, "applied")
     s1 = _rows(out, f"SELECT * FROM verified_differentials WHERE run_date = '{D1}' AND sample_id = 'S1'")[0]

@@ -281,3 +281,19 @@ def refresh_verified(output_uri: str, run_date: str,
     return VerifiedRefresh(uri=storage.full_uri(fs, path), run_date=run_date, n_samples=data.num_rows,
                            n_verified=sum(v or 0 for v in data.column("n_verified").to_pylist()),
                            n_reviews_unmatched=n_unmatched)
+
+
+def refresh_dates(output_uri: str, run_date: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> list[VerifiedRefresh]:
+    """``bloodray review refresh``: commit ``verified_differentials`` for one date, or for every committed date.
+
+    Imports and runs keep the table current by themselves; this fills it for
+    dates classified before it existed (an output upgraded from an older bloodray).
+    """
+    dates = [str(run_date)] if run_date else tables.visible_runs(output_uri, storage_options).column(
+        contract.RUN_DATE).to_pylist()
+    if not dates:
+        raise ReviewError(f"{output_uri}: no committed run; nothing to refresh")
+    if run_date and not tables.visible_runs(output_uri, storage_options, str(run_date)).num_rows:
+        raise ReviewError(f"{output_uri}: no committed run for run_date={run_date}")
+    return [refresh_verified(output_uri, d, storage_options) for d in dates]
