@@ -144,6 +144,7 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     assert "2</b> of 2 samples signed off" in page and page.count("signed off by dr b, 2024-06-04 09:00 UTC") >= 4
     assert page.count("<th>machine %</th><th>machine 95 % interval</th><th>verified %</th>") == 2
     assert "Review and sign-off" in page and "no longer match" not in page and "OUTDATED" not in page
+    assert page.count("<b>verified: ") == 4 and "<b>verified: unidentified</b>" in page  # on the cells themselves
     # The same file again: imported once.
     rc, printed, _ = _cli(capsys, "review", "import", str(path), "--output", out, "--date", DATE)
     assert rc == 0 and "imported before" in printed
