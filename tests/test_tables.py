@@ -26,7 +26,7 @@ from bloodray.analysis import query
 from bloodray.cli import run as cli_run
 from bloodray.config import load_config
 from bloodray.data import synth
-from bloodray.nightly import commit, contract, tables
+from bloodray.nightly import commit, contract, pending, tables
 from bloodray.nightly.pipeline import ClassifyConfig, plan_run, run_classification, stage_run
 
 DATE = "2024-09-01"
@@ -133,7 +133,7 @@ def test_crash_between_files_and_commit_leaves_readers_with_the_previous_run(whe
     assert cli_run(["vacuum", "--output", out, "--retain-hours", "0", "--dry-run",
                     *(["--endpoint-url", so["endpoint_url"]] if so else [])]) == 0
     assert "predictions: would delete 1 file(s)" in capsys.readouterr().out
-    deleted = tables.vacuum(out, so, retain_hours=0)
+    deleted = pending.vacuum(out, so, retain_hours=0).deleted
     assert len(deleted["predictions"]) == 1 and len(deleted["thumbnails"]) == 1
     fs.invalidate_cache()
     gone = contract.partition_dir(root, "predictions", DATE, first.run_id)

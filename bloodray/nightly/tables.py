@@ -19,7 +19,7 @@ one log entry), and ``runs`` gets the manifest row appended last. Every commit
 carries the Delta app transaction ``bloodray-run-<run_id>``, so completing a
 half-done commit (:func:`complete_pending_commits`) skips the tables already
 done. Superseded files stay in the table for time travel (``bloodray query
---as-of``) until :func:`vacuum`.
+--as-of``) until ``bloodray vacuum`` (:func:`bloodray.nightly.pending.vacuum`).
 
 Concurrent writers: delta-rs writes each log entry with a put-if-absent (on S3
 a conditional write), so of two commits racing for one version exactly one
@@ -113,7 +113,8 @@ def delta_storage_options(fs, storage_options: Mapping[str, Any] | None = None) 
     return out
 
 
-def _describe(uri: str, exc: BaseException) -> TableError:
+def describe_table_error(uri: str, exc: BaseException) -> TableError:
+    """One line for a delta-rs error on ``uri``: its first line, never the storage options."""
     # delta-rs errors span many lines (retry chains); keep the first, and never the options.
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return TableError(f"{uri}: Delta table error: {first}")
@@ -142,13 +143,13 @@ def open_table(output_uri: str, table: str, storage_options: Mapping[str, Any] |
     except TableNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001
-        raise _describe(uri, exc) from exc
+        raise describe_table_error(uri, exc) from exc
     if as_of is not None:
         # delta-rs loads the earliest version for a time before it; ours is always the empty CREATE TABLE.
         try:
             delta.load_as_version(as_of)
         except Exception as exc:  # noqa: BLE001
-            raise _describe(uri, exc) from exc
+            raise describe_table_error(uri, exc) from exc
     return delta
 
 
@@ -174,7 +175,7 @@ def _ensure_table(fs, root: str, table: str, storage_options: Mapping[str, Any] 
     try:
         return DeltaTable(uri, storage_options=options)
     except Exception as exc:  # noqa: BLE001
-        raise _describe(uri, exc) from exc
+        raise describe_table_error(uri, exc) from exc
 
 
 def _add_action(fs, table_root: str, path: str, run_date: str):
@@ -232,11 +233,11 @@ def commit_files(output_uri: str, table: str, run_date: str, run_id: str, files:
             return True
         except CommitFailedError as exc:
             if attempt + 1 == COMMIT_ATTEMPTS:
-                raise _describe(uri, exc) from exc
+                raise describe_table_error(uri, exc) from exc
             log.debug("%s: commit of run %s conflicted (%s); retrying", uri, run_id, exc)
             time.sleep(random.uniform(0.05, 0.5) * (attempt + 1))
         except Exception as exc:  # noqa: BLE001
-            raise _describe(uri, exc) from exc
+            raise describe_table_error(uri, exc) from exc
     raise AssertionError("unreachable")
 
 
@@ -275,7 +276,7 @@ def dataset(output_uri: str, table: str, storage_options: Mapping[str, Any] | No
         return delta.to_pyarrow_dataset(file_pruning_predicate=partitions, schema=schema,
                                         filesystem=arrow_subtree(fs, table_path(root, table)))
     except Exception as exc:  # noqa: BLE001
-        raise _describe(_table_uri(fs, root, table), exc) from exc
+        raise describe_table_error(_table_uri(fs, root, table), exc) from exc
 
 
 def read(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None, *,
@@ -345,13 +346,16 @@ def write_intent(output_uri: str, run_date: str, run_id: str, files: Mapping[str
 
 def pending_intents(output_uri: str, storage_options: Mapping[str, Any] | None = None,
                     run_date: str | None = None) -> list[dict[str, Any]]:
-    """Commit intents still on record: runs that stopped between their first table commit and their manifest."""
+    """Commit intents of runs still on record: runs committing now, or stopped between their first table commit
+    and their manifest (``_commits/run_date=<D>/<run_id>.json``; other intents, such as upgrade-output's, are not
+    a run's)."""
     fs, root = contract.output_root(output_uri, storage_options)
     base = posixpath.join(root, contract.COMMITS)
     directory = posixpath.join(base, f"{contract.RUN_DATE_PREFIX}{run_date}") if run_date else base
     fs.invalidate_cache()
     try:
-        paths = sorted(p for p in fs.find(directory) if p.endswith(".json"))
+        paths = sorted(p for p in fs.find(directory) if p.endswith(".json")
+                       and posixpath.basename(posixpath.dirname(p)).startswith(contract.RUN_DATE_PREFIX))
     except FileNotFoundError:
         return []
     intents = []
@@ -401,28 +405,3 @@ def complete_pending_commits(output_uri: str, run_date: str,
                     intent["run_id"], run_date, ", ".join(tables) or "nothing left to commit")
         finished.append(intent["run_id"])
     return finished
-
-
-def vacuum(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
-           retain_hours: int = DEFAULT_RETAIN_HOURS, dry_run: bool = False) -> dict[str, list[str]]:
-    """Delete files no committed version younger than ``retain_hours`` needs, in every table.
-
-    Superseded runs' files (removed from a table by a later run of the date),
-    and files of runs that never committed, go once older than
-    ``retain_hours``; ``bloodray query --as-of`` cannot go back further than
-    that afterwards. Returns the deleted (or, with ``dry_run``, deletable)
-    files per table.
-    """
-    out: dict[str, list[str]] = {}
-    for table in contract.DELTA_TABLES:
-        delta = open_table(output_uri, table, storage_options)
-        if delta is None:
-            continue
-        try:
-            out[table] = delta.vacuum(retention_hours=retain_hours, dry_run=dry_run,
-                                      enforce_retention_duration=False, full=True)
-            if not dry_run:
-                delta.cleanup_metadata()
-        except Exception as exc:  # noqa: BLE001
-            raise _describe(delta.table_uri, exc) from exc
-    return out

@@ -30,6 +30,7 @@ from bloodray.analysis import gallery, query
 from bloodray.classes import CLASS_NAMES, class_from_folder
 from bloodray.data.stages import read_many
 from bloodray.nightly import contract, tables
+from bloodray.nightly.pending import refuse_pending
 
 #: Columns of ``review.csv``; ``verified_class`` and ``reviewer`` are the reviewer's.
 CSV_COLUMNS: tuple[str, ...] = ("run_id", "sample_id", "image_uri", "predicted_class", "confidence",
@@ -62,7 +63,12 @@ def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
 
 def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, Any] | None = None,
                  with_thumbnails: bool = True) -> tuple[str, list[dict[str, Any]], dict[str, bytes]]:
-    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs."""
+    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs.
+
+    Refuses (:class:`ReviewError`) while a run of the date is in its commit
+    window: its tables would mix two runs (:mod:`bloodray.nightly.pending`).
+    """
+    refuse_pending(output_uri, str(run_date), ReviewError, storage_options)
     con = query.connect(output_uri, storage_options)
     try:
         run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
@@ -172,6 +178,7 @@ def import_review(output_uri: str, run_date: str, review_file: str, reviewer: st
         raise ReviewError(f"{review_file}: review file not found") from exc
     except UnicodeDecodeError as exc:
         raise ReviewError(f"{review_file}: not a UTF-8 CSV file ({exc})") from exc
+    refuse_pending(output_uri, str(run_date), ReviewError, storage_options)
     con = query.connect(output_uri, storage_options)
     try:
         run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
