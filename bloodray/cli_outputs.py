@@ -130,7 +130,7 @@ def cmd_vacuum(args) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for table, files in result.deleted.items():
         kept = result.kept.get(table, {})
-        why = f"; kept {len(kept)} file(s) for {'; '.join(sorted(set(kept.values())))}" if kept else ""
+        why = f"; kept {len(kept)} file(s): {'; '.join(sorted(set(kept.values())))}" if kept else ""
         print(f"{table}: {verb} {len(files)} file(s){why}")
     return 0
 

@@ -308,3 +308,18 @@ def test_time_travel_to_a_vacuumed_version_is_one_line(tmp_path, capsys):
     # The current version still reads.
     assert cli_run(["query", sql, "--output", out, "--format", "csv"]) == 0
     assert capsys.readouterr().out.split() == ["run_id", rerun]
+
+
+def test_an_intent_whose_files_are_gone_no_longer_blocks_the_date(tmp_path, caplog):
+    """A root stranded by the vacuum of an older bloodray: the next run is not refused, and its commit clears it."""
+    out = str(tmp_path / "out")
+    build_tree(out)
+    files = _half_committed(out)
+    os.remove(os.path.join(out, files["differentials"][0]))  # what the old vacuum deleted
+    with caplog.at_level(logging.WARNING, logger="bloodray.nightly.tables"):
+        assert tables.complete_pending_commits(out, D1) == []  # before: "not found", every rerun exited 2
+    assert "cannot be completed" in caplog.text and files["differentials"][0] in caplog.text
+    assert [i["run_id"] for i in tables.pending_intents(out)] == [UNCOMMITTED]
+    # Once the next run has replaced the date in every table, the stale intent goes.
+    assert tables.drop_superseded_intents(out, D1, "run-d1-next") == [UNCOMMITTED]
+    assert tables.pending_intents(out) == [] and pending.pending_commits(out) == []

@@ -125,7 +125,8 @@ def protected_paths(output_uri: str, storage_options: Mapping[str, Any] | None =
         try:
             intent = json.loads(fs.cat_file(path))
             run_id = intent.get("run_id")
-            why = f"the pending commit of run {run_id}" if run_id else f"the pending {posixpath.basename(path)}"
+            why = (f"needed by the pending commit of run {run_id}" if run_id
+                   else f"listed by the pending {posixpath.basename(path)}")
             for files in intent.get("files", {}).values():
                 keep.files.update((str(f), why) for f in files)
         except FileNotFoundError:
@@ -140,7 +141,7 @@ def protected_paths(output_uri: str, storage_options: Mapping[str, Any] | None =
         if not holder_is_live(record):
             continue
         run_id = str(record.get("run_id"))
-        why = f"run {run_id}, live (it holds the lease of {run_date})"
+        why = f"needed by run {run_id}, live (it holds the lease of {run_date})"
         for table in contract.TABLES:
             keep.folders[posixpath.relpath(contract.partition_dir(root, table, run_date, run_id), root) + "/"] = why
         keep.files[posixpath.relpath(contract.manifest_path(root, run_date, run_id), root)] = why
@@ -187,7 +188,7 @@ def vacuum(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
         kept: dict[str, str] = {}
         deleted = []
         for rel in files:
-            why = ("reviewers' records are never vacuumed" if table == contract.REVIEWS
+            why = ("reviewers' records, never vacuumed" if table == contract.REVIEWS
                    else keep.why(posixpath.join(table, rel)))
             if why:
                 kept[rel] = why

@@ -391,17 +391,60 @@ def apply_intent(output_uri: str, intent: Mapping[str, Any],
     return done
 
 
+def missing_files(output_uri: str, intent: Mapping[str, Any],
+                  storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Files an intent still has to commit (tables without its app transaction) that are gone."""
+    fs, root = contract.output_root(output_uri, storage_options)
+    fs.invalidate_cache()
+    gone = []
+    for table, files in intent["files"].items():
+        if files and not is_committed(output_uri, table, intent["run_id"], storage_options):
+            gone += [f for f in files if not fs.exists(posixpath.join(root, f))]
+    return gone
+
+
 def complete_pending_commits(output_uri: str, run_date: str,
                              storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Finish the commits of runs of ``run_date`` that stopped half-way; returns their run ids.
 
     Called by the next run of the date while it holds the date's lease, so the
-    tables agree again before anything else is written.
+    tables agree again before anything else is written. An intent whose files
+    are gone (deleted by the vacuum of a bloodray from before vacuum kept
+    them) cannot be completed: it is left, with a warning, and the commit of
+    the run that replaces the date removes it (:func:`drop_superseded_intents`).
     """
     finished = []
     for intent in pending_intents(output_uri, storage_options, run_date):
+        gone = missing_files(output_uri, intent, storage_options)
+        if gone:
+            log.warning("run %s of %s stopped half-way through its commit and cannot be completed: %d of its "
+                        "files are gone (e.g. %s); the tables of %s disagree until this run replaces the date",
+                        intent["run_id"], run_date, len(gone), gone[0], run_date)
+            continue
         tables = apply_intent(output_uri, intent, storage_options)
         log.warning("run %s of %s had stopped half-way through its commit; completed it (%s)",
                     intent["run_id"], run_date, ", ".join(tables) or "nothing left to commit")
         finished.append(intent["run_id"])
     return finished
+
+
+def drop_superseded_intents(output_uri: str, run_date: str, run_id: str,
+                            storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Remove the intents of ``run_date`` other than ``run_id``'s, once ``run_id`` has committed every table.
+
+    Such an intent could not be completed (:func:`complete_pending_commits`);
+    the later run has replaced the date in every table, so nothing of it is
+    wanted any more. Returns the run ids whose intents were removed.
+    """
+    fs, root = contract.output_root(output_uri, storage_options)
+    dropped = []
+    for intent in pending_intents(output_uri, storage_options, run_date):
+        if intent["run_id"] != run_id:
+            try:
+                fs.rm(contract.intent_path(root, run_date, intent["run_id"]))
+            except FileNotFoundError:
+                pass
+            log.warning("removed the commit intent of run %s of %s: run %s has replaced the date",
+                        intent["run_id"], run_date, run_id)
+            dropped.append(intent["run_id"])
+    return dropped
