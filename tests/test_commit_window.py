@@ -192,7 +192,7 @@ def test_an_interrupted_upgrade_is_named_and_nothing_it_has_not_moved_is_vacuume
     assert cli_run(["vacuum", "--output", out, "--retain-hours", "0"]) == 0
     capsys.readouterr()
     assert os.path.exists(review_file)
-    assert query.read_table(out, contract.REVIEWS).column("new_class").to_pylist() == ["monocyte"]
+    assert tables.read(out, contract.REVIEWS).column("new_class").to_pylist() == ["monocyte"]
 
 
 # --------------------------------------------------------------------------- item 10: readers during the commit window

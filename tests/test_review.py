@@ -81,14 +81,15 @@ def test_review_round_trip(tmp_path, ray_cluster, capsys):
         thumbs = con.execute("SELECT p.image_uri, t.jpeg FROM predictions p LEFT JOIN thumbnails t "
                              "USING (run_id, image_uri)").fetchall()
         stored = con.sql("SELECT * FROM differentials ORDER BY sample_id").to_arrow_table()
-        before = con.sql("SELECT * EXCLUDE (n_verified) FROM verified_differentials ORDER BY sample_id"
-                             ).to_arrow_table()
+        before = con.sql("SELECT * FROM verified_differentials ORDER BY sample_id").to_arrow_table()
     finally:
         con.close()
     assert len(thumbs) == 16 and all(
         Image.open(io.BytesIO(j)).format == "JPEG" and max(Image.open(io.BytesIO(j)).size) <= THUMBNAIL_SIZE
         for _, j in thumbs)
-    assert before.to_pylist() == stored.to_pylist()  # nothing reviewed yet: verified = predicted
+    # Nothing reviewed yet: verified = predicted.
+    assert before.select(stored.column_names).to_pylist() == stored.to_pylist()
+    assert set(before.column("n_verified").to_pylist()) == {0} and set(before.column("reviewers").to_pylist()) == {None}
 
     # Export: CSV to fill and a self-contained gallery.
     review_dir = tmp_path / "review"
@@ -207,6 +208,7 @@ def test_gallery_puts_unidentified_then_review_cells_first_and_shows_ood_scores(
 
 def test_labels_get_collision_free_names_and_hash_paths_are_not_taken_for_tar_members(tmp_path, capsys):
     """Issue 23 item 4: five reviewed cells, two pairs sharing sample and file name, one plain path with '#'."""
+    import hashlib
     import tarfile
 
     import pyarrow.parquet as pq
@@ -229,8 +231,8 @@ def test_labels_get_collision_free_names_and_hash_paths_are_not_taken_for_tar_me
             tar.addfile(info, io.BytesIO(data))
         originals[f"{arch / shard}#S2/y.jpg"] = data
     samples = {u: ("S2" if ".tar#" in u else u.split("/archive/")[1].split("/")[0]) for u in originals}
-    rows = [{"run_id": run_id, "sample_id": samples[u], "image_uri": u, "predicted_class": "neutrophil",
-             "confidence": 0.5, "needs_review": True} for u in originals]
+    rows = [{"run_id": run_id, "sample_id": samples[u], "image_uri": u, "image_sha256": hashlib.sha256(d).hexdigest(),
+             "predicted_class": "neutrophil", "confidence": 0.5, "needs_review": True} for u, d in originals.items()]
     fs, root = contract.output_root(out)
     part = contract.partition_dir(root, "predictions", DATE, run_id) + "/part-0.parquet"
     fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
@@ -244,7 +246,9 @@ def test_labels_get_collision_free_names_and_hash_paths_are_not_taken_for_tar_me
     tables.commit_files(out, contract.RUNS, DATE, run_id, [manifest], replace_date=False)
     review = _write_csv(tmp_path / "filled.csv", [{"image_uri": u, "verified_class": "monocyte", "reviewer": "dr y"}
                                                   for u in originals])
-    assert roundtrip.import_review(out, DATE, review).n_reviews == 5
+    from bloodray.review.records import import_decisions
+
+    assert import_decisions(out, DATE, review).n_reviews == 5
 
     labels = tmp_path / "labels"
     rc, printed, _ = _cli(capsys, "review", "labels", "--output", out, "--dest", str(labels))

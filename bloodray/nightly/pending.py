@@ -24,7 +24,8 @@ The vacuum rule (:func:`vacuum`): a file goes only when all of these hold
    after any vacuum;
 3. it is not a file of a run that holds a live lease (files put in place
    before its intent is written);
-4. it is not in ``reviews`` (reviewers' records are never vacuumed, committed or not);
+4. it is not in a records table (:data:`bloodray.nightly.contract.RECORD_TABLES`: reviews and sign-offs
+   are never vacuumed, committed or not);
 5. the current version of its table does not list it (read again after 2 and
    3, for a commit that finished in between).
 
@@ -171,6 +172,8 @@ def vacuum(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
     fs, root = contract.output_root(output_uri, storage_options)
     candidates: dict[str, list[str]] = {}
     for table in contract.DELTA_TABLES:
+        if table in contract.RECORD_TABLES:
+            continue  # rule 4
         delta = tables.open_table(output_uri, table, storage_options)
         if delta is None:
             continue
@@ -188,8 +191,7 @@ def vacuum(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
         kept: dict[str, str] = {}
         deleted = []
         for rel in files:
-            why = ("reviewers' records, never vacuumed" if table == contract.REVIEWS
-                   else keep.why(posixpath.join(table, rel)))
+            why = keep.why(posixpath.join(table, rel))
             if why:
                 kept[rel] = why
             elif rel not in current:
