@@ -34,7 +34,7 @@ from bloodray.nightly.legacy import LegacyOutputError, upgrade_output
 from bloodray.nightly.pipeline import plan_run, run_classification, stage_run
 from bloodray.review import roundtrip
 from test_query_report import D1, D2, D2_RUN, NEW, OLD, UNCOMMITTED, _manifest, _predictions, _ts, build_tree
-from test_tables import DATE, Crash, _config, _standard_runs
+from test_tables import DATE, Crash, _config, _standard_runs, kill_on_third_table_commit, where  # noqa: F401 (fixture)
 
 EIGHT_DAYS = 8 * 24 * 3600
 
@@ -66,19 +66,7 @@ def test_a_run_killed_between_table_commits_stays_completable_after_any_vacuum(t
     first = run_classification(_config(archive, out, None))
     plan = plan_run(_config(archive, out, None))
     stage_run(plan)
-    real = tables.commit_files
-    calls = []
-
-    def dies_on_the_third(*args, **kwargs):  # the kill point of test_tables: after thumbnails and errors
-        calls.append(args[1])
-        if len(calls) == 3:
-            raise Crash()
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(tables, "commit_files", dies_on_the_third)
-        with pytest.raises(Crash):
-            commit.commit_run(plan)
+    kill_on_third_table_commit(plan, monkeypatch)  # the kill point of test_tables: after thumbnails and errors
     root = out
     crashed = _run_files(root, DATE, plan.run_id)
     assert len(crashed) == 5  # four tables and the manifest
@@ -99,14 +87,6 @@ def test_a_run_killed_between_table_commits_stays_completable_after_any_vacuum(t
         assert first.run_id in tables.committed_runs(out).column("run_id").to_pylist()
     finally:
         commit.discard_run(nxt)
-
-
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "archive"), str(tmp_path / "out"), None
-    bucket, so = request.getfixturevalue("s3_bucket")
-    return storage.join(bucket, "archive"), storage.join(bucket, "out"), so
 
 
 @pytest.mark.slow

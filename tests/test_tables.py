@@ -71,6 +71,23 @@ def _plain_glob_rows(out: str, so, table: str) -> int:
     return total
 
 
+def kill_on_third_table_commit(plan, monkeypatch) -> list[str]:
+    """Commit ``plan`` and die as its third table commit starts (thumbnails and errors done); the tables tried."""
+    real, calls = tables.commit_files, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise Crash()
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tables, "commit_files", dies_on_the_third)
+        with pytest.raises(Crash):
+            commit.commit_run(plan)
+    return calls
+
+
 @pytest.fixture(params=["local", "s3"])
 def where(request, tmp_path):
     """``(archive, out, storage_options)`` on local disk or on the moto S3 server."""
@@ -151,20 +168,7 @@ def test_a_run_stopped_between_table_commits_is_completed_by_the_next_run(tmp_pa
 
     plan = plan_run(_config(archive, out, None))
     stage_run(plan)
-    real = tables.commit_files
-    calls = []
-
-    def dies_on_the_third(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 3:
-            raise Crash()
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(tables, "commit_files", dies_on_the_third)
-        with pytest.raises(Crash):
-            commit.commit_run(plan)
-    assert calls == ["thumbnails", "errors", "predictions"]
+    assert kill_on_third_table_commit(plan, monkeypatch) == ["thumbnails", "errors", "predictions"]
     # Past the commit point: thumbnails and errors have the new run, predictions and runs the old one.
     assert [i["run_id"] for i in tables.pending_intents(out)] == [plan.run_id]
     assert set(_standard_runs(out, None, "thumbnails")) == {plan.run_id}
