@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from bloodray.classes import CLASS_NAMES
 from bloodray.config import from_dict, load_yaml_text
 from bloodray.nightly import contract, tables
+from bloodray.nightly.dictionary import alias_select
 from bloodray.nightly.config import FlagsConfig
 from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, load_flag_rules
 from bloodray.nightly.sample_metadata import load_sample_metadata
@@ -117,18 +118,21 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     """
     # Materialised (reviews are small): once the connection is locked, no view may read files.
     reviews = tables.read(output_uri, contract.REVIEWS, storage_options, as_of=as_of)
+    # Views over relations rather than registered names, so no internal object shows beside the public views.
     if reviews.num_rows:
-        con.register("_reviews_files", reviews)
-        con.execute("CREATE VIEW reviews AS SELECT * FROM _reviews_files WHERE run_id IN (SELECT run_id FROM runs)")
+        visible = [r for (r,) in con.execute("SELECT run_id FROM runs").fetchall()]
+        con.from_arrow(reviews.filter(pc.is_in(reviews.column("run_id"), pa.array(visible, pa.string())))
+                       ).create_view(contract.REVIEWS)
     else:
         con.execute(f"CREATE VIEW reviews AS {_empty(contract.REVIEWS)}")
     reviewed = [r for (r,) in con.execute("SELECT DISTINCT run_id FROM reviews ORDER BY 1").fetchall()]
-    con.register("_verified_reviewed_runs", verified_rows(con, reviewed, storage_options))
+    recomputed = verified_rows(con, reviewed, storage_options)
     # Older or hand-written files may lack newer columns: those read as NULL, as in the other views.
     have = {r[0] for r in con.execute("DESCRIBE differentials").fetchall()}
     plain = ", ".join("CAST(0 AS BIGINT) AS n_verified" if n == "n_verified"
                       else f'CAST("{n}" AS {t}) AS "{n}"' if n in have else f'CAST(NULL AS {t}) AS "{n}"'
                       for n, t in _cols(contract.VERIFIED_DIFFERENTIALS))
-    con.execute(f"""CREATE VIEW {contract.VERIFIED_DIFFERENTIALS} AS
-        SELECT {plain} FROM differentials WHERE run_id NOT IN (SELECT run_id FROM _verified_reviewed_runs)
-        UNION ALL SELECT * FROM _verified_reviewed_runs""")
+    ids = ", ".join("'" + r.replace("'", "''") + "'" for r in reviewed) or "NULL"
+    stored = con.sql(f"SELECT {plain} FROM differentials WHERE run_id NOT IN ({ids})")
+    stored.union(con.from_arrow(recomputed)).project("*" + alias_select(contract.VERIFIED_DIFFERENTIALS)) \
+        .create_view(contract.VERIFIED_DIFFERENTIALS)

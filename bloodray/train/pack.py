@@ -163,7 +163,8 @@ class PackedTrainConfig(Recipe, WarpAugmentConfig, ModelInit):
     The recipe keys (``epochs``, ``lr``, ``optimizer``...) are :class:`~bloodray.train.recipe.Recipe`'s and mean what
     ``train.*`` means for ``bloodray train``; the augmentation keys (``rotate``, ``flips``, ``min_scale``...) are
     :class:`~bloodray.data.augment.WarpAugmentConfig`'s; ``init_checkpoint`` and ``stain_norm`` are
-    :class:`~bloodray.train.config.ModelInit`'s (as ``model.*`` of ``bloodray train``). The job's own defaults (AdamW, cosine, EMA...) are in
+    :class:`~bloodray.train.config.ModelInit`'s (as ``model.*`` of ``bloodray train``). The job's own defaults
+    (AdamW, cosine, EMA...) are in
     ``configs/train_packed.yaml`` (packaged as the command's default config).
     """
 
@@ -190,7 +191,8 @@ class PackedTrainConfig(Recipe, WarpAugmentConfig, ModelInit):
         if isinstance(self.robust, Mapping):  # a library caller's plain dict, as before the section existed
             unknown = sorted(set(self.robust) - set(ROBUST_KEYS))
             if unknown:
-                raise ConfigError(f"robust: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(ROBUST_KEYS)}")
+                raise ConfigError(f"robust: unknown key(s) {', '.join(unknown)}; "
+                                  f"expected some of {', '.join(ROBUST_KEYS)}")
             self.robust = RobustConfig(**self.robust)
 
     def validate(self, prefix: str = "") -> None:
