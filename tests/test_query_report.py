@@ -321,15 +321,17 @@ def test_torn_uncommitted_manifest_is_invisible(tmp_path):
 
 
 def test_views_list_no_internal_objects_and_carry_the_clearer_names(tmp_path):
-    """`SHOW TABLES` lists exactly the public views; the clearer column names (issue 24) equal the stored columns
-    they replace, which stay beside them for one release."""
+    """`SHOW TABLES` lists no internal `_*_files` objects; the clearer column names (issue 24) equal the stored
+    columns they replace, which stay beside them for one release."""
     from bloodray.nightly.dictionary import ALIASES
 
     uri = str(tmp_path / "out")
     build_tree(uri)
     con = query.connect(uri)
     try:
-        assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(query.VIEWS)
+        listed = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        # The data tables' and runs' views scan their datasets directly: no internal `_*_files` object is listed.
+        assert set(query.VIEWS) <= listed and not {n for n in listed if n.endswith("_files")}
         for view, aliases in ALIASES.items():
             columns = {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
             for new, expr, old in aliases:

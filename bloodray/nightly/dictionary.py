@@ -26,7 +26,9 @@ TABLES: dict[str, str] = {
     "thumbnails": "one small JPEG per classified image (join on `run_id, image_uri`)",
     "runs": "one row per committed run (the manifest; the `runs` view shows the visible run of each date, "
             "`all_runs` every committed run)",
-    "reviews": "one row per reviewer's decision on a cell (written by `bloodray review import`)",
+    "reviews": "one row per reviewer's decision on a cell (written by `bloodray review import`); it applies to that "
+               "image content and sample in every later run of the date",
+    "signoffs": "one row per sign-off (or reopening) of a sample by a reviewer; the latest row of a sample counts",
     "verified_differentials": "a query view: `differentials` counted from the verified class of each reviewed cell "
                               "(the predicted class elsewhere)",
 }
@@ -106,7 +108,24 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "old_class": ("class name", "the class the run predicted"),
     "new_class": ("class name", "the verified class (equal to `old_class` when the reviewer confirmed it)"),
     "reviewer": ("", "who reviewed the cell"),
-    "reviewed_at": ("timestamp, UTC", "when the review was imported"),
+    "reviewed_at": ("timestamp, UTC", "when the cell was reviewed"),
+    ("reviews", "run_id"): ("", "the run the reviewer saw"),
+    ("reviews", "image_uri"): ("URI", "the file the reviewer saw (reviews apply by `sample_id` and `image_sha256`)"),
+    "source": ("", "the file the row was imported from"),
+    "review_status": ("", "`applied` (the latest review of an image of the date's visible run), `superseded` (a later "
+                          "review of the same image applies) or `unmatched` (no image of the visible run has that "
+                          "content any more); computed by the query view"),
+    ("signoffs", "status"): ("", "`signed_off` or `reopened`"),
+    ("signoffs", "run_id"): ("", "the run the reviewer signed off"),
+    "signed_at": ("timestamp, UTC", "when the sample was signed off or reopened"),
+    "verified_digest": ("hex", "fingerprint of the sample's verified cells (content and verified class of each) when "
+                               "signed; null when signed on a run the date no longer shows"),
+    "n_reviews_unmatched": ("reviews", "the sample's reviews that no longer match any of its images"),
+    "reviewers": ("", "who reviewed the sample's cells"),
+    "signoff_status": ("", "the sample's latest sign-off: `signed_off` or `reopened`; null when none"),
+    "signed_off_by": ("", "who made the latest sign-off"),
+    "signed_off_at": ("timestamp, UTC", "when the latest sign-off was made"),
+    "signoff_outdated": ("", "the verified cells are no longer the ones signed off (a later run changed them)"),
 }
 
 _CLASS = "|".join(CLASS_NAMES)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bloodray.config import ConfigError
+from bloodray.precision import PRECISIONS
 
 
 @dataclass
@@ -52,8 +53,9 @@ class Recipe:
     ema_decay: float = 0.0
     #: un-augmented training batches that re-estimate BatchNorm statistics before each evaluation (0 = off).
     precise_bn_batches: int = 0
-    #: bf16 autocast (and channels_last) on a GPU; ignored on CPU.
-    mixed_precision: bool = True
+    #: ``auto``, ``fp32`` or ``bf16``: bf16 autocast where the CPU or GPU does bf16 natively and a self-check
+    #: passes, else fp32 (:mod:`bloodray.precision`); the precision used is in every epoch's metrics.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: seed of the weights' initialisation, the data order and the augmentation.
     seed: int = 0
 
@@ -75,6 +77,8 @@ class Recipe:
             raise ConfigError(f"{at('ema_decay')}: must be in [0, 1) (got {self.ema_decay})")
         if self.precise_bn_batches < 0:
             raise ConfigError(f"{at('precise_bn_batches')}: must be >= 0 (got {self.precise_bn_batches})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{at('precision')}: must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
 
 
 def builder_kwargs(model_name: str, kwargs: Mapping[str, Any], input_size: int | None) -> dict[str, Any]:
