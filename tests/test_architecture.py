@@ -102,7 +102,11 @@ def _package(module: str) -> str:
 #: Package loops known and left for now, each with the reason. analysis.query builds the review views of
 #: review.verified, and review.roundtrip uses analysis.query; the verified_differentials view is being rebuilt as a
 #: Delta table (issue 22), after which query needs nothing of review.
-KNOWN_PACKAGE_CYCLES = {("bloodray.analysis", "bloodray.review")}
+#: nightly.commit refreshes the verified_differentials table (review.records) at the end of each run, while review
+#: builds on nightly's contract and tables (issue 22); the refresh could move behind a hook the CLI wires.
+KNOWN_PACKAGE_CYCLES = {("bloodray.analysis", "bloodray.review"),
+                        ("bloodray.nightly", "bloodray.review"),
+                        ("bloodray.analysis", "bloodray.nightly", "bloodray.review")}
 
 
 def test_no_package_level_import_cycles():
