@@ -294,8 +294,8 @@ def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str) -
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if _refused(exc):
             raise QueryError(f"query against {output_uri} refused: {first} (bloodray query is read-only: "
-                             "it reads the views runs, all_runs, predictions, differentials and errors, "
-                             "and no files, extensions or settings)") from exc
+                             f"it reads the views {', '.join(VIEWS)}, and no files, extensions or settings)"
+                             ) from exc
         raise QueryError(f"query against {output_uri} failed: {first}") from exc
 
 
