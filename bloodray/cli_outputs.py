@@ -164,7 +164,8 @@ def add_vacuum_parser(sub) -> argparse.ArgumentParser:
     """``bloodray vacuum --output ROOT [--retain-hours H] [--dry-run]``."""
     from bloodray.nightly.tables import DEFAULT_RETAIN_HOURS
 
-    p = sub.add_parser("vacuum", help="delete files of superseded and never-committed runs older than --retain-hours",
+    p = sub.add_parser("vacuum", help="delete files of superseded and never-committed runs older than --retain-hours "
+                                         "(never what a pending commit or a live run needs, nor reviews)",
                        description="Delete, in every Delta table of an output root, the files no version younger "
                                    "than --retain-hours needs: runs replaced by a rerun of their date, and runs that "
                                    "crashed before committing. Never deleted: files a pending commit or a live run "
