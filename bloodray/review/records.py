@@ -268,7 +268,9 @@ def refresh_verified(output_uri: str, run_date: str,
             con.close()
         refresh_id = f"verified-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
         path = contract.review_path(root, run_date, refresh_id, contract.VERIFIED_DIFFERENTIALS)
-        data = rows.drop_columns([contract.RUN_DATE]).cast(contract.verified_differentials_schema())
+        # The stored columns only: the view also has run_date (the partition) and the clearer alias names.
+        schema = contract.verified_differentials_schema()
+        data = rows.select(schema.names).cast(schema)
         try:
             storage.put_bytes(fs, path, storage.parquet_bytes(data), atomic=True)
         except Exception as exc:  # noqa: BLE001
