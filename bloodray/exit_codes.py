@@ -15,7 +15,7 @@ code   status                    meaning
                                  in progress. Nothing was published; fix it and run again
 3      ``nothing_to_do``         ``classify``: the date's folder is missing or holds no image: nothing ran
 4      ``committed_with_alarm``  ``classify``: committed, under the domain-shift alarm (results unreliable)
-5      ``infrastructure``        the Ray cluster or the storage failed (a node or actor lost for good, no GPU
+5      ``infrastructure``        the Ray cluster or the storage failed (Ray did not start, a node or actor lost, no GPU
                                  for ``inference.num_gpus``, storage unreachable, a full disk); nothing was
                                  published; running again later may succeed
 6      ``alarm_not_published``   ``classify``: the domain-shift alarm with ``shift.on_alarm: fail``: nothing
@@ -53,6 +53,7 @@ SPECIFIC_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("bloodray.nightly.config", "NothingToClassify", NOTHING_TO_DO),
     ("bloodray.nightly.config", "ShiftAlarmError", ALARM_NOT_PUBLISHED),
     ("bloodray.nightly.config", "ClusterResourcesError", INFRASTRUCTURE),
+    ("bloodray.logs", "RayStartError", INFRASTRUCTURE),
     ("ray.exceptions", "RayError", INFRASTRUCTURE),
 )
 

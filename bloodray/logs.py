@@ -122,16 +122,26 @@ class _DropBarsDisabled(logging.Filter):
         return not str(record.msg).startswith("Progress bars disabled")
 
 
+class RayStartError(RuntimeError):
+    """Ray could not start a local cluster or join ``RAY_ADDRESS`` (an infrastructure failure, exit status 5)."""
+
+
 def init_ray(**kwargs: Any) -> None:
     """Start or join Ray (``RAY_ADDRESS``, else a local cluster) unless it already runs.
 
     With :func:`setup_logging` called, Ray's own console output is turned down
     to warnings (see :func:`ray_init_kwargs`); ``kwargs`` go to ``ray.init``.
+    Raises :class:`RayStartError` when Ray cannot start or join a cluster.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(**{**ray_init_kwargs(), **kwargs})
+        try:
+            ray.init(**{**ray_init_kwargs(), **kwargs})
+        except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions (e.g. "node timed out during startup")
+            where = os.environ.get("RAY_ADDRESS") or "a local cluster"
+            text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayStartError(f"Ray: could not start or join {where}: {text}") from exc
         if _owns_process and _verbosity is not None and _verbosity <= QUIET:
             divert_native_stderr()
     configure_ray_data()

@@ -85,6 +85,9 @@ def test_exit_statuses_are_distinct_and_mapped_from_errors():
     assert exit_codes.for_exception(ClusterResourcesError("x")) == exit_codes.INFRASTRUCTURE
     assert exit_codes.for_exception(ray.exceptions.ActorDiedError()) == exit_codes.INFRASTRUCTURE
     assert ray.exceptions.RayError in exit_codes.infrastructure_errors()
+    from bloodray.logs import RayStartError
+
+    assert exit_codes.for_exception(RayStartError("Ray: could not start a local cluster")) == exit_codes.INFRASTRUCTURE
     # Storage: a wrong address or permission is the user's to fix; an unreachable store or a full disk is not.
     assert exit_codes.for_exception(StorageError("s3://b/x: not found")) == exit_codes.REFUSED
     for cause in (ConnectionRefusedError(111, "refused"), TimeoutError("read timed out"),

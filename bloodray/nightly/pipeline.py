@@ -232,9 +232,9 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     try:
         stage_run(plan)
         if plan.stats.get("domain_shift") and cfg.shift.on_alarm == "fail":
-            raise ShiftAlarmError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the training "
-                                f"data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} sample(s); "
-                                "shift.on_alarm is 'fail', so nothing was published")
+            raise ShiftAlarmError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the "
+                                  f"training data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} "
+                                  "sample(s); shift.on_alarm is 'fail', so nothing was published")
     except BaseException:
         discard_run(plan)  # a failed run leaves no staging and holds no lease
         raise
