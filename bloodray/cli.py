@@ -218,10 +218,10 @@ def cmd_classify(args) -> int:
 
 
 def _run_classification(cfg):
-    from bloodray.nightly.pipeline import run_classification
+    from bloodray.nightly_job import classify
 
     try:
-        return run_classification(cfg)
+        return classify(cfg)
     except OSError as exc:
         # Bad inputs are error rows, never exceptions: an OS error that reaches here is the output store's
         # (a full disk, a read-only folder, a path under a file), so name the output.

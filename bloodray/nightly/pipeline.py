@@ -59,7 +59,7 @@ from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publi
 from bloodray.nightly.config import ClassifyConfig, ClassifyError, ShiftAlarmError
 from bloodray.nightly.listing import InputListing, list_inputs
 from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, gpus_per_actor, plan_run
-from bloodray.nightly.summary import add_details, write_run_report
+from bloodray.nightly.summary import add_details
 from bloodray.predict import CellPredictor
 
 log = logging.getLogger(__name__)
@@ -225,8 +225,8 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     :class:`~bloodray.nightly.lease.LeaseHeldError`. Raises :class:`~bloodray.config.ConfigError`,
     :class:`~bloodray.storage.StorageError`,
     :class:`~bloodray.checkpoint.CheckpointError` or :class:`ClassifyError`
-    for problems with the run as a whole; bad images never raise. With ``report.enabled`` the date's
-    report is written once the run is committed (:func:`bloodray.nightly.summary.write_run_report`).
+    for problems with the run as a whole; bad images never raise. The job as the command runs it, with the
+    date's report after the commit (``report.enabled``), is :func:`bloodray.nightly_job.classify`.
     """
     plan = plan_run(cfg)
     try:
@@ -239,9 +239,7 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
         discard_run(plan)  # a failed run leaves no staging and holds no lease
         raise
     result = commit_run(plan)
-    # Committed: from here nothing fails the run. The summary's details and the report are read back from the
-    # committed tables; a failure is logged and named in the result.
+    # Committed: from here nothing fails the run. The summary's details are read back from the committed
+    # tables; a failure is logged and leaves them None.
     add_details(result, plan.storage_options)
-    if cfg.report.enabled:
-        write_run_report(result, plan.storage_options)
     return result

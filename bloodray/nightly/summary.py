@@ -1,8 +1,8 @@
 """What a nightly run tells its scheduler: the run summary (``bloodray classify --json``) and the date's report.
 
 After :func:`bloodray.nightly.commit.commit_run` the run is committed; what
-follows here reads it back and never fails it: :func:`add_details` (flagged
-samples, bad inputs per type) and :func:`write_run_report` (``report.enabled``)
+follows reads it back and never fails it: :func:`add_details` (flagged samples,
+bad inputs per type) and the report (:func:`bloodray.nightly_job.write_run_report`)
 log a failure and name it in the :class:`~bloodray.nightly.plan.RunResult`.
 
 :func:`run_summary` and :func:`failure_summary` build the one JSON object
@@ -13,7 +13,6 @@ come from :mod:`bloodray.exit_codes`.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Mapping
 
 import pyarrow as pa
@@ -50,20 +49,6 @@ def add_details(result: RunResult, storage_options: Mapping[str, Any] | None = N
     except Exception as exc:  # noqa: BLE001 - the run is committed; the summary goes without the details
         log.warning("run %s is committed, but its flagged samples and error types could not be read back (%s)",
                     result.run_id, _one_line(exc))
-
-
-def write_run_report(result: RunResult, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write the date's report (:func:`bloodray.analysis.report.write_report`); a failure is logged and named."""
-    from bloodray.analysis.report import write_report
-
-    timer = time.monotonic()
-    try:
-        result.report_uri = write_report(result.output_uri, result.run_date, storage_options=storage_options)
-    except Exception as exc:  # noqa: BLE001 - a report never fails a committed run
-        result.report_error = _one_line(exc)
-        log.warning("run %s (%s) is committed, but its report was not written: %s", result.run_id,
-                    result.run_date, result.report_error)
-    result.timings["report"] = round(time.monotonic() - timer, 3)
 
 
 def table_uris(output_uri: str) -> dict[str, str]:
