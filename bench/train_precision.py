@@ -107,6 +107,10 @@ def main() -> None:
             result["variants"][precision] = out
             print(f"{precision}: {out['train_images_per_second']:.1f} train img/s, {out['epoch_seconds']:.0f} s/epoch, "
                   f"val acc {out['val_accuracy']:.4f} ({out['precision']}: {out['precision_reason']})", flush=True)
+            report(args, result)  # after every variant, so a long run that is stopped keeps what it measured
+
+
+def report(args, result: dict) -> None:
     v = result["variants"]
     if {"fp32", "bf16"} <= set(v):
         result["bf16_over_fp32_images_per_second"] = v["bf16"]["train_images_per_second"] / v["fp32"]["train_images_per_second"]
