@@ -20,7 +20,7 @@ from bloodray.analysis import query
 from bloodray.config import load_config
 from bloodray.data import synth
 from bloodray.nightly import contract, resume, tables
-from bloodray.nightly.pipeline import ClassifyConfig, run_classification
+from bloodray.nightly.pipeline import ClassifyConfig, discard_run, plan_run, run_classification
 
 REPO = Path(__file__).resolve().parents[1]
 DATE = "2024-08-01"
@@ -72,6 +72,12 @@ def test_a_killed_run_resumes_and_reads_only_what_is_missing(tmp_path, ray_clust
     assert 0.7 * len(listed) <= finished < len(listed)
     assert tables.visible_runs(str(out), run_date=DATE).num_rows == 0  # nothing of the killed run is visible
 
+    # run.resume=false plans to read everything (planning only: no Ray, nothing published, lease released).
+    fresh = plan_run(load_config(ClassifyConfig, str(REPO / "configs/classify/nightly.yaml"),
+                                 _sets(archive, out) + ["run.resume=false"]))
+    assert not fresh.resumed_images and len(fresh.listing.files) == len(listed)
+    discard_run(fresh)
+
     cfg = load_config(ClassifyConfig, str(REPO / "configs/classify/nightly.yaml"), _sets(archive, out))
     resumed = run_classification(cfg)
     read_again = (resumed.n_inputs - resumed.n_resumed) - (len(listed) - finished)
@@ -90,13 +96,8 @@ def test_a_killed_run_resumes_and_reads_only_what_is_missing(tmp_path, ray_clust
     assert set(preds.column("run_id").to_pylist()) == {resumed.run_id}
     diffs = query.read_table(str(out), "differentials")
     assert sum(diffs.column("n_images").to_pylist()) == len(listed)
-    # The killed run's staging went with the cleanup after the commit; no lease is left held.
+    # The killed run's staging went with the cleanup after the commit.
     assert not (out / contract.STAGING / KILLED).exists()
-
-    # run.resume=false, or another checkpoint, starts from zero: nothing staged is adopted.
-    again = run_classification(load_config(ClassifyConfig, str(REPO / "configs/classify/nightly.yaml"),
-                                           _sets(archive, out) + ["run.resume=false"]))
-    assert (again.n_resumed, again.n_inputs) == (0, len(listed))
 
 
 def test_results_files_close_by_rows_and_a_cut_file_is_skipped(tmp_path):
@@ -118,3 +119,14 @@ def test_results_files_close_by_rows_and_a_cut_file_is_skipped(tmp_path):
     timed = str(tmp_path / "timed")
     resume.write_results(iter(batches), schema, fs, timed, max_rows=1000, max_seconds=0)
     assert len(list(Path(timed).glob("*.parquet"))) == 5
+
+
+def test_only_rows_staged_under_the_same_settings_are_adopted(tmp_path):
+    def key(*extra: str, checkpoint: str = "bloodnet-aaaa") -> str:
+        cfg = load_config(ClassifyConfig, None, [f"input.uri={tmp_path}", f"output.uri={tmp_path / 'o'}", *extra])
+        return resume.resume_key(cfg, checkpoint)
+
+    assert key() == key("inference.batch_size=8", "inference.concurrency=1")  # how, not what, is computed
+    assert key() != key(checkpoint="bloodnet-bbbb")
+    assert key() != key("model.tta=true")
+    assert key() != key("limits.max_pixels=1000000")
