@@ -126,18 +126,24 @@ class RayStartError(RuntimeError):
     """Ray could not start a local cluster or join ``RAY_ADDRESS`` (an infrastructure failure, exit status 5)."""
 
 
-def init_ray(**kwargs: Any) -> None:
+def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
     """Start or join Ray (``RAY_ADDRESS``, else a local cluster) unless it already runs.
 
     With :func:`setup_logging` called, Ray's own console output is turned down
     to warnings (see :func:`ray_init_kwargs`); ``kwargs`` go to ``ray.init``.
     Raises :class:`RayStartError` when Ray cannot start or join a cluster.
+    ``dashboard=False`` starts a local cluster without Ray's dashboard (a cluster
+    that is joined keeps its own): the dashboard and its head processes
+    cost about 3.3 CPU seconds of a classify run's start-up
+    (``bench/fixed_cost.py``) and nobody watches a cluster that lives for one run.
     """
     import ray
 
     if not ray.is_initialized():
+        local = "address" not in kwargs and not os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(**{**ray_init_kwargs(), **kwargs})
+            ray.init(**{**({"include_dashboard": False} if local and not dashboard else {}),
+                        **ray_init_kwargs(), **kwargs})
         except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions (e.g. "node timed out during startup")
             where = os.environ.get("RAY_ADDRESS") or "a local cluster"
             text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__

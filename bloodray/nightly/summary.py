@@ -67,6 +67,7 @@ def run_summary(result: RunResult) -> dict[str, Any]:
         "counts": {"inputs": result.n_inputs, "predictions": result.n_predictions, "review": result.n_review,
                    "errors": result.n_errors, "samples": result.n_samples, "unidentified": result.n_unidentified,
                    "carried_over_samples": result.incremental_skipped_samples,
+                   "resumed": getattr(result, "n_resumed", 0),
                    "flagged_samples": None if result.flagged_samples is None else len(result.flagged_samples)},
         "errors": {"total": result.n_errors, "by_type": result.errors_by_type},
         "alarm": {"domain_shift": result.domain_shift, "samples_shifted": result.n_samples_shifted,
