@@ -27,6 +27,8 @@ QUIET, DEFAULT, VERBOSE = -1, 0, 1
 
 #: Set by :func:`setup_logging`; ``None`` means "used as a library: leave Ray's defaults alone".
 _verbosity: int | None = None
+#: The signal :func:`exit_on_sigterm`'s handler received, if any.
+_terminated_by: int | None = None
 
 
 class _OneLine(logging.Formatter):
@@ -159,6 +161,15 @@ def progress(total: int | None = None, desc: str = "", unit: str = "img") -> Ite
         bar.close()
 
 
+def terminated_by() -> int | None:
+    """The signal number that stopped this command (see :func:`exit_on_sigterm`), or ``None``.
+
+    Whatever was running when SIGTERM arrived may turn the ``SystemExit`` into its own error (DuckDB raises
+    ``RuntimeError: Query interrupted``); the command line reports the signal instead, in one line.
+    """
+    return _terminated_by
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM a clean exit that stops the local Ray cluster the job started.
 
@@ -174,6 +185,8 @@ def exit_on_sigterm() -> None:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
     def handler(signum, _frame):
+        global _terminated_by
+        _terminated_by = signum
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

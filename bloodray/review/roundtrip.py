@@ -14,7 +14,6 @@ ImageFolder that ``bloodray train`` and
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import posixpath
@@ -25,7 +24,8 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from bloodray import storage
+from bloodray import csv_io, storage
+from bloodray.bounded_read import InputReadError, read_file
 from bloodray.analysis import gallery, query
 from bloodray.classes import CLASS_NAMES, class_from_folder
 from bloodray.data.stages import read_many
@@ -88,7 +88,7 @@ def export_review(output_uri: str, run_date: str, dest: str,
     """Write ``review.csv`` and ``review.html`` for a date into ``dest``; returns their URIs and the cell count."""
     run_id, cells, thumbs = review_cells(output_uri, run_date, storage_options)
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv_io.writer(buf)
     writer.writerow(CSV_COLUMNS)
     for c in cells:
         writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["predicted_class"],
@@ -114,6 +114,15 @@ def export_review(output_uri: str, run_date: str, dest: str,
     return storage.join(dest, CSV_FILE), storage.join(dest, HTML_FILE), len(cells)
 
 
+def _review_rows(reader):
+    """Rows of a review CSV with the formula escapes of :mod:`bloodray.csv_io` undone; parse errors as ReviewError."""
+    try:
+        for row in reader:
+            yield {k: csv_io.restore(v) if isinstance(v, str) else v for k, v in row.items()}
+    except csv_io.CSVFormatError as exc:
+        raise ReviewError(str(exc)) from None
+
+
 def _verified(value: str) -> str | None:
     text = value.strip()
     return text if text in CLASS_NAMES else class_from_folder(text)
@@ -127,14 +136,17 @@ def parse_review_file(text: str, where: str, run_id: str, predicted: Mapping[str
     Raises :class:`ReviewError` naming the first bad row: unknown class,
     unknown cell, duplicate cell, a cell of another run, no reviewer.
     """
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in ("image_uri", "verified_class") if c not in (reader.fieldnames or [])]
+    try:
+        header, reader, _ = csv_io.dict_rows(text, where)
+    except csv_io.CSVFormatError as exc:
+        raise ReviewError(str(exc)) from None
+    missing = [c for c in ("image_uri", "verified_class") if c not in header]
     if missing:
         raise ReviewError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
     now = dt.datetime.now(dt.timezone.utc)
     seen: dict[str, int] = {}
     rows = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(_review_rows(reader), start=2):
         at = f"{where}: row {line}"
         raw = (row.get("verified_class") or "").strip()
         if not raw:
@@ -166,10 +178,11 @@ def import_review(output_uri: str, run_date: str, review_file: str, reviewer: st
     Raises :class:`ReviewError` (nothing is written) when any row is invalid or nothing was reviewed.
     """
     try:
-        fs, path = storage.filesystem(review_file, storage_options)
-        text = fs.cat_file(path).decode("utf-8-sig")
+        text = read_file(review_file, storage_options, what="review file").decode("utf-8-sig")
     except FileNotFoundError as exc:
         raise ReviewError(f"{review_file}: review file not found") from exc
+    except (InputReadError, storage.StorageError) as exc:
+        raise ReviewError(str(exc)) from exc
     except UnicodeDecodeError as exc:
         raise ReviewError(f"{review_file}: not a UTF-8 CSV file ({exc})") from exc
     con = query.connect(output_uri, storage_options)
@@ -246,7 +259,7 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     fs, base = storage.filesystem(dest, storage_options)
     base = base.rstrip("/")
     listing = io.StringIO()
-    writer = csv.writer(listing, lineterminator="\n")
+    writer = csv_io.writer(listing)
     writer.writerow(["file", "class_name", "image_uri", "sample_id", "reviewer", "source"])
     counts = {"archive": 0, "thumbnail": 0, "missing": 0}
     try:
