@@ -27,6 +27,8 @@ QUIET, DEFAULT, VERBOSE = -1, 0, 1
 
 #: Set by :func:`setup_logging`; ``None`` means "used as a library: leave Ray's defaults alone".
 _verbosity: int | None = None
+#: The :mod:`bloodray.ray_watchdog` process of the local cluster this process started, if any.
+_watchdog: Any = None
 #: The signal :func:`exit_on_sigterm`'s handler received, if any.
 _terminated_by: int | None = None
 
@@ -123,11 +125,19 @@ def init_ray(**kwargs: Any) -> None:
 
     With :func:`setup_logging` called, Ray's own console output is turned down
     to warnings (see :func:`ray_init_kwargs`); ``kwargs`` go to ``ray.init``.
+    A local cluster started here gets a :mod:`bloodray.ray_watchdog`, which
+    ends its processes within seconds if this process is killed.
     """
     import ray
 
+    global _watchdog
     if not ray.is_initialized():
         ray.init(**{**ray_init_kwargs(), **kwargs})
+        from bloodray import ray_watchdog
+
+        if _watchdog is None and ray_watchdog.started_local_cluster():
+            # Ray's agents outlive a SIGKILLed driver by a minute or more (bloodray/ray_watchdog.py says why).
+            _watchdog = ray_watchdog.start()
     configure_ray_data()
 
 

@@ -308,3 +308,51 @@ def test_storage_timeouts_are_config_keys_applied_to_every_s3_filesystem(silent_
     message = str(info.value)
     assert "\n" not in message and "s3://bucket/out" in message and "storage.read_timeout_s" in message, message
     assert elapsed < 20, elapsed
+
+
+DRIVER = """
+import sys, time
+from bloodray import logs
+logs.init_ray(num_cpus=1, include_dashboard=False)
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the watchdog reads /proc (Linux)")
+def test_ray_processes_end_soon_after_their_driver_is_sigkilled(tmp_path):
+    """DashboardAgent and RuntimeEnvAgent outlived a SIGKILLed driver by a minute or more; now a few seconds."""
+    from bloodray import ray_watchdog
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    started: dict[int, str] = {}
+    try:
+        assert driver.stdout.readline().strip() == "READY"
+        deadline = time.monotonic() + 60
+        names: list[str] = []
+        while time.monotonic() < deadline and not any("RuntimeEnvAgent" in n for n in names):
+            time.sleep(1)
+            started = ray_watchdog.ray_processes(driver.pid)
+            names = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in started
+                     if Path(f"/proc/{pid}/cmdline").exists()]
+        assert any("raylet" in n for n in names) and any("RuntimeEnvAgent" in n for n in names), names
+        time.sleep(2)  # let the watchdog take its next look
+        driver.kill()
+        driver.wait(30)
+        killed = time.monotonic()
+        left = started
+        while left and time.monotonic() - killed < 40:
+            time.sleep(0.5)
+            left = {p: s for p, s in started.items() if (ray_watchdog._stat(p) or (0, ""))[1] == s}
+        assert not left, f"still running {time.monotonic() - killed:.0f} s after the driver's SIGKILL: {left}"
+        assert time.monotonic() - killed < 15
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid, start in started.items():  # only processes this driver started
+            if (ray_watchdog._stat(pid) or (0, ""))[1] == start:
+                os.kill(pid, signal.SIGKILL)

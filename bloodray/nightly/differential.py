@@ -157,7 +157,7 @@ class FlagRules:
 # --------------------------------------------------------------------------- reference-range file
 def _read_yaml(uri: str, storage_options: Mapping[str, Any] | None) -> Any:
     try:
-        return yaml.safe_load(read_file(uri, storage_options, what="flags.reference_ranges")) or {}
+        return yaml.safe_load(read_file(uri, storage_options, what="reference-range file")) or {}
     except FileNotFoundError as exc:
         raise ReferenceRangeError(f"{uri}: reference-range file not found") from exc
     except yaml.YAMLError as exc:

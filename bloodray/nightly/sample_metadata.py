@@ -56,7 +56,7 @@ def load_sample_metadata(uri: str, storage_options: Mapping[str, Any] | None = N
     else:
         raise SampleMetadataError(f"{uri}: sample metadata must be a .csv or .parquet file")
     try:
-        data = read_file(uri, storage_options, what="flags.sample_metadata")
+        data = read_file(uri, storage_options, what="sample-metadata file")
     except FileNotFoundError as exc:
         raise SampleMetadataError(f"{uri}: sample-metadata file not found") from exc
     except (InputReadError, storage.StorageError) as exc:
