@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -356,3 +357,70 @@ def test_ray_processes_end_soon_after_their_driver_is_sigkilled(tmp_path):
         for pid, start in started.items():  # only processes this driver started
             if (ray_watchdog._stat(pid) or (0, ""))[1] == start:
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_model_device_without_the_device_is_one_line(tmp_path, ray_cluster, capsys):
+    """It used to be a long Ray traceback from every model actor, asking to report a Ray bug."""
+    from bloodray import cli
+    from bloodray.data import synth
+
+    synth.write_archive(str(tmp_path / "in"), [synth.SampleSpec("S1", {"neutrophil": 2})], size=64, seed=1)
+    for device in ("cuda", "cuda:1", "mps"):
+        code = cli.run(["classify", "--set", f"input.uri={tmp_path / 'in'}", "--set", f"output.uri={tmp_path / 'out'}",
+                        "--set", f"model.device={device}", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.count("\n") == 1 and f"model.device={device}:" in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- item 7: decode budget
+def _scan_bomb(repeats: int, size: int = 128) -> bytes:
+    """A progressive JPEG whose smallest scan repeats ``repeats`` times: each copy is decoded over the whole image."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    scans, i = [], 2
+    while data[i + 1] != 0xD9:  # walk the segments up to EOI
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] == 0xDA:  # a scan: its entropy-coded data runs to the next marker that is not FF00/RSTn
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+            scans.append((i, end))
+        i = end
+    start, end = min(scans, key=lambda s: s[1] - s[0])
+    return data[:i] + data[start:end] * repeats + data[i:]
+
+
+def test_decode_budget_turns_scan_bombs_into_error_rows(tmp_path):
+    from bloodray.data.decode import DecodeBudget, ImageDecodeError, decode_image, jpeg_scans
+    from bloodray.data.preset import EvalPreset
+    from bloodray.data.stages import ReadLimits, read_decode_files
+
+    normal = _scan_bomb(0)
+    assert jpeg_scans(normal) == 10 and decode_image(normal).size == (128, 128)
+    bomb = _scan_bomb(60_000)  # 60,010 scans x 16,384 px: ~1 s of a core, 4 MB
+    started = time.monotonic()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(bomb)
+    assert info.value.kind == "decode_budget" and "limits.max_decode_work" in str(info.value)
+    assert time.monotonic() - started < 0.5  # refused from the header, before decoding
+    # Under the work budget, the clock stops it.
+    started = time.monotonic()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(bomb, budget=DecodeBudget(max_work=10**15, timeout_s=0.05))
+    assert info.value.kind == "decode_budget" and "limits.decode_timeout_s" in str(info.value)
+    assert time.monotonic() - started < 0.6
+
+    # In the read+decode stage: an error row with the reason, the other images classified.
+    paths = []
+    for name, data in (("ok.jpg", normal), ("bomb.jpg", bomb)):
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    preset = EvalPreset(input_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    out = read_decode_files({"uri": np.array(paths, dtype=object)}, preset=preset, limits=ReadLimits())
+    assert list(out["error_type"]) == ["", "decode_budget"]
+    assert out["stage"][1] == "decode" and "pixel-scans" in out["message"][1]

@@ -52,7 +52,7 @@ from bloodray import storage
 from bloodray.bounded_read import (DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, InputReadError,
                                    call_with_timeout, open_regular_local, read_local)
 from bloodray.classes import is_image_path
-from bloodray.data.decode import CellImageLimits, ImageDecodeError, decode_image
+from bloodray.data.decode import CellImageLimits, DecodeBudget, ImageDecodeError, decode_image
 from bloodray.data.preset import EvalPreset
 
 #: The error columns every consumer of the stage reads (and the nightly errors table stores).
@@ -81,11 +81,13 @@ class ReadLimits:
 
     ``cell``: when set, decoded images that do not look like one cell's crop
     become ``not_a_cell_image`` rows (:class:`~bloodray.data.decode.CellImageLimits`).
+    ``decode``: the work and time one image's decoding may take (``decode_budget`` rows beyond it).
     """
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     cell: CellImageLimits | None = None
+    decode: DecodeBudget = DecodeBudget()
 
 
 def name_kind(relpath: str) -> str:
@@ -202,14 +204,13 @@ class _Rows:
             self.fail(extra, "read", "unreadable", f"{type(exc).__name__}: {exc}")
 
     def decode(self, extra: Mapping[str, Any], data: bytes, preset: EvalPreset,
-               cell: CellImageLimits | None = None) -> None:
+               limits: ReadLimits = ReadLimits()) -> None:
         sha = hashlib.sha256(data).hexdigest()
+        cell = limits.cell
         try:
-            if cell is None:
-                image = preset.load(data)
-            else:
-                image = preset.resize(decode_image(data, target_size=preset.input_size,
-                                                   max_pixels=preset.max_pixels, cell=cell))
+            image = preset.resize(decode_image(data, target_size=preset.input_size, max_pixels=preset.max_pixels,
+                                               cell=cell, budget=limits.decode))
+            if cell is not None:
                 cell.check_contrast(image)
         except ImageDecodeError as exc:
             self.fail(extra, "decode", exc.kind, str(exc), sha)
@@ -244,7 +245,7 @@ def read_decode_files(batch: dict[str, np.ndarray], *, preset: EvalPreset,
         if isinstance(data, BaseException):
             rows.read_failed({}, data)
         else:
-            rows.decode({}, data, preset, limits.cell)
+            rows.decode({}, data, preset, limits)
     # One output row per input row: the input columns pass through with their own dtypes.
     return {**batch, **rows.emit()}
 
@@ -342,7 +343,7 @@ def shard_rows(shard_uri: str, preset: EvalPreset, storage_options: Mapping[str,
                         shard_error("corrupt_archive", f"tar shard is cut inside member {member.name!r} "
                                                        f"({exc}); any members after it are lost")
                         break
-                    rows.decode(extra, data, preset, limits.cell)
+                    rows.decode(extra, data, preset, limits)
                 if len(rows) >= chunk_rows:
                     yield rows.emit()
                     rows = new()
