@@ -293,7 +293,7 @@ def test_storage_timeouts_are_config_keys_applied_to_every_s3_filesystem(silent_
     opts = cfg.storage_options()
     assert (opts["config_kwargs"]["connect_timeout"], opts["config_kwargs"]["read_timeout"]) == (10.0, 60.0)
     fs, _ = storage.filesystem("s3://bucket/out", {"endpoint_url": silent_endpoint})
-    assert fs.connect_timeout == 10.0 and fs.read_timeout == 60.0 and fs.retries == 1
+    assert (fs.config_kwargs["connect_timeout"], fs.config_kwargs["read_timeout"], fs.retries) == (10.0, 60.0, 1)
     delta = tables.delta_storage_options(fs, opts)
     assert (delta["connect_timeout"], delta["timeout"]) == ("10000ms", "60000ms")
     with pytest.raises(ConfigError, match="storage.read_timeout_s"):
