@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from _common import facts_markdown, machine_facts, pbc_images, run_facts, save, table  # noqa: E402
 
 from bloodray.data import decode as now  # noqa: E402
 from bloodray.data.preset import EvalPreset  # noqa: E402
+from bloodray.data.synth import scan_bomb_jpeg  # noqa: E402
 from bloodray.data.stages import read_many  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,24 +48,6 @@ def _module_at(revision: str):
     sys.modules["decode_before"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
-
-
-def scan_bomb(repeats: int, size: int = 360) -> bytes:
-    """A progressive JPEG (PBC crop size) whose smallest scan repeats ``repeats`` times."""
-    pixels = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", progressive=True, quality=90)
-    data = buf.getvalue()
-    scans, i = [], 2
-    while data[i + 1] != 0xD9:
-        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
-        if data[i + 1] == 0xDA:
-            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
-                end += 1
-            scans.append((i, end))
-        i = end
-    start, end = min(scans, key=lambda s: s[1] - s[0])
-    return data[:i] + data[start:end] * repeats + data[i:]
 
 
 def main() -> None:
@@ -100,7 +80,7 @@ def main() -> None:
     decode = {"images": len(blobs), "before_ms_per_image": 1e3 * best["before"] / len(blobs),
               "now_ms_per_image": 1e3 * best["now"] / len(blobs), "ratio_now_over_before": best["now"] / best["before"]}
 
-    bomb = scan_bomb(args.bomb_scans)
+    bomb = scan_bomb_jpeg(args.bomb_scans, size=360)
     start = time.perf_counter()
     before.decode_image(bomb, target_size=128)
     bomb_before = time.perf_counter() - start

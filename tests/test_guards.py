@@ -374,35 +374,15 @@ def test_model_device_without_the_device_is_one_line(tmp_path, ray_cluster, caps
 
 
 # --------------------------------------------------------------------------- item 7: decode budget
-def _scan_bomb(repeats: int, size: int = 128) -> bytes:
-    """A progressive JPEG whose smallest scan repeats ``repeats`` times: each copy is decoded over the whole image."""
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", progressive=True, quality=90)
-    data = buf.getvalue()
-    scans, i = [], 2
-    while data[i + 1] != 0xD9:  # walk the segments up to EOI
-        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
-        if data[i + 1] == 0xDA:  # a scan: its entropy-coded data runs to the next marker that is not FF00/RSTn
-            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
-                end += 1
-            scans.append((i, end))
-        i = end
-    start, end = min(scans, key=lambda s: s[1] - s[0])
-    return data[:i] + data[start:end] * repeats + data[i:]
-
-
 def test_decode_budget_turns_scan_bombs_into_error_rows(tmp_path):
     from bloodray.data.decode import DecodeBudget, ImageDecodeError, decode_image, jpeg_scans
+    from bloodray.data.synth import scan_bomb_jpeg
     from bloodray.data.preset import EvalPreset
     from bloodray.data.stages import ReadLimits, read_decode_files
 
-    normal = _scan_bomb(0)
+    normal = scan_bomb_jpeg(0)
     assert jpeg_scans(normal) == 10 and decode_image(normal).size == (128, 128)
-    bomb = _scan_bomb(60_000)  # 60,010 scans x 16,384 px: ~1 s of a core, 4 MB
+    bomb = scan_bomb_jpeg(60_000)  # 60,010 scans x 16,384 px: ~1 s of a core, 4 MB
     started = time.monotonic()
     with pytest.raises(ImageDecodeError) as info:
         decode_image(bomb)
