@@ -28,7 +28,7 @@ from bloodray.storage import StorageError
 DESCRIPTION = """\
 bloodray classifies peripheral blood cell images (PBC classes: basophil,
 eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet),
-counts per-sample differentials with flags, and writes everything to Parquet.
+counts per-sample differentials with flags, and writes everything to Delta Lake tables.
 Research use only: not a diagnostic device.
 
 Typical session:
@@ -48,7 +48,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.checkpoint", "CheckpointError"), ("bloodray.data.labelled", "DatasetError"),
     ("bloodray.models", "UnknownModelError"), ("bloodray.nightly.config", "ClassifyError"),
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
-    ("bloodray.review.roundtrip", "ReviewError"), ("bloodray.train.pack", "PackError"),
+    ("bloodray.review.decisions", "ReviewError"), ("bloodray.train.pack", "PackError"),
     ("bloodray.nightly.tables", "TableError"), ("bloodray.bounded_read", "InputReadError"))
 
 
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_arguments(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("classify", help="classify a slide archive into Parquet predictions and differentials")
+    p = sub.add_parser("classify", help="classify a slide archive into Delta tables of predictions and differentials")
     add_classify_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)
 

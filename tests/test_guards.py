@@ -192,7 +192,8 @@ def _hostile_tree(root: Path, sample: str) -> None:
 
 
 def test_review_csv_and_query_csv_neutralise_folder_names_and_reviewer_values(tmp_path):
-    from bloodray.review.roundtrip import CSV_FILE, export_review, import_review
+    from bloodray.review.records import import_decisions
+    from bloodray.review.roundtrip import CSV_FILE, export_review
 
     out = tmp_path / "out"
     sample = HOSTILE[0]
@@ -208,10 +209,10 @@ def test_review_csv_and_query_csv_neutralise_folder_names_and_reviewer_values(tm
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(filled)
-    import_review(str(out), D1, str(tmp_path / "filled.csv"))
+    import_decisions(str(out), D1, str(tmp_path / "filled.csv"))
     result = query.run_query(str(out), "SELECT reviewer FROM reviews")
     assert set(result.column("reviewer").to_pylist()) == {"=cmd|' /C calc'!A0"}
-    proc = bloodray("query", "SELECT reviewer, sample_id FROM reviews JOIN predictions USING (run_id, image_uri)",
+    proc = bloodray("query", "SELECT reviewer, sample_id FROM reviews",
                     "--output", "out", "--format", "csv", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     printed = list(csv.reader(proc.stdout.splitlines()))[1:]
@@ -220,11 +221,11 @@ def test_review_csv_and_query_csv_neutralise_folder_names_and_reviewer_values(tm
 
 # --------------------------------------------------------------------------- item 11: one clear line
 def test_huge_csv_field_is_one_line_naming_the_file(tmp_path):
-    from bloodray.review.roundtrip import ReviewError, parse_review_file
+    from bloodray.review.decisions import ReviewError, parse_review_csv
 
     text = "run_id,image_uri,verified_class\nr," + "x" * 200_000 + ",neutrophil\n"
     with pytest.raises(ReviewError) as info:
-        parse_review_file(text, "review.csv", "r", {}, "ann")
+        parse_review_csv(text, "review.csv", "ann")
     assert "\n" not in str(info.value) and "review.csv: line" in str(info.value) and "131,072" in str(info.value)
     meta = tmp_path / "meta.csv"
     meta.write_text("sample_id,wbc_count_10e9_per_l\nS1," + "9" * 200_000 + "\n")
