@@ -35,6 +35,7 @@ from bloodray import storage
 from bloodray.bounded_read import InputReadError, read_file
 from bloodray.analysis import query
 from bloodray.nightly import contract, tables
+from bloodray.nightly.pending import refuse_pending
 from bloodray.review.decisions import Decisions, ReviewError, parse_decisions
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ def import_decisions(output_uri: str, run_date: str, review_file: str, reviewer:
     if not decisions.reviews and not decisions.signoffs:
         what = "no row has a verified_class" if decisions.kind == "csv" else "no review and no sign-off"
         raise ReviewError(f"{review_file}: {what}; nothing to import")
+    # A date in its commit window mixes two runs: the decisions would be matched against the wrong cells.
+    refuse_pending(output_uri, run_date, ReviewError, storage_options)
     con = query.connect(output_uri, storage_options)
     try:
         state = _date_state(con, run_date)
