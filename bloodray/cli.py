@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -23,7 +24,7 @@ from bloodray.cli_docs import add_docs_parsers
 from bloodray.cli_outputs import add_output_root_parsers
 from bloodray.config import ConfigError, load_config
 from bloodray.defaults import default_config_path, describe_default_config
-from bloodray.logs import exit_on_sigterm, own_process_output
+from bloodray.logs import exit_on_sigterm, own_process_output, terminated_by
 from bloodray.storage import StorageError
 
 #: What ``bloodray --help`` opens with (the module docstring is for developers).
@@ -53,7 +54,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.models", "UnknownModelError"), ("bloodray.nightly.config", "ClassifyError"),
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
     ("bloodray.review.decisions", "ReviewError"), ("bloodray.train.pack", "PackError"),
-    ("bloodray.nightly.tables", "TableError"))
+    ("bloodray.nightly.tables", "TableError"), ("bloodray.bounded_read", "InputReadError"))
 
 
 def _handled_errors() -> tuple[type[BaseException], ...]:
@@ -204,6 +205,8 @@ def cmd_classify(args) -> int:
         cfg = classify_config_from_args(args)
         result = _run_classification(cfg)
     except _handled_errors() as exc:
+        if terminated_by() is not None:
+            raise  # a signal, reported by main()
         code = exit_codes.for_exception(exc)
         print(f"bloodray classify: error: {exc}", file=sys.stderr)
         if getattr(args, "json", False):
@@ -407,9 +410,12 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
     setup_logging(getattr(args, "verbosity", 0))
     try:
         return (handler or args.func)(args)
-    except _handled_errors() as exc:
-        print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
-        return exit_codes.for_exception(exc)
+    except Exception as exc:
+        # A signal's SystemExit, or the error a library made of it, is reported by main(), not as bad input.
+        if terminated_by() is None and isinstance(exc, _handled_errors()):
+            print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
+            return exit_codes.for_exception(exc)
+        raise
 
 
 def main() -> None:
@@ -426,4 +432,12 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 141
+    except BaseException:
+        signum = terminated_by()
+        if signum is None:
+            raise
+        # One line, not the traceback of whatever was running (DuckDB turns it into "Query interrupted").
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        print(f"bloodray {command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        code = 128 + signum
     sys.exit(code)

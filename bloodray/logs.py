@@ -32,6 +32,10 @@ _verbosity: int | None = None
 _owns_process = False
 #: Where the process's native stderr went (:func:`divert_native_stderr`), once it did.
 _native_stderr: str | None = None
+#: The :mod:`bloodray.ray_watchdog` process of the local cluster this process started, if any.
+_watchdog: Any = None
+#: The signal :func:`exit_on_sigterm`'s handler received, if any.
+_terminated_by: int | None = None
 
 
 class _OneLine(logging.Formatter):
@@ -136,9 +140,12 @@ def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
     that is joined keeps its own): the dashboard and its head processes
     cost about 3.3 CPU seconds of a classify run's start-up
     (``bench/fixed_cost.py``) and nobody watches a cluster that lives for one run.
+    A local cluster started here gets a :mod:`bloodray.ray_watchdog`, which
+    ends its processes within seconds if this process is killed.
     """
     import ray
 
+    global _watchdog
     if not ray.is_initialized():
         local = "address" not in kwargs and not os.environ.get("RAY_ADDRESS")
         try:
@@ -148,6 +155,11 @@ def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
             where = os.environ.get("RAY_ADDRESS") or "a local cluster"
             text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RayStartError(f"Ray: could not start or join {where}: {text}") from exc
+        from bloodray import ray_watchdog
+
+        if _watchdog is None and ray_watchdog.started_local_cluster():
+            # Ray's agents outlive a SIGKILLed driver by a minute or more (bloodray/ray_watchdog.py says why).
+            _watchdog = ray_watchdog.start()
         if _owns_process and _verbosity is not None and _verbosity <= QUIET:
             divert_native_stderr()
     configure_ray_data()
@@ -235,6 +247,15 @@ def progress(total: int | None = None, desc: str = "", unit: str = "img") -> Ite
         bar.close()
 
 
+def terminated_by() -> int | None:
+    """The signal number that stopped this command (see :func:`exit_on_sigterm`), or ``None``.
+
+    Whatever was running when SIGTERM arrived may turn the ``SystemExit`` into its own error (DuckDB raises
+    ``RuntimeError: Query interrupted``); the command line reports the signal instead, in one line.
+    """
+    return _terminated_by
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM a clean exit that stops the local Ray cluster the job started.
 
@@ -250,6 +271,8 @@ def exit_on_sigterm() -> None:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
     def handler(signum, _frame):
+        global _terminated_by
+        _terminated_by = signum
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
