@@ -464,10 +464,9 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
     _check_weights(blob, meta, source)
-    ood_file = _optional_file(src_fs, src_path, source, dest, meta.ood, metadata_updates.get("ood"),
-                              "ood" in metadata_updates, ood_file, OOD_FILE)
-    selfcheck_file = _optional_file(src_fs, src_path, source, dest, meta.selfcheck, metadata_updates.get("selfcheck"),
-                                    "selfcheck" in metadata_updates, selfcheck_file, SELFCHECK_FILE)
+    ood_file = _optional_file(src_fs, src_path, source, dest, meta, metadata_updates, ood_file, "ood", OOD_FILE)
+    selfcheck_file = _optional_file(src_fs, src_path, source, dest, meta, metadata_updates, selfcheck_file,
+                                    "selfcheck", SELFCHECK_FILE)
     meta = dataclasses.replace(meta, **metadata_updates).normalized()
     meta.validate(dest)
     meta = meta.sealed(meta.weights_sha256)
@@ -480,15 +479,16 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     return dest
 
 
-def _optional_file(fs, path: str, source: str, dest: str, current: Mapping[str, Any], update: Any, updated: bool,
-                   data: bytes | None, name: str) -> bytes | None:
-    """The bytes of an optional hashed file an export writes: the update's own (hash checked) or the source's."""
-    if updated:
-        if update and (data is None or hashlib.sha256(data).hexdigest() != update.get("file_sha256")):
-            raise CheckpointError(f"{dest}: a {name} update needs the file's bytes, with the hash it records")
+def _optional_file(fs, path: str, source: str, dest: str, meta: CheckpointMetadata, updates: Mapping[str, Any],
+                   data: bytes | None, key: str, name: str) -> bytes | None:
+    """The bytes of the optional hashed file of metadata field ``key`` an export writes: the update's, or the source's."""
+    if key in updates:
+        if updates[key] and (data is None or hashlib.sha256(data).hexdigest() != updates[key].get("file_sha256")):
+            raise CheckpointError(f"{dest}: an {key} update needs its {name} bytes, with the hash it records")
         return data
     if data is not None:
-        raise CheckpointError(f"{dest}: {name} bytes given without the metadata that records their hash")
+        raise CheckpointError(f"{dest}: {name} bytes given without the {key} metadata that records their hash")
+    current = getattr(meta, key)
     if not current:
         return None
     data = _read(fs, posixpath.join(path, name), storage.join(source, name))
