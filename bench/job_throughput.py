@@ -76,7 +76,7 @@ def child_ceiling(repo: str, images: int) -> dict:
             "precision": getattr(predictor, "precision", "fp32"), "micro_batch": predictor.micro_batch}
 
 
-def run_child(args: list[str], attempts: int = 3) -> dict:
+def run_child(args: list[str], attempts: int = 8) -> dict:
     for attempt in range(attempts):
         out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
         if not out.returncode:
