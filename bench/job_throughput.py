@@ -86,6 +86,27 @@ def run_child(args: list[str], attempts: int = 8) -> dict:
     raise SystemExit(f"child {args} failed:\n{out.stderr[-4000:]}")
 
 
+def ceiling_only(args, sides: dict[str, str], result: dict) -> None:
+    runs = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side, repo in sides.items():
+            runs[side].append(run_child(["ceiling", repo, str(args.ceiling_images)]))
+            print(side, runs[side][-1], flush=True)
+    result["ceiling_runs"] = runs
+    best = {side: max(r["images_per_s_per_core"] for r in rs) for side, rs in runs.items()}
+    result["summary"] = {"ceiling_images_per_s_per_core": best, "after_over_before": best["after"] / best["before"]}
+    rows = [[side, f"{best[side]:.1f}", f"{best[side] * os.cpu_count():.0f}", runs[side][0]["precision"],
+             runs[side][0]["micro_batch"]] for side in sides]
+    md = (f"# Predictor ceiling, before vs after (bench/job_throughput.py --ceiling-only)\n\n"
+          f"{_common.facts_markdown(result)}\nbefore: `{sides['before']}`; after: this checkout. Read + decode + "
+          f"CellPredictor on {args.ceiling_images} real PBC cells, one process, 1 torch thread, CPU time; "
+          f"{args.repeats} interleaved rounds, best.\n\n"
+          + _common.table(["side", "img/s per core (CPU time)", "x cores", "precision", "micro-batch"], rows)
+          + f"\nAfter / before: {result['summary']['after_over_before']:.2f}x.\n")
+    _common.save(args.name, result, md)
+    print(md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", help="checkout of the code to compare against (required)")
@@ -94,6 +115,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--ceiling-images", type=int, default=512)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of the after side")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only the predictors' ceilings (no Ray), interleaved over --repeats rounds")
     parser.add_argument("--name", default="job_throughput")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,6 +130,9 @@ def main() -> None:
     sides = {"before": str(Path(args.before).resolve()), "after": str(_common.REPO)}
     result = {"machine": _common.machine_facts(), "run": _common.run_facts(), "base": args.base,
               "factor": args.factor, "sets": args.set, "sides": sides, "jobs": [], "ceiling": {}}
+    if args.ceiling_only:
+        ceiling_only(args, sides, result)
+        return
     for _ in range(args.repeats):
         for n in (args.base, args.base * args.factor):
             for side, repo in sides.items():

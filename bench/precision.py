@@ -78,6 +78,10 @@ def main() -> None:
             result["quality"][f"{name} / {ds}"] = q
             rows.append([name, ds, q["n"], f"{q['accuracy']:.4f}", f"{q['same_class']:.4f}",
                          f"{q['max_prob_change']:.3f}", q["same_unidentified"]])
+    quality_md = _common.table(["path", "data", "cells", "accuracy", "same class as reference", "max prob. change",
+                                "same unidentified decision"], rows)
+    _common.save("precision", result, quality_md)  # the slow part is done: keep it even if the timing is cut short
+    print(quality_md, flush=True)
     # Speed: the same cells through each path, one core, interleaved rounds, best of --repeats.
     x = data["pbc_test"][0][:args.speed_images]
     speed, speed_rows = {}, []
@@ -97,8 +101,7 @@ def main() -> None:
     md = ("# Inference paths side by side (bench/precision.py)\n\n" + _common.facts_markdown(result)
           + f"\nPackaged model; `auto` resolved to **{result['precision_auto']}** on this CPU. Reference: the "
             "float stain transform in fp32 (the job before issue 20).\n\n"
-          + _common.table(["path", "data", "cells", "accuracy", "same class as reference", "max prob. change",
-                           "same unidentified decision"], rows)
+          + quality_md
           + f"\n## Predictor speed, one core ({len(x)} preprocessed PBC cells, stain + model, best of {args.repeats})\n\n"
           + _common.table(["path", "precision", "micro-batch", "img/s"], speed_rows))
     _common.save("precision", result, md)

@@ -39,10 +39,9 @@ FALLBACK_ORDER = ("int8", "bf16", "fp32")
 #: Images in a checkpoint's self-check batch (4 per class with 8 classes).
 SELF_CHECK_IMAGES = 32
 #: Largest change of any calibrated class probability a path may make on the self-check batch, against the
-#: sealed fp32 logits. The paths differ from the sealed reference in two honest ways: the fast uint8 stain
-#: normalisation (up to 0.014 on the packaged model's 32 PBC cells, 0.055 on synthetic cells) and bf16
-#: arithmetic (0.020 with the fast stain on the same PBC cells; AMD EPYC, avx512_bf16). Broken arithmetic
-#: changes classes or moves probabilities far more.
+#: sealed fp32 logits. The paths differ from the sealed reference in two honest ways: the fast stain
+#: normalisation (fp32 with it: up to 0.012 on the packaged model's 32 PBC cells) and bf16 arithmetic (0.019
+#: with both; AMD EPYC, avx512_bf16). Broken arithmetic changes classes or moves probabilities far more.
 PROB_TOLERANCE = 0.1
 
 
