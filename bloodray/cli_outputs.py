@@ -46,11 +46,27 @@ def cmd_review_export(args) -> int:
 
 
 def cmd_review_import(args) -> int:
-    from bloodray.review.roundtrip import import_review
+    from bloodray.review.records import import_decisions
 
-    result = import_review(args.output, args.date, args.file, args.reviewer, storage_options(args))
-    print(f"imported {result.n_reviews} review(s) of run {result.run_id} ({result.n_changed} class change(s)) "
-          f"into {result.uri}")
+    result = import_decisions(args.output, args.date, args.file, args.reviewer, storage_options(args))
+    if result.already_imported:
+        print(f"{args.file} was imported before ({result.uri}); nothing new. verified_differentials of {args.date} "
+              "refreshed")
+        return 0
+    signed = f" and {result.n_signoffs} sign-off(s)" if result.n_signoffs else ""
+    print(f"imported {result.n_reviews} review(s){signed} for run {result.run_id} ({result.n_changed} class "
+          f"change(s)) into {result.uri}; verified_differentials of {args.date} refreshed")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_review_refresh(args) -> int:
+    from bloodray.review.records import refresh_dates
+
+    for done in refresh_dates(args.output, args.date, storage_options(args)):
+        unmatched = f", {done.n_reviews_unmatched} review(s) no longer match an image" if done.n_reviews_unmatched else ""
+        print(f"{done.run_date}: {done.n_samples} sample(s), {done.n_verified} reviewed cell(s){unmatched}")
     return 0
 
 
@@ -65,7 +81,7 @@ def cmd_review_labels(args) -> int:
 
 
 def add_review_parser(sub) -> None:
-    """``bloodray review export|import|labels``: the reviewer's round trip."""
+    """``bloodray review export|import|refresh|labels``: the reviewer's round trip."""
     review = sub.add_parser("review", help="export cells to review, import verified classes, export labels")
     rsub = review.add_subparsers(dest="review_command", required=True)
     p = rsub.add_parser("export", help="write review.csv and a self-contained review.html for a run date")
@@ -74,13 +90,22 @@ def add_review_parser(sub) -> None:
     p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.csv and review.html")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_export)
-    p = rsub.add_parser("import", help="validate a filled review.csv and append it to the reviews table")
-    p.add_argument("file", help="the filled review.csv")
+    p = rsub.add_parser("import", help="validate a decisions JSON (review page) or a filled review.csv and append it "
+                                       "to the reviews and signoffs tables; refreshes verified_differentials")
+    p.add_argument("file", help="decisions-<date>.json from the review page, or the filled review.csv")
     p.add_argument("--output", required=True, help="output root of the classify job")
     p.add_argument("--date", required=True, help="run date YYYY-MM-DD the review list was exported for")
-    p.add_argument("--reviewer", default=None, help="reviewer name for rows whose reviewer column is empty")
+    p.add_argument("--reviewer", default=None, help="review.csv only: reviewer name for rows whose reviewer column "
+                                                     "is empty")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_import)
+    p = rsub.add_parser("refresh", help="commit the verified_differentials table for a date (default: every date); "
+                                        "imports and runs do this themselves, this fills dates classified before "
+                                        "the table existed")
+    p.add_argument("--output", required=True, help="output root of the classify job")
+    p.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: every date with a committed run)")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_review_refresh)
     p = rsub.add_parser("labels", help="export reviewed cells as a labelled <class>/<file> folder for training")
     p.add_argument("--output", required=True, help="output root of the classify job")
     p.add_argument("--dest", required=True, help="folder (or s3:// prefix) to write <class>/<file> images to")
@@ -93,8 +118,8 @@ def add_query_parser(sub) -> argparse.ArgumentParser:
     from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS
 
     p = sub.add_parser("query", help="run read-only SQL (DuckDB) over the committed outputs; print or export it",
-                       description="Run SQL over the views runs, all_runs, predictions, differentials and errors "
-                                   "of an output root. Read-only: SQL cannot read or write files, load extensions "
+                       description="Run SQL over the views runs, all_runs, predictions, differentials, errors, "
+                                   "thumbnails, reviews, signoffs and verified_differentials of an output root. Read-only: SQL cannot read or write files, load extensions "
                                    "or change settings.")
     p.add_argument("sql", help='e.g. "SELECT sample_id, pct_neutrophil FROM differentials WHERE any_flag"')
     p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
@@ -124,12 +149,14 @@ def cmd_upgrade_output(args) -> int:
 
 
 def cmd_vacuum(args) -> int:
-    from bloodray.nightly.tables import vacuum
+    from bloodray.nightly.pending import vacuum
 
-    deleted = vacuum(args.output, storage_options(args), retain_hours=args.retain_hours, dry_run=args.dry_run)
+    result = vacuum(args.output, storage_options(args), retain_hours=args.retain_hours, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    for table, files in deleted.items():
-        print(f"{table}: {verb} {len(files)} file(s)")
+    for table, files in result.deleted.items():
+        kept = result.kept.get(table, {})
+        why = f"; kept {len(kept)} file(s): {'; '.join(sorted(set(kept.values())))}" if kept else ""
+        print(f"{table}: {verb} {len(files)} file(s){why}")
     return 0
 
 
@@ -137,11 +164,13 @@ def add_vacuum_parser(sub) -> argparse.ArgumentParser:
     """``bloodray vacuum --output ROOT [--retain-hours H] [--dry-run]``."""
     from bloodray.nightly.tables import DEFAULT_RETAIN_HOURS
 
-    p = sub.add_parser("vacuum", help="delete files of superseded and never-committed runs older than --retain-hours",
+    p = sub.add_parser("vacuum", help="delete files of superseded and never-committed runs older than --retain-hours "
+                                         "(never what a pending commit or a live run needs, nor reviews)",
                        description="Delete, in every Delta table of an output root, the files no version younger "
                                    "than --retain-hours needs: runs replaced by a rerun of their date, and runs that "
-                                   "crashed before committing. `bloodray query --as-of` cannot go back further than "
-                                   "the retention afterwards.")
+                                   "crashed before committing. Never deleted: files a pending commit or a live run "
+                                   "still needs, and review files. `bloodray query --as-of` cannot go back further "
+                                   "than the retention afterwards.")
     p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
     p.add_argument("--retain-hours", type=int, default=DEFAULT_RETAIN_HOURS,
                    help=f"keep what versions of the last H hours need (default {DEFAULT_RETAIN_HOURS}, Delta's own)")

@@ -16,7 +16,7 @@ The arithmetic (``precision``: fp32, bf16...) is chosen per machine and kept
 only after it passes the checkpoint's self-check (:mod:`bloodray.inference_precision`);
 the micro-batch is sized for the chosen precision's activations.
 
-When the checkpoint carries an OOD reference (:mod:`bloodray.evaluation.ood`),
+When the checkpoint carries an OOD reference (:mod:`bloodray.ood`),
 forward hooks collect the head's input and an early activation in the same
 forward pass, and each cell gets an ``ood_score``; no extra pass is run.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from bloodray.checkpoint import LoadedCheckpoint, load_checkpoint
-from bloodray.evaluation.ood import FeatureTap, early_layer
+from bloodray.ood import FeatureTap, early_layer
 from bloodray.models import get_model_info
 from bloodray.inference_precision import PROB_TOLERANCE, candidates, compare, load_selfcheck
 
@@ -138,7 +138,7 @@ class CellPredictor:
     Rows whose ``error`` column is non-empty are passed through with NaN
     logits and probabilities, so callers can route them to the errors table.
     ``return_features=True`` adds the raw OOD features ``ood_pen`` and
-    ``ood_early`` (what :func:`bloodray.evaluation.ood.fit_ood` fits on).
+    ``ood_early`` (what :func:`bloodray.ood.fit_ood` fits on).
     """
 
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,

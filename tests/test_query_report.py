@@ -318,3 +318,40 @@ def test_torn_uncommitted_manifest_is_invisible(tmp_path):
     torn.write_bytes(b"PAR1 not really parquet")
     table = query.run_query(uri, "SELECT run_date, run_id FROM runs ORDER BY run_date")
     assert table.to_pylist() == [{"run_date": D1, "run_id": NEW}, {"run_date": D2, "run_id": D2_RUN}]
+
+
+def test_views_list_no_internal_objects_and_carry_the_clearer_names(tmp_path):
+    """`SHOW TABLES` lists exactly the public views; the clearer column names (issue 24) equal the stored columns
+    they replace, which stay beside them for one release."""
+    from deltalake import DeltaTable
+
+    from bloodray.nightly.dictionary import ALIASES, comment
+
+    uri = str(tmp_path / "out")
+    build_tree(uri)
+    # The data dictionary travels in the Delta schema as column comments, for any Delta reader.
+    schema = json.loads(DeltaTable(f"{uri}/differentials").schema().to_json())
+    fields = {f["name"]: f["metadata"] for f in schema["fields"]}
+    assert fields["platelet_count"]["comment"] == comment("differentials", "platelet_count")
+    assert "not a blood platelet count per litre" in fields["platelet_count"]["comment"]
+    con = query.connect(uri)
+    try:
+        # The views scan their datasets directly, and the review views' helper tables live outside the search path.
+        assert sorted(r[0] for r in con.execute("SHOW TABLES").fetchall()) == sorted(query.VIEWS)
+        for view, aliases in ALIASES.items():
+            columns = {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+            for new, expr, old in aliases:
+                assert {new, old} <= columns, view
+                differ = con.execute(f"SELECT count(*) FROM {view} WHERE {new} IS DISTINCT FROM {expr}").fetchone()[0]
+                assert differ == 0, (view, new)
+        assert con.execute("SELECT DISTINCT n_platelet_images FROM differentials").fetchall() == [(5,)]
+    finally:
+        con.close()
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    con = query.connect(str(empty))
+    try:
+        assert {r[0] for r in con.execute("DESCRIBE differentials").fetchall()} >= {"n_platelet_images",
+                                                                                    "pct_unidentified"}
+    finally:
+        con.close()

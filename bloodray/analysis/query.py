@@ -13,7 +13,8 @@ every committed run. :func:`connect` returns a DuckDB connection with these view
 ``differentials``  idem
 ``errors``         idem
 ``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
-``reviews``        reviewers' corrections of visible runs (:mod:`bloodray.review.verified`)
+``reviews``        every reviewer's correction, with ``review_status`` (:mod:`bloodray.review.verified`)
+``signoffs``       every sign-off (or reopening) of a sample
 ``verified_differentials``  differentials counted from verified classes where reviewed
 
 Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), the Delta
@@ -40,6 +41,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import posixpath
+import re
 from typing import Any, Mapping, Sequence
 
 import duckdb
@@ -47,13 +49,15 @@ import pyarrow as pa
 
 from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
-from bloodray.nightly import contract, tables
+from bloodray.nightly import contract, dictionary, tables
 from bloodray.nightly.legacy import refuse_legacy
+from bloodray.nightly.pending import pending_commits
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
 #: Every view :func:`connect` creates.
-VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES + (contract.REVIEWS, contract.VERIFIED_DIFFERENTIALS)
+VIEWS: tuple[str, ...] = ((contract.RUNS, "all_runs") + DATA_TABLES
+                          + (contract.REVIEWS, contract.SIGNOFFS, contract.VERIFIED_DIFFERENTIALS))
 #: Top-level folders of an output root (any one of them makes a folder an output root).
 ROOT_FOLDERS: tuple[str, ...] = (contract.RUNS, contract.RUN_CONFIGS, contract.STAGING) + contract.TABLES
 
@@ -143,11 +147,25 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def _register_dataset(con: duckdb.DuckDBPyConnection, name: str, dataset: Any) -> None:
-    # Registered objects live in DuckDB's temp catalog; the public view on top
-    # of it keeps the name and columns users know.
-    con.register(f"_{name}_files", dataset)
-    con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_files")
+def create_view(con: duckdb.DuckDBPyConnection, name: str, data: Any, where: str | None = None,
+                order: str | None = None) -> None:
+    """Create view ``name`` over an Arrow table or dataset, with the clearer column names of
+    :data:`bloodray.nightly.dictionary.ALIASES` beside the stored ones.
+
+    The view scans ``data`` directly (a relation, not a registered name), so no internal ``_*_files`` object shows
+    beside the public views in ``SHOW TABLES``.
+    """
+    rel = con.from_arrow(data)
+    if where:
+        rel = rel.filter(where)
+    if order:
+        rel = rel.order(order)
+    rel.project("*" + dictionary.alias_select(name)).create_view(name, replace=False)
+
+
+def create_empty_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """An empty view with the contract's columns (and the aliases), so queries bind on a fresh root too."""
+    con.execute(f"CREATE VIEW {name} AS SELECT *{dictionary.alias_select(name)} FROM ({_empty_view_sql(name)})")
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_options: Mapping[str, Any] | None,
@@ -156,29 +174,26 @@ def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_optio
     # Materialised (one row per run): the view must not read files once locked.
     committed = tables.committed_runs(output_uri, storage_options, as_of=as_of)
     if committed.num_rows:
-        con.register("_all_runs_files", committed)
-        con.execute("CREATE VIEW all_runs AS SELECT * FROM _all_runs_files "
-                    f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at")
-        con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
+        create_view(con, "all_runs", committed, where=f"status = '{contract.COMMITTED}'",
+                    order="run_date, committed_at")
     else:
-        con.execute(f"CREATE VIEW all_runs AS {_empty_view_sql('all_runs')}")
-        con.execute(f"CREATE VIEW runs AS {_empty_view_sql('runs')}")
+        create_empty_view(con, "all_runs")
+    # all_runs already has the aliases.
+    con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
     for table in DATA_TABLES:
         # The Delta log picks the files (the current version holds the latest committed run of each date);
         # pyarrow reads them lazily, with DuckDB's projection and filter pushdown.
-        _register_dataset(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
+        create_view(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
 
 
 def _warn_pending(output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
-    """A run that stopped between its table commits leaves the tables disagreeing until its date runs again."""
+    """A run in its commit window (committing now, or stopped half-way) leaves its date's tables disagreeing."""
     try:
-        pending = tables.pending_intents(output_uri, storage_options)
+        commits = pending_commits(output_uri, storage_options)
     except Exception:  # noqa: BLE001 - a warning only
         return
-    for intent in pending:
-        log.warning("%s: run %s of %s stopped half-way through its commit; its tables may disagree until the "
-                    "next run of %s completes it", output_uri, intent["run_id"], intent["run_date"],
-                    intent["run_date"])
+    for commit in commits:
+        log.warning("%s: %s", output_uri, commit.describe())
 
 
 def parse_as_of(value: str | _dt.datetime | None) -> _dt.datetime | None:
@@ -271,16 +286,31 @@ def _refused(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
 
 
-def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str) -> pa.Table:
+#: How a view's scan reports a data file that is gone: ``reading the stream registered as '_<table>_files' failed``
+#: with the filesystem's not-found error (local, S3).
+_MISSING_FILE = re.compile(r"registered as '_(\w+)_files' failed.*(No such file|not found|NoSuchKey|does not exist)",
+                           re.IGNORECASE | re.DOTALL)
+
+
+def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str,
+                    as_of: _dt.datetime | None = None) -> pa.Table:
     """Run analyst SQL on a locked connection; DuckDB's error becomes one line naming the root."""
     try:
         return fetch_arrow(con, sql)
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        missing = _MISSING_FILE.search(str(exc))
+        if missing and as_of is not None:
+            raise QueryError(f"{output_uri}: --as-of {as_of.isoformat()}: files of {missing.group(1)} as it was "
+                             "then are gone, deleted by `bloodray vacuum` (time travel reaches back only as far "
+                             "as its --retain-hours); query a later time") from exc
+        if missing:
+            raise QueryError(f"{output_uri}: a data file of {missing.group(1)} is missing (deleted outside "
+                             f"bloodray?): {first}") from exc
         if _refused(exc):
             raise QueryError(f"query against {output_uri} refused: {first} (bloodray query is read-only: "
-                             "it reads the views runs, all_runs, predictions, differentials and errors, "
-                             "and no files, extensions or settings)") from exc
+                             f"it reads the views {', '.join(VIEWS)}, and no files, extensions or settings)"
+                             ) from exc
         raise QueryError(f"query against {output_uri} failed: {first}") from exc
 
 
@@ -372,7 +402,7 @@ def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None 
         if con.execute("SELECT count(*) FROM all_runs").fetchall()[0][0] == 0:
             log.warning("%s holds no committed run %s: every view is empty", output_uri,
                         f"at {when.isoformat()}" if when else "yet")
-        table = _fetch_user_sql(con, sql, output_uri)
+        table = _fetch_user_sql(con, sql, output_uri, when)
     finally:
         con.close()
     if out:

@@ -4,10 +4,10 @@
 marked ``needs_review`` and, when the out-of-distribution check added a
 ``status`` column, cells it marked ``unidentified`` -- as ``review.csv``
 (``verified_class`` and ``reviewer`` empty, to fill in) and ``review.html`` (a
-self-contained gallery of their thumbnails). ``import`` validates a filled CSV
-as a whole and appends it to the ``reviews`` table as ONE Parquet file written
-atomically, so an import appears whole or not at all. ``labels`` writes every
-reviewed cell as ``<dest>/<verified_class>/<sample_id>__<file>`` -- an
+self-contained gallery of their thumbnails). ``import`` is
+:func:`bloodray.review.records.import_decisions` (the CSV or the decisions
+JSON of :mod:`bloodray.review.decisions`). ``labels`` writes every
+reviewed cell as ``<dest>/<verified_class>/<sample_id>__<hash>__<file>`` -- an
 ImageFolder that ``bloodray train`` and
 :func:`bloodray.data.labelled.list_labelled_images` read directly.
 """
@@ -15,42 +15,22 @@ ImageFolder that ``bloodray train`` and
 from __future__ import annotations
 
 import csv
-import datetime as dt
+import hashlib
 import io
 import posixpath
 import tarfile
-import uuid
-from dataclasses import dataclass
 from typing import Any, Mapping
-
-import pyarrow as pa
 
 from bloodray import storage
 from bloodray.analysis import gallery, query
-from bloodray.classes import CLASS_NAMES, class_from_folder
-from bloodray.data.stages import read_many
-from bloodray.nightly import contract, tables
+from bloodray.review.decisions import CSV_COLUMNS, VERIFIED_CLASSES, ReviewError
+from bloodray.data.stages import name_kind, read_many
+from bloodray.nightly import contract
+from bloodray.nightly.pending import refuse_pending
 
-#: Columns of ``review.csv``; ``verified_class`` and ``reviewer`` are the reviewer's.
-CSV_COLUMNS: tuple[str, ...] = ("run_id", "sample_id", "image_uri", "predicted_class", "confidence",
-                                "verified_class", "reviewer")
 CSV_FILE, HTML_FILE = "review.csv", "review.html"
 #: Listing of an exported label folder: where each image's bytes came from.
 LABELS_MANIFEST = "labels.csv"
-
-
-class ReviewError(RuntimeError):
-    """A review file or request is invalid; the message names the file and row. Nothing was applied."""
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    """What ``review import`` appended."""
-
-    uri: str
-    run_id: str
-    n_reviews: int
-    n_changed: int
 
 
 def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
@@ -62,15 +42,20 @@ def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
 
 def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, Any] | None = None,
                  with_thumbnails: bool = True) -> tuple[str, list[dict[str, Any]], dict[str, bytes]]:
-    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs."""
+    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs.
+
+    Refuses (:class:`ReviewError`) while a run of the date is in its commit
+    window: its tables would mix two runs (:mod:`bloodray.nightly.pending`).
+    """
+    refuse_pending(output_uri, str(run_date), ReviewError, storage_options)
     con = query.connect(output_uri, storage_options)
     try:
         run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
         cols = {r[0] for r in con.execute("DESCRIBE predictions").fetchall()}
         extra = [c for c in ("status", "ood_score") if c in cols]
         wanted = "needs_review" + (f" OR status = '{gallery.UNIDENTIFIED}'" if "status" in cols else "")
-        select = ", ".join(["run_id", "sample_id", "image_uri", "predicted_class", "confidence", "needs_review"]
-                           + extra)
+        select = ", ".join(["run_id", "sample_id", "image_uri", "image_sha256", "predicted_class", "confidence",
+                            "needs_review"] + extra)
         cells = query.fetch_arrow(con, f"SELECT {select} FROM predictions WHERE run_id = ? AND ({wanted}) "
                                        "ORDER BY sample_id, image_uri", [run_id]).to_pylist()
         thumbs: dict[str, bytes] = {}
@@ -91,14 +76,14 @@ def export_review(output_uri: str, run_date: str, dest: str,
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for c in cells:
-        writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["predicted_class"],
+        writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["image_sha256"], c["predicted_class"],
                          f"{c['confidence']:.4f}", "", ""])
     by_sample: dict[str, list[dict[str, Any]]] = {}
     for c in cells:
         by_sample.setdefault(str(c["sample_id"]), []).append(c)
     body = [f"<h1>Cells to review — run_date {gallery.e(run_date)}</h1>",
             f"<p>{len(cells)} cell(s) of run {gallery.e(run_id)} from {gallery.e(output_uri)}. Fill "
-            f"<code>verified_class</code> (one of {gallery.e(', '.join(CLASS_NAMES))}) in {CSV_FILE} and import "
+            f"<code>verified_class</code> (one of {gallery.e(', '.join(VERIFIED_CLASSES))}) in {CSV_FILE} and import "
             "it with <code>bloodray review import</code>.</p>"]
     for sample, group in by_sample.items():
         body.append(f"<h2>Sample {gallery.e(sample)} ({len(group)})</h2>"
@@ -114,116 +99,74 @@ def export_review(output_uri: str, run_date: str, dest: str,
     return storage.join(dest, CSV_FILE), storage.join(dest, HTML_FILE), len(cells)
 
 
-def _verified(value: str) -> str | None:
-    text = value.strip()
-    return text if text in CLASS_NAMES else class_from_folder(text)
+def tar_member(uri: str, storage_options: Mapping[str, Any] | None = None,
+               listed: dict[str, bool] | None = None) -> tuple[str, str] | None:
+    """``(shard URI, member)`` when ``uri`` names a member of a tar shard, None for a plain file.
 
-
-def parse_review_file(text: str, where: str, run_id: str, predicted: Mapping[str, str],
-                      reviewer: str | None) -> list[dict[str, Any]]:
-    """Validate a filled review CSV against the run's predictions; the rows to append.
-
-    Rows with an empty ``verified_class`` are skipped (not reviewed yet).
-    Raises :class:`ReviewError` naming the first bad row: unknown class,
-    unknown cell, duplicate cell, a cell of another run, no reviewer.
+    Told apart by the store's listing, not by the character: ``<shard>#<member>``
+    is a member when the part before a ``#`` is a ``.tar`` the store holds as a
+    file and ``uri`` itself is not a file (``S#3/cell.jpg`` is a plain path).
+    ``listed`` caches the answers per path.
     """
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in ("image_uri", "verified_class") if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ReviewError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
-    now = dt.datetime.now(dt.timezone.utc)
-    seen: dict[str, int] = {}
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        at = f"{where}: row {line}"
-        raw = (row.get("verified_class") or "").strip()
-        if not raw:
-            continue
-        uri = (row.get("image_uri") or "").strip()
-        if row.get("run_id") and row["run_id"].strip() != run_id:
-            raise ReviewError(f"{at}: run_id {row['run_id'].strip()!r} is not the visible run {run_id!r} of "
-                              "this date (export the review list again)")
-        if uri not in predicted:
-            raise ReviewError(f"{at}: unknown cell {uri!r} (not a prediction of run {run_id})")
-        if uri in seen:
-            raise ReviewError(f"{at}: duplicate cell {uri!r} (also on row {seen[uri]})")
-        seen[uri] = line
-        new_class = _verified(raw)
-        if new_class is None:
-            raise ReviewError(f"{at}: unknown class {raw!r}; expected one of {', '.join(CLASS_NAMES)}")
-        who = (row.get("reviewer") or "").strip() or reviewer
-        if not who:
-            raise ReviewError(f"{at}: no reviewer (fill the reviewer column or pass --reviewer)")
-        rows.append({"run_id": run_id, "image_uri": uri, "old_class": predicted[uri], "new_class": new_class,
-                     "reviewer": who, "reviewed_at": now})
-    return rows
+    cache = listed if listed is not None else {}
 
+    def is_file(target: str) -> bool:
+        if target not in cache:
+            try:
+                fs, path = storage.filesystem(target, storage_options)
+                cache[target] = bool(fs.isfile(path))
+            except Exception:  # noqa: BLE001 - unreachable: not listed
+                cache[target] = False
+        return cache[target]
 
-def import_review(output_uri: str, run_date: str, review_file: str, reviewer: str | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> ImportResult:
-    """Validate a filled review CSV and append it to the ``reviews`` Delta table in one commit.
-
-    Raises :class:`ReviewError` (nothing is written) when any row is invalid or nothing was reviewed.
-    """
-    try:
-        fs, path = storage.filesystem(review_file, storage_options)
-        text = fs.cat_file(path).decode("utf-8-sig")
-    except FileNotFoundError as exc:
-        raise ReviewError(f"{review_file}: review file not found") from exc
-    except UnicodeDecodeError as exc:
-        raise ReviewError(f"{review_file}: not a UTF-8 CSV file ({exc})") from exc
-    con = query.connect(output_uri, storage_options)
-    try:
-        run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
-        predicted = dict(con.execute("SELECT image_uri, predicted_class FROM predictions WHERE run_id = ?",
-                                     [run_id]).fetchall())
-    finally:
-        con.close()
-    rows = parse_review_file(text, review_file, run_id, predicted, reviewer)
-    if not rows:
-        raise ReviewError(f"{review_file}: no row has a verified_class; nothing to import")
-    fs, root = contract.output_root(output_uri, storage_options)
-    review_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    path = contract.review_path(root, str(run_date), review_id)
-    table = pa.Table.from_pylist(rows, schema=contract.reviews_schema())
-    try:
-        storage.put_bytes(fs, path, storage.parquet_bytes(table), atomic=True)
-    except Exception as exc:  # noqa: BLE001
-        raise storage.describe_storage_error(storage.full_uri(fs, path), exc) from exc
-    # The file is invisible until this commit; a failed commit leaves nothing imported (the file is an orphan
-    # that vacuum removes), and the import can simply be repeated.
-    tables.commit_files(output_uri, contract.REVIEWS, str(run_date), review_id, [path], replace_date=False,
-                        storage_options=storage_options)
-    return ImportResult(uri=storage.full_uri(fs, path), run_id=run_id, n_reviews=len(rows),
-                        n_changed=sum(r["old_class"] != r["new_class"] for r in rows))
+    if "#" not in uri or is_file(uri):
+        return None
+    for at in (i for i, ch in enumerate(uri) if ch == "#"):
+        shard = uri[:at]
+        if name_kind(shard) == "tar" and is_file(shard):
+            return shard, uri[at + 1:]
+    return None
 
 
 def _archive_bytes(uris: list[str], storage_options: Mapping[str, Any] | None) -> dict[str, bytes]:
     """Original bytes of the images still reachable (plain files and tar members); others are left out."""
     out: dict[str, bytes] = {}
-    plain = [u for u in uris if "#" not in u]
+    listed: dict[str, bool] = {}
+    members: dict[str, dict[str, str]] = {}  # shard -> member -> image URI
+    plain = []
+    for uri in uris:
+        found = tar_member(uri, storage_options, listed)
+        if found:
+            members.setdefault(found[0], {})[found[1]] = uri
+        else:
+            plain.append(uri)
     for uri, data in zip(plain, read_many(plain, storage_options) if plain else []):
         if isinstance(data, bytes):
             out[uri] = data
-    members: dict[str, set[str]] = {}
-    for u in uris:
-        if "#" in u:
-            shard, member = u.split("#", 1)
-            members.setdefault(shard, set()).add(member)
     for shard, wanted in members.items():
         try:
             fs, path = storage.filesystem(shard, storage_options)
             with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                 for member in tar:
-                    if member.name in wanted and member.isfile():
-                        out[f"{shard}#{member.name}"] = tar.extractfile(member).read()
+                    if member.name in wanted and member.isfile() and wanted[member.name] not in out:
+                        out[wanted[member.name]] = tar.extractfile(member).read()
         except Exception:  # noqa: BLE001 - an unreachable shard: its cells fall back to thumbnails
             continue
     return out
 
 
+def label_file_name(sample_id: str, image_uri: str) -> str:
+    """``<sample_id>__<8 hex of the URI's SHA-256>__<file>``: unique per cell, still readable.
+
+    ``<sample>__<file>`` alone collides: one sample can hold ``a/x.jpg`` and
+    ``b/x.jpg``, and two shards the same member name.
+    """
+    digest = hashlib.sha256(image_uri.encode("utf-8")).hexdigest()[:8]
+    return f"{sample_id}__{digest}__{posixpath.basename(image_uri)}"
+
+
 def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Write every reviewed cell of the visible runs as ``<dest>/<verified_class>/<sample_id>__<file>``.
+    """Write every reviewed cell of the visible runs as ``<dest>/<verified_class>/<name>`` (:func:`label_file_name`).
 
     The original image bytes are copied from the archive where it is still
     reachable, else the thumbnail is written (``<file>.thumb.jpg``);
@@ -232,11 +175,14 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     """
     con = query.connect(output_uri, storage_options)
     try:
-        from bloodray.review.verified import LATEST_REVIEWS_SQL
+        from bloodray.review.verified import APPLIED_REVIEWS_SQL
 
-        rows = con.execute(f"""WITH r AS ({LATEST_REVIEWS_SQL})
+        # Every review that applies to a cell of a visible run, by the cell's current file; cells a reviewer
+        # called unidentified are no class to train on.
+        rows = con.execute(f"""WITH r AS ({APPLIED_REVIEWS_SQL})
             SELECT r.image_uri, p.sample_id, r.new_class, r.reviewer, t.jpeg FROM r
-            JOIN predictions p USING (run_id, image_uri) LEFT JOIN thumbnails t USING (run_id, image_uri)
+            JOIN predictions p USING (run_date, image_uri) LEFT JOIN thumbnails t USING (run_id, image_uri)
+            WHERE r.new_class <> '{contract.UNIDENTIFIED}'
             ORDER BY r.new_class, p.sample_id, r.image_uri""").fetchall()
     finally:
         con.close()
@@ -251,7 +197,7 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     counts = {"archive": 0, "thumbnail": 0, "missing": 0}
     try:
         for uri, sample_id, cls, who, jpeg in rows:
-            name = f"{sample_id}__{gallery.file_name(uri)}"
+            name = label_file_name(str(sample_id), uri)
             data, source = originals.get(uri), "archive"
             if data is None:
                 data, source = (bytes(jpeg) if jpeg is not None else None), "thumbnail"
