@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from adapt import CHULA, _common_pbc_test, decode  # noqa: E402
+from _common import CHULA, decode, pbc_split_rows  # noqa: E402
 
 
 def run(predictor, images: np.ndarray, float_stain: bool) -> dict[str, np.ndarray]:
@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     result = {"machine": _common.machine_facts(), "run": _common.run_facts()}
-    pbc_rows, _ = _common_pbc_test()
+    pbc_rows, _ = pbc_split_rows()
     chula = sorted(CHULA.glob("*/*.jpg"))
     data = {"pbc_test": (decode([Path(u) for u, _ in pbc_rows], 128), np.array([y for _, y in pbc_rows])),
             "chula": (decode(chula, 128), np.array([CLASS_TO_INDEX[f.parent.name] for f in chula]))}
