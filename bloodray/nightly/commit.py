@@ -171,6 +171,7 @@ def commit_run(plan: RunPlan) -> RunResult:
                      n_inputs=plan.stats["n_inputs"], n_predictions=plan.stats["n_predictions"],
                      n_errors=plan.stats["n_errors"], n_samples=plan.stats["n_samples"],
                      n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
+                     n_resumed=len(plan.resumed_images),
                      timings=timings, n_unidentified=plan.run_shift["n_unidentified"],
                      domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"])
 
@@ -289,8 +290,10 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
                 deleted.append(posixpath.join(staging_root, other))
         for path in deleted:
             fs.rm(path, recursive=True)
-        if deleted:
-            log.info("cleanup after run %s: removed %d stale path(s)", run_id, len(deleted))
+        # The run's own staging always goes; only leftovers of other runs are worth a line.
+        stale = [p for p in deleted if p != posixpath.join(staging_root, run_id)]
+        if stale:
+            log.info("cleanup after run %s: removed %d stale path(s)", run_id, len(stale))
     except Exception as exc:  # noqa: BLE001 - cleanup never fails a committed run
         log.warning("cleanup after run %s incomplete (%s); leftovers are invisible to readers and are "
                     "removed by a later run", run_id, exc)

@@ -15,8 +15,9 @@ from typing import Literal
 
 from bloodray.classes import DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
 from bloodray.config import ConfigError, StorageConfig
-from bloodray.data.decode import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE_PX, DEFAULT_MIN_CONTRAST,
-                                  DEFAULT_MIN_SIDE_PX, CellImageLimits, PixelLimit)
+from bloodray.data.decode import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_DECODE_WORK,
+                                  DEFAULT_MAX_SIDE_PX, DEFAULT_MIN_CONTRAST, DEFAULT_MIN_SIDE_PX, CellImageLimits,
+                                  DecodeBudget, PixelLimit)
 from bloodray.data.stages import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, ReadLimits
 
 #: Review threshold used when neither the config nor the checkpoint sets one.
@@ -30,6 +31,18 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 class ClassifyError(RuntimeError):
     """The run cannot proceed (no inputs, run id already committed...); the message says why."""
+
+
+class NothingToClassify(ClassifyError):
+    """The date's folder is missing or holds no image: there is nothing to do (exit status 3)."""
+
+
+class ShiftAlarmError(ClassifyError):
+    """The domain-shift alarm went off and ``shift.on_alarm`` is ``fail``: nothing was published (exit status 6)."""
+
+
+class ClusterResourcesError(ClassifyError):
+    """The Ray cluster lacks what the config asks for, e.g. GPUs (exit status 5, infrastructure)."""
 
 
 @dataclass
@@ -91,6 +104,9 @@ class RunConfig:
     #: carry over the predictions of images already classified in the visible run of the date (same
     #: checkpoint) and still listed; read every other listed image (new, or an error last time).
     incremental: bool = False
+    #: pick up the per-image results a killed run of the same date and settings had staged, instead of reading
+    #: those images again (:mod:`bloodray.nightly.resume`); false reads everything.
+    resume: bool = True
     #: override the generated run id (``<UTC start>-<random>``).
     run_id: str | None = None
     #: seconds the run's lease on (output, date) lasts without renewal; renewed every fifth of it.
@@ -163,8 +179,9 @@ class InferenceConfig:
     batch_size: int = 64
     #: model actors; null = one per GPU (num_gpus > 0), or one per ``decode_cpus`` CPUs of the cluster on CPU.
     concurrency: int | None = None
-    #: GPUs per model actor (0 = CPU inference).
-    num_gpus: float = 0.0
+    #: GPUs per model actor (0 = CPU inference); ``auto`` = 1 when the Ray cluster has GPUs at the start of the
+    #: run, else 0 (:func:`bloodray.nightly.plan.gpus_per_actor`).
+    num_gpus: float | Literal["auto"] = "auto"
     #: CPUs reserved by each read/decode task.
     decode_cpus: float = 1.0
     #: arithmetic of the model actors: ``auto`` (fastest that passes the checkpoint's self-check), ``fp32``,
@@ -172,13 +189,13 @@ class InferenceConfig:
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
 
     def validate(self, prefix: str) -> None:
-        for name in ("num_gpus", "decode_cpus"):
+        for name in ("num_gpus", "decode_cpus") if self.num_gpus != "auto" else ("decode_cpus",):
             _require_finite(prefix, name, getattr(self, name))
         if self.batch_size < 1:
             raise ConfigError(f"{prefix}.batch_size: must be >= 1, got {self.batch_size}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"{prefix}.concurrency: must be >= 1 or null, got {self.concurrency}")
-        if self.num_gpus < 0:
+        if self.num_gpus != "auto" and self.num_gpus < 0:
             raise ConfigError(f"{prefix}.num_gpus: must be >= 0, got {self.num_gpus}")
         if self.decode_cpus <= 0:
             raise ConfigError(f"{prefix}.decode_cpus: must be > 0, got {self.decode_cpus}")
@@ -206,16 +223,21 @@ class LimitsConfig(PixelLimit):
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     #: grey-level standard deviation (0-255) below which an image is blank (errors, ``not_a_cell_image``); 0 = off.
     min_contrast: float = DEFAULT_MIN_CONTRAST
+    #: width x height x JPEG scans above which an image is not decoded (errors, ``decode_budget``).
+    max_decode_work: int = DEFAULT_MAX_DECODE_WORK
+    #: seconds one image's decoding may take (errors, ``decode_budget``).
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
 
     def validate(self, prefix: str) -> None:
-        for name in ("read_timeout_s", "max_aspect_ratio", "min_contrast"):
+        for name in ("read_timeout_s", "max_aspect_ratio", "min_contrast", "decode_timeout_s"):
             _require_finite(prefix, name, getattr(self, name))
         PixelLimit.validate(self, prefix)
-        for name in ("max_file_bytes", "min_side_px", "max_side_px"):
+        for name in ("max_file_bytes", "min_side_px", "max_side_px", "max_decode_work"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.read_timeout_s <= 0:
-            raise ConfigError(f"{prefix}.read_timeout_s: must be > 0, got {self.read_timeout_s}")
+        for name in ("read_timeout_s", "decode_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
         if self.max_side_px < self.min_side_px:
             raise ConfigError(f"{prefix}.max_side_px: must be >= limits.min_side_px ({self.min_side_px}), "
                               f"got {self.max_side_px}")
@@ -227,7 +249,8 @@ class LimitsConfig(PixelLimit):
     def read_limits(self) -> ReadLimits:
         """The read and cell-image bounds of the read+decode stage."""
         cell = CellImageLimits(self.min_side_px, self.max_side_px, self.max_aspect_ratio, self.min_contrast)
-        return ReadLimits(max_file_bytes=self.max_file_bytes, read_timeout_s=self.read_timeout_s, cell=cell)
+        return ReadLimits(max_file_bytes=self.max_file_bytes, read_timeout_s=self.read_timeout_s, cell=cell,
+                          decode=DecodeBudget(self.max_decode_work, self.decode_timeout_s))
 
 
 @dataclass
@@ -235,7 +258,7 @@ class ShiftConfig:
     """The domain-shift alarm (:mod:`bloodray.nightly.shift`); needs a checkpoint with an OOD reference."""
 
     #: ``commit``: a run under the alarm still commits, with the alarm in its tables; ``fail``: it fails
-    #: (exit 2) and publishes nothing.
+    #: (exit status 6) and publishes nothing.
     on_alarm: Literal["commit", "fail"] = "commit"
     #: significance level of the binomial and KS tests.
     alpha: float = 0.001
@@ -247,6 +270,15 @@ class ShiftConfig:
             raise ConfigError(f"{prefix}.alpha: must be in (0, 0.5), got {self.alpha}")
         if not 0.0 < self.min_effect <= 1.0:
             raise ConfigError(f"{prefix}.min_effect: must be in (0, 1], got {self.min_effect}")
+
+
+@dataclass
+class ReportConfig:
+    """The date's HTML report, written by the run once it is committed."""
+
+    #: write ``<output.uri>/reports/run_date=<date>/report.html`` at the end of the run; a report that fails is
+    #: logged and named in the summary, and never fails the committed run.
+    enabled: bool = True
 
 
 @dataclass
@@ -263,6 +295,7 @@ class ClassifyConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def effective_threshold(cfg: ClassifyConfig, checkpoint_threshold: float | None) -> float:

@@ -9,7 +9,7 @@ and schemas: :mod:`bloodray.nightly.contract`). The run::
       -> map_batches(read bytes + SHA-256 + decode + resize)     CPU tasks (*), :mod:`bloodray.data.stages`
          (GPU inference: read bytes + SHA-256 only; the actors decode on the GPU, :mod:`bloodray.data.device_decode`)
       -> map_batches(CellPredictorResults: model + staged rows)  actor pool (GPU or CPU)
-      -> driver streams the rows into Parquet (output.rows_per_file) _staging/<run_id>/results/
+      -> driver streams the rows into small Parquet files          _staging/<run_id>/results/
     aggregate (driver, DuckDB, :mod:`~bloodray.nightly.aggregate`):
       -> predictions / errors / differentials                    _staging/<run_id>/<table>/
     commit (:mod:`~bloodray.nightly.commit`): partitions, config, manifest LAST, cleanup
@@ -32,7 +32,9 @@ date's results. ``run.incremental`` reconciles per image: listed image files
 already classified in the visible run of the date (same checkpoint) are not
 read again and their predictions are copied into the new run; new images and
 images that failed last time are read; images no longer listed are dropped.
-Each run is complete on its own.
+Each run is complete on its own. A run killed part-way leaves its staged
+results; the next run of the date with the same settings picks them up and
+reads only the rest (``run.resume``, :mod:`~bloodray.nightly.resume`).
 
 One writer per output and date: a run holds the date's lease
 (:mod:`~bloodray.nightly.lease`) from planning to commit, and the commit
@@ -57,11 +59,13 @@ from bloodray.data.decode import CellImageLimits
 from bloodray.data.device_decode import decode_on_device, read_files
 from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards, thumbnails
 from bloodray.nightly import contract
-from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables, write_table
+from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables
 from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
-from bloodray.nightly.config import ClassifyConfig, ClassifyError
+from bloodray.nightly.config import ClassifyConfig, ClassifyError, ShiftAlarmError
 from bloodray.nightly.listing import InputListing, list_inputs
-from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, plan_run
+from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, gpus_per_actor, plan_run
+from bloodray.nightly.resume import RESULT_FILE_ROWS, RESULTS, write_results
+from bloodray.nightly.summary import add_details
 from bloodray.predict import CellPredictor
 
 log = logging.getLogger(__name__)
@@ -155,9 +159,10 @@ def build_dataset(plan: RunPlan):
     read_args = {"num_cpus": cfg.inference.decode_cpus}
     parts = []
     work_blocks = len(plan.listing.shards)
+    num_gpus = gpus_per_actor(cfg.inference.num_gpus, ray.cluster_resources().get("GPU", 0))
     # GPU inference decodes image files in the model actors, on the GPU (tar shards still decode in CPU tasks,
     # so an archive with shards keeps one decode path for all its rows).
-    device_decode = cfg.inference.num_gpus > 0 and not plan.listing.shards
+    device_decode = num_gpus > 0 and not plan.listing.shards
     if plan.listing.files:
         items = [{"uri": u, "sample_id": s} for u, s in plan.listing.files]
         # A small archive is cut into one read batch per CPU slot rather than a few full batches.
@@ -178,8 +183,9 @@ def build_dataset(plan: RunPlan):
                        "limits": cfg.limits.read_limits()},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    log.info("model actors on %s", f"{num_gpus:g} GPU(s) each" if num_gpus else "CPU")
     # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.
-    gpu_args = {"num_gpus": cfg.inference.num_gpus} if cfg.inference.num_gpus > 0 else read_args
+    gpu_args = {"num_gpus": num_gpus} if num_gpus > 0 else read_args
     return data.map_batches(
         CellPredictorResults, batch_size=bs,
         compute=actor_pool(cfg.inference, fused=len(parts) == 1, work_blocks=work_blocks),
@@ -210,7 +216,8 @@ def classify_to_staging(plan: RunPlan) -> None:
     if not (plan.listing.files or plan.listing.shards):
         plan.timings["read_decode_infer"] = 0.0
         return
-    init_ray()  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
+    init_ray(dashboard=False)  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
+    require_device(plan.cfg.model.device)
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
     timer = time.monotonic()
     log.info("run %s: classifying %d image file(s) and %d tar shard(s)", plan.run_id,
@@ -223,6 +230,7 @@ def classify_to_staging(plan: RunPlan) -> None:
 
     def batches() -> Iterator[pa.RecordBatch]:
         # Output blocks as the actors finish them; Ray Data retries lost work, so each arrives once.
+        received = 0
         with progress(total=total, desc="classify", unit="img") as bar:
             for block in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
                 bar.update(block.num_rows)
@@ -230,13 +238,33 @@ def classify_to_staging(plan: RunPlan) -> None:
                 for key, name in PATH_METADATA.items():
                     if name in meta:
                         plan.inference_paths[key].add(meta[name].decode())
+                received += block.num_rows
+                log.debug("received %d result rows", received)
                 yield from block.cast(schema).to_batches()
 
-    # Files of output.rows_per_file rows, not one tiny file per batch: the staged
-    # results are a few hundred bytes per image, so the driver keeps up with any pool.
-    write_table(pa.RecordBatchReader.from_batches(schema, batches()), schema, fs,
-                 posixpath.join(plan.staging, "results"), plan.cfg.output.rows_per_file)
+    # Files of up to RESULT_FILE_ROWS rows (or output.rows_per_file if smaller), closed at least every
+    # RESULT_FILE_SECONDS: each closed file survives a kill and the next run of the date resumes from it.
+    write_results(batches(), schema, fs, posixpath.join(plan.staging, RESULTS),
+                  min(plan.cfg.output.rows_per_file, RESULT_FILE_ROWS))
     plan.timings["read_decode_infer"] = time.monotonic() - timer
+
+
+def require_device(device: str) -> None:
+    """Refuse ``model.device`` naming hardware the Ray cluster lacks, before any actor starts.
+
+    Without this, every model actor failed to start and Ray printed a long traceback asking to report a Ray bug.
+    """
+    if device.startswith("cuda"):
+        import ray
+
+        if not ray.cluster_resources().get("GPU", 0):
+            raise ClassifyError(f"model.device={device}: the Ray cluster has no GPU; use model.device=auto "
+                                "(a GPU when there is one) or cpu")
+    elif device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ClassifyError("model.device=mps: this machine has no Apple MPS device; use model.device=auto or cpu")
 
 
 def run_classification(cfg: ClassifyConfig) -> RunResult:
@@ -249,16 +277,21 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     :class:`~bloodray.nightly.lease.LeaseHeldError`. Raises :class:`~bloodray.config.ConfigError`,
     :class:`~bloodray.storage.StorageError`,
     :class:`~bloodray.checkpoint.CheckpointError` or :class:`ClassifyError`
-    for problems with the run as a whole; bad images never raise.
+    for problems with the run as a whole; bad images never raise. The job as the command runs it, with the
+    date's report after the commit (``report.enabled``), is :func:`bloodray.nightly_job.classify`.
     """
     plan = plan_run(cfg)
     try:
         stage_run(plan)
         if plan.stats.get("domain_shift") and cfg.shift.on_alarm == "fail":
-            raise ClassifyError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the training "
-                                f"data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} sample(s); "
-                                "shift.on_alarm is 'fail', so nothing was published")
+            raise ShiftAlarmError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the "
+                                  f"training data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} "
+                                  "sample(s); shift.on_alarm is 'fail', so nothing was published")
     except BaseException:
         discard_run(plan)  # a failed run leaves no staging and holds no lease
         raise
-    return commit_run(plan)
+    result = commit_run(plan)
+    # Committed: from here nothing fails the run. The summary's details are read back from the committed
+    # tables; a failure is logged and leaves them None.
+    add_details(result, plan.storage_options)
+    return result
