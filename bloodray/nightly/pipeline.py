@@ -6,7 +6,7 @@ and schemas: :mod:`bloodray.nightly.contract`). The run::
 
     plan (driver, :mod:`~bloodray.nightly.plan`): checkpoint, flag rules, listing (:mod:`~bloodray.nightly.listing`)
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
-      -> map_batches(read bytes + SHA-256 + decode + resize)     CPU tasks (*), :mod:`bloodray.data.stages`
+      -> map_batches(read bytes + SHA-256 + decode + resize + thumbnail)   CPU tasks (*), :mod:`bloodray.data.stages`
       -> map_batches(CellPredictorResults: model + staged rows)  actor pool (GPU or CPU)
       -> driver streams the rows into Parquet (output.rows_per_file) _staging/<run_id>/results/
     aggregate (driver, DuckDB, :mod:`~bloodray.nightly.aggregate`):
@@ -52,7 +52,13 @@ import pyarrow as pa
 
 from bloodray.logs import init_ray, progress
 from bloodray.classes import CLASS_NAMES
-from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards, thumbnails
+from bloodray.data.stages import (
+    ERROR_COLUMNS,
+    THUMBNAIL_SIZE,
+    cluster_cpu_slots,
+    read_decode_files,
+    read_decode_shards,
+)
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables, write_table
 from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
@@ -120,12 +126,8 @@ class CellPredictorResults(CellPredictor):
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        # The thumbnail is made here, where the decoded image still is (on a CPU
-        # cluster this is the fused decode task itself); the predictor drops ``image``.
-        jpeg = thumbnails(batch)
-        out = super().__call__(batch)
-        out["jpeg"] = jpeg
-        return to_staged_rows(out)
+        # The decode stage's ``jpeg`` thumbnails pass through the predictor with the other columns.
+        return to_staged_rows(super().__call__(batch))
 
 
 def build_dataset(plan: RunPlan):
@@ -146,7 +148,7 @@ def build_dataset(plan: RunPlan):
         parts.append(ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             read_decode_files, batch_size=read_bs,
             fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
-                       "limits": cfg.limits.read_limits()},
+                       "limits": cfg.limits.read_limits(), "thumbnail_size": THUMBNAIL_SIZE},
             **read_args))
     if plan.listing.shards:
         shards = [{"uri": u} for u in plan.listing.shards]
@@ -154,7 +156,7 @@ def build_dataset(plan: RunPlan):
             read_decode_shards, batch_size=1,
             fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
                        "sample_id_from": cfg.input.sample_id_from, "chunk_rows": bs,
-                       "limits": cfg.limits.read_limits()},
+                       "limits": cfg.limits.read_limits(), "thumbnail_size": THUMBNAIL_SIZE},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.
