@@ -1,10 +1,11 @@
 """The review round trip behind ``bloodray review export|import|labels``.
 
-``export`` writes the cells to review of a date's visible run -- cells the job
-marked ``needs_review`` and, when the out-of-distribution check added a
-``status`` column, cells it marked ``unidentified`` -- as ``review.csv``
-(``verified_class`` and ``reviewer`` empty, to fill in) and ``review.html`` (a
-self-contained gallery of their thumbnails). ``import`` validates a filled CSV
+``export`` writes ``review.html``, the interactive review page of every cell
+of a date's visible run (:mod:`bloodray.review.page`: reclassify, sign off,
+download the decisions file), and ``review.csv``: the cells to review -- cells
+the job marked ``needs_review`` and, when the out-of-distribution check added
+a ``status`` column, cells it marked ``unidentified`` -- with
+``verified_class`` and ``reviewer`` empty, to fill in. ``import`` validates a filled CSV
 as a whole and appends it to the ``reviews`` table as ONE Parquet file written
 atomically, so an import appears whole or not at all. ``labels`` writes every
 reviewed cell as ``<dest>/<verified_class>/<sample_id>__<file>`` -- an
@@ -30,6 +31,7 @@ from bloodray.analysis import gallery, query
 from bloodray.classes import CLASS_NAMES, class_from_folder
 from bloodray.data.stages import read_many
 from bloodray.nightly import contract, tables
+from bloodray.review.page import PageError, write_page
 
 #: Columns of ``review.csv``; ``verified_class`` and ``reviewer`` are the reviewer's.
 CSV_COLUMNS: tuple[str, ...] = ("run_id", "sample_id", "image_uri", "predicted_class", "confidence",
@@ -41,6 +43,16 @@ LABELS_MANIFEST = "labels.csv"
 
 class ReviewError(RuntimeError):
     """A review file or request is invalid; the message names the file and row. Nothing was applied."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``review export`` wrote: the review page, the CSV of cells to review, and their cell counts."""
+
+    csv_uri: str
+    html_uri: str
+    n_review: int
+    n_cells: int
 
 
 @dataclass(frozen=True)
@@ -84,26 +96,23 @@ def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, A
 
 
 def export_review(output_uri: str, run_date: str, dest: str,
-                  storage_options: Mapping[str, Any] | None = None) -> tuple[str, str, int]:
-    """Write ``review.csv`` and ``review.html`` for a date into ``dest``; returns their URIs and the cell count."""
-    run_id, cells, thumbs = review_cells(output_uri, run_date, storage_options)
+                  storage_options: Mapping[str, Any] | None = None) -> ExportResult:
+    """Write the review page ``review.html`` and ``review.csv`` for a date into ``dest``.
+
+    The page (:mod:`bloodray.review.page`) holds every cell of the date; the
+    CSV, kept for spreadsheets and scripts, lists the cells to review.
+    """
+    run_id, cells, _ = review_cells(output_uri, run_date, storage_options, with_thumbnails=False)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for c in cells:
         writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["predicted_class"],
                          f"{c['confidence']:.4f}", "", ""])
-    by_sample: dict[str, list[dict[str, Any]]] = {}
-    for c in cells:
-        by_sample.setdefault(str(c["sample_id"]), []).append(c)
-    body = [f"<h1>Cells to review — run_date {gallery.e(run_date)}</h1>",
-            f"<p>{len(cells)} cell(s) of run {gallery.e(run_id)} from {gallery.e(output_uri)}. Fill "
-            f"<code>verified_class</code> (one of {gallery.e(', '.join(CLASS_NAMES))}) in {CSV_FILE} and import "
-            "it with <code>bloodray review import</code>.</p>"]
-    for sample, group in by_sample.items():
-        body.append(f"<h2>Sample {gallery.e(sample)} ({len(group)})</h2>"
-                    + gallery.gallery(group, thumbs, confident_per_class=None))
-    document = gallery.page(f"bloodray review {run_date}", "".join(body))
+    try:
+        document, n_cells = write_page(output_uri, str(run_date), storage_options)
+    except PageError as exc:
+        raise ReviewError(str(exc)) from exc
     fs, path = storage.filesystem(dest, storage_options)
     path = path.rstrip("/")
     try:
@@ -111,7 +120,8 @@ def export_review(output_uri: str, run_date: str, dest: str,
         storage.put_bytes(fs, posixpath.join(path, CSV_FILE), buf.getvalue().encode("utf-8"))
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(dest, exc) from exc
-    return storage.join(dest, CSV_FILE), storage.join(dest, HTML_FILE), len(cells)
+    return ExportResult(csv_uri=storage.join(dest, CSV_FILE), html_uri=storage.join(dest, HTML_FILE),
+                        n_review=len(cells), n_cells=n_cells)
 
 
 def _verified(value: str) -> str | None:
