@@ -27,7 +27,7 @@ from bloodray.storage import StorageError
 DESCRIPTION = """\
 bloodray classifies peripheral blood cell images (PBC classes: basophil,
 eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet),
-counts per-sample differentials with flags, and writes everything to Parquet.
+counts per-sample differentials with flags, and writes everything to Delta Lake tables.
 Research use only: not a diagnostic device.
 
 Typical session:
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_arguments(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("classify", help="classify a slide archive into Parquet predictions and differentials")
+    p = sub.add_parser("classify", help="classify a slide archive into Delta tables of predictions and differentials")
     add_classify_arguments(p, default_config="configs/classify/nightly.yaml")
     p.set_defaults(func=cmd_classify)
 

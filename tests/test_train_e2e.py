@@ -127,6 +127,11 @@ def test_the_ray_loop_runs_the_shared_recipe(trained):
     for h in latest.history:
         assert h["weights"] in ("raw", "ema") and {"val_macro_f1_raw", "val_macro_f1_ema"} <= set(h)
         assert h["val_macro_f1"] == max(h["val_macro_f1_raw"], h["val_macro_f1_ema"])
+    # train.precision=auto: bf16 where this CPU has it natively (and the self-check passes), else fp32.
+    from bloodray.precision import resolve_precision
+
+    expected = resolve_precision("auto", "cpu").name
+    assert {h["precision"] for h in latest.history} == {expected}, latest.history[0]["precision_reason"]
 
 
 def test_resubmitted_run_resumes_from_checkpoint(trained, capfd):

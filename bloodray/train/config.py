@@ -172,8 +172,10 @@ class OptimSection:
     label_smoothing: float = 0.0
     #: weight of Inception's auxiliary classifier loss.
     aux_loss_weight: float = 0.4
-    #: bf16 autocast and channels_last on GPU (ignored on CPU).
-    mixed_precision: bool = True
+    #: ``auto``, ``fp32`` or ``bf16``: bf16 autocast where the CPU or GPU does bf16 natively and a self-check
+    #: passes, else fp32 (:mod:`bloodray.precision`); the precision used is in every epoch's metrics.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: channels_last memory format for the model and its batches (faster on GPUs and on CPUs with oneDNN).
     channels_last: bool = True
     shuffle_buffer: int = 512
     seed: int = 0

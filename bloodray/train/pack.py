@@ -16,7 +16,6 @@ torchvision, pyarrow, Pillow and scikit-learn.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import time
@@ -37,6 +36,7 @@ from bloodray.data.augment import AugmentConfig, WarpAugmentConfig, augment_on_d
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stain import METHODS as STAIN_METHODS
 from bloodray.data.stain import reference_sample
+from bloodray.precision import PRECISIONS, resolve_precision
 from bloodray.train.recipe import Recipe, builder_kwargs, precise_bn, start_training, train_step
 
 PACK_FORMAT = "bloodray-pack-v1"
@@ -208,8 +208,8 @@ class PackedTrainConfig:
     time_budget_s: float = 0.0
     seed: int = 0
     device: str = "auto"
-    #: bf16 autocast and channels_last on a GPU.
-    mixed_precision: bool = True
+    #: ``auto``, ``fp32`` or ``bf16``, as ``train.precision`` of ``bloodray train`` (:mod:`bloodray.precision`).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def validate(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -226,6 +226,8 @@ class PackedTrainConfig:
             raise ConfigError(f"min_scale/max_scale: need 0 < min_scale <= max_scale (got {self.min_scale}, {self.max_scale})")
         if self.precise_bn_batches < 0:
             raise ConfigError(f"precise_bn_batches: must be >= 0 (got {self.precise_bn_batches})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.stain_norm not in STAIN_METHODS:
             raise ConfigError(f"stain_norm: must be one of {', '.join(STAIN_METHODS)} (got {self.stain_norm!r})")
         unknown = sorted(set(self.robust) - set(ROBUST_KEYS))
@@ -278,14 +280,13 @@ def _predict(net, images, preset: EvalPreset, amp, batch: int = 512) -> tuple[np
     import torch
 
     net.eval()
-    on_gpu = images.device.type == "cuda"
     outs = []
     _sync(images.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             with amp:
-                outs.append(net(preset.normalize(images[start:start + batch], channels_last=on_gpu)).float())
+                outs.append(net(preset.normalize(images[start:start + batch], channels_last=True)).float())
     logits = torch.cat(outs)
     _sync(images.device)
     return logits.cpu().numpy(), len(logits) / (time.perf_counter() - t0)
@@ -298,7 +299,7 @@ def _clean_batches(images, preset: EvalPreset, batch_size: int, count: int, gene
     picks = torch.randperm(len(images), device=images.device, generator=generator)
     for b in range(min(count, len(images) // batch_size)):
         idx = picks[b * batch_size:(b + 1) * batch_size]
-        yield preset.normalize(images[idx], channels_last=images.device.type == "cuda")
+        yield preset.normalize(images[idx], channels_last=True)
 
 
 def _load_model(cfg: PackedTrainConfig, size: int, kwargs: dict[str, Any], device):
@@ -314,8 +315,8 @@ def _load_model(cfg: PackedTrainConfig, size: int, kwargs: dict[str, Any], devic
             raise ConfigError(f"init_checkpoint: {cfg.init_checkpoint} holds {start.metadata.model_name} at "
                               f"{start.metadata.input_size} px, not {cfg.model} at {size} px")
         model.load_state_dict(start.model.state_dict())
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return model.to(device, memory_format=memory_format)
+    # channels_last is faster on CPUs too (oneDNN): bloodnet 128 px steps ran 1.5x (fp32) and 2.7x (bf16) faster.
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
@@ -352,9 +353,9 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     train = pack.images["train"]
     reference = stain_reference(cfg.stain_norm, cfg.init_checkpoint, lambda: train[reference_sample(len(train))])
     preset = EvalPreset(size, info.mean, info.std, stain=reference)
-    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.mixed_precision
-           else contextlib.nullcontext())
+    precision = resolve_precision(cfg.precision, device.type)
+    print(json.dumps({"model": cfg.model, **precision.to_dict()}), flush=True)
+    amp = precision.autocast()
 
     kwargs = builder_kwargs(cfg.model, cfg.model_kwargs, size)
     model = _load_model(cfg, size, kwargs, device)
@@ -385,7 +386,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
             if robust is not None:
                 batch = torch.from_numpy(robust_batch(batch.cpu().numpy(), robust_rng, robust)).to(device)
             x = augment_on_device(batch, augment, generator)
-            x = preset.standardize(x).contiguous(memory_format=memory_format)
+            x = preset.standardize(x).contiguous(memory_format=torch.channels_last)
             loss_sum += train_step(state, x, targets["train"][idx], recipe, amp)
         _sync(device)
         epoch_s = time.perf_counter() - t0
@@ -426,7 +427,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
         "shortened_to_fit_time_budget": stopped_early, "best_epoch": best["epoch"],
         "best_weights": best["weights"], "train_time_s": train_time, "pack_load_s": load_s,
         "train_images_per_s": trained_images / steady_time if steady_time else None,
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu", **precision.to_dict(),
     }, history)
 
 

@@ -4,12 +4,12 @@
 trains with the shared recipe (:mod:`bloodray.train.recipe`) and reports metrics with a checkpoint every epoch.
 With ``train.ema_decay`` the weights' moving average is scored on val beside the raw weights and the better one is
 checkpointed; with ``train.precise_bn_batches`` BatchNorm statistics are re-estimated from clean training batches
-before validation.
+before validation. ``train.precision`` (:mod:`bloodray.precision`) picks bf16 autocast or fp32 once per worker; each
+epoch's metrics say which ran and why.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import threading
@@ -25,6 +25,7 @@ from bloodray.data.augment import AugmentConfig, augment_batch
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stain import StainReference
 from bloodray.models import get_model_info
+from bloodray.precision import resolve_precision
 from bloodray.train.adapt import backbone_parameters, load_init_weights, set_backbone_norm_eval
 from bloodray.train.config import TrainConfig
 from bloodray.train.recipe import TrainingState, precise_bn, start_training, train_step
@@ -57,7 +58,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # One intra-op thread per CPU the worker holds; more only fight over the same cores.
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
     info = get_model_info(cfg.model.name)
     stain_norm = dict(loop_config.get("stain_norm") or {})
     preset = EvalPreset(cfg.input_size, info.mean, info.std,
@@ -83,15 +83,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[bloodray] resuming {cfg.run.name} from the checkpoint of epoch {start_epoch}", flush=True)
 
-    channels_last = on_gpu and opt.channels_last
+    precision = resolve_precision(opt.precision, device.type)
+    if rank == 0:
+        print(f"[bloodray] training in {precision.name} ({precision.reason})", flush=True)
+    channels_last = opt.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     state = start_training(model, recipe, int(loop_config.get("steps_per_epoch", 1)))
     if train_state and "optimizer" in train_state:
         state.load_state_dict(train_state)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and opt.mixed_precision
-                else contextlib.nullcontext())
+    autocast = precision.autocast()
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -140,6 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_seconds": train_seconds,
             "train_ended_unix": train_ended,
             "torch_threads": threads,
+            **precision.to_dict(),
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
