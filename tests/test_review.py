@@ -14,20 +14,15 @@ import shutil
 import pytest
 from PIL import Image
 
-from bloodray import cli, storage
 from bloodray.analysis import query
-from bloodray.checkpoint import export_checkpoint
 from bloodray.classes import CLASS_NAMES
-from bloodray.config import load_config
-from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.data.stages import THUMBNAIL_SIZE, thumbnail_jpeg
 from bloodray.nightly import contract
-from bloodray.nightly.config import ClassifyConfig
 from bloodray.nightly.differential import compute_differentials, count_columns
-from bloodray.nightly.pipeline import run_classification
 from bloodray.review import page as review_page
 from bloodray.review import roundtrip
+from helpers_review import classify_synthetic, run_cli
 
 DATE = "2024-06-01"
 
@@ -83,23 +78,13 @@ def _write_csv(path, rows: list[dict[str, str]]) -> str:
     return str(path)
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = cli.run(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+_cli = run_cli
 
 
 @pytest.mark.slow
 def test_review_round_trip(tmp_path, ray_cluster, capsys):
-    archive, out = tmp_path / "archive", str(tmp_path / "out")
-    synth.write_archive(storage.join(str(archive), DATE), synth.default_samples(2, 8, seed=5), size=64, seed=5)
-    # The packaged model without its OOD reference: fitted on PBC cells, that reference rightly calls these
-    # synthetic cells unidentified, and this test is about reviewing low-confidence cells.
-    checkpoint = export_checkpoint("default", str(tmp_path / "no-ood"), ood={})
-    cfg = load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}", f"run.date={DATE}",
-                                             f"model.checkpoint={checkpoint}", "inference.batch_size=8",
-                                             "review.threshold=0.99"])
-    result = run_classification(cfg)
+    out, result = classify_synthetic(tmp_path, DATE, seed=5)
+    archive = tmp_path / "archive"
     assert result.n_predictions == 16 and result.n_review > 3
 
     # Every classified image has its thumbnail in the side table.

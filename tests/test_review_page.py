@@ -31,6 +31,7 @@ from bloodray.nightly.differential import (
 from bloodray.nightly.shift import withhold_flags
 from bloodray.review import page
 from helpers_browser import CHROMIUM, Browser
+from helpers_review import classify_synthetic, run_cli
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium; "
                                                          ".ci/run installs it)")
@@ -178,14 +179,6 @@ def test_page_galleries_unidentified_and_imported_reviews(tmp_path):
 DATE = "2024-06-03"
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from bloodray import cli
-
-    rc = cli.run(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def _cell(uri: str) -> str:
     return f".cell[data-uri={json.dumps(uri)}]"
 
@@ -204,24 +197,10 @@ def _other(cls: str, *avoid: str) -> str:
 
 @pytest.mark.slow
 def test_review_page_in_chromium_through_to_an_import(tmp_path, ray_cluster, capsys):
-    from bloodray import storage
     from bloodray.analysis import query
-    from bloodray.checkpoint import export_checkpoint
-    from bloodray.config import load_config
-    from bloodray.data import synth
-    from bloodray.nightly.config import ClassifyConfig
-    from bloodray.nightly.pipeline import run_classification
     from bloodray.review import roundtrip
 
-    archive, out = tmp_path / "archive", str(tmp_path / "out")
-    synth.write_archive(storage.join(str(archive), DATE), synth.default_samples(2, 8, seed=3), size=64, seed=3)
-    # Without the OOD reference (fitted on PBC cells it calls every synthetic cell unidentified): here the
-    # page's reclassification is under test; unidentified cells have their own test below.
-    checkpoint = export_checkpoint("default", str(tmp_path / "no-ood"), ood={})
-    cfg = load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}", f"run.date={DATE}",
-                                             f"model.checkpoint={checkpoint}", "inference.batch_size=8",
-                                             "review.threshold=0.99"])
-    result = run_classification(cfg)
+    out, result = classify_synthetic(tmp_path, DATE, seed=3)
     con = query.connect(out)
     try:
         predictions = {u: (s, c, sha) for u, s, c, sha in con.execute(
@@ -231,7 +210,7 @@ def test_review_page_in_chromium_through_to_an_import(tmp_path, ray_cluster, cap
         con.close()
 
     review_dir = tmp_path / "review"
-    rc, printed, _ = _cli(capsys, "review", "export", "--output", out, "--date", DATE, "--dest", str(review_dir))
+    rc, printed, _ = run_cli(capsys, "review", "export", "--output", out, "--date", DATE, "--dest", str(review_dir))
     assert rc == 0 and f"all {result.n_predictions} cell(s), {result.n_review} to review" in printed
     assert (review_dir / roundtrip.CSV_FILE).read_text().count("\n") == result.n_review + 1  # kept as it was
     html = review_dir / roundtrip.HTML_FILE
@@ -331,7 +310,7 @@ def test_review_page_in_chromium_through_to_an_import(tmp_path, ray_cluster, cap
     assert all(s["reviewer"] == "dr page" for s in doc["signoffs"])
 
     # `bloodray review import` takes the file; the verified differential is what the page showed.
-    rc, printed, err = _cli(capsys, "review", "import", str(decisions), "--output", out, "--date", DATE)
+    rc, printed, err = run_cli(capsys, "review", "import", str(decisions), "--output", out, "--date", DATE)
     assert rc == 0, err
     con = query.connect(out)
     try:

@@ -95,8 +95,20 @@
     const saved = JSON.parse(localStorage.getItem(STORE) || "null");
     if (saved && saved.run_id === D.run_id) {
       state = Object.assign(state, saved.state);
-      // Decisions for cells no longer on the page (another export) are not offered again.
-      for (const uri of Object.keys(state.decisions)) if (!cellsByUri.has(uri)) delete state.decisions[uri];
+      // Decisions for cells no longer on the page (another export), and those already imported (this page
+      // was exported again after the import), are not offered again.
+      const same = (a, b) => Date.parse(a) === Date.parse(b);
+      for (const [uri, d] of Object.entries(state.decisions)) {
+        const c = cellsByUri.get(uri);
+        if (!c || (c.prev && c.prev.cls === d.cls && c.prev.reviewer === d.reviewer && same(c.prev.at, d.at))) {
+          delete state.decisions[uri];
+        }
+      }
+      for (const s of D.samples) {
+        const mine = state.signoffs[s.sample_id];
+        if (mine && s.signoff && s.signoff.status === mine.status && s.signoff.reviewer === mine.reviewer &&
+            same(s.signoff.at, mine.at)) delete state.signoffs[s.sample_id];
+      }
       restored = [Object.keys(state.decisions).length, Object.keys(state.signoffs).length];
     } else {
       state.reviewer = localStorage.getItem("bloodray-review:reviewer") || "";
