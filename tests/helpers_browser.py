@@ -7,9 +7,10 @@ Clicks and keys are real input events (``Input.dispatchMouseEvent`` /
 ``Input.dispatchKeyEvent``), as a person's would be: they reach the page's own
 listeners through the browser's hit testing and focus.
 
-Run by hand to make the README's screenshots::
+Run by hand to make the documentation's screenshots::
 
     python tests/helpers_browser.py REPORT.html docs/img/report   # -> report_phone.png, report_desktop.png
+    python tests/helpers_browser.py --review REVIEW.html docs/img/review_page.png [SAMPLE]
 """
 
 from __future__ import annotations
@@ -217,7 +218,32 @@ def screenshot(path: Path, viewport, full_page: bool = True) -> bytes:
         return browser.screenshot(full_page)
 
 
+def review_screenshot(page: Path, png: Path, sample: str | None = None) -> None:
+    """The reviewer's guide's picture: a review page mid-review (a name typed, two cells reclassified, one
+    confirmed, the next one selected), at 1,280 x 900."""
+    with Browser((1280, 900, 1.0, False)) as browser:
+        browser.open(page)
+        if sample:
+            browser.click(f"#samples button[data-sample={json.dumps(sample)}]")
+        browser.click("#reviewer")
+        browser.type("A. Reviewer")
+        order = browser.eval("[...document.querySelectorAll('#sample .cell')].map(e => e.dataset.uri)")
+        predicted = browser.eval("Object.fromEntries(bloodrayReview.data.samples.flatMap(s => s.cells)"
+                                 ".map(c => [c.uri, c.cls]))")
+        keys = browser.eval("bloodrayReview.data.review_classes")
+        browser.click(f".cell[data-uri={json.dumps(order[0])}] .name")
+        for uri in order[:2]:  # the two least confident cells: given the neighbouring class
+            other = keys[(keys.index(predicted[uri]) + 1) % 8]
+            browser.key(str(keys.index(other) + 1))
+        browser.key("Enter")
+        browser.eval("window.scrollTo(0, 0)")
+        png.write_bytes(browser.screenshot(full_page=False))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--review":
+        review_screenshot(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+        sys.exit(0)
     report, prefix = Path(sys.argv[1]), sys.argv[2]
     for name, viewport in (("phone", PHONE), ("desktop", DESKTOP)):
         Path(f"{prefix}_{name}.png").write_bytes(screenshot(report, viewport))
