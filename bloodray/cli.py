@@ -47,7 +47,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.checkpoint", "CheckpointError"), ("bloodray.data.labelled", "DatasetError"),
     ("bloodray.models", "UnknownModelError"), ("bloodray.nightly.config", "ClassifyError"),
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
-    ("bloodray.review.roundtrip", "ReviewError"), ("bloodray.train.pack", "PackError"),
+    ("bloodray.review.decisions", "ReviewError"), ("bloodray.train.pack", "PackError"),
     ("bloodray.nightly.tables", "TableError"))
 
 

@@ -48,11 +48,18 @@ def cmd_review_export(args) -> int:
 
 
 def cmd_review_import(args) -> int:
-    from bloodray.review.roundtrip import import_review
+    from bloodray.review.records import import_decisions
 
-    result = import_review(args.output, args.date, args.file, args.reviewer, storage_options(args))
-    print(f"imported {result.n_reviews} review(s) of run {result.run_id} ({result.n_changed} class change(s)) "
-          f"into {result.uri}")
+    result = import_decisions(args.output, args.date, args.file, args.reviewer, storage_options(args))
+    if result.already_imported:
+        print(f"{args.file} was imported before ({result.uri}); nothing new. verified_differentials of {args.date} "
+              "refreshed")
+        return 0
+    signed = f" and {result.n_signoffs} sign-off(s)" if result.n_signoffs else ""
+    print(f"imported {result.n_reviews} review(s){signed} for run {result.run_id} ({result.n_changed} class "
+          f"change(s)) into {result.uri}; verified_differentials of {args.date} refreshed")
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -77,11 +84,13 @@ def add_review_parser(sub) -> None:
     p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.html and review.csv")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_export)
-    p = rsub.add_parser("import", help="validate a filled review.csv and append it to the reviews table")
-    p.add_argument("file", help="the filled review.csv")
+    p = rsub.add_parser("import", help="validate a decisions JSON (review page) or a filled review.csv and append it "
+                                       "to the reviews and signoffs tables; refreshes verified_differentials")
+    p.add_argument("file", help="decisions-<date>.json from the review page, or the filled review.csv")
     p.add_argument("--output", required=True, help="output root of the classify job")
     p.add_argument("--date", required=True, help="run date YYYY-MM-DD the review list was exported for")
-    p.add_argument("--reviewer", default=None, help="reviewer name for rows whose reviewer column is empty")
+    p.add_argument("--reviewer", default=None, help="review.csv only: reviewer name for rows whose reviewer column "
+                                                     "is empty")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_import)
     p = rsub.add_parser("labels", help="export reviewed cells as a labelled <class>/<file> folder for training")

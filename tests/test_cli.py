@@ -196,7 +196,7 @@ def test_analyst_queries_over_every_view_still_work(committed_root):
     try:
         counts = {view: con.execute(f"SELECT count(*) FROM {view}").fetchone()[0] for view in query.VIEWS}
         assert counts == {"runs": 2, "all_runs": 3, "predictions": 18, "differentials": 5, "errors": 3,
-                          "thumbnails": 0, "reviews": 0, "verified_differentials": 5}
+                          "thumbnails": 0, "reviews": 0, "signoffs": 0, "verified_differentials": 5}
         # Filters, joins, window functions and CTEs over the registered datasets.
         rows = con.execute(
             "WITH p AS (SELECT run_date, run_id, sample_id, confidence FROM predictions WHERE confidence < 0.85) "

@@ -87,12 +87,8 @@ RULES = {
 
 def test_page_differential_agrees_with_the_python_differential(tmp_path):
     cases = _cases()
-    data = {"format": page.PAGE_FORMAT, "decisions_format": page.DECISIONS_FORMAT, "output_uri": "/x",
-            "run_date": "2024-01-01", "run_id": "r", "exported_at": "2024-01-02T00:00:00+00:00",
-            "decisions_file": "decisions-2024-01-01.json", "review_classes": list(page.REVIEW_CLASSES),
-            "unidentified": "unidentified", "shift_flag": SHIFT_FLAG, "rules": rules_data(FlagRules()), "samples": []}
     html = tmp_path / "review.html"
-    html.write_text(page.render(data))
+    html.write_text(page.render(_page_data([])))
     fields = [name for name, _ in differential_fields()]
     with Browser() as browser:
         browser.open(html)
@@ -127,8 +123,8 @@ def _page_data(samples: list[dict]) -> dict:
     return {"format": page.PAGE_FORMAT, "decisions_format": page.DECISIONS_FORMAT, "output_uri": "s3://lab/out",
             "run_date": "2024-01-01", "run_id": "run-1", "exported_at": "2024-01-02T00:00:00+00:00",
             "decisions_file": "decisions-2024-01-01.json", "review_classes": list(page.REVIEW_CLASSES),
-            "unidentified": "unidentified", "shift_flag": SHIFT_FLAG, "rules": rules_data(FlagRules()),
-            "samples": samples}
+            "unidentified": "unidentified", "signed_off": "signed_off", "reopened": "reopened",
+            "shift_flag": SHIFT_FLAG, "rules": rules_data(FlagRules()), "samples": samples}
 
 
 def _c(uri: str, cls: str, conf: float, review: bool = False, status: str = "classified", prev=None) -> dict:
@@ -145,6 +141,7 @@ def test_page_galleries_unidentified_and_imported_reviews(tmp_path):
              _c("s3://a/S1/odd.jpg", "monocyte", 0.8, status="unidentified"),
              _c("s3://a/S1/p.jpg", "platelet", 0.9, prev={"cls": "ig", "reviewer": "dr a", "at": "2024-01-01T09:00:00"})]
     sample = {"sample_id": "S1", "wbc_count": None, "domain_shift": False, "signoff": None, "cells": cells,
+              "n_reviews_unmatched": 0,
               "machine": {"counts": {**{c: 0 for c in CLASS_NAMES}, "neutrophil": 3, "lymphocyte": 3, "platelet": 1},
                           "flags": ["WBC count too low for a reliable differential"]}}
     html = tmp_path / "review.html"

@@ -13,7 +13,8 @@ every committed run. :func:`connect` returns a DuckDB connection with these view
 ``differentials``  idem
 ``errors``         idem
 ``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
-``reviews``        reviewers' corrections of visible runs (:mod:`bloodray.review.verified`)
+``reviews``        every reviewer's correction, with ``review_status`` (:mod:`bloodray.review.verified`)
+``signoffs``       every sign-off (or reopening) of a sample
 ``verified_differentials``  differentials counted from verified classes where reviewed
 
 Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), the Delta
@@ -53,7 +54,8 @@ from bloodray.nightly.legacy import refuse_legacy
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
 #: Every view :func:`connect` creates.
-VIEWS: tuple[str, ...] = (contract.RUNS, "all_runs") + DATA_TABLES + (contract.REVIEWS, contract.VERIFIED_DIFFERENTIALS)
+VIEWS: tuple[str, ...] = ((contract.RUNS, "all_runs") + DATA_TABLES
+                          + (contract.REVIEWS, contract.SIGNOFFS, contract.VERIFIED_DIFFERENTIALS))
 #: Top-level folders of an output root (any one of them makes a folder an output root).
 ROOT_FOLDERS: tuple[str, ...] = (contract.RUNS, contract.RUN_CONFIGS, contract.STAGING) + contract.TABLES
 

@@ -157,6 +157,8 @@ def commit_run(plan: RunPlan) -> RunResult:
     log.info("run %s committed: %d predictions, %d errors, %d samples (%d need review)", plan.run_id,
              plan.stats["n_predictions"], plan.stats["n_errors"], plan.stats["n_samples"], plan.stats["n_review"])
     cleanup_runs(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
+    # Still under the lease: no other run of the date can commit while the reviews are applied to this one.
+    refresh_verified_after_commit(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
     if plan.lease is not None:
         plan.lease.release()
     return RunResult(run_id=plan.run_id, run_date=plan.run_date, output_uri=plan.output_uri,
@@ -166,6 +168,31 @@ def commit_run(plan: RunPlan) -> RunResult:
                      n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
                      timings=timings, n_unidentified=plan.run_shift["n_unidentified"],
                      domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"])
+
+
+def refresh_verified_after_commit(output_uri: str, run_date: str, run_id: str,
+                                  storage_options: Mapping[str, Any] | None = None) -> None:
+    """Apply the date's reviews and sign-offs to the run just committed: refresh ``verified_differentials``.
+
+    Best effort, as the run is committed: on failure the ``verified_differentials``
+    query view is still current, and the next import or run of the date
+    commits the table. Reviews that no longer match an image of the run
+    (changed or removed) are reported, never dropped.
+    """
+    from bloodray.review.records import UNMATCHED_QUERY, refresh_verified
+
+    try:
+        refreshed = refresh_verified(output_uri, run_date, storage_options)
+    except Exception as exc:  # noqa: BLE001 - the run is committed either way
+        log.warning("run %s: verified_differentials of %s not refreshed (%s); the query view is current and the "
+                    "next review import or run of the date refreshes the table", run_id, run_date, exc)
+        return
+    if refreshed.n_verified:
+        log.info("run %s: %d reviewed cell(s) of %s applied to it", run_id, refreshed.n_verified, run_date)
+    if refreshed.n_reviews_unmatched:
+        log.warning("run %s: %d review(s) of %s no longer match an image of this run (changed or removed since "
+                    "they were made); they are kept: bloodray query \"%s\" --output %s", run_id,
+                    refreshed.n_reviews_unmatched, run_date, UNMATCHED_QUERY, output_uri)
 
 
 def run_marker(fs, root: str, run_id: str) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """Layout and schemas of the nightly classification outputs.
 
 Everything the classification job (:mod:`bloodray.nightly.pipeline`) writes lives under
-one output root. The four data tables, ``runs`` and ``reviews`` are Delta Lake
-tables (:data:`DELTA_TABLES`; commits, reads, time travel and vacuum:
+one output root. The four data tables, ``runs``, the lab's records (``reviews``
+and ``signoffs``) and ``verified_differentials`` are Delta Lake tables
+(:data:`DELTA_TABLES`; commits, reads, time travel and vacuum:
 :mod:`bloodray.nightly.tables`), partitioned hive-style by ``run_date``::
 
     <output>/predictions/_delta_log/                                      the table's Delta log
@@ -11,6 +12,8 @@ tables (:data:`DELTA_TABLES`; commits, reads, time travel and vacuum:
     <output>/differentials/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet one row per sample
     <output>/thumbnails/run_date=<YYYY-MM-DD>/<run_id>/part-*.parquet    one small JPEG per classified image
     <output>/reviews/run_date=<YYYY-MM-DD>/<review_id>.parquet            reviewers' corrections (one file per import)
+    <output>/signoffs/run_date=<YYYY-MM-DD>/<review_id>.parquet           sample sign-offs (one file per import)
+    <output>/verified_differentials/run_date=<YYYY-MM-DD>/<id>.parquet    differentials from the verified classes
     <output>/runs/run_date=<YYYY-MM-DD>/<run_id>.parquet                  the run manifest (one row)
     <output>/run_configs/run_date=<YYYY-MM-DD>/<run_id>.yaml              the run's final config (plain file)
     <output>/_staging/<run_id>/...                                        work in progress (ignored by readers)
@@ -27,6 +30,14 @@ current version of each table holds the latest committed run of every date;
 ``runs`` keeps one manifest row per committed run (superseded reruns
 included), and the *visible* run of a date is the one with the latest
 ``committed_at``.
+
+``reviews`` and ``signoffs`` are the lab's records (:data:`RECORD_TABLES`):
+only ever appended to by ``bloodray review import``, never replaced by a run
+and never vacuumed. A review names the cell's image content
+(``sample_id``, ``image_sha256``), so it applies to that image in whichever
+run of the date is visible (:mod:`bloodray.review.verified`).
+``verified_differentials`` is derived from them and the visible run: each
+review import and each run of a date replaces that date's rows.
 
 Plain Parquet globs over a table folder are not a reader of this format: they
 also see files no version lists. Use a Delta reader
@@ -60,12 +71,17 @@ from bloodray.nightly.differential import count_columns, differential_fields
 TABLES: tuple[str, ...] = ("predictions", "errors", "differentials", "thumbnails")
 #: Reviewers' corrections: appended by ``bloodray review import``, one whole file per import.
 REVIEWS = "reviews"
-#: Differentials recomputed from verified classes (a query view, never a stored table).
+#: Reviewers' sign-off (or reopening) of a sample: appended by ``bloodray review import``, beside the reviews.
+SIGNOFFS = "signoffs"
+#: The lab's records: append-only, never replaced by a run, never deleted by ``bloodray vacuum``.
+RECORD_TABLES: tuple[str, ...] = (REVIEWS, SIGNOFFS)
+#: Differentials counted from the verified classes: a Delta table (each import and each run of a date replaces the
+#: date's rows) and a query view of the same name computed when bloodray connects.
 VERIFIED_DIFFERENTIALS = "verified_differentials"
 RUNS = "runs"
 RUN_CONFIGS = "run_configs"
-#: Tables stored as Delta Lake tables (:mod:`bloodray.nightly.tables`): the data tables, the manifests, the reviews.
-DELTA_TABLES: tuple[str, ...] = TABLES + (RUNS, REVIEWS)
+#: Tables stored as Delta Lake tables (:mod:`bloodray.nightly.tables`).
+DELTA_TABLES: tuple[str, ...] = TABLES + (RUNS,) + RECORD_TABLES + (VERIFIED_DIFFERENTIALS,)
 #: Leading underscore: pyarrow dataset discovery skips it, and no table glob matches it.
 STAGING = "_staging"
 #: One lease object per run date (:mod:`bloodray.nightly.lease`); never read as a table.
@@ -173,28 +189,68 @@ def thumbnails_schema() -> pa.Schema:
 
 
 def reviews_schema() -> pa.Schema:
-    """Schema of the files under ``reviews/``: one row per reviewed cell of a run.
+    """Schema of the files under ``reviews/``: one row per reviewed cell.
 
-    ``old_class`` is the class the run predicted, ``new_class`` the verified
-    one (equal when the reviewer confirmed the prediction).
+    A review belongs to the image content and sample (``sample_id``,
+    ``image_sha256``): it applies to that image in every later run of the
+    date. ``run_id`` and ``image_uri`` say which run and file the reviewer saw;
+    ``old_class`` is the class that run predicted, ``new_class`` the verified
+    one (equal when the reviewer confirmed the prediction; ``unidentified``:
+    not a countable cell). ``source`` is the imported file. Reviews written
+    before the content columns existed have them null and apply by
+    ``image_uri``.
     """
     return pa.schema([("run_id", pa.string()), ("image_uri", pa.string()), ("old_class", pa.string()),
-                      ("new_class", pa.string()), ("reviewer", pa.string()), ("reviewed_at", _TS)])
+                      ("new_class", pa.string()), ("reviewer", pa.string()), ("reviewed_at", _TS),
+                      ("sample_id", pa.string()), ("image_sha256", pa.string()), ("source", pa.string())])
+
+
+#: Computed column of the ``reviews`` query view: ``applied`` (the latest review of an image of the date's visible
+#: run), ``superseded`` (a later review of the same image applies) or ``unmatched`` (no image of the visible run has
+#: that content any more: it changed or was removed; the review is kept and reported).
+REVIEW_STATUS = "review_status"
+REVIEW_APPLIED, REVIEW_SUPERSEDED, REVIEW_UNMATCHED = "applied", "superseded", "unmatched"
+#: ``status`` of a sign-off row.
+SIGNED_OFF, REOPENED = "signed_off", "reopened"
+
+
+def signoffs_schema() -> pa.Schema:
+    """Schema of the files under ``signoffs/``: one row per sign-off (or reopening) of a sample.
+
+    ``status`` is :data:`SIGNED_OFF` or :data:`REOPENED` (the latest row of a
+    sample counts); ``run_id`` is the run the reviewer signed off;
+    ``verified_digest`` fingerprints the sample's verified cells (image
+    content and verified class of each) when signed, so a later run that
+    changes them marks the sign-off outdated (null: signed on a run the date no
+    longer shows).
+    """
+    return pa.schema([("run_id", pa.string()), ("sample_id", pa.string()), ("status", pa.string()),
+                      ("reviewer", pa.string()), ("signed_at", _TS), ("verified_digest", pa.string()),
+                      ("source", pa.string())])
 
 
 def verified_differentials_schema() -> pa.Schema:
-    """Schema of the ``verified_differentials`` query view: :func:`differentials_schema` plus ``n_verified``.
+    """Schema of ``verified_differentials`` (Delta table and query view): :func:`differentials_schema` and more.
 
     Same columns as ``differentials``, counted from the verified class of each
-    cell where a review exists (the predicted class elsewhere); ``n_review``
-    counts cells still needing review, ``n_verified`` the reviewed cells.
+    cell where a review applies (the predicted class elsewhere); ``n_review``
+    counts cells still needing review, ``n_verified`` the reviewed cells,
+    ``n_reviews_unmatched`` the sample's reviews that no longer match any of
+    its images. ``reviewers`` lists who reviewed the sample's cells; the
+    ``signoff_*`` columns are its latest sign-off (null when none), and
+    ``signoff_outdated`` is true when the verified cells are no longer the
+    ones signed off (a later run changed them).
     """
-    return differentials_schema().append(pa.field("n_verified", pa.int64()))
+    return differentials_schema().append(pa.field("n_verified", pa.int64())) \
+        .append(pa.field("n_reviews_unmatched", pa.int64())).append(pa.field("reviewers", pa.string())) \
+        .append(pa.field("signoff_status", pa.string())).append(pa.field("signed_off_by", pa.string())) \
+        .append(pa.field("signed_off_at", _TS)).append(pa.field("signoff_outdated", pa.bool_()))
 
 
 SCHEMAS = {"predictions": predictions_schema, "errors": errors_schema,
            "differentials": differentials_schema, "thumbnails": thumbnails_schema, RUNS: runs_schema,
-           REVIEWS: reviews_schema, VERIFIED_DIFFERENTIALS: verified_differentials_schema}
+           REVIEWS: reviews_schema, SIGNOFFS: signoffs_schema,
+           VERIFIED_DIFFERENTIALS: verified_differentials_schema}
 
 #: Prediction columns a run sets for every row (run id, review rule, model), not the model per image.
 RUN_LEVEL_PREDICTION_COLUMNS: tuple[str, ...] = ("run_id", "needs_review", "model_name", "checkpoint_id")
@@ -235,8 +291,12 @@ def select_list(table: str, exprs: Mapping[str, str] | None = None) -> str:
 
 
 def view_schema(view: str) -> pa.Schema:
-    """Arrow schema of a query view (``runs``, ``all_runs`` or a data table), ``run_date`` included."""
-    return with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]())
+    """Arrow schema of a query view (``runs``, ``all_runs`` or a table), ``run_date`` included.
+
+    The ``reviews`` view adds :data:`REVIEW_STATUS` after ``run_date``.
+    """
+    schema = with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]())
+    return schema.append(pa.field(REVIEW_STATUS, pa.string())) if view == REVIEWS else schema
 
 
 def duckdb_columns(view: str) -> list[tuple[str, str]]:
@@ -286,9 +346,12 @@ def config_path(root: str, run_date: str, run_id: str) -> str:
     return posixpath.join(root, RUN_CONFIGS, f"{RUN_DATE_PREFIX}{run_date}", f"{run_id}.yaml")
 
 
-def review_path(root: str, run_date: str, review_id: str) -> str:
-    """Path of one review import's file (written whole, atomically)."""
-    return posixpath.join(root, REVIEWS, f"{RUN_DATE_PREFIX}{run_date}", f"{review_id}.parquet")
+def review_path(root: str, run_date: str, review_id: str, table: str = REVIEWS) -> str:
+    """Path of one review import's file of ``table`` (reviews or signoffs; written whole, atomically).
+
+    Also one refresh of ``verified_differentials`` (``table``, with a refresh id).
+    """
+    return posixpath.join(root, table, f"{RUN_DATE_PREFIX}{run_date}", f"{review_id}.parquet")
 
 
 def staging_dir(root: str, run_id: str) -> str:

@@ -1,7 +1,7 @@
 """The output tables as Delta Lake tables: commits, reads, time travel and vacuum.
 
 Every table of an output root (:data:`bloodray.nightly.contract.DELTA_TABLES`:
-the four data tables, ``runs`` and ``reviews``) is a Delta Lake table at
+the four data tables, ``runs``, ``reviews``, ``signoffs`` and ``verified_differentials``) is a Delta Lake table at
 ``<output>/<table>/``, partitioned by ``run_date`` (hive-style directories,
 the value in the Delta log, never a column inside the files). The data files
 keep the layout of :mod:`bloodray.nightly.contract`; what makes a file part
@@ -177,6 +177,22 @@ def _ensure_table(fs, root: str, table: str, storage_options: Mapping[str, Any] 
         raise _describe(uri, exc) from exc
 
 
+def _evolve(delta, table: str):
+    """Add the contract's columns a table created by an older bloodray lacks (its old files read them as null).
+
+    Without this, other Delta readers (Spark, Trino, ``deltalake``) would keep
+    the table's first schema and never show the newer columns.
+    """
+    from deltalake import Schema
+
+    have = {f.name for f in delta.schema().fields}
+    missing = [f for f in _schema(table) if f.name not in have]
+    if missing:
+        delta.alter.add_columns(list(Schema.from_arrow(pa.schema(missing)).fields))
+        delta.update_incremental()
+    return delta
+
+
 def _add_action(fs, table_root: str, path: str, run_date: str):
     """A Delta ``add`` action for a Parquet file already in place (row count from its footer)."""
     import pyarrow.parquet as pq
@@ -224,6 +240,7 @@ def commit_files(output_uri: str, table: str, run_date: str, run_id: str, files:
         if delta.transaction_version(app_id(run_id)) is not None:
             return False
         try:
+            _evolve(delta, table)
             delta.create_write_transaction(
                 actions, mode="overwrite" if replace_date else "append", schema=_schema(table),
                 partition_by=[contract.RUN_DATE],
@@ -411,10 +428,13 @@ def vacuum(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
     and files of runs that never committed, go once older than
     ``retain_hours``; ``bloodray query --as-of`` cannot go back further than
     that afterwards. Returns the deleted (or, with ``dry_run``, deletable)
-    files per table.
+    files per table. The lab's records (:data:`bloodray.nightly.contract.RECORD_TABLES`: reviews and
+    sign-offs) are never vacuumed: nothing in them is ever superseded, and an import in flight must keep its file.
     """
     out: dict[str, list[str]] = {}
     for table in contract.DELTA_TABLES:
+        if table in contract.RECORD_TABLES:
+            continue
         delta = open_table(output_uri, table, storage_options)
         if delta is None:
             continue

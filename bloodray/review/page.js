@@ -154,7 +154,8 @@
     return state.signoffs[s.sample_id] || s.signoff || null;
   }
 
-  function isSigned(s) { const so = signoff(s); return !!so && so.status === "signed_off"; }
+  // A stored sign-off is outdated when a later run changed the sample's verified cells: it needs signing again.
+  function isSigned(s) { const so = signoff(s); return !!so && so.status === D.signed_off && !so.outdated; }
 
   // ------------------------------------------------------------------ DOM helpers
   function h(tag, attrs, ...children) {
@@ -211,7 +212,7 @@
 
   function setSignoff(s, status) {
     if (!requireReviewer()) return;
-    state.signoffs[s.sample_id] = {status: status, reviewer: state.reviewer.trim(), at: now()};
+    state.signoffs[s.sample_id] = {status: D[status], reviewer: state.reviewer.trim(), at: now()};
     state.changes += 1;
     save();
     render();
@@ -356,15 +357,21 @@
     const so = signoff(s);
     const signed = isSigned(s);
     const open = s.cells.filter((c) => c.review && verdict(c).source === "machine").length;
+    let text = "Not signed off";
+    if (so && so.outdated) {
+      text = "Signed off by " + so.reviewer + " at " + so.at + ", but a later run changed its cells: sign it off again";
+    } else if (so) {
+      text = (signed ? "Signed off by " : "Reopened by ") + so.reviewer + " at " + so.at;
+    }
     return h("div", {class: "signoff"},
-      h("span", {class: "state" + (signed ? " signed" : ""), id: "signoff-state"},
-        signed ? "Signed off by " + so.reviewer + " at " + so.at : so ? "Reopened by " + so.reviewer + " at " + so.at
-          : "Not signed off"),
+      h("span", {class: "state" + (signed ? " signed" : ""), id: "signoff-state"}, text),
       signed ? h("button", {id: "signoff", onclick: () => setSignoff(s, "reopened")}, "Reopen sample")
         : h("button", {id: "signoff", class: "primary", onclick: () => setSignoff(s, "signed_off")},
             "Sign off sample " + s.sample_id),
       !signed && open ? h("span", {class: "muted small"}, open + " cell(s) to review have no decision: signing off " +
-                                                          "accepts their machine class") : null);
+                                                          "accepts their machine class") : null,
+      s.n_reviews_unmatched ? h("span", {class: "alarm small"}, s.n_reviews_unmatched + " earlier review(s) of this " +
+        "sample match no image of this run any more (changed or removed): see the reviews table") : null);
   }
 
   function refreshSample() {

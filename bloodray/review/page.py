@@ -35,14 +35,15 @@ from bloodray.evaluation.ood import SHIFT_FLAG
 from bloodray.nightly import contract
 from bloodray.nightly.differential import count_columns, rules_data
 from bloodray.nightly.sample_metadata import SAMPLE_ID_COLUMN, WBC_COLUMN
-from bloodray.review.verified import LATEST_REVIEWS_SQL, run_flag_rules
+from bloodray.review import decisions
+from bloodray.review.verified import APPLIED_REVIEWS_SQL, run_flag_rules
 
 #: ``format`` of the page's embedded data (bumped when page.js reads it differently).
 PAGE_FORMAT = "bloodray-review-page/1"
 #: ``format`` of the decisions file the page writes (defined by ``bloodray review import``).
-DECISIONS_FORMAT = "bloodray-review-decisions/1"
+DECISIONS_FORMAT = decisions.FORMAT
 #: Classes a reviewer may give a cell, in key order: keys 1-8 are the cell classes, 0 is "unidentified".
-REVIEW_CLASSES: tuple[str, ...] = CLASS_NAMES + (contract.UNIDENTIFIED,)
+REVIEW_CLASSES: tuple[str, ...] = decisions.VERIFIED_CLASSES
 #: The element that holds the page's data (JSON; page.js reads it by this id).
 _DATA_OPEN = "<script type=application/json id=review-data>"
 
@@ -51,9 +52,8 @@ class PageError(RuntimeError):
     """The page cannot be made (no committed run for the date); the message names the output root."""
 
 
-def decisions_file_name(run_date: str) -> str:
-    """Default name of the decisions file the page downloads for ``run_date``."""
-    return f"decisions-{run_date}.json"
+#: Default name of the decisions file the page downloads for a date.
+decisions_file_name = decisions.default_name
 
 
 def _columns(con, view: str) -> set[str]:
@@ -77,14 +77,18 @@ def page_data(output_uri: str, run_date: str, storage_options: Mapping[str, Any]
             raise PageError(f"{output_uri}: no committed run for run_date={run_date}")
         run_id, config_yaml = found[0]
         have = _columns(con, "predictions")
+        # Reviews already imported (of this run or an earlier one of the date) show as the cells' verified class.
         cells = con.execute(f"""
-            WITH r AS ({LATEST_REVIEWS_SQL})
+            WITH a AS ({APPLIED_REVIEWS_SQL})
             SELECT p.sample_id, p.image_uri, {_optional(have, 'image_sha256', 'VARCHAR')}, p.predicted_class,
                    p.confidence, p.needs_review, {_optional(have, 'status', 'VARCHAR')},
-                   {_optional(have, 'ood_score', 'FLOAT')}, t.jpeg, r.new_class, r.reviewer, r.reviewed_at
+                   {_optional(have, 'ood_score', 'FLOAT')}, t.jpeg, a.new_class, a.reviewer, a.reviewed_at
             FROM predictions p LEFT JOIN thumbnails t USING (run_id, image_uri)
-            LEFT JOIN r USING (run_id, image_uri)
+            LEFT JOIN a USING (run_date, image_uri)
             WHERE p.run_id = ? ORDER BY p.sample_id, p.image_uri""", [run_id]).fetchall()
+        records = {row[0]: row[1:] for row in con.execute(
+            f"SELECT sample_id, signoff_status, signed_off_by, signed_off_at, signoff_outdated, n_reviews_unmatched "
+            f"FROM {contract.VERIFIED_DIFFERENTIALS} WHERE run_date = ?", [str(run_date)]).fetchall()}
         diff_have = _columns(con, "differentials")
         shift = "domain_shift" if "domain_shift" in diff_have else "false AS domain_shift"
         machine = {row[0]: row[1:] for row in con.execute(
@@ -107,21 +111,34 @@ def page_data(output_uri: str, run_date: str, storage_options: Mapping[str, Any]
                 "sample_id": sample_id, "wbc_count": wbc.get(sample_id),
                 "domain_shift": bool(stored[-1]) if stored else False,
                 "machine": {"counts": counts, "flags": list(stored[-2] or [])} if stored else None,
-                "signoff": None, "cells": []}
+                **_records(records.get(sample_id)), "cells": []}
         sample["cells"].append({
             "uri": uri, "name": gallery.file_name(uri), "sha": sha, "cls": cls,
             "conf": gallery.num(conf), "review": bool(review), "status": status, "ood": gallery.num(ood),
             "thumb": base64.b64encode(bytes(jpeg)).decode("ascii") if jpeg is not None else None,
-            "prev": None if new_class is None else {
-                "cls": new_class, "reviewer": reviewer,
-                "at": reviewed_at.isoformat() if hasattr(reviewed_at, "isoformat") else reviewed_at}})
+            "prev": None if new_class is None else {"cls": new_class, "reviewer": reviewer, "at": _iso(reviewed_at)}})
     return {
         "format": PAGE_FORMAT, "decisions_format": DECISIONS_FORMAT, "output_uri": output_uri,
         "run_date": str(run_date), "run_id": run_id,
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "decisions_file": decisions_file_name(str(run_date)), "review_classes": list(REVIEW_CLASSES),
-        "unidentified": contract.UNIDENTIFIED, "shift_flag": SHIFT_FLAG, "rules": rules_data(rules),
+        "unidentified": contract.UNIDENTIFIED, "signed_off": contract.SIGNED_OFF, "reopened": contract.REOPENED,
+        "shift_flag": SHIFT_FLAG, "rules": rules_data(rules),
         "samples": list(samples.values())}
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def _records(row: tuple | None) -> dict[str, Any]:
+    """A sample's latest stored sign-off (``outdated``: the verified cells changed since) and unmatched reviews."""
+    if row is None:
+        return {"signoff": None, "n_reviews_unmatched": 0}
+    status, reviewer, at, outdated, unmatched = row
+    signoff = None if status is None else {"status": status, "reviewer": reviewer, "at": _iso(at),
+                                           "outdated": bool(outdated)}
+    return {"signoff": signoff, "n_reviews_unmatched": int(unmatched or 0)}
 
 
 def _asset(name: str) -> str:

@@ -5,9 +5,9 @@ of a date's visible run (:mod:`bloodray.review.page`: reclassify, sign off,
 download the decisions file), and ``review.csv``: the cells to review -- cells
 the job marked ``needs_review`` and, when the out-of-distribution check added
 a ``status`` column, cells it marked ``unidentified`` -- with
-``verified_class`` and ``reviewer`` empty, to fill in. ``import`` validates a filled CSV
-as a whole and appends it to the ``reviews`` table as ONE Parquet file written
-atomically, so an import appears whole or not at all. ``labels`` writes every
+``verified_class`` and ``reviewer`` empty, to fill in. ``import`` is
+:func:`bloodray.review.records.import_decisions` (the CSV or the decisions
+JSON of :mod:`bloodray.review.decisions`). ``labels`` writes every
 reviewed cell as ``<dest>/<verified_class>/<sample_id>__<file>`` -- an
 ImageFolder that ``bloodray train`` and
 :func:`bloodray.data.labelled.list_labelled_images` read directly.
@@ -16,33 +16,22 @@ ImageFolder that ``bloodray train`` and
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import posixpath
 import tarfile
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import pyarrow as pa
-
 from bloodray import storage
 from bloodray.analysis import gallery, query
-from bloodray.classes import CLASS_NAMES, class_from_folder
+from bloodray.review.decisions import CSV_COLUMNS, ReviewError
 from bloodray.data.stages import read_many
-from bloodray.nightly import contract, tables
+from bloodray.nightly import contract
 from bloodray.review.page import PageError, write_page
 
-#: Columns of ``review.csv``; ``verified_class`` and ``reviewer`` are the reviewer's.
-CSV_COLUMNS: tuple[str, ...] = ("run_id", "sample_id", "image_uri", "predicted_class", "confidence",
-                                "verified_class", "reviewer")
 CSV_FILE, HTML_FILE = "review.csv", "review.html"
 #: Listing of an exported label folder: where each image's bytes came from.
 LABELS_MANIFEST = "labels.csv"
-
-
-class ReviewError(RuntimeError):
-    """A review file or request is invalid; the message names the file and row. Nothing was applied."""
 
 
 @dataclass(frozen=True)
@@ -53,16 +42,6 @@ class ExportResult:
     html_uri: str
     n_review: int
     n_cells: int
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    """What ``review import`` appended."""
-
-    uri: str
-    run_id: str
-    n_reviews: int
-    n_changed: int
 
 
 def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
@@ -81,8 +60,8 @@ def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, A
         cols = {r[0] for r in con.execute("DESCRIBE predictions").fetchall()}
         extra = [c for c in ("status", "ood_score") if c in cols]
         wanted = "needs_review" + (f" OR status = '{gallery.UNIDENTIFIED}'" if "status" in cols else "")
-        select = ", ".join(["run_id", "sample_id", "image_uri", "predicted_class", "confidence", "needs_review"]
-                           + extra)
+        select = ", ".join(["run_id", "sample_id", "image_uri", "image_sha256", "predicted_class", "confidence",
+                            "needs_review"] + extra)
         cells = query.fetch_arrow(con, f"SELECT {select} FROM predictions WHERE run_id = ? AND ({wanted}) "
                                        "ORDER BY sample_id, image_uri", [run_id]).to_pylist()
         thumbs: dict[str, bytes] = {}
@@ -107,7 +86,7 @@ def export_review(output_uri: str, run_date: str, dest: str,
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for c in cells:
-        writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["predicted_class"],
+        writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["image_sha256"], c["predicted_class"],
                          f"{c['confidence']:.4f}", "", ""])
     try:
         document, n_cells = write_page(output_uri, str(run_date), storage_options)
@@ -122,90 +101,6 @@ def export_review(output_uri: str, run_date: str, dest: str,
         raise storage.describe_storage_error(dest, exc) from exc
     return ExportResult(csv_uri=storage.join(dest, CSV_FILE), html_uri=storage.join(dest, HTML_FILE),
                         n_review=len(cells), n_cells=n_cells)
-
-
-def _verified(value: str) -> str | None:
-    text = value.strip()
-    return text if text in CLASS_NAMES else class_from_folder(text)
-
-
-def parse_review_file(text: str, where: str, run_id: str, predicted: Mapping[str, str],
-                      reviewer: str | None) -> list[dict[str, Any]]:
-    """Validate a filled review CSV against the run's predictions; the rows to append.
-
-    Rows with an empty ``verified_class`` are skipped (not reviewed yet).
-    Raises :class:`ReviewError` naming the first bad row: unknown class,
-    unknown cell, duplicate cell, a cell of another run, no reviewer.
-    """
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in ("image_uri", "verified_class") if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ReviewError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
-    now = dt.datetime.now(dt.timezone.utc)
-    seen: dict[str, int] = {}
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        at = f"{where}: row {line}"
-        raw = (row.get("verified_class") or "").strip()
-        if not raw:
-            continue
-        uri = (row.get("image_uri") or "").strip()
-        if row.get("run_id") and row["run_id"].strip() != run_id:
-            raise ReviewError(f"{at}: run_id {row['run_id'].strip()!r} is not the visible run {run_id!r} of "
-                              "this date (export the review list again)")
-        if uri not in predicted:
-            raise ReviewError(f"{at}: unknown cell {uri!r} (not a prediction of run {run_id})")
-        if uri in seen:
-            raise ReviewError(f"{at}: duplicate cell {uri!r} (also on row {seen[uri]})")
-        seen[uri] = line
-        new_class = _verified(raw)
-        if new_class is None:
-            raise ReviewError(f"{at}: unknown class {raw!r}; expected one of {', '.join(CLASS_NAMES)}")
-        who = (row.get("reviewer") or "").strip() or reviewer
-        if not who:
-            raise ReviewError(f"{at}: no reviewer (fill the reviewer column or pass --reviewer)")
-        rows.append({"run_id": run_id, "image_uri": uri, "old_class": predicted[uri], "new_class": new_class,
-                     "reviewer": who, "reviewed_at": now})
-    return rows
-
-
-def import_review(output_uri: str, run_date: str, review_file: str, reviewer: str | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> ImportResult:
-    """Validate a filled review CSV and append it to the ``reviews`` Delta table in one commit.
-
-    Raises :class:`ReviewError` (nothing is written) when any row is invalid or nothing was reviewed.
-    """
-    try:
-        fs, path = storage.filesystem(review_file, storage_options)
-        text = fs.cat_file(path).decode("utf-8-sig")
-    except FileNotFoundError as exc:
-        raise ReviewError(f"{review_file}: review file not found") from exc
-    except UnicodeDecodeError as exc:
-        raise ReviewError(f"{review_file}: not a UTF-8 CSV file ({exc})") from exc
-    con = query.connect(output_uri, storage_options)
-    try:
-        run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
-        predicted = dict(con.execute("SELECT image_uri, predicted_class FROM predictions WHERE run_id = ?",
-                                     [run_id]).fetchall())
-    finally:
-        con.close()
-    rows = parse_review_file(text, review_file, run_id, predicted, reviewer)
-    if not rows:
-        raise ReviewError(f"{review_file}: no row has a verified_class; nothing to import")
-    fs, root = contract.output_root(output_uri, storage_options)
-    review_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    path = contract.review_path(root, str(run_date), review_id)
-    table = pa.Table.from_pylist(rows, schema=contract.reviews_schema())
-    try:
-        storage.put_bytes(fs, path, storage.parquet_bytes(table), atomic=True)
-    except Exception as exc:  # noqa: BLE001
-        raise storage.describe_storage_error(storage.full_uri(fs, path), exc) from exc
-    # The file is invisible until this commit; a failed commit leaves nothing imported (the file is an orphan
-    # that vacuum removes), and the import can simply be repeated.
-    tables.commit_files(output_uri, contract.REVIEWS, str(run_date), review_id, [path], replace_date=False,
-                        storage_options=storage_options)
-    return ImportResult(uri=storage.full_uri(fs, path), run_id=run_id, n_reviews=len(rows),
-                        n_changed=sum(r["old_class"] != r["new_class"] for r in rows))
 
 
 def _archive_bytes(uris: list[str], storage_options: Mapping[str, Any] | None) -> dict[str, bytes]:
@@ -242,11 +137,14 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     """
     con = query.connect(output_uri, storage_options)
     try:
-        from bloodray.review.verified import LATEST_REVIEWS_SQL
+        from bloodray.review.verified import APPLIED_REVIEWS_SQL
 
-        rows = con.execute(f"""WITH r AS ({LATEST_REVIEWS_SQL})
+        # Every review that applies to a cell of a visible run, by the cell's current file; cells a reviewer
+        # called unidentified are no class to train on.
+        rows = con.execute(f"""WITH r AS ({APPLIED_REVIEWS_SQL})
             SELECT r.image_uri, p.sample_id, r.new_class, r.reviewer, t.jpeg FROM r
-            JOIN predictions p USING (run_id, image_uri) LEFT JOIN thumbnails t USING (run_id, image_uri)
+            JOIN predictions p USING (run_date, image_uri) LEFT JOIN thumbnails t USING (run_id, image_uri)
+            WHERE r.new_class <> '{contract.UNIDENTIFIED}'
             ORDER BY r.new_class, p.sample_id, r.image_uri""").fetchall()
     finally:
         con.close()
