@@ -294,31 +294,49 @@ def test_review_page_in_chromium_through_to_an_import(tmp_path, ray_cluster, cap
         browser.click("#download")
         decisions = browser.wait_for_download(page.decisions_file_name(DATE))
 
-    doc = json.loads(decisions.read_text(encoding="utf-8"))
-    assert doc["format"] == page.DECISIONS_FORMAT and doc["run_date"] == DATE and doc["output_uri"] == out
-    assert doc["run_id"] == result.run_id and doc["exported_at"].endswith("Z")
-    assert {r["image_uri"]: r["verified_class"] for r in doc["reviews"]} == want
-    for r in doc["reviews"]:
-        sample, predicted, sha = predictions[r["image_uri"]]
-        assert (r["sample_id"], r["predicted_class"], r["image_sha256"], r["reviewer"]) == (sample, predicted, sha,
-                                                                                            "dr page")
-    assert {s["sample_id"]: s["status"] for s in doc["signoffs"]} == {samples[0]: "signed_off",
-                                                                      samples[1]: "reopened"}
-    assert all(s["reviewer"] == "dr page" for s in doc["signoffs"])
+        doc = json.loads(decisions.read_text(encoding="utf-8"))
+        assert doc["format"] == page.DECISIONS_FORMAT and doc["run_date"] == DATE and doc["output_uri"] == out
+        assert doc["run_id"] == result.run_id and doc["exported_at"].endswith("Z")
+        assert {r["image_uri"]: r["verified_class"] for r in doc["reviews"]} == want
+        for r in doc["reviews"]:
+            sample, predicted, sha = predictions[r["image_uri"]]
+            assert (r["sample_id"], r["predicted_class"], r["image_sha256"], r["reviewer"]) == (
+                sample, predicted, sha, "dr page")
+        assert {s["sample_id"]: s["status"] for s in doc["signoffs"]} == {samples[0]: "signed_off",
+                                                                          samples[1]: "reopened"}
+        assert all(s["reviewer"] == "dr page" for s in doc["signoffs"])
 
-    # `bloodray review import` takes the file; the verified differential is what the page showed.
-    rc, printed, err = run_cli(capsys, "review", "import", str(decisions), "--output", out, "--date", DATE)
-    assert rc == 0, err
-    con = query.connect(out)
-    try:
-        verified = {r["sample_id"]: r for r in con.sql("SELECT * FROM verified_differentials").to_arrow_table()
-                    .to_pylist()}
-    finally:
-        con.close()
-    fields = [name for name, _ in differential_fields()]
-    for sid, (diff, counts) in zip(samples, live):
-        row = verified[sid]
-        assert row["n_verified"] == sum(predictions[u][0] == sid for u in want), sid
-        assert {c: row[col] for c, col in zip(CLASS_NAMES, count_columns())} == counts, sid
-        bad = {f: (row[f], diff[f]) for f in fields if not _same(row[f], diff[f])}
-        assert not bad, f"{sid}: verified table vs page {bad}"
+        # `bloodray review import` takes the file; the verified differential is what the page showed.
+        rc, printed, err = run_cli(capsys, "review", "import", str(decisions), "--output", out, "--date", DATE)
+        assert rc == 0, err
+        con = query.connect(out)
+        try:
+            verified = {r["sample_id"]: r for r in con.sql("SELECT * FROM verified_differentials")
+                        .to_arrow_table().to_pylist()}
+        finally:
+            con.close()
+        fields = [name for name, _ in differential_fields()]
+        for sid, (diff, counts) in zip(samples, live):
+            row = verified[sid]
+            assert row["n_verified"] == sum(predictions[u][0] == sid for u in want), sid
+            assert {c: row[col] for c, col in zip(CLASS_NAMES, count_columns())} == counts, sid
+            bad = {f: (row[f], diff[f]) for f in fields if not _same(row[f], diff[f])}
+            assert not bad, f"{sid}: verified table vs page {bad}"
+        assert (verified[samples[0]]["signoff_status"], verified[samples[0]]["signed_off_by"]) == ("signed_off",
+                                                                                                   "dr page")
+        assert verified[samples[1]]["signoff_status"] == "reopened"
+
+        # Exported again, the page starts from the imported records: the reviews are the cells' verified
+        # classes, the sign-off stands, and this browser's copy of the imported decisions is dropped.
+        assert run_cli(capsys, "review", "export", "--output", out, "--date", DATE, "--dest", str(review_dir))[0] == 0
+        browser.open(html)
+        assert browser.eval("Object.keys(bloodrayReview.state().decisions).length") == 0
+        assert browser.eval("Object.keys(bloodrayReview.state().signoffs).length") == 0
+        again = json.loads(browser.eval("JSON.stringify(bloodrayReview.data.samples.map(s => "
+                                        "[bloodrayReview.liveDifferential(s), bloodrayReview.sampleCounts(s)]))"))
+        assert again == live
+        assert "Reopened by dr page" in browser.eval("document.getElementById('signoff-state').textContent")
+        browser.click(f"#samples button[data-sample={json.dumps(samples[0])}]")
+        assert "Signed off by dr page" in browser.eval("document.getElementById('signoff-state').textContent")
+        assert browser.eval("document.querySelectorAll('#sample .verdict.prev').length") == sum(
+            predictions[u][0] == samples[0] for u in want)

@@ -84,7 +84,7 @@ def page_data(output_uri: str, run_date: str, storage_options: Mapping[str, Any]
                    p.confidence, p.needs_review, {_optional(have, 'status', 'VARCHAR')},
                    {_optional(have, 'ood_score', 'FLOAT')}, t.jpeg, a.new_class, a.reviewer, a.reviewed_at
             FROM predictions p LEFT JOIN thumbnails t USING (run_id, image_uri)
-            LEFT JOIN a USING (run_date, image_uri)
+            LEFT JOIN a ON a.run_date = p.run_date AND a.image_uri = p.image_uri
             WHERE p.run_id = ? ORDER BY p.sample_id, p.image_uri""", [run_id]).fetchall()
         records = {row[0]: row[1:] for row in con.execute(
             f"SELECT sample_id, signoff_status, signed_off_by, signed_off_at, signoff_outdated, n_reviews_unmatched "
