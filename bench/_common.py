@@ -1,12 +1,15 @@
 """Shared helpers of the benchmark scripts (not part of the package).
 
 Machine facts, the real PBC images, a loopback moto S3 server run as a separate
-process (as ``tests/conftest.py`` runs it), and JSON + markdown result files.
+process (as ``tests/conftest.py`` runs it), JSON + markdown result files, and the cells the model-quality
+benches score (PBC splits, chula_wbc, decoding, prediction, scores, Reinhard statistics). Bench scripts share
+code through this module only, never by importing one another.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib
 import json
 import os
@@ -19,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -407,3 +412,89 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- cells of the model-quality benches
+# (bench/adapt.py, bench/stain_norm.py and bench/robust_model.py score models on PBC and chula_wbc cells)
+
+CHULA = Path(os.environ.get("BLOODRAY_CHULA", "/work/shared/data/chula_wbc"))
+
+
+def decode(files: list[Path], size: int) -> np.ndarray:
+    from bloodray.data.preset import EvalPreset
+
+    preset = EvalPreset(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    return np.stack([preset.load(f.read_bytes()) for f in files])
+
+
+def predict(model, images: np.ndarray, preset, bn_stats: str = "running", batch_size: int = 64) -> np.ndarray:
+    """Predicted class per image. ``bn_stats='batch'``: BatchNorm uses each batch's own statistics, over batches
+    of shuffled cells (a slide mixes classes; batches of one class would flatter or wreck the statistics)."""
+    import contextlib
+
+    import torch
+
+    from bloodray.train.adapt import batch_statistics
+
+    model.eval()
+    order = np.random.default_rng(0).permutation(len(images)) if bn_stats == "batch" else np.arange(len(images))
+    out = np.empty(len(images), dtype=np.int64)
+    with torch.inference_mode(), (batch_statistics(model) if bn_stats == "batch" else contextlib.nullcontext()):
+        for i in range(0, len(images), batch_size):
+            idx = order[i:i + batch_size]
+            out[idx] = model(preset.normalize(images[idx])).argmax(1).numpy()
+    return out
+
+
+def scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    from bloodray.evaluation.metrics import classification_metrics
+
+    m = classification_metrics(y, pred)
+    return {"accuracy": round(m["accuracy"], 4), "balanced_accuracy": round(m["balanced_accuracy"], 4),
+            "macro_f1": round(m["macro_f1"], 4)}
+
+
+@functools.lru_cache(maxsize=1)
+def _pbc_split():
+    """The split every bloodray run uses (fractions 0.7/0.1/0.2, seed 0); built once, it hashes every file."""
+    from bloodray.data.labelled import build_split
+
+    return build_split(str(PBC))
+
+
+def pbc_split_rows(split: str = "test") -> tuple[list[tuple[str, int]], list]:
+    """(uri, label) of one PBC split every bloodray run uses (fractions 0.7/0.1/0.2, seed 0): test by default."""
+    table, dropped = _pbc_split()
+    rows = [(u, int(lab)) for u, lab, s in zip(table.column("uri").to_pylist(), table.column("label").to_pylist(),
+                                               table.column("split").to_pylist()) if s == split]
+    return rows, dropped
+
+
+def lab_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image channel means and standard deviations in L*a*b* (n x 3 each)."""
+    import torch
+
+    from bloodray.data.stain import rgb_to_lab
+
+    lab = rgb_to_lab(torch.as_tensor(images).permute(0, 3, 1, 2).double() / 255.0)
+    return lab.mean(dim=(2, 3)).numpy(), lab.std(dim=(2, 3), unbiased=False).numpy()
+
+
+def reinhard(images: np.ndarray, ref_mean: np.ndarray, ref_std: np.ndarray,
+             source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """uint8 NHWC images matched to the reference with bloodray's own transform (:mod:`bloodray.data.stain`):
+    per image, or with one ``source`` (mean, std) for all (a lab-wide transform, which the library does not offer)."""
+    import torch
+
+    from bloodray.data.stain import StainReference, lab_to_rgb, reinhard as per_image, rgb_to_lab
+
+    rgb = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    reference = StainReference(tuple(ref_mean), tuple(ref_std))
+    if source is None:
+        out = per_image(rgb, reference)
+    else:
+        mean, std = (torch.tensor(np.asarray(v), dtype=torch.float32).view(1, 3, 1, 1) for v in source)
+        target_mean, target_std = (torch.tensor(np.asarray(v), dtype=torch.float32).view(1, 3, 1, 1)
+                                   for v in (ref_mean, ref_std))
+        out = lab_to_rgb((rgb_to_lab(rgb) - mean) / std * target_std + target_mean)
+    return (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -25,7 +25,6 @@ Run by hand (CPU, about half an hour on the 2-core development machine):
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import sys
@@ -37,10 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from _common import CHULA, decode, lab_stats, pbc_split_rows, predict, reinhard, scores  # noqa: E402
 
 # Ray Train's 60 s for a worker group to start is too short on a loaded shared machine (set before ray.init).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-CHULA = Path(os.environ.get("BLOODRAY_CHULA", "/work/shared/data/chula_wbc"))
+
 
 
 def series_split(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
@@ -55,32 +55,6 @@ def series_split(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path
     return pool, scored
 
 
-def decode(files: list[Path], size: int) -> np.ndarray:
-    from bloodray.data.preset import EvalPreset
-
-    preset = EvalPreset(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    return np.stack([preset.load(f.read_bytes()) for f in files])
-
-
-def predict(model, images: np.ndarray, preset, bn_stats: str = "running", batch_size: int = 64) -> np.ndarray:
-    """Predicted class per image. ``bn_stats='batch'``: BatchNorm uses each batch's own statistics, over batches
-    of shuffled cells (a slide mixes classes; batches of one class would flatter or wreck the statistics)."""
-    import contextlib
-
-    import torch
-
-    from bloodray.train.adapt import batch_statistics
-
-    model.eval()
-    order = np.random.default_rng(0).permutation(len(images)) if bn_stats == "batch" else np.arange(len(images))
-    out = np.empty(len(images), dtype=np.int64)
-    with torch.inference_mode(), (batch_statistics(model) if bn_stats == "batch" else contextlib.nullcontext()):
-        for i in range(0, len(images), batch_size):
-            idx = order[i:i + batch_size]
-            out[idx] = model(preset.normalize(images[idx])).argmax(1).numpy()
-    return out
-
-
 def adabn(model, images: np.ndarray, preset, batch_size: int = 64):
     """A copy of ``model`` whose BatchNorm statistics are re-estimated on ``images`` (shuffled batches)."""
     import copy
@@ -91,14 +65,6 @@ def adabn(model, images: np.ndarray, preset, batch_size: int = 64):
     order = np.random.default_rng(0).permutation(len(images))
     precise_bn(net, (preset.normalize(images[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)))
     return net.eval()
-
-
-def scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    from bloodray.evaluation.metrics import classification_metrics
-
-    m = classification_metrics(y, pred)
-    return {"accuracy": round(m["accuracy"], 4), "balanced_accuracy": round(m["balanced_accuracy"], 4),
-            "macro_f1": round(m["macro_f1"], 4)}
 
 
 def main() -> None:
@@ -152,8 +118,6 @@ def main() -> None:
     x_held, y_held = x_all[held], y_all[held]
     normalise = None
     if args.stain_norm:
-        from stain_norm import lab_stats, reinhard
-
         ref = [s.mean(0) for s in lab_stats(decode(_common.pbc_images()[::25][:400], size))]
         x_held = reinhard(x_held, *ref)
 
@@ -165,7 +129,7 @@ def main() -> None:
             Image.fromarray(reinhard(rgb[None], *ref)[0]).save(dst.with_suffix(".png"))
 
         normalise = write_normalised
-    table, _ = _common_pbc_test()
+    table, _ = pbc_split_rows()
     if args.pbc_test_max and args.pbc_test_max < len(table):
         # Every n-th image of the class-sorted list: a stratified subset.
         table = table[::-(-len(table) // args.pbc_test_max)]
@@ -234,22 +198,6 @@ def main() -> None:
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     _common.save(args.name, result, markdown(result))
     print(markdown(result))
-
-
-@functools.lru_cache(maxsize=1)
-def _pbc_split():
-    """The split every bloodray run uses (fractions 0.7/0.1/0.2, seed 0); built once, it hashes every file."""
-    from bloodray.data.labelled import build_split
-
-    return build_split(str(_common.PBC))
-
-
-def _common_pbc_test(split: str = "test") -> tuple[list[tuple[str, int]], list]:
-    """(uri, label) of one PBC split every bloodray run uses (fractions 0.7/0.1/0.2, seed 0): test by default."""
-    table, dropped = _pbc_split()
-    rows = [(u, int(lab)) for u, lab, s in zip(table.column("uri").to_pylist(), table.column("label").to_pylist(),
-                                               table.column("split").to_pylist()) if s == split]
-    return rows, dropped
 
 
 def markdown(result: dict) -> str:

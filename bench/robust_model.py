@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from adapt import CHULA, _common_pbc_test, decode, predict, scores  # noqa: E402
+from _common import CHULA, decode, pbc_split_rows, predict, scores  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-    pbc_rows, _ = _common_pbc_test()
-    val_rows, _ = _common_pbc_test("val")
+    pbc_rows, _ = pbc_split_rows()
+    val_rows, _ = pbc_split_rows("val")
     y_val = np.array([label for _, label in val_rows])
     chula = sorted(CHULA.glob("*/*.jpg"))
     y_pbc = np.array([label for _, label in pbc_rows])

@@ -28,37 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from adapt import CHULA, decode, predict, scores  # noqa: E402
-
-def lab_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image channel means and standard deviations in L*a*b* (n x 3 each)."""
-    import torch
-
-    from bloodray.data.stain import rgb_to_lab
-
-    lab = rgb_to_lab(torch.as_tensor(images).permute(0, 3, 1, 2).double() / 255.0)
-    return lab.mean(dim=(2, 3)).numpy(), lab.std(dim=(2, 3), unbiased=False).numpy()
-
-
-def reinhard(images: np.ndarray, ref_mean: np.ndarray, ref_std: np.ndarray,
-             source: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """uint8 NHWC images matched to the reference with bloodray's own transform (:mod:`bloodray.data.stain`):
-    per image, or with one ``source`` (mean, std) for all (a lab-wide transform, which the library does not offer)."""
-    import torch
-
-    from bloodray.data.stain import StainReference, lab_to_rgb, reinhard as per_image, rgb_to_lab
-
-    rgb = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
-    reference = StainReference(tuple(ref_mean), tuple(ref_std))
-    if source is None:
-        out = per_image(rgb, reference)
-    else:
-        mean, std = (torch.tensor(np.asarray(v), dtype=torch.float32).view(1, 3, 1, 1) for v in source)
-        target_mean, target_std = (torch.tensor(np.asarray(v), dtype=torch.float32).view(1, 3, 1, 1)
-                                   for v in (ref_mean, ref_std))
-        out = lab_to_rgb((rgb_to_lab(rgb) - mean) / std * target_std + target_mean)
-    return (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-
+from _common import CHULA, decode, lab_stats, predict, reinhard, scores  # noqa: E402
 
 def main() -> None:
     import torch

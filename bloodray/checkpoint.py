@@ -9,7 +9,7 @@ A bloodray checkpoint is a directory (local or object storage) holding:
   (redacted) config and the package version, the SHA-256 of the weights
   (``weights_sha256``) and the seal (``seal_sha256``);
 * ``ood.safetensors`` (optional, written by ``bloodray calibrate``) -- the
-  out-of-distribution reference (:mod:`bloodray.evaluation.ood`); its SHA-256
+  out-of-distribution reference (:mod:`bloodray.ood`); its SHA-256
   and scalars are the metadata's ``ood`` entry, so the seal covers it. A
   checkpoint without it gives no ``ood_score`` (null) and no unidentified cells;
 * ``train_state.pt`` (training checkpoints only) -- optimizer/scheduler state,
@@ -99,7 +99,7 @@ class CheckpointMetadata:
     review_threshold: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     package_version: str = __version__
-    #: OOD reference (:meth:`bloodray.evaluation.ood.OodReference.metadata`, with ``file_sha256`` of
+    #: OOD reference (:meth:`bloodray.ood.OodReference.metadata`, with ``file_sha256`` of
     #: :data:`OOD_FILE`); empty = none. Left out of ``bloodray.json`` when empty, so checkpoints sealed
     #: before it existed keep their seal and id.
     ood: dict[str, Any] = field(default_factory=dict)
@@ -339,7 +339,7 @@ class LoadedCheckpoint:
     model: nn.Module
     metadata: CheckpointMetadata
     uri: str
-    #: the OOD reference (:class:`bloodray.evaluation.ood.OodReference`), None when the checkpoint has none.
+    #: the OOD reference (:class:`bloodray.ood.OodReference`), None when the checkpoint has none.
     ood: Any = None
 
 
@@ -380,7 +380,7 @@ def load_ood(uri: str, meta: CheckpointMetadata, storage_options: Mapping[str, A
     """The checkpoint's OOD reference, checked against the hash its sealed metadata records; None without one."""
     if not meta.ood:
         return None
-    from bloodray.evaluation.ood import OodError, OodReference
+    from bloodray.ood import OodError, OodReference
 
     fs, path = storage.filesystem(uri, storage_options)
     blob = _read(fs, posixpath.join(path, OOD_FILE), storage.join(uri, OOD_FILE))

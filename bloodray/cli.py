@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 # Only light imports here: --help, --version and query must not wait for torch
 # (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
 from bloodray.cli_common import add_storage_arguments, storage_options
+from bloodray.cli_docs import add_docs_parsers
 from bloodray.cli_outputs import add_output_root_parsers
 from bloodray.config import ConfigError, load_config
 from bloodray.defaults import default_config_path, describe_default_config
@@ -267,7 +268,7 @@ def add_pack_parsers(sub) -> None:
     p.add_argument("--splits", default="train,val,test", help="which splits to include")
     p.set_defaults(func=cmd_pack)
     p = sub.add_parser("train-packed", help="train one model in one process from a pack (a GPU box without Ray)")
-    add_config_arguments(p, None)
+    add_config_arguments(p, "configs/train_packed.yaml")
     p.set_defaults(func=cmd_train_packed)
 
 
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, "configs/compare/cpu.yaml")
     p.set_defaults(func=cmd_compare)
     add_pack_parsers(sub)
+    add_docs_parsers(sub, parser)
     add_output_arguments(parser, sub)
     return parser
 

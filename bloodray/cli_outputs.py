@@ -63,6 +63,15 @@ def cmd_review_import(args) -> int:
     return 0
 
 
+def cmd_review_refresh(args) -> int:
+    from bloodray.review.records import refresh_dates
+
+    for done in refresh_dates(args.output, args.date, storage_options(args)):
+        unmatched = f", {done.n_reviews_unmatched} review(s) no longer match an image" if done.n_reviews_unmatched else ""
+        print(f"{done.run_date}: {done.n_samples} sample(s), {done.n_verified} reviewed cell(s){unmatched}")
+    return 0
+
+
 def cmd_review_labels(args) -> int:
     from bloodray.review.roundtrip import export_labels
 
@@ -74,7 +83,7 @@ def cmd_review_labels(args) -> int:
 
 
 def add_review_parser(sub) -> None:
-    """``bloodray review export|import|labels``: the reviewer's round trip."""
+    """``bloodray review export|import|refresh|labels``: the reviewer's round trip."""
     review = sub.add_parser("review", help="export cells to review, import verified classes, export labels")
     rsub = review.add_subparsers(dest="review_command", required=True)
     p = rsub.add_parser("export", help="write the interactive review page review.html (every cell of the date; "
@@ -93,6 +102,13 @@ def add_review_parser(sub) -> None:
                                                      "is empty")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_import)
+    p = rsub.add_parser("refresh", help="commit the verified_differentials table for a date (default: every date); "
+                                        "imports and runs do this themselves, this fills dates classified before "
+                                        "the table existed")
+    p.add_argument("--output", required=True, help="output root of the classify job")
+    p.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: every date with a committed run)")
+    add_storage_arguments(p)
+    p.set_defaults(func=cmd_review_refresh)
     p = rsub.add_parser("labels", help="export reviewed cells as a labelled <class>/<file> folder for training")
     p.add_argument("--output", required=True, help="output root of the classify job")
     p.add_argument("--dest", required=True, help="folder (or s3:// prefix) to write <class>/<file> images to")
@@ -105,8 +121,8 @@ def add_query_parser(sub) -> argparse.ArgumentParser:
     from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS
 
     p = sub.add_parser("query", help="run read-only SQL (DuckDB) over the committed outputs; print or export it",
-                       description="Run SQL over the views runs, all_runs, predictions, differentials and errors "
-                                   "of an output root. Read-only: SQL cannot read or write files, load extensions "
+                       description="Run SQL over the views runs, all_runs, predictions, differentials, errors, "
+                                   "thumbnails, reviews, signoffs and verified_differentials of an output root. Read-only: SQL cannot read or write files, load extensions "
                                    "or change settings.")
     p.add_argument("sql", help='e.g. "SELECT sample_id, pct_neutrophil FROM differentials WHERE any_flag"')
     p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")

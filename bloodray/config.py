@@ -88,9 +88,14 @@ class StorageConfig:
     refreshes them during long runs.
     """
 
+    #: S3-compatible endpoint (MinIO, Ceph, ...); null = AWS S3.
     endpoint_url: str | None = None
+    #: AWS region of the buckets; null = the AWS chain's.
     region: str | None = None
+    #: anonymous access (public buckets), no credentials at all.
     anon: bool = False
+    #: further s3fs/botocore options, e.g. ``config_kwargs.retries`` or ``config_kwargs.read_timeout``
+    #: (never credentials: they are refused).
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def storage_options(self) -> dict[str, Any]:

@@ -11,27 +11,35 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bloodray.config import ConfigError, load_config
+from bloodray.train.recipe import Recipe
 
 
 @dataclass
 class DemoData:
     #: labelled training images; null = generate synthetic cells.
     root: str | None = None
+    #: synthetic labelled cells per class.
     per_class: int = 80
+    #: side of the synthetic cells (and archive images) in px.
     size: int = 96
+    #: seed of the synthetic labelled cells.
     seed: int = 0
 
 
 @dataclass
 class DemoArchive:
+    #: samples (slides) in the synthetic archive, each with a known differential (at least 2).
     samples: int = 6
+    #: cells per sample.
     cells_per_sample: int = 120
+    #: ``folders`` (a folder per sample) or ``tar`` (tar shards).
     layout: str = "folders"
+    #: seed of the synthetic archive.
     seed: int = 1
 
     def validate(self, prefix: str) -> None:
@@ -40,15 +48,17 @@ class DemoArchive:
 
 
 @dataclass
-class DemoTrain:
+class DemoTrain(Recipe):
+    """The demo's training run: the recipe keys of ``train.*`` (:class:`~bloodray.train.recipe.Recipe`; the demo's
+    short schedule is set in ``configs/demo.yaml``) plus shortcuts for the model and the workers."""
+
+    #: registry name of the model (``model.name`` of the training run).
     model: str = "bloodnet"
+    #: input side in px (``model.input_size``).
     input_size: int = 96
+    #: batch normalisation after each convolution (``model.kwargs.batch_norm``).
     batch_norm: bool = True
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 0.002
-    #: cosine decay settles the weights at the end of a short run.
-    schedule: str = "cosine"
+    #: Ray Train workers (``scaling.num_workers``).
     num_workers: int = 2
 
 
@@ -56,6 +66,7 @@ class DemoTrain:
 class DemoConfig:
     """Configuration of the demo (``configs/demo.yaml``)."""
 
+    #: the demo's folder (emptied first): cells, archive, training run, outputs, report.
     workdir: str = "demo-output"
     #: archive date folder and output partition; null = today (UTC).
     date: str | None = None
@@ -65,8 +76,11 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | None, overrides: list[str]) -> DemoConfig:
-    """Load the demo config (missing file = defaults) plus ``--set`` overrides."""
-    return load_config(DemoConfig, path if path and Path(path).exists() else None, overrides)
+    """Load the demo config (missing file = the packaged ``demo.yaml``, whose values are the demo's defaults) plus
+    ``--set`` overrides."""
+    from bloodray.defaults import packaged_config
+
+    return load_config(DemoConfig, path if path and Path(path).exists() else packaged_config("demo.yaml"), overrides)
 
 
 @dataclass
@@ -110,7 +124,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     train_cfg = from_dict(TrainConfig, {
         "data": {"root": data_root},
         "model": {"name": t.model, "input_size": t.input_size, "kwargs": {"batch_norm": t.batch_norm}},
-        "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "schedule": t.schedule},
+        "train": {f.name: getattr(t, f.name) for f in fields(Recipe)},
         "scaling": {"num_workers": t.num_workers},
         "run": {"name": "demo", "storage_path": str(work / "runs")},
     })

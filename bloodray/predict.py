@@ -12,7 +12,7 @@ actors never oversubscribe the node), and the Ray Data batch cut into small
 model batches whose activations stay in cache (``bench/inference.py`` measures
 the effect).
 
-When the checkpoint carries an OOD reference (:mod:`bloodray.evaluation.ood`),
+When the checkpoint carries an OOD reference (:mod:`bloodray.ood`),
 forward hooks collect the head's input and an early activation in the same
 forward pass, and each cell gets an ``ood_score``; no extra pass is run.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bloodray.checkpoint import LoadedCheckpoint, load_checkpoint
-from bloodray.evaluation.ood import FeatureTap, early_layer
+from bloodray.ood import FeatureTap, early_layer
 from bloodray.models import get_model_info
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class CellPredictor:
     Rows whose ``error`` column is non-empty are passed through with NaN
     logits and probabilities, so callers can route them to the errors table.
     ``return_features=True`` adds the raw OOD features ``ood_pen`` and
-    ``ood_early`` (what :func:`bloodray.evaluation.ood.fit_ood` fits on).
+    ``ood_early`` (what :func:`bloodray.ood.fit_ood` fits on).
     """
 
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,

@@ -67,8 +67,7 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycles():
-    graph = _graph()
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     cycles, state, stack = [], {}, []
 
     def visit(node):
@@ -87,7 +86,52 @@ def test_no_import_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+    return cycles
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _package(module: str) -> str:
+    """The unit of layering: a subpackage (``bloodray.evaluation``) or a top-level module (``bloodray.predict``)."""
+    return ".".join(module.split(".")[:2])
+
+
+#: Package loops known and left for now, each with the reason. analysis.query builds the review views of
+#: review.verified, and review.roundtrip uses analysis.query; the verified_differentials view is being rebuilt as a
+#: Delta table (issue 22), after which query needs nothing of review.
+#: nightly.commit refreshes the verified_differentials table (review.records) at the end of each run, while review
+#: builds on nightly's contract and tables (issue 22); the refresh could move behind a hook the CLI wires.
+KNOWN_PACKAGE_CYCLES = {("bloodray.analysis", "bloodray.review"),
+                        ("bloodray.nightly", "bloodray.review"),
+                        ("bloodray.analysis", "bloodray.nightly", "bloodray.review")}
+
+
+def test_no_package_level_import_cycles():
+    """Modules may form no cycle, and neither may packages: ``evaluation`` importing ``predict`` while ``predict``
+    imports something of ``evaluation`` is a loop a reader has to untangle even when no two modules form one."""
+    packages: dict[str, set[str]] = {}
+    for name, deps in _graph().items():
+        packages.setdefault(_package(name), set()).update(_package(d) for d in deps if _package(d) != _package(name))
+    cycles = [c for c in _cycles(packages) if tuple(sorted(set(c))) not in KNOWN_PACKAGE_CYCLES]
+    assert not cycles, "package-level import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+BENCH = PACKAGE.parent / "bench"
+
+
+def test_bench_scripts_share_code_through_common_only():
+    """A bench script imports no other bench script: shared helpers live in ``bench/_common.py``."""
+    scripts = {path.stem for path in BENCH.glob("*.py")}
+    offenders = []
+    for path in sorted(BENCH.glob("*.py")):
+        for target, _names in _imports(path.stem, path):
+            top = target.split(".")[0]
+            if top in scripts and top not in ("_common", path.stem):
+                offenders.append(f"bench/{path.name} imports bench/{top}.py")
+    assert not offenders, "\n".join(offenders) + "\n(move what they share into bench/_common.py)"
 
 
 def test_no_private_names_imported_across_modules():

@@ -111,3 +111,49 @@ def test_readme_states_the_test_command_and_the_guides():
                   "docs/guides/ml-engineer.md", "docs/reliability.md", "cluster/README.md"]:
         assert f"]({guide}" in text, f"README.md does not link {guide}"
     assert len(text.splitlines()) <= 200, "README.md is the landing page: keep it short, put details in docs/"
+
+
+# ----------------------------------------------------------------------------- generated references
+
+
+def test_generated_references_are_current():
+    """docs/config.md, docs/cli.md and docs/tables.md are generated from the code; a change to a config key, an
+    argument or a column must be followed by regenerating them."""
+    from bloodray.cli import build_parser
+    from bloodray.reference import REGENERATE, stale_files
+
+    stale = stale_files(ROOT, build_parser())
+    assert not stale, (f"stale generated docs: {', '.join(stale)}; regenerate them from the repository root with "
+                       f"`{REGENERATE}` and commit the result")
+
+
+def test_every_config_key_has_a_meaning():
+    from bloodray.reference import JOBS, job_keys
+
+    missing = [f"{job}: {k.key}" for job in JOBS for k in job_keys(job) if not k.meaning]
+    assert not missing, ("config keys without a `#:` comment above their field (their meaning in docs/config.md "
+                         "and `bloodray config --reference`):\n  " + "\n  ".join(missing))
+
+
+def test_every_output_column_is_in_the_data_dictionary():
+    from bloodray.nightly.dictionary import undocumented
+
+    missing = undocumented()
+    assert not missing, ("columns of bloodray/nightly/contract.py without a unit and meaning in "
+                         "bloodray/nightly/dictionary.py (COLUMNS or PATTERNS):\n  " + "\n  ".join(missing))
+
+
+def test_config_reference_command_prints_every_key(capsys):
+    from bloodray.cli import run
+
+    assert run(["config", "--reference", "classify"]) == 0
+    out = capsys.readouterr().out
+    assert "| `limits.max_pixels` | int | 25,000,000 |" in out and "`shift.on_alarm`" in out
+
+
+def test_docs_check_names_the_regenerate_command(tmp_path, capsys):
+    from bloodray.cli import run
+
+    (tmp_path / "docs").mkdir()
+    assert run(["docs", "--check", "--root", str(tmp_path)]) == 1
+    assert "docs/config.md: stale; regenerate with `PYTHONPATH=. python -m bloodray docs`" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 from bloodray.checkpoint import (OOD_FILE, CheckpointError, CheckpointMetadata, export_checkpoint, load_checkpoint,
                                  read_metadata, write_checkpoint)
 from bloodray.classes import CLASS_NAMES
-from bloodray.evaluation.ood import SHIFT_FLAG, ShiftRule, early_layer, fit_ood, shift_statistics
+from bloodray.ood import SHIFT_FLAG, ShiftRule, early_layer, fit_ood, shift_statistics
 from bloodray.models import create_model
 from bloodray.nightly.differential import compute_differentials, count_columns, flag_columns
 from bloodray.nightly.shift import apply_shift

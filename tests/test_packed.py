@@ -117,7 +117,7 @@ def test_pack_trainer_runs_the_shared_robustness_augmentation(pack, tmp_path):
                             robust=robust, device="cpu")
     assert cfg.robust_augment().stain_jitter == 0.05
     assert train_packed(cfg)["epochs_run"] == 1
-    with pytest.raises(ConfigError, match="^robust: unknown"):
+    with pytest.raises(ConfigError, match="^robust.sharpen: unknown key"):
         load_config(PackedTrainConfig, overrides=["pack=x.parquet", "robust.sharpen=1"])
 
 

@@ -318,3 +318,34 @@ def test_torn_uncommitted_manifest_is_invisible(tmp_path):
     torn.write_bytes(b"PAR1 not really parquet")
     table = query.run_query(uri, "SELECT run_date, run_id FROM runs ORDER BY run_date")
     assert table.to_pylist() == [{"run_date": D1, "run_id": NEW}, {"run_date": D2, "run_id": D2_RUN}]
+
+
+def test_views_list_no_internal_objects_and_carry_the_clearer_names(tmp_path):
+    """`SHOW TABLES` lists no internal `_*_files` objects; the clearer column names (issue 24) equal the stored
+    columns they replace, which stay beside them for one release."""
+    from bloodray.nightly.dictionary import ALIASES
+
+    uri = str(tmp_path / "out")
+    build_tree(uri)
+    con = query.connect(uri)
+    try:
+        listed = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        # The data tables' and runs' views scan their datasets directly: no internal `_*_files` object is listed.
+        assert set(query.VIEWS) <= listed and not {n for n in listed if n.endswith("_files")}
+        for view, aliases in ALIASES.items():
+            columns = {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+            for new, expr, old in aliases:
+                assert {new, old} <= columns, view
+                differ = con.execute(f"SELECT count(*) FROM {view} WHERE {new} IS DISTINCT FROM {expr}").fetchone()[0]
+                assert differ == 0, (view, new)
+        assert con.execute("SELECT DISTINCT n_platelet_images FROM differentials").fetchall() == [(5,)]
+    finally:
+        con.close()
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    con = query.connect(str(empty))
+    try:
+        assert {r[0] for r in con.execute("DESCRIBE differentials").fetchall()} >= {"n_platelet_images",
+                                                                                    "pct_unidentified"}
+    finally:
+        con.close()

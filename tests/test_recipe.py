@@ -19,7 +19,7 @@ from bloodray.train.recipe import Recipe, start_training, train_step
 
 SHARED = {"epochs": 4, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.05, "momentum": 0.8,
           "schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1, "aux_loss_weight": 0.3,
-          "ema_decay": 0.9, "precise_bn_batches": 2}
+          "ema_decay": 0.9, "precise_bn_batches": 2, "batch_size": 16, "precision": "fp32", "seed": 3}
 
 
 def _tiny_model() -> torch.nn.Module:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 from bloodray.classes import CLASS_NAMES, ReferenceRange
-from bloodray.evaluation.ood import SHIFT_FLAG
+from bloodray.nightly.shift import SHIFT_FLAG
 from bloodray.nightly.differential import (
     FlagRules,
     compute_differentials,

@@ -60,6 +60,12 @@ def _delta_verified(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["run_date"], r["sample_id"]))
 
 
+def _report(capsys, out: str, dest: Path) -> str:
+    rc, printed, _ = _cli(capsys, "report", "--output", out, "--date", DATE, "--dest", str(dest))
+    assert rc == 0 and "report:" in printed
+    return (dest / "report.html").read_text()
+
+
 def _other_class(cls: str) -> str:
     return next(c for c in ("basophil", "eosinophil", "monocyte") if c != cls)
 
@@ -132,6 +138,12 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
              r["signoff_outdated"], r["n_reviews_unmatched"]) for r in table] == [
         ("S0001", 2, "dr a", "signed_off", "dr b", False, 0), ("S0002", 2, "dr a", "signed_off", "dr b", False, 0)]
     assert {r["review_status"] for r in _rows(out, "SELECT review_status FROM reviews")} == {"applied"}
+    # The report after the import: verified and machine side by side, who reviewed and who signed off.
+    page = _report(capsys, out, tmp_path / "report-1")
+    assert "After review:" in page and "Machine alone:" in page and "4</b> cells reviewed by dr a" in page
+    assert "2</b> of 2 samples signed off" in page and page.count("signed off by dr b, 2024-06-04 09:00 UTC") >= 4
+    assert page.count("<th>machine %</th><th>machine 95 % interval</th><th>verified %</th>") == 2
+    assert "Review and sign-off" in page and "no longer match" not in page and "OUTDATED" not in page
     # The same file again: imported once.
     rc, printed, _ = _cli(capsys, "review", "import", str(path), "--output", out, "--date", DATE)
     assert rc == 0 and "imported before" in printed
@@ -163,6 +175,11 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     table = _check_verified(out, verdicts)
     assert [(r["n_verified"], r["n_reviews_unmatched"], r["signoff_status"], r["signoff_outdated"])
             for r in table] == [(2, 0, "signed_off", True), (1, 1, "signed_off", True)]
+
+    page = _report(capsys, out, tmp_path / "report-3")
+    assert "1 review(s) no longer match an image" in page and "Reviews that no longer match an image (1)" in page
+    assert doc["reviews"][3]["image_uri"] in page and "OUTDATED: the sample&#x27;s cells changed" in page
+    assert "0</b> of 2 samples signed off" in page
 
     # Vacuum (no retention) deletes superseded runs' files, never a review or a sign-off.
     rc, printed, _ = _cli(capsys, "vacuum", "--output", out, "--retain-hours", "0")
@@ -198,6 +215,10 @@ def test_reviews_of_an_older_bloodray_survive_upgrade_output_and_new_imports(tmp
     capsys.readouterr()
     assert cli.run(["vacuum", "--output", out, "--retain-hours", "0"]) == 0
     assert legacy.exists()
+    # Dates classified before verified_differentials existed get it from `review refresh`.
+    assert cli.run(["review", "refresh", "--output", out]) == 0
+    assert "2024-03-01: 3 sample(s), 1 reviewed cell(s)" in capsys.readouterr().out
+    assert {r["run_date"] for r in _delta_verified(out)} == {"2024-03-01", "2024-03-02"}
     (review,) = _rows(out, "SELECT * FROM reviews")
     assert (review["reviewer"], review["image_sha256"], review["review_status"]) == ("dr old", None, "applied")
     s1 = _rows(out, f"SELECT * FROM verified_differentials WHERE run_date = '{D1}' AND sample_id = 'S1'")[0]
@@ -215,3 +236,88 @@ def test_reviews_of_an_older_bloodray_survive_upgrade_output_and_new_imports(tmp
     assert [r["review_status"] for r in _rows(out, "SELECT * FROM reviews ORDER BY reviewed_at")] == ["applied"] * 2
     delta_s1 = [r for r in _delta_verified(out) if r["sample_id"] == "S1"]
     assert [(r["n_verified"], r["reviewers"]) for r in delta_s1] == [(2, "dr new, dr old")]
+
+
+@pytest.fixture(params=["local", "s3"])
+def two_dates(request, tmp_path):
+    """``(uri, storage_options, cli options)``: the two-date output of test_query_report, local or on moto S3."""
+    from test_query_report import build_tree
+
+    if request.param == "local":
+        uri, opts = str(tmp_path / "out"), None
+    else:
+        bucket, opts = request.getfixturevalue("s3_bucket")
+        uri = f"{bucket}/out"
+    build_tree(uri, opts)
+    return uri, opts, (["--endpoint-url", opts["endpoint_url"]] if opts else [])
+
+
+def _write(tmp_path: Path, name: str, doc: dict) -> str:
+    (tmp_path / name).write_text(json.dumps(doc))
+    return str(tmp_path / name)
+
+
+def test_import_checks_each_entry_against_the_date_and_keeps_what_a_rerun_orphaned(two_dates, tmp_path, capsys):
+    """A file of the visible run must name its cells; one of a superseded run is matched by content, and what no
+    longer matches is kept and reported. The verified table is read by ``deltalake`` alone, on S3 too."""
+    import os
+
+    from deltalake import DeltaTable
+    from test_query_report import D1, D2, D2_RUN, NEW, OLD
+
+    uri, opts, endpoint = two_dates
+
+    def review(sample: str, i: int, cls: str, when: str = "2024-03-03T08:00:00Z") -> dict:
+        return {"sample_id": sample, "image_uri": f"s3://in/{sample}/{i}.jpg", "image_sha256": f"{i:064x}",
+                "verified_class": cls, "reviewer": "dr a", "reviewed_at": when}
+
+    def doc(run_date: str, run_id: str, reviews: list, signoffs: list = ()) -> dict:
+        return {"format": dec.FORMAT, "run_date": run_date, "run_id": run_id, "reviews": reviews,
+                "signoffs": [{"sample_id": s, "reviewer": "dr b", "status": "signed_off",
+                              "signed_at": "2024-03-03T09:00:00Z"} for s in signoffs]}
+
+    # Not a cell of the visible run, or the wrong date: one line naming the entry, nothing written.
+    bad = _write(tmp_path, "bad.json", doc(D2, D2_RUN, [review("T1", 0, "ig"), review("T1", 7, "ig")]))
+    rc, _, err = _cli(capsys, "review", "import", bad, "--output", uri, "--date", D2, *endpoint)
+    assert rc == 2 and f"bad.json: reviews[1]: unknown cell 's3://in/T1/7.jpg' (not a prediction of run {D2_RUN})" in err
+    rc, _, err = _cli(capsys, "review", "import", bad, "--output", uri, "--date", D1, *endpoint)
+    assert rc == 2 and f"decisions for run_date {D2}, not --date {D1}" in err
+    assert _rows_on(uri, opts, "SELECT * FROM reviews") == []
+
+    good = _write(tmp_path, "good.json", doc(D2, D2_RUN, [review("T1", 0, "ig"), review("T1", 1, "unidentified")],
+                                            ["T1"]))
+    rc, printed, _ = _cli(capsys, "review", "import", good, "--output", uri, "--date", D2, *endpoint)
+    assert rc == 0 and "imported 2 review(s) and 1 sign-off(s)" in printed
+
+    # Exported from run OLD of D1, since replaced by NEW: S1's cell is still there (same content), S2 is gone.
+    late = _write(tmp_path, "late.json", doc(D1, OLD, [review("S1", 2, "basophil"), review("S2", 3, "monocyte")],
+                                            ["S1", "S2"]))
+    rc, printed, _ = _cli(capsys, "review", "import", late, "--output", uri, "--date", D1, *endpoint)
+    assert rc == 0 and "imported 2 review(s) and 2 sign-off(s)" in printed
+    assert f"1 review(s) name an image that run {NEW} (which replaced run {OLD}" in printed
+    assert "sign-off of sample S2 kept, but run" in printed and "sign-off of sample S1 was made on run" in printed
+    statuses = {(r["sample_id"], r["review_status"]) for r in _rows_on(uri, opts, "SELECT * FROM reviews")}
+    assert statuses == {("T1", "applied"), ("S1", "applied"), ("S2", "unmatched")}
+
+    # Any Delta reader: deltalake alone, with nothing but the store's address and credentials.
+    options = {}
+    if opts:
+        options = {"AWS_ENDPOINT_URL": opts["endpoint_url"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+                   "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+                   "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]}
+    table = DeltaTable(f"{uri}/verified_differentials", storage_options=options).to_pyarrow_table().to_pylist()
+    got = {(r["run_date"], r["sample_id"]): (r["n_verified"], r["signoff_status"], r["signoff_outdated"])
+           for r in table}
+    assert got[(D2, "T1")] == (2, "signed_off", False) and got[(D2, "T2")] == (0, None, None)
+    # S1 was signed off on the replaced run: kept, shown as outdated.
+    assert got[(D1, "S1")] == (1, "signed_off", True)
+    t1 = next(r for r in table if r["sample_id"] == "T1")
+    assert (t1["count_ig"], t1["reviewers"], t1["signed_off_by"]) == (1, "dr a", "dr b")
+
+
+def _rows_on(uri: str, opts, sql: str) -> list[dict]:
+    con = query.connect(uri, opts)
+    try:
+        return query.fetch_arrow(con, sql).to_pylist()
+    finally:
+        con.close()

@@ -21,7 +21,7 @@ from bloodray.config import load_config
 from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.evaluation.evaluate import fit_ood_reference
-from bloodray.evaluation.ood import SHIFT_FLAG
+from bloodray.ood import SHIFT_FLAG
 from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyConfig, ClassifyError
 from bloodray.nightly.differential import count_columns

@@ -48,7 +48,7 @@ import pyarrow as pa
 
 from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
-from bloodray.nightly import contract, tables
+from bloodray.nightly import contract, dictionary, tables
 from bloodray.nightly.legacy import refuse_legacy
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
@@ -145,11 +145,25 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def _register_dataset(con: duckdb.DuckDBPyConnection, name: str, dataset: Any) -> None:
-    # Registered objects live in DuckDB's temp catalog; the public view on top
-    # of it keeps the name and columns users know.
-    con.register(f"_{name}_files", dataset)
-    con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_files")
+def create_view(con: duckdb.DuckDBPyConnection, name: str, data: Any, where: str | None = None,
+                order: str | None = None) -> None:
+    """Create view ``name`` over an Arrow table or dataset, with the clearer column names of
+    :data:`bloodray.nightly.dictionary.ALIASES` beside the stored ones.
+
+    The view scans ``data`` directly (a relation, not a registered name), so no internal ``_*_files`` object shows
+    beside the public views in ``SHOW TABLES``.
+    """
+    rel = con.from_arrow(data)
+    if where:
+        rel = rel.filter(where)
+    if order:
+        rel = rel.order(order)
+    rel.project("*" + dictionary.alias_select(name)).create_view(name, replace=False)
+
+
+def create_empty_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """An empty view with the contract's columns (and the aliases), so queries bind on a fresh root too."""
+    con.execute(f"CREATE VIEW {name} AS SELECT *{dictionary.alias_select(name)} FROM ({_empty_view_sql(name)})")
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_options: Mapping[str, Any] | None,
@@ -158,17 +172,16 @@ def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_optio
     # Materialised (one row per run): the view must not read files once locked.
     committed = tables.committed_runs(output_uri, storage_options, as_of=as_of)
     if committed.num_rows:
-        con.register("_all_runs_files", committed)
-        con.execute("CREATE VIEW all_runs AS SELECT * FROM _all_runs_files "
-                    f"WHERE status = '{contract.COMMITTED}' ORDER BY run_date, committed_at")
-        con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
+        create_view(con, "all_runs", committed, where=f"status = '{contract.COMMITTED}'",
+                    order="run_date, committed_at")
     else:
-        con.execute(f"CREATE VIEW all_runs AS {_empty_view_sql('all_runs')}")
-        con.execute(f"CREATE VIEW runs AS {_empty_view_sql('runs')}")
+        create_empty_view(con, "all_runs")
+    # all_runs already has the aliases.
+    con.execute(f"CREATE VIEW runs AS {contract.visible_runs_sql('all_runs')}")
     for table in DATA_TABLES:
         # The Delta log picks the files (the current version holds the latest committed run of each date);
         # pyarrow reads them lazily, with DuckDB's projection and filter pushdown.
-        _register_dataset(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
+        create_view(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
 
 
 def _warn_pending(output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
@@ -281,8 +294,8 @@ def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str) -
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if _refused(exc):
             raise QueryError(f"query against {output_uri} refused: {first} (bloodray query is read-only: "
-                             "it reads the views runs, all_runs, predictions, differentials and errors, "
-                             "and no files, extensions or settings)") from exc
+                             f"it reads the views {', '.join(VIEWS)}, and no files, extensions or settings)"
+                             ) from exc
         raise QueryError(f"query against {output_uri} failed: {first}") from exc
 
 

@@ -6,11 +6,14 @@
 local or object-storage folder, by default ``<out>/reports/run_date=<D>/``. It
 reads at phone (390 px) and desktop widths. In order:
 
-* the research-use statement and a one-line summary (samples, flagged, cells to review);
-* flagged samples;
+* the research-use statement and a one-line summary (samples, flagged, cells to review; once
+  anything was reviewed or signed off, the verified counts with the machine's beside them);
+* flagged samples (by the verified flags once reviewed);
+* review and sign-off: per sample who reviewed, what is left, who signed off; reviews that no longer
+  match an image (:mod:`~bloodray.analysis.report_verified`);
 * one section per sample: its differential with confidence intervals and
-  flags, then its cell gallery grouped by class (unidentified and review cells
-  first, each with file name, class, confidence and OOD score when present);
+  flags (machine and verified side by side once reviewed), then its cell gallery grouped by class
+  (unidentified and review cells first, each with file name, class, confidence and OOD score when present);
 * overview figures: differentials against the reference ranges, flags, review share, predictions;
 * errors by stage and type;
 * engineering details: run manifest fields, stage timings, superseded runs.
@@ -28,6 +31,7 @@ from bloodray import storage
 
 from bloodray.analysis import gallery, query
 from bloodray.analysis import report_figures as rfig
+from bloodray.analysis import report_verified as rver
 from bloodray.analysis.report_figures import TOP_N
 from bloodray.classes import DIFFERENTIAL_CLASSES, reference_ranges
 from bloodray.nightly.contract import RUN_DATE_PREFIX
@@ -53,6 +57,7 @@ class _Page:
     figures: dict[str, bytes] = field(default_factory=dict)
     cells: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sample_id -> gallery cells
     thumbs: dict[str, bytes] = field(default_factory=dict)  # image_uri -> JPEG
+    verified: rver.Verified = field(default_factory=rver.Verified)
 
 
 # --------------------------------------------------------------------------- data
@@ -80,7 +85,7 @@ def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, A
             con, "SELECT run_id, committed_at FROM all_runs WHERE run_date = ? AND run_id <> ? "
             "ORDER BY committed_at DESC", [run_date, run["run_id"]])
         samples = _rows(con, "SELECT * FROM differentials WHERE run_date = ? ORDER BY sample_id", [run_date])
-        page = _Page(run=run, samples=samples, superseded=superseded)
+        page = _Page(run=run, samples=samples, superseded=superseded, verified=rver.load(con, run_date))
 
         pred_cols = _columns(con, "predictions")
         review = "count(*) FILTER (WHERE needs_review)" if "needs_review" in pred_cols else "0"
@@ -193,13 +198,20 @@ def _summary_html(page: _Page) -> str:
 
 
 def _flagged_html(page: _Page) -> str:
-    flagged = [s for s in page.samples if rfig.flagged(s)]
+    if page.verified.active:  # what the lab acts on: the flags after review, the machine's beside them
+        pairs = [(page.verified.samples.get(str(s.get("sample_id")), s), s) for s in page.samples]
+        flagged = [(v, s) for v, s in pairs if rfig.flagged(v)]
+        header, rows = ("sample_id", "flags after review", "machine flags", "n_wbc"), [
+            (v.get("sample_id"), ", ".join(rfig.flags_of(v)), ", ".join(rfig.flags_of(s)), v.get("n_wbc"))
+            for v, s in flagged]
+    else:
+        flagged = [(s, s) for s in page.samples if rfig.flagged(s)]
+        header, rows = ("sample_id", "flags", "n_wbc"), [
+            (s.get("sample_id"), ", ".join(rfig.flags_of(s)), s.get("n_wbc")) for s, _ in flagged]
     parts = [f"<h2>Flagged samples ({len(flagged)} of {len(page.samples)})</h2>"]
     if not flagged:
         return parts[0] + "<p>No sample is flagged.</p>"
-    parts.append(_table(("sample_id", "flags", "n_wbc"),
-                        [(s.get("sample_id"), ", ".join(rfig.flags_of(s)), s.get("n_wbc")) for s in flagged],
-                        (False, False, True)))
+    parts.append(_table(header, rows, [False] * (len(header) - 1) + [True]))
     if "flags.png" in page.figures:
         parts.append(_img(page, "flags.png", "Number of samples per flag"))
     return "".join(parts)
@@ -316,9 +328,10 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
               f"{_fmt(s.get('n_review'))} to review, {_fmt(s.get('n_errors'))} unreadable")
     flag_line = (f"<p class=flags>Flags: {_e(', '.join(flags))}</p>" if flags else "<p>No flags.</p>")
     cells = page.cells.get(sid, [])
-    return (f"<section id='sample-{_e(sid)}'><h2>Sample {_e(sid)}</h2>{flag_line}<p class=muted>{_e(counts)}</p>"
-            + gallery.scroll(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
-            + "<h3>Cells</h3>" + gallery.gallery(cells, page.thumbs) + "</section>")
+    differential = (flag_line + gallery.scroll(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
+                    if not page.verified.active else rver.sample_block(s, page.verified.samples.get(sid)))
+    return (f"<section id='sample-{_e(sid)}'><h2>Sample {_e(sid)}</h2><p class=muted>{_e(counts)}</p>"
+            + differential + "<h3>Cells</h3>" + gallery.gallery(cells, page.thumbs) + "</section>")
 
 
 def _html(page: _Page, output_uri: str) -> str:
@@ -327,14 +340,12 @@ def _html(page: _Page, output_uri: str) -> str:
                   key=lambda k: int(k.split("_")[1].split(".")[0]))
     diff = "".join(_img(page, k, "WBC differential against reference ranges") for k in figs)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    n_flagged = sum(rfig.flagged(s) for s in page.samples)
-    n_review = sum(int(rfig.num(s.get("n_review")) or 0) for s in page.samples)
     body = (
         f"<h1>bloodray report — {_e(run.get('run_date'))}</h1>"
         + _shift_banner(page)
-        + f"<p><b>{len(page.samples)}</b> samples, <b>{n_flagged}</b> flagged, <b>{n_review}</b> cells to review. "
-        "Each sample below shows its differential (with 95 % intervals) and its cells, review cells first.</p>"
+        + rver.headline(page.samples, page.verified)
         + _flagged_html(page)
+        + rver.section(page.samples, page.verified)
         + "".join(_sample_html(page, s) for s in page.samples)
         + "<h2>Overview</h2>" + (diff or "<p>No samples in this run.</p>")
         + _samples_html(page) + _review_html(page) + _predictions_html(page) + _errors_html(page)

@@ -23,20 +23,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bloodray.config import ConfigError
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation suited to cell crops (orientation carries no meaning)."""
 
+@dataclass
+class JitterConfig:
+    """Settings both augmentation schemes share: mirror, zoom and colour jitter.
+
+    Each key is declared once, here: :class:`AugmentConfig` (``train.augment`` of ``bloodray train``) and
+    :class:`WarpAugmentConfig` (the pack trainer's top-level keys) inherit it.
+    """
+
+    #: mirror half of the images left-right (orientation carries no meaning in a cell crop).
     flips: bool = True
-    rotate90: bool = True
     #: max relative change of brightness/contrast/saturation (stain variation).
     color_jitter: float = 0.1
     #: hue shift in [-hue, hue] as a fraction of the colour circle.
     hue_jitter: float = 0.02
-    #: random zoom: crop a square of this fraction of the side (min), resized back.
+    #: smallest zoom: the CPU scheme crops a square of U(min_scale, 1) of the side and resizes it back; the warp
+    #: scheme scales by U(min_scale, max_scale).
     min_scale: float = 0.85
-    #: zoom-out: shrink the image by up to this factor (1 = off) onto the background colour of its border.
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ConfigError(f"{_at(prefix, 'min_scale')}: must be in (0, 1]")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ConfigError(f"{_at(prefix, 'color_jitter')}: must be in [0, 1)")
+
+
+@dataclass
+class RobustConfig:
+    """Robustness to other labs' slides (issue 12), applied by :func:`robust_batch`; all off by default."""
+
+    #: zoom-out: shrink the image by up to this factor (1 = off) onto the background colour of its border
+    #: (another magnification).
     zoom_out: float = 1.0
     #: share of images that are zoomed out (when ``zoom_out`` > 1).
     zoom_out_prob: float = 0.5
@@ -44,13 +64,15 @@ class AugmentConfig:
     stain_jitter: float = 0.0
     #: gamma ``exp(U(-g, g))`` applied to the 0..1 intensities (0 = off).
     gamma: float = 0.0
-    #: share of images blurred (defocus), with a Gaussian of sigma U(0.3, blur_sigma) px.
+    #: share of images blurred (defocus), with a Gaussian of sigma U(0.3, blur_sigma) px (0 = off).
     blur_prob: float = 0.0
+    #: largest Gaussian sigma of the defocus blur, in px.
     blur_sigma: float = 1.5
     #: Gaussian noise of std U(0, noise_std) on the 0..255 scale (0 = off).
     noise_std: float = 0.0
-    #: share of images re-compressed as JPEG at a quality drawn from [jpeg_quality_min, 95].
+    #: share of images re-compressed as JPEG at a quality drawn from [jpeg_quality_min, 95] (0 = off).
     jpeg_prob: float = 0.0
+    #: lowest JPEG quality of the re-compression.
     jpeg_quality_min: int = 30
 
     @property
@@ -58,6 +80,39 @@ class AugmentConfig:
         """Whether any robustness augmentation of :func:`robust_batch` is on."""
         return (self.zoom_out > 1.0 and self.zoom_out_prob > 0) or self.stain_jitter > 0 or self.gamma > 0 \
             or self.blur_prob > 0 or self.noise_std > 0 or self.jpeg_prob > 0
+
+    def validate(self, prefix: str) -> None:
+        if not 1.0 <= self.zoom_out <= 4.0:
+            raise ConfigError(f"{_at(prefix, 'zoom_out')}: must be in [1, 4] (1 = off)")
+        for name in ("zoom_out_prob", "blur_prob", "jpeg_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{_at(prefix, name)}: must be in [0, 1]")
+        if not 0.0 <= self.stain_jitter < 1.0:
+            raise ConfigError(f"{_at(prefix, 'stain_jitter')}: must be in [0, 1)")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"{_at(prefix, 'gamma')}: must be in [0, 1]")
+        if self.blur_sigma < 0.3:
+            raise ConfigError(f"{_at(prefix, 'blur_sigma')}: must be >= 0.3")
+        if not 0.0 <= self.noise_std <= 64.0:
+            raise ConfigError(f"{_at(prefix, 'noise_std')}: must be in [0, 64] (0..255 scale)")
+        if not 1 <= self.jpeg_quality_min <= 95:
+            raise ConfigError(f"{_at(prefix, 'jpeg_quality_min')}: must be in [1, 95]")
+
+
+@dataclass
+class AugmentConfig(JitterConfig, RobustConfig):
+    """Training augmentation of :func:`augment_batch` (the Ray Train workers), suited to cell crops."""
+
+    #: rotate by a random multiple of 90 degrees.
+    rotate90: bool = True
+
+    def validate(self, prefix: str) -> None:
+        JitterConfig.validate(self, prefix)
+        RobustConfig.validate(self, prefix)
+
+
+def _at(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
@@ -247,19 +302,23 @@ def _jitter_colors(images: np.ndarray, rng: np.random.Generator, cfg: AugmentCon
     return _to_uint8(out).reshape(images.shape)
 
 
-@dataclass(frozen=True)
-class WarpAugmentConfig:
+@dataclass
+class WarpAugmentConfig(JitterConfig):
     """Augmentation of :func:`augment_on_device`: a free affine warp, then the colour jitter."""
 
     #: rotation by any angle (cell orientation carries no meaning).
     rotate: bool = True
-    flips: bool = True
-    min_scale: float = 0.9
+    #: largest zoom of the warp (``min_scale`` is the smallest).
     max_scale: float = 1.1
     #: shift as a fraction of the side.
     translate: float = 0.05
-    color_jitter: float = 0.1
-    hue_jitter: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        if not 0 < self.min_scale <= self.max_scale:
+            raise ConfigError(f"{_at(prefix, 'min_scale')}/max_scale: need 0 < min_scale <= max_scale "
+                              f"(got {self.min_scale}, {self.max_scale})")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ConfigError(f"{_at(prefix, 'color_jitter')}: must be in [0, 1)")
 
 
 def augment_on_device(images, cfg: WarpAugmentConfig, generator=None):

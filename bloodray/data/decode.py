@@ -36,6 +36,21 @@ DEFAULT_MAX_ASPECT_RATIO = 3.0
 DEFAULT_MIN_CONTRAST = 2.0
 
 
+@dataclass
+class PixelLimit:
+    """The decoding limit every job shares (``data.max_pixels`` of training, ``limits.max_pixels`` of the nightly
+    job): declared once here."""
+
+    #: images with more pixels (width x height) are refused before decoding (error ``too_large``).
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self, prefix: str) -> None:
+        if self.max_pixels < 1:
+            from bloodray.config import ConfigError
+
+            raise ConfigError(f"{prefix}.max_pixels: must be >= 1, got {self.max_pixels}")
+
+
 class ImageDecodeError(ValueError):
     """An input could not be turned into an RGB image; ``kind`` is one of :data:`FAILURE_KINDS`."""
 

@@ -226,7 +226,7 @@ def _subset(rows: list[dict[str, Any]], limit: int | None, seed: int = 0) -> lis
 
 def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
                       storage_options: Mapping[str, Any] | None = None, train_cells: int | None = OOD_TRAIN_CELLS):
-    """Fit :class:`~bloodray.evaluation.ood.OodReference` for ``checkpoint`` on labelled train and val rows.
+    """Fit :class:`~bloodray.ood.OodReference` for ``checkpoint`` on labelled train and val rows.
 
     Features come from the same Ray Data pipeline as every prediction
     (:func:`predict_rows`); training rows are subsampled to ``train_cells``
@@ -234,7 +234,7 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
     labels), so a calibration needs no second pass over val.
     """
     from bloodray.checkpoint import load_checkpoint
-    from bloodray.evaluation.ood import early_layer, fit_ood
+    from bloodray.ood import early_layer, fit_ood
 
     loaded = load_checkpoint(checkpoint, storage_options)
     early = early_layer(loaded.model, loaded.metadata.input_size)
@@ -270,7 +270,7 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     checkpoint plays no part. Writes the run's calibrated checkpoint
     (:func:`bloodray.rundir.calibrated_dir`: the best checkpoint's weights with
     the fitted ``temperature``, ``review_threshold`` and ``calibration``
-    report, and the OOD reference (:mod:`bloodray.evaluation.ood`) fitted on
+    report, and the OOD reference (:mod:`bloodray.ood`) fitted on
     up to :data:`OOD_TRAIN_CELLS` training cells and standardised and
     thresholded on val), which :func:`~bloodray.checkpoint.resolve_checkpoint`
     then prefers for the run.

@@ -15,8 +15,8 @@ from typing import Literal
 
 from bloodray.classes import DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
 from bloodray.config import ConfigError, StorageConfig
-from bloodray.data.decode import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE_PX,
-                                  DEFAULT_MIN_CONTRAST, DEFAULT_MIN_SIDE_PX, CellImageLimits)
+from bloodray.data.decode import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE_PX, DEFAULT_MIN_CONTRAST,
+                                  DEFAULT_MIN_SIDE_PX, CellImageLimits, PixelLimit)
 from bloodray.data.stages import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, ReadLimits
 
 #: Review threshold used when neither the config nor the checkpoint sets one.
@@ -38,6 +38,8 @@ class InputConfig:
 
     #: archive root, local path or ``s3://`` URI (with ``run.date``: the parent of the date folders).
     uri: str
+    #: ``auto``: image files and ``*.tar`` shards; ``folders``: ``<sample_id>/**/<image>``; ``tar``: ``**/*.tar``
+    #: shards of ``<sample_id>/<image>`` members.
     layout: Literal["auto", "folders", "tar"] = "auto"
     #: ``parent``: the image's parent folder; ``root``: first path component under the archive root.
     sample_id_from: Literal["parent", "root"] = "parent"
@@ -51,6 +53,7 @@ class InputConfig:
 class OutputConfig:
     """Where results go (see :mod:`bloodray.nightly.contract` for the layout)."""
 
+    #: output root, local path or ``s3://`` URI: the Delta tables live under it.
     uri: str
     #: upper bound of rows per Parquet file of the output tables.
     rows_per_file: int = 100_000
@@ -185,11 +188,9 @@ def _require_finite(prefix: str, name: str, value: float) -> None:
 
 
 @dataclass
-class LimitsConfig:
-    """Input safety limits (README, "Input rules")."""
+class LimitsConfig(PixelLimit):
+    """Input safety limits (docs/reliability.md, "Input rules"); ``max_pixels`` is :class:`PixelLimit`'s."""
 
-    #: images with more pixels (width x height) are refused before decoding (errors, ``too_large``).
-    max_pixels: int = DEFAULT_MAX_PIXELS
     #: files (and tar members) larger than this many bytes are not read (errors, ``file_too_large``).
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     #: a local file read taking longer than this is abandoned (errors, ``read_timeout``).
@@ -206,7 +207,8 @@ class LimitsConfig:
     def validate(self, prefix: str) -> None:
         for name in ("read_timeout_s", "max_aspect_ratio", "min_contrast"):
             _require_finite(prefix, name, getattr(self, name))
-        for name in ("max_pixels", "max_file_bytes", "min_side_px", "max_side_px"):
+        PixelLimit.validate(self, prefix)
+        for name in ("max_file_bytes", "min_side_px", "max_side_px"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.read_timeout_s <= 0:

@@ -167,7 +167,7 @@ def shift_fields() -> list[tuple[str, pa.DataType]]:
     """Domain-shift columns of ``differentials`` (per sample) and ``runs`` (the whole run).
 
     ``n_unidentified`` cells were not counted; the statistics
-    (:func:`bloodray.evaluation.ood.shift_statistics`) are null without an OOD
+    (:func:`bloodray.ood.shift_statistics`) are null without an OOD
     reference, and ``domain_shift`` is then false.
     """
     return [("n_unidentified", pa.int64()), ("share_unidentified", pa.float64()),

@@ -1,14 +1,14 @@
 """The domain-shift alarm of a nightly run: per-sample and per-run tests against the checkpoint's reference.
 
-The checkpoint's OOD reference (:mod:`bloodray.evaluation.ood`, stored by
+The checkpoint's OOD reference (:mod:`bloodray.ood`, stored by
 ``bloodray calibrate``) carries the validation OOD-score quantiles and the
 validation share of unidentified cells. Each sample's scores, and all the
 run's scores together, are tested against them
-(:func:`bloodray.evaluation.ood.shift_statistics`: a binomial test of the
+(:func:`bloodray.ood.shift_statistics`: a binomial test of the
 unidentified share and a one-sided KS test of the scores, each needing
 significance at ``shift.alpha`` and an effect of at least
 ``shift.min_effect``). A sample under the alarm gets the single flag
-:data:`~bloodray.evaluation.ood.SHIFT_FLAG`; its other flags are withheld
+:data:`~bloodray.ood.SHIFT_FLAG`; its other flags are withheld
 (their columns false), because a differential of cells the model does not
 recognise says nothing clinical. The run is under the alarm when its pooled
 test fires or any of its samples is.
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-from bloodray.evaluation.ood import SHIFT_FLAG, ShiftRule, shift_statistics
+from bloodray.ood import SHIFT_FLAG, ShiftRule, shift_statistics
 from bloodray.nightly.differential import flag_columns
 
 __all__ = ["SHIFT_FLAG", "SHIFT_COLUMNS", "ShiftRule", "apply_shift", "no_shift", "withhold_flags"]

@@ -51,7 +51,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bloodray import storage
-from bloodray.nightly import contract
+from bloodray.nightly import contract, dictionary
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ def open_table(output_uri: str, table: str, storage_options: Mapping[str, Any] |
 
 
 def _schema(table: str) -> pa.Schema:
-    return contract.with_run_date(contract.SCHEMAS[table]())
+    # Column comments (the data dictionary) travel in the Delta schema, so any Delta reader can show them.
+    return dictionary.documented_schema(table, contract.with_run_date(contract.SCHEMAS[table]()))
 
 
 def _ensure_table(fs, root: str, table: str, storage_options: Mapping[str, Any] | None):

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from bloodray.analysis import gallery, query
 from bloodray.classes import CLASS_NAMES
-from bloodray.evaluation.ood import SHIFT_FLAG
+from bloodray.nightly.shift import SHIFT_FLAG
 from bloodray.nightly import contract
 from bloodray.nightly.differential import count_columns, rules_data
 from bloodray.nightly.sample_metadata import SAMPLE_ID_COLUMN, WBC_COLUMN

@@ -196,6 +196,9 @@ def import_decisions(output_uri: str, run_date: str, review_file: str, reviewer:
         con.close()
     now = dt.datetime.now(dt.timezone.utc)
     reviews, signoffs, notes = resolve(decisions, run_date, state, review_file, now)
+    if decisions.output_uri and decisions.output_uri.rstrip("/") != str(output_uri).rstrip("/"):
+        # Informational only (a bucket may be mounted under another name), but worth a look.
+        notes.append(f"the file was exported from {decisions.output_uri}, and is imported into {output_uri}")
     import_id = f"review-{hashlib.sha256(data).hexdigest()[:24]}"
     fs, root = contract.output_root(output_uri, storage_options)
     uri, fresh = storage.full_uri(fs, contract.review_path(root, run_date, import_id)), False
@@ -278,3 +281,19 @@ def refresh_verified(output_uri: str, run_date: str,
     return VerifiedRefresh(uri=storage.full_uri(fs, path), run_date=run_date, n_samples=data.num_rows,
                            n_verified=sum(v or 0 for v in data.column("n_verified").to_pylist()),
                            n_reviews_unmatched=n_unmatched)
+
+
+def refresh_dates(output_uri: str, run_date: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> list[VerifiedRefresh]:
+    """``bloodray review refresh``: commit ``verified_differentials`` for one date, or for every committed date.
+
+    Imports and runs keep the table current by themselves; this fills it for
+    dates classified before it existed (an output upgraded from an older bloodray).
+    """
+    dates = [str(run_date)] if run_date else tables.visible_runs(output_uri, storage_options).column(
+        contract.RUN_DATE).to_pylist()
+    if not dates:
+        raise ReviewError(f"{output_uri}: no committed run; nothing to refresh")
+    if run_date and not tables.visible_runs(output_uri, storage_options, str(run_date)).num_rows:
+        raise ReviewError(f"{output_uri}: no committed run for run_date={run_date}")
+    return [refresh_verified(output_uri, d, storage_options) for d in dates]

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from bloodray.classes import CLASS_NAMES
 from bloodray.config import from_dict, load_yaml_text
 from bloodray.nightly import contract, tables
+from bloodray.nightly.dictionary import alias_select
 from bloodray.nightly.config import FlagsConfig
 from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, load_flag_rules
 from bloodray.nightly.sample_metadata import load_sample_metadata
@@ -211,6 +212,8 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     plain = ", ".join(f'CAST(0 AS BIGINT) AS "{n}"' if n in zero
                       else f'CAST("{n}" AS {t}) AS "{n}"' if n in have else f'CAST(NULL AS {t}) AS "{n}"'
                       for n, t in _cols(contract.VERIFIED_DIFFERENTIALS))
+    # The clearer column names of the dictionary's ALIASES sit beside the stored ones (issue 24).
     con.execute(f"""CREATE VIEW {contract.VERIFIED_DIFFERENTIALS} AS
+        SELECT *{alias_select(contract.VERIFIED_DIFFERENTIALS)} FROM (
         SELECT {plain} FROM differentials WHERE run_date NOT IN (SELECT run_date FROM _verified_reviewed_runs)
-        UNION ALL SELECT * FROM _verified_reviewed_runs""")
+        UNION ALL SELECT * FROM _verified_reviewed_runs)""")

@@ -4,34 +4,33 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Literal, Mapping
 
 from bloodray import storage
 from bloodray.config import ConfigError, StorageConfig, apply_overrides, from_dict, load_config, to_dict, validate_tree
-from bloodray.models import UnknownModelError, get_model_info
-from bloodray.train.config import DataSection, OptimSection, ScalingSection, TrainConfig
+from bloodray.models import get_model_info
+from bloodray.train.config import (CheckpointPolicy, DataSection, ModelSection, OptimSection, ScalingSection,
+                                   TrainConfig)
 
 #: Sections a model entry's ``overrides`` may change; data, run and storage are shared by construction.
 OVERRIDABLE = ("model", "train", "scaling")
 
 
 @dataclass
-class ModelEntry:
-    """One model of the comparison; unset fields take the shared ``train`` section's values."""
+class ModelEntry(ModelSection):
+    """One model of the comparison: the training job's ``model`` keys (:class:`ModelSection`; ``name`` required),
+    a label, and a few recipe keys that, when set, replace the shared ``train`` section's for this model."""
 
-    name: str
+    #: any name from ``bloodray models`` (required in each entry).
+    name: str = ""
     #: row name in the tables and run directory name (default: ``name``); must be unique.
     label: str | None = None
-    pretrained: bool = False
-    #: local path or s3:// URI of pretrained weights instead of torchvision's download.
-    weights_uri: str | None = None
-    freeze_backbone: bool = False
-    #: input side in px; None = the registry's native size.
-    input_size: int | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: this model's ``train.epochs`` (null: the shared value).
     epochs: int | None = None
+    #: this model's ``train.batch_size`` (null: the shared value).
     batch_size: int | None = None
+    #: this model's ``train.lr`` (null: the shared value).
     lr: float | None = None
     #: further ``dotted.key=value`` settings of this model's training config (model.*, train.*, scaling.*).
     overrides: list[str] = field(default_factory=list)
@@ -41,22 +40,18 @@ class ModelEntry:
         return self.label or self.name
 
     def validate(self, prefix: str) -> None:
-        try:
-            info = get_model_info(self.name)
-        except UnknownModelError as exc:
-            raise ConfigError(f"{prefix}.name: {exc}") from None
+        if not self.name:
+            raise ConfigError(f"{prefix}.name: required (any name from `bloodray models`)")
+        ModelSection.validate(self, prefix)
+        info = get_model_info(self.name)
         if self.label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.label):
             raise ConfigError(f"{prefix}.label: {self.label!r} must be a name of letters, digits, '.', '_', '+', '-'")
-        if self.weights_uri and not self.pretrained:
-            raise ConfigError(f"{prefix}.weights_uri: set {prefix}.pretrained=true to load it")
         if self.pretrained and not self.weights_uri and not info.imagenet_weights:
             raise ConfigError(f"{prefix}.pretrained: {self.name} has no ImageNet weights; "
                               f"set {prefix}.weights_uri or pretrained=false")
         if self.freeze_backbone and not self.pretrained:
             raise ConfigError(f"{prefix}.freeze_backbone: needs {prefix}.pretrained=true "
                               "(a frozen random backbone learns nothing)")
-        if self.input_size is not None and self.input_size < 16:
-            raise ConfigError(f"{prefix}.input_size: must be >= 16")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"{prefix}.epochs: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
@@ -71,12 +66,11 @@ class ModelEntry:
 
 
 @dataclass
-class OutputSection:
+class OutputSection(CheckpointPolicy):
+    """Where the comparison writes, and each model run's :class:`CheckpointPolicy`."""
+
     #: local folder or s3:// prefix; runs live in <path>/runs/<label>, the tables at <path>/.
     path: str = "compare"
-    #: best K checkpoints per model kept (by validation macro-F1).
-    keep_checkpoints: int = 1
-    max_failures: int = 3
     #: a model whose pretrained weights cannot be loaded: ``fail`` its entry (reason in the table)
     #: or train it from ``scratch`` (labelled so in the table).
     on_pretrained_error: Literal["fail", "scratch"] = "fail"
@@ -84,10 +78,7 @@ class OutputSection:
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise ConfigError(f"{prefix}.path: required (a local folder or s3:// prefix)")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"{prefix}.keep_checkpoints: must be >= 1")
-        if self.max_failures < 0:
-            raise ConfigError(f"{prefix}.max_failures: must be >= 0")
+        CheckpointPolicy.validate(self, prefix)
 
 
 @dataclass
@@ -183,10 +174,8 @@ def train_config_for(cfg: CompareConfig, entry: ModelEntry, *, scratch: bool = F
             train[key] = getattr(entry, key)
     data = {
         "data": to_dict(cfg.data),
-        "model": {"name": entry.name, "pretrained": entry.pretrained and not scratch,
-                  "weights_uri": None if scratch else entry.weights_uri,
-                  "freeze_backbone": entry.freeze_backbone and not scratch,
-                  "input_size": entry.input_size, "kwargs": dict(entry.kwargs)},
+        "model": {f.name: getattr(entry, f.name) for f in fields(ModelSection)}
+                 | ({"pretrained": False, "weights_uri": None, "freeze_backbone": False} if scratch else {}),
         "train": train,
         "scaling": to_dict(cfg.scaling),
         "run": {"name": entry.run_name, "storage_path": cfg.runs_uri,

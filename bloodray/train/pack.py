@@ -20,9 +20,9 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,11 +32,11 @@ from PIL import Image
 from bloodray.classes import CLASS_NAMES, NUM_CLASSES
 from bloodray.config import ConfigError
 from bloodray.data.labelled import SplitFractions, build_split, read_many
-from bloodray.data.augment import AugmentConfig, WarpAugmentConfig, augment_on_device, robust_batch
+from bloodray.data.augment import AugmentConfig, RobustConfig, WarpAugmentConfig, augment_on_device, robust_batch
 from bloodray.data.preset import EvalPreset
-from bloodray.data.stain import METHODS as STAIN_METHODS
 from bloodray.data.stain import reference_sample
-from bloodray.precision import PRECISIONS, resolve_precision
+from bloodray.precision import resolve_precision
+from bloodray.train.config import ModelInit
 from bloodray.train.recipe import Recipe, builder_kwargs, precise_bn, start_training, train_step
 
 PACK_FORMAT = "bloodray-pack-v1"
@@ -157,104 +157,70 @@ def load_pack(path: str | Path, workers: int = 16) -> LoadedPack:
 
 
 @dataclass
-class PackedTrainConfig:
-    """One single-process training run on a pack (see module docstring)."""
+class PackedTrainConfig(Recipe, WarpAugmentConfig, ModelInit):
+    """One single-process training run on a pack (see module docstring).
 
+    The recipe keys (``epochs``, ``lr``, ``optimizer``...) are :class:`~bloodray.train.recipe.Recipe`'s and mean what
+    ``train.*`` means for ``bloodray train``; the augmentation keys (``rotate``, ``flips``, ``min_scale``...) are
+    :class:`~bloodray.data.augment.WarpAugmentConfig`'s; ``init_checkpoint`` and ``stain_norm`` are
+    :class:`~bloodray.train.config.ModelInit`'s (as ``model.*`` of ``bloodray train``). The job's own defaults
+    (AdamW, cosine, EMA...) are in
+    ``configs/train_packed.yaml`` (packaged as the command's default config).
+    """
+
+    #: path of a pack written by ``bloodray pack`` (``jobs/pack.py``).
     pack: str = ""
+    #: output folder: checkpoint, ``result.json``, ``config.yaml`` and the pack's ``split.parquet``.
     output: str = "runs/packed"
+    #: registry name of the model (``bloodray models``).
     model: str = "bloodnet"
+    #: the model builder's options (as ``model.kwargs`` of ``bloodray train``), e.g. ``batch_norm: true``.
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: start from the weights of this bloodray checkpoint (same model and kwargs),
-    #: e.g. to fine-tune on a lossless pack after training on a compressed one.
-    init_checkpoint: str = ""
-    epochs: int = 60
-    batch_size: int = 128
-    #: the recipe keys below mean what the same keys under ``train.`` mean for ``bloodray train``.
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_epochs: int = 3
-    label_smoothing: float = 0.1
-    #: weight of Inception's auxiliary classifier loss.
-    aux_loss_weight: float = 0.4
-    #: decay of the exponential moving average of the weights (0 = off); the
-    #: average and the raw weights are both scored on val, the better one is kept.
-    ema_decay: float = 0.999
-    #: random rotation is any angle: cell orientation carries no meaning.
-    rotate: bool = True
-    flips: bool = True
-    min_scale: float = 0.9
-    max_scale: float = 1.1
-    translate: float = 0.05
-    color_jitter: float = 0.1
-    hue_jitter: float = 0.02
-    #: robustness augmentation (issue 12), keys as under ``train.augment`` of ``bloodray train`` (zoom_out,
-    #: zoom_out_prob, stain_jitter, gamma, blur_prob, blur_sigma, noise_std, jpeg_prob, jpeg_quality_min); the same
+    #: the robustness augmentation, with the keys of ``train.augment`` of ``bloodray train``; the same
     #: :func:`bloodray.data.augment.robust_batch` runs on each batch's CPU copy before the on-device warp.
-    robust: dict[str, Any] = field(default_factory=dict)
-    #: stain normalisation in the preset, as ``model.stain_norm`` of ``bloodray train``: ``reinhard`` or ``none``.
-    #: The reference is ``init_checkpoint``'s when it has one, else fitted on the pack's training images.
-    stain_norm: str = "none"
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    #: evaluate on val every this many epochs.
     eval_every: int = 1
-    #: before each evaluation, re-estimate BatchNorm statistics from this many
-    #: un-augmented training batches ("precise BN"; 0 = off). Running averages
-    #: collected under heavy augmentation and a moving network can be far from
-    #: what clean images produce, which hurts deep BN networks most.
-    precise_bn_batches: int = 0
     #: stop starting new epochs after this many seconds of training (0 = no limit);
     #: the schedule is shortened to fit once the epoch time is known.
     time_budget_s: float = 0.0
-    seed: int = 0
+    #: ``auto`` (the GPU if there is one), ``cpu``, ``cuda``, ``cuda:<n>`` or ``mps``.
     device: str = "auto"
-    #: ``auto``, ``fp32`` or ``bf16``, as ``train.precision`` of ``bloodray train`` (:mod:`bloodray.precision`).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.robust, Mapping):  # a library caller's plain dict, as before the section existed
+            unknown = sorted(set(self.robust) - set(ROBUST_KEYS))
+            if unknown:
+                raise ConfigError(f"robust: unknown key(s) {', '.join(unknown)}; "
+                                  f"expected some of {', '.join(ROBUST_KEYS)}")
+            self.robust = RobustConfig(**self.robust)
 
     def validate(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
         if not self.pack:
             raise ConfigError("pack: path of a pack written by `python jobs/pack.py` is required")
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0 (got {self.lr})")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay: must be in [0, 1) (got {self.ema_decay})")
-        if not 0 < self.min_scale <= self.max_scale:
-            raise ConfigError(f"min_scale/max_scale: need 0 < min_scale <= max_scale (got {self.min_scale}, {self.max_scale})")
-        if self.precise_bn_batches < 0:
-            raise ConfigError(f"precise_bn_batches: must be >= 0 (got {self.precise_bn_batches})")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
-        if self.stain_norm not in STAIN_METHODS:
-            raise ConfigError(f"stain_norm: must be one of {', '.join(STAIN_METHODS)} (got {self.stain_norm!r})")
-        unknown = sorted(set(self.robust) - set(ROBUST_KEYS))
-        if unknown:
-            raise ConfigError(f"robust: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(ROBUST_KEYS)}")
+        Recipe.validate(self, prefix)
+        WarpAugmentConfig.validate(self, prefix)
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every: must be >= 1 (got {self.eval_every})")
+        ModelInit.validate(self, prefix)
 
     def robust_augment(self) -> AugmentConfig | None:
         """The robustness augmentation of this run (None when ``robust`` switches nothing on)."""
-        cfg = AugmentConfig(**self.robust)
+        cfg = AugmentConfig(**{name: getattr(self.robust, name) for name in ROBUST_KEYS})
         return cfg if cfg.robust else None
 
     def recipe(self) -> Recipe:
         """The training recipe of this run (the same one ``bloodray train`` builds from its ``train`` section)."""
-        return Recipe(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
-                      momentum=self.momentum, schedule=self.schedule, warmup_epochs=self.warmup_epochs,
-                      label_smoothing=self.label_smoothing, aux_loss_weight=self.aux_loss_weight,
-                      ema_decay=self.ema_decay, precise_bn_batches=self.precise_bn_batches)
+        return Recipe(**{f.name: getattr(self, f.name) for f in fields(Recipe)})
 
     def warp_augment(self) -> WarpAugmentConfig:
         """The on-device augmentation of this run."""
-        return WarpAugmentConfig(self.rotate, self.flips, self.min_scale, self.max_scale, self.translate,
-                                 self.color_jitter, self.hue_jitter)
+        return WarpAugmentConfig(**{f.name: getattr(self, f.name) for f in fields(WarpAugmentConfig)})
 
 
 #: The robustness keys of ``robust`` (the same names as under ``train.augment``).
-ROBUST_KEYS = ("zoom_out", "zoom_out_prob", "stain_jitter", "gamma", "blur_prob", "blur_sigma", "noise_std",
-               "jpeg_prob", "jpeg_quality_min")
+ROBUST_KEYS = tuple(f.name for f in fields(RobustConfig))
 
 
 def _device(name: str):

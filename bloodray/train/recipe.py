@@ -19,26 +19,66 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
+from bloodray.config import ConfigError
+from bloodray.precision import PRECISIONS
 
-@dataclass(frozen=True)
+
+@dataclass
 class Recipe:
-    """The settings of one training recipe (the trainers' configs name them the same)."""
+    """The training recipe, declared once: ``train.*`` of ``bloodray train`` and ``bloodray compare`` and the top-level
+    keys of the pack trainer (each job sets its own defaults in its YAML). Defaults are the paper's."""
 
-    epochs: int
-    lr: float
+    #: passes over the training split.
+    epochs: int = 150
+    #: images per optimizer step (per worker under Ray Train, so a step sees ``batch_size x num_workers``).
+    batch_size: int = 32
+    #: base learning rate (after the warm-up).
+    lr: float = 1e-3
+    #: ``adam``, ``adamw`` (decoupled weight decay) or ``sgd`` (Nesterov momentum).
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     #: decoupled for adamw, L2 for adam/sgd; never applied to norm scales and biases.
     weight_decay: float = 0.0
+    #: SGD momentum (unused by adam/adamw).
     momentum: float = 0.9
     #: after the warm-up: ``constant`` or ``cosine`` decay to zero at the last step.
     schedule: Literal["constant", "cosine"] = "constant"
+    #: linear warm-up of the learning rate over this many epochs, per optimizer step.
     warmup_epochs: int = 0
+    #: cross-entropy label smoothing.
     label_smoothing: float = 0.0
+    #: weight of Inception's auxiliary classifier loss.
     aux_loss_weight: float = 0.4
-    #: decay per step of the weights' exponential moving average (0 = no average).
+    #: decay per step of the weights' exponential moving average (0 = off); the raw and averaged weights are both
+    #: scored on val each epoch and the better one is kept (metric ``weights``: raw or ema).
     ema_decay: float = 0.0
     #: un-augmented training batches that re-estimate BatchNorm statistics before each evaluation (0 = off).
     precise_bn_batches: int = 0
+    #: ``auto``, ``fp32`` or ``bf16``: bf16 autocast where the CPU or GPU does bf16 natively and a self-check
+    #: passes, else fp32 (:mod:`bloodray.precision`); the precision used is in every epoch's metrics.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: seed of the weights' initialisation, the data order and the augmentation.
+    seed: int = 0
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise :class:`~bloodray.config.ConfigError` naming the first bad key (``prefix.key``)."""
+        def at(name: str) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{at(name)}: must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ConfigError(f"{at('lr')}: must be > 0 (got {self.lr})")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{at('label_smoothing')}: must be in [0, 1)")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ConfigError(f"{at('warmup_epochs')}: must be >= 0 and < epochs")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{at('ema_decay')}: must be in [0, 1) (got {self.ema_decay})")
+        if self.precise_bn_batches < 0:
+            raise ConfigError(f"{at('precise_bn_batches')}: must be >= 0 (got {self.precise_bn_batches})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{at('precision')}: must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
 
 
 def builder_kwargs(model_name: str, kwargs: Mapping[str, Any], input_size: int | None) -> dict[str, Any]:
