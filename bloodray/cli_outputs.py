@@ -152,12 +152,14 @@ def cmd_upgrade_output(args) -> int:
 
 
 def cmd_vacuum(args) -> int:
-    from bloodray.nightly.tables import vacuum
+    from bloodray.nightly.pending import vacuum
 
-    deleted = vacuum(args.output, storage_options(args), retain_hours=args.retain_hours, dry_run=args.dry_run)
+    result = vacuum(args.output, storage_options(args), retain_hours=args.retain_hours, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    for table, files in deleted.items():
-        print(f"{table}: {verb} {len(files)} file(s)")
+    for table, files in result.deleted.items():
+        kept = result.kept.get(table, {})
+        why = f"; kept {len(kept)} file(s): {'; '.join(sorted(set(kept.values())))}" if kept else ""
+        print(f"{table}: {verb} {len(files)} file(s){why}")
     return 0
 
 
@@ -165,11 +167,13 @@ def add_vacuum_parser(sub) -> argparse.ArgumentParser:
     """``bloodray vacuum --output ROOT [--retain-hours H] [--dry-run]``."""
     from bloodray.nightly.tables import DEFAULT_RETAIN_HOURS
 
-    p = sub.add_parser("vacuum", help="delete files of superseded and never-committed runs older than --retain-hours",
+    p = sub.add_parser("vacuum", help="delete files of superseded and never-committed runs older than --retain-hours "
+                                         "(never what a pending commit or a live run needs, nor reviews)",
                        description="Delete, in every Delta table of an output root, the files no version younger "
                                    "than --retain-hours needs: runs replaced by a rerun of their date, and runs that "
-                                   "crashed before committing. `bloodray query --as-of` cannot go back further than "
-                                   "the retention afterwards.")
+                                   "crashed before committing. Never deleted: files a pending commit or a live run "
+                                   "still needs, and review files. `bloodray query --as-of` cannot go back further "
+                                   "than the retention afterwards.")
     p.add_argument("--output", required=True, help="output root of the classify job (local or s3://)")
     p.add_argument("--retain-hours", type=int, default=DEFAULT_RETAIN_HOURS,
                    help=f"keep what versions of the last H hours need (default {DEFAULT_RETAIN_HOURS}, Delta's own)")

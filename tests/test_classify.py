@@ -185,6 +185,38 @@ def test_listing_assigns_samples_by_parent_or_root(tmp_path):
     assert list_inputs(str(tmp_path), "tar").files == []
 
 
+def test_symlinked_sample_folders_are_followed_and_loops_and_dangling_links_are_error_rows(tmp_path):
+    """Issue 23 item 3: a linked sample folder is listed like a real one, under the link's path; nothing is silent."""
+    archive, elsewhere = tmp_path / "archive" / "2024-01-01", tmp_path / "elsewhere"
+    for rel in ("S1/a.jpg", "S1/b.jpg"):
+        (archive / rel).parent.mkdir(parents=True, exist_ok=True)
+        (archive / rel).write_bytes(b"x")
+    for rel in ("S2/c.jpg", "S2/field/d.jpg", "S2/e.tar"):
+        (elsewhere / rel).parent.mkdir(parents=True, exist_ok=True)
+        (elsewhere / rel).write_bytes(b"x")
+    (archive / "S2").symlink_to(elsewhere / "S2")  # a sample folder kept on another disk
+    (archive / "S1" / "loop").symlink_to(archive)  # a link back up: would list the archive forever
+    (archive / "S3").symlink_to(archive / "S1")  # a second path to a folder already listed
+    (archive / "S4").symlink_to(tmp_path / "unmounted" / "S4")  # dangling: a folder on a disk not mounted
+    listing = list_inputs(str(archive), "auto", "root")
+    rel = sorted((Path(u).relative_to(archive).as_posix(), s) for u, s in listing.files)
+    assert rel == [("S1/a.jpg", "S1"), ("S1/b.jpg", "S1"), ("S2/c.jpg", "S2"), ("S2/field/d.jpg", "S2")]
+    assert [Path(u).relative_to(archive).as_posix() for u in listing.shards] == ["S2/e.tar"]
+    errors = {Path(e["image_uri"]).relative_to(archive).as_posix(): (e["sample_id"], e["stage"], e["error_type"])
+              for e in listing.errors}
+    assert errors == {"S1/loop": ("S1", "list", "symlink_loop"), "S3": (None, "list", "linked_folder_listed"),
+                      "S4": (None, "list", "broken_link")}
+    messages = {Path(e["image_uri"]).name: e["message"] for e in listing.errors}
+    assert str(archive) in messages["loop"] and str(archive / "S1") in messages["S3"]
+    assert str(tmp_path / "unmounted" / "S4") in messages["S4"]
+    assert listing.ignored == 0
+    # The date folder itself may be a link (as before).
+    (tmp_path / "dates").mkdir()
+    (tmp_path / "dates" / "2024-01-01").symlink_to(archive)
+    again = list_inputs(str(tmp_path / "dates" / "2024-01-01"), "auto", "root")
+    assert len(again.files) == 4 and len(again.errors) == 3
+
+
 def _tar(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

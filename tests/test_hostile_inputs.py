@@ -120,6 +120,18 @@ def write_hostile_archive(day: Path) -> tuple[dict[str, str], set[str], set[str]
     good.add(f"{day / 'cut.tar'}#S4/a.jpg")
     expected[f"{day / 'cut.tar'}#S4/b.jpg"] = "truncated"
     expected[str(day / "cut.tar")] = "corrupt_archive"
+    # Issue 23 item 3: a sample folder that is a link is followed (its images under the link's path); a link
+    # back up and a dangling link are error rows.
+    elsewhere = day.parent.parent / "elsewhere" / "S5"
+    elsewhere.mkdir(parents=True)
+    for i in range(2):
+        (elsewhere / f"linked_{i}.jpg").write_bytes(_cell(50 + i))
+        good.add(str(day / "S5" / f"linked_{i}.jpg"))
+    (day / "S5").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(day)
+    expected[str(day / "S5" / "up")] = "symlink_loop"
+    (day / "S6").symlink_to(day.parent.parent / "not-mounted" / "S6")
+    expected[str(day / "S6")] = "broken_link"
     return expected, good, ignored
 
 

@@ -218,3 +218,59 @@ def test_gallery_puts_unidentified_then_review_cells_first_and_shows_ood_scores(
     assert "ok.jpg" not in page and "1 more confident cell(s) not shown" in page  # capped per class
     assert "eo.jpg" not in page and "no thumbnail" not in page
     assert page.count("src='data:image/jpeg;base64,") == 2
+
+
+def test_labels_get_collision_free_names_and_hash_paths_are_not_taken_for_tar_members(tmp_path, capsys):
+    """Issue 23 item 4: five reviewed cells, two pairs sharing sample and file name, one plain path with '#'."""
+    import hashlib
+    import tarfile
+
+    import pyarrow.parquet as pq
+    from test_query_report import _manifest
+
+    from bloodray.nightly import tables
+
+    run_id, out, arch = "run-labels", str(tmp_path / "out"), tmp_path / "archive"
+    originals: dict[str, bytes] = {}
+    for i, rel in enumerate(("S1/a/x.jpg", "S1/b/x.jpg", "S#3/cell.jpg")):
+        (arch / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = thumbnail_jpeg(__import__("numpy").full((40, 40, 3), 30 * i + 10, "uint8"))
+        (arch / rel).write_bytes(data)
+        originals[str(arch / rel)] = data
+    for i, shard in enumerate(("shard1.tar", "shard2.tar")):
+        data = thumbnail_jpeg(__import__("numpy").full((40, 40, 3), 200 + 20 * i, "uint8"))
+        with tarfile.open(arch / shard, "w") as tar:
+            info = tarfile.TarInfo("S2/y.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        originals[f"{arch / shard}#S2/y.jpg"] = data
+    samples = {u: ("S2" if ".tar#" in u else u.split("/archive/")[1].split("/")[0]) for u in originals}
+    rows = [{"run_id": run_id, "sample_id": samples[u], "image_uri": u, "image_sha256": hashlib.sha256(d).hexdigest(),
+             "predicted_class": "neutrophil", "confidence": 0.5, "needs_review": True} for u, d in originals.items()]
+    fs, root = contract.output_root(out)
+    part = contract.partition_dir(root, "predictions", DATE, run_id) + "/part-0.parquet"
+    fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
+    pq.write_table(__import__("pyarrow").Table.from_pylist(rows, schema=contract.predictions_schema()), part)
+    tables.commit_files(out, "predictions", DATE, run_id, [part], replace_date=True)
+    manifest = contract.manifest_path(root, DATE, run_id)
+    fs.makedirs(manifest.rsplit("/", 1)[0], exist_ok=True)
+    from test_query_report import _ts
+
+    pq.write_table(_manifest(run_id, DATE, _ts(1), 5, 0, 3).drop_columns(["run_date"]), manifest)
+    tables.commit_files(out, contract.RUNS, DATE, run_id, [manifest], replace_date=False)
+    review = _write_csv(tmp_path / "filled.csv", [{"image_uri": u, "verified_class": "monocyte", "reviewer": "dr y"}
+                                                  for u in originals])
+    from bloodray.review.records import import_decisions
+
+    assert import_decisions(out, DATE, review).n_reviews == 5
+
+    labels = tmp_path / "labels"
+    rc, printed, _ = _cli(capsys, "review", "labels", "--output", out, "--dest", str(labels))
+    assert rc == 0 and "wrote 5 original image(s) and 0 thumbnail(s)" in printed, printed
+    files = sorted((labels / "monocyte").iterdir())
+    assert len(files) == 5
+    listed = _read_csv(labels / roundtrip.LABELS_MANIFEST)
+    assert len({r["file"] for r in listed}) == 5 and {r["source"] for r in listed} == {"archive"}
+    for r in listed:  # each file holds the bytes of its own cell, the '#' path's included
+        assert (labels / r["file"]).read_bytes() == originals[r["image_uri"]], r
+        assert r["file"].split("/")[1].startswith(r["sample_id"] + "__")

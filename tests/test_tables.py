@@ -26,7 +26,7 @@ from bloodray.analysis import query
 from bloodray.cli import run as cli_run
 from bloodray.config import load_config
 from bloodray.data import synth
-from bloodray.nightly import commit, contract, tables
+from bloodray.nightly import commit, contract, pending, tables
 from bloodray.nightly.pipeline import ClassifyConfig, plan_run, run_classification, stage_run
 
 DATE = "2024-09-01"
@@ -69,6 +69,23 @@ def _plain_glob_rows(out: str, so, table: str) -> int:
         with fs.open(f, "rb") as fh:
             total += pq.ParquetFile(fh).metadata.num_rows
     return total
+
+
+def kill_on_third_table_commit(plan, monkeypatch) -> list[str]:
+    """Commit ``plan`` and die as its third table commit starts (thumbnails and errors done); the tables tried."""
+    real, calls = tables.commit_files, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise Crash()
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tables, "commit_files", dies_on_the_third)
+        with pytest.raises(Crash):
+            commit.commit_run(plan)
+    return calls
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -133,7 +150,7 @@ def test_crash_between_files_and_commit_leaves_readers_with_the_previous_run(whe
     assert cli_run(["vacuum", "--output", out, "--retain-hours", "0", "--dry-run",
                     *(["--endpoint-url", so["endpoint_url"]] if so else [])]) == 0
     assert "predictions: would delete 1 file(s)" in capsys.readouterr().out
-    deleted = tables.vacuum(out, so, retain_hours=0)
+    deleted = pending.vacuum(out, so, retain_hours=0).deleted
     assert len(deleted["predictions"]) == 1 and len(deleted["thumbnails"]) == 1
     fs.invalidate_cache()
     gone = contract.partition_dir(root, "predictions", DATE, first.run_id)
@@ -151,20 +168,7 @@ def test_a_run_stopped_between_table_commits_is_completed_by_the_next_run(tmp_pa
 
     plan = plan_run(_config(archive, out, None))
     stage_run(plan)
-    real = tables.commit_files
-    calls = []
-
-    def dies_on_the_third(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 3:
-            raise Crash()
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(tables, "commit_files", dies_on_the_third)
-        with pytest.raises(Crash):
-            commit.commit_run(plan)
-    assert calls == ["thumbnails", "errors", "predictions"]
+    assert kill_on_third_table_commit(plan, monkeypatch) == ["thumbnails", "errors", "predictions"]
     # Past the commit point: thumbnails and errors have the new run, predictions and runs the old one.
     assert [i["run_id"] for i in tables.pending_intents(out)] == [plan.run_id]
     assert set(_standard_runs(out, None, "thumbnails")) == {plan.run_id}

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import posixpath
+import re
 from typing import Any, Mapping, Sequence
 
 import duckdb
@@ -50,6 +51,7 @@ from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
 from bloodray.nightly import contract, dictionary, tables
 from bloodray.nightly.legacy import refuse_legacy
+from bloodray.nightly.pending import pending_commits
 
 #: Data tables laid out as ``<table>/run_date=<D>/<run_id>/*.parquet``.
 DATA_TABLES: tuple[str, ...] = contract.TABLES
@@ -185,15 +187,13 @@ def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_optio
 
 
 def _warn_pending(output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
-    """A run that stopped between its table commits leaves the tables disagreeing until its date runs again."""
+    """A run in its commit window (committing now, or stopped half-way) leaves its date's tables disagreeing."""
     try:
-        pending = tables.pending_intents(output_uri, storage_options)
+        commits = pending_commits(output_uri, storage_options)
     except Exception:  # noqa: BLE001 - a warning only
         return
-    for intent in pending:
-        log.warning("%s: run %s of %s stopped half-way through its commit; its tables may disagree until the "
-                    "next run of %s completes it", output_uri, intent["run_id"], intent["run_date"],
-                    intent["run_date"])
+    for commit in commits:
+        log.warning("%s: %s", output_uri, commit.describe())
 
 
 def parse_as_of(value: str | _dt.datetime | None) -> _dt.datetime | None:
@@ -286,12 +286,27 @@ def _refused(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
 
 
-def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str) -> pa.Table:
+#: How a view's scan reports a data file that is gone: ``reading the stream registered as '_<table>_files' failed``
+#: with the filesystem's not-found error (local, S3).
+_MISSING_FILE = re.compile(r"registered as '_(\w+)_files' failed.*(No such file|not found|NoSuchKey|does not exist)",
+                           re.IGNORECASE | re.DOTALL)
+
+
+def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str,
+                    as_of: _dt.datetime | None = None) -> pa.Table:
     """Run analyst SQL on a locked connection; DuckDB's error becomes one line naming the root."""
     try:
         return fetch_arrow(con, sql)
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        missing = _MISSING_FILE.search(str(exc))
+        if missing and as_of is not None:
+            raise QueryError(f"{output_uri}: --as-of {as_of.isoformat()}: files of {missing.group(1)} as it was "
+                             "then are gone, deleted by `bloodray vacuum` (time travel reaches back only as far "
+                             "as its --retain-hours); query a later time") from exc
+        if missing:
+            raise QueryError(f"{output_uri}: a data file of {missing.group(1)} is missing (deleted outside "
+                             f"bloodray?): {first}") from exc
         if _refused(exc):
             raise QueryError(f"query against {output_uri} refused: {first} (bloodray query is read-only: "
                              f"it reads the views {', '.join(VIEWS)}, and no files, extensions or settings)"
@@ -387,7 +402,7 @@ def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None 
         if con.execute("SELECT count(*) FROM all_runs").fetchall()[0][0] == 0:
             log.warning("%s holds no committed run %s: every view is empty", output_uri,
                         f"at {when.isoformat()}" if when else "yet")
-        table = _fetch_user_sql(con, sql, output_uri)
+        table = _fetch_user_sql(con, sql, output_uri, when)
     finally:
         con.close()
     if out:

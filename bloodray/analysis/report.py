@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -35,8 +36,11 @@ from bloodray.analysis import report_verified as rver
 from bloodray.analysis.report_figures import TOP_N
 from bloodray.classes import DIFFERENTIAL_CLASSES, reference_ranges
 from bloodray.nightly.contract import RUN_DATE_PREFIX
+from bloodray.nightly.pending import pending_commits
 
 REPORT_FILE = "report.html"
+
+log = logging.getLogger(__name__)
 
 
 class ReportError(RuntimeError):
@@ -54,6 +58,8 @@ class _Page:
     errors_by_type: list[tuple[str, str, int]] = field(default_factory=list)
     error_examples: list[dict[str, Any]] = field(default_factory=list)
     superseded: list[dict[str, Any]] = field(default_factory=list)
+    #: runs of the date in their commit window (:mod:`bloodray.nightly.pending`), one line each.
+    commits: list[str] = field(default_factory=list)
     figures: dict[str, bytes] = field(default_factory=dict)
     cells: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sample_id -> gallery cells
     thumbs: dict[str, bytes] = field(default_factory=dict)  # image_uri -> JPEG
@@ -85,7 +91,10 @@ def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, A
             con, "SELECT run_id, committed_at FROM all_runs WHERE run_date = ? AND run_id <> ? "
             "ORDER BY committed_at DESC", [run_date, run["run_id"]])
         samples = _rows(con, "SELECT * FROM differentials WHERE run_date = ? ORDER BY sample_id", [run_date])
-        page = _Page(run=run, samples=samples, superseded=superseded, verified=rver.load(con, run_date))
+        page = _Page(run=run, samples=samples, superseded=superseded, verified=rver.load(con, run_date),
+                     commits=[c.describe() for c in pending_commits(output_uri, storage_options, run_date)])
+        for line in page.commits:
+            log.warning("%s: report of %s: %s", output_uri, run_date, line)
 
         pred_cols = _columns(con, "predictions")
         review = "count(*) FILTER (WHERE needs_review)" if "needs_review" in pred_cols else "0"
@@ -296,6 +305,15 @@ def _shift_banner(page: _Page) -> str:
             f"Samples: {_e(', '.join(shifted[:TOP_N]))}{' ...' if len(shifted) > TOP_N else ''}</div>")
 
 
+def _commit_banner(page: _Page) -> str:
+    """A run of the date in its commit window: this page may mix it with the date's previous run."""
+    if not page.commits:
+        return ""
+    return ("<div class='alarm commit-warning'><strong>This date is being committed: the page may mix two runs."
+            "</strong> " + " ".join(_e(line) + "." for line in page.commits)
+            + " Make the report again once the commit has finished.</div>")
+
+
 def _img(page: _Page, name: str, alt: str) -> str:
     """A figure embedded as a data: URI ("" when it was not rendered)."""
     data = page.figures.get(name)
@@ -342,7 +360,7 @@ def _html(page: _Page, output_uri: str) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     body = (
         f"<h1>bloodray report — {_e(run.get('run_date'))}</h1>"
-        + _shift_banner(page)
+        + _commit_banner(page) + _shift_banner(page)
         + rver.headline(page.samples, page.verified)
         + _flagged_html(page)
         + rver.section(page.samples, page.verified)

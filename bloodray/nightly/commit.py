@@ -156,6 +156,10 @@ def commit_run(plan: RunPlan) -> RunResult:
     timings = {k: round(v, 3) for k, v in plan.timings.items()}
     log.info("run %s committed: %d predictions, %d errors, %d samples (%d need review)", plan.run_id,
              plan.stats["n_predictions"], plan.stats["n_errors"], plan.stats["n_samples"], plan.stats["n_review"])
+    try:
+        tables.drop_superseded_intents(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
+    except Exception as exc:  # noqa: BLE001 - the run is committed; readers keep warning about the old intent
+        log.warning("run %s: could not remove superseded commit intents (%s)", plan.run_id, exc)
     cleanup_runs(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
     # Still under the lease: no other run of the date can commit while the reviews are applied to this one.
     refresh_verified_after_commit(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)

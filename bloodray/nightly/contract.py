@@ -19,6 +19,7 @@ and ``signoffs``) and ``verified_differentials`` are Delta Lake tables
     <output>/_staging/<run_id>/...                                        work in progress (ignored by readers)
     <output>/_leases/run_date=<YYYY-MM-DD>.json                           who is writing that date (ignored by readers)
     <output>/_commits/run_date=<YYYY-MM-DD>/<run_id>.json                 a run committing right now (ignored by readers)
+    <output>/_commits/upgrade-output.json                                 an upgrade-output in progress (readers refuse)
 
 ``run_date`` is a Delta partition column: its value is in the Delta log and
 in the ``run_date=`` directory names, never a column inside the files. What
@@ -362,6 +363,11 @@ def staging_dir(root: str, run_id: str) -> str:
 def intent_path(root: str, run_date: str, run_id: str) -> str:
     """A run's commit intent: written once its files are in place, removed once every table has committed it."""
     return posixpath.join(root, COMMITS, f"{RUN_DATE_PREFIX}{run_date}", f"{run_id}.json")
+
+
+def upgrade_intent_path(root: str) -> str:
+    """The intent of ``bloodray upgrade-output``: every file it commits, from before its first commit to after its last."""
+    return posixpath.join(root, COMMITS, "upgrade-output.json")
 
 
 def lease_path(root: str, run_date: str) -> str:

@@ -92,6 +92,24 @@ def holder_is_live(record: Mapping[str, Any], now: dt.datetime | None = None) ->
     return True
 
 
+#: Fields every lease record this code writes has.
+LEASE_FIELDS: tuple[str, ...] = ("run_id", "host", "pid", "expires_at", "nonce")
+
+
+def lease_problem(record: Mapping[str, Any]) -> str | None:
+    """Why a lease object is not one this code wrote (unreadable, fields missing), or None when it is."""
+    if not record:
+        return "unreadable or empty"
+    missing = [f for f in LEASE_FIELDS if f not in record]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        dt.datetime.fromisoformat(str(record["expires_at"]))
+    except ValueError:
+        return f"expires_at {str(record['expires_at'])[:40]!r} is not a time"
+    return None
+
+
 def describe_holder(record: Mapping[str, Any]) -> str:
     """``run <id> (host <h>, pid <p>, since <t>, lease expires <t>)``."""
     return (f"run {record.get('run_id')} (host {record.get('host')}, pid {record.get('pid')}, "
@@ -268,7 +286,10 @@ class Lease:
                     token = self.store.replace(record, held_token)
                 if token is None:
                     continue  # someone else took it over first: look again
-                if held.get("run_id") not in (None, self.run_id) and not held.get("released"):
+                problem = lease_problem(held)
+                if problem:
+                    log.warning("%s: not a bloodray lease (%s); taken over by run %s", self.uri, problem, self.run_id)
+                elif held.get("run_id") != self.run_id and not held.get("released"):
                     log.warning("took over the lease of %s: expired, or its process is gone", describe_holder(held))
             self.token, self.record = token, record
             with _ACTIVE_LOCK:
@@ -358,20 +379,27 @@ def acquire_lease(output_uri: str, run_date: str, run_id: str, seconds: float,
     return lease
 
 
-def live_holders(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
-    """Run ids holding a live lease on any date of the output (their staging must not be touched)."""
+def lease_records(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The lease record of every run date of the output that has one (``{run_date: record}``), unreadable ones left out."""
     fs, root = contract.output_root(output_uri, storage_options)
-    held = set()
+    base = posixpath.join(root, contract.LEASES)
+    records: dict[str, dict[str, Any]] = {}
     try:
         fs.invalidate_cache()
-        paths = [p for p in fs.find(posixpath.join(root, contract.LEASES)) if p.endswith(".json")]
+        paths = [p for p in fs.find(base) if p.endswith(".json")]
     except FileNotFoundError:
-        return held
+        return records
     for path in paths:
         try:
             record = json.loads(fs.cat_file(path))
         except (FileNotFoundError, ValueError):
             continue
-        if holder_is_live(record):
-            held.add(str(record.get("run_id")))
-    return held
+        if isinstance(record, dict):
+            name = posixpath.basename(path).removesuffix(".json")
+            records[name.removeprefix(contract.RUN_DATE_PREFIX)] = record
+    return records
+
+
+def live_holders(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Run ids holding a live lease on any date of the output (their staging must not be touched)."""
+    return {str(r.get("run_id")) for r in lease_records(output_uri, storage_options).values() if holder_is_live(r)}

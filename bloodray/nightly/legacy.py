@@ -15,12 +15,19 @@ the Delta format in place, without copying or rewriting a data file:
 * every review file is appended to ``reviews``.
 
 Commits carry the usual app transactions, so running it again (say, after an
-interruption) skips what is done. Readers and the classify job refuse a
-pre-Delta root with a message naming ``bloodray upgrade-output``.
+interruption) skips what is done. Before its first commit it records every
+file it will commit in ``_commits/upgrade-output.json``
+(:func:`bloodray.nightly.contract.upgrade_intent_path`), removed after its
+last: while that intent is there (an interrupted upgrade), readers, the
+classify job, ``review import`` and ``vacuum`` refuse the root with a message
+saying to run ``bloodray upgrade-output`` again, and no vacuum deletes a file
+it lists. Readers and the classify job refuse a pre-Delta root with a message
+naming ``bloodray upgrade-output``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from typing import Any, Mapping
@@ -59,8 +66,22 @@ def is_legacy(output_uri: str, storage_options: Mapping[str, Any] | None = None)
         raise storage.describe_storage_error(output_uri, exc) from exc
 
 
+def upgrade_pending(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True when an ``upgrade-output`` of this root started and has not finished (its intent is on record)."""
+    fs, root = contract.output_root(output_uri, storage_options)
+    try:
+        return fs.exists(contract.upgrade_intent_path(root))
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(output_uri, exc) from exc
+
+
 def refuse_legacy(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Raise :class:`LegacyOutputError` for a pre-Delta root, naming the command that upgrades it."""
+    """Raise :class:`LegacyOutputError` for a pre-Delta or half-upgraded root, naming the command that upgrades it."""
+    if upgrade_pending(output_uri, storage_options):
+        raise LegacyOutputError(
+            f"{output_uri}: an interrupted `bloodray upgrade-output` left this root half-upgraded (tables it had not "
+            f"committed yet, reviews included, would read as empty); run `bloodray upgrade-output --output "
+            f"{output_uri}` again")
     if is_legacy(output_uri, storage_options):
         raise LegacyOutputError(
             f"{output_uri}: written by an older bloodray (plain Parquet, no Delta log); upgrade it once with "
@@ -88,11 +109,25 @@ def upgrade_output(output_uri: str, storage_options: Mapping[str, Any] | None = 
     visible: dict[str, str] = {}
     for _at, run_date, run_id, _path in manifests:
         visible[run_date] = run_id  # sorted by commit time: the last one wins, as the old readers had it
+    data = {run_date: {table: contract.parquet_files(fs, contract.partition_dir(root, table, run_date, run_id))
+                       for table in tables.COMMIT_ORDER}
+            for run_date, run_id in sorted(visible.items())}
+    reviews = _dated(fs, contract.table_dir(root, contract.REVIEWS))
+    # The intent lists everything this upgrade commits, before its first commit: until it is removed, readers
+    # refuse the root (naming this command) and vacuum keeps those files, whatever the tables say.
+    intent: dict[str, list[str]] = {}
+    for per_table in data.values():
+        for table, files in per_table.items():
+            intent.setdefault(table, []).extend(posixpath.relpath(f, root) for f in files)
+    intent[contract.RUNS] = [posixpath.relpath(m[3], root) for m in manifests]
+    intent[contract.REVIEWS] = [posixpath.relpath(p, root) for _d, p in reviews]
+    intent_path = contract.upgrade_intent_path(root)
+    storage.put_bytes(fs, intent_path, json.dumps({"kind": "upgrade-output", "files": intent}, indent=1).encode(),
+                      atomic=True)
     counts = {"runs": 0, "dates": 0, "reviews": 0}
     for run_date, run_id in sorted(visible.items()):
         done = False
-        for table in tables.COMMIT_ORDER:
-            files = contract.parquet_files(fs, contract.partition_dir(root, table, run_date, run_id))
+        for table, files in data[run_date].items():
             if files:
                 done |= tables.commit_files(output_uri, table, run_date, run_id, files, replace_date=True,
                                             storage_options=storage_options)
@@ -100,8 +135,9 @@ def upgrade_output(output_uri: str, storage_options: Mapping[str, Any] | None = 
     for _at, run_date, run_id, path in manifests:
         counts["runs"] += tables.commit_files(output_uri, contract.RUNS, run_date, run_id, [path],
                                               replace_date=False, storage_options=storage_options)
-    for run_date, path in _dated(fs, contract.table_dir(root, contract.REVIEWS)):
+    for run_date, path in reviews:
         review_id = posixpath.basename(path).removesuffix(".parquet")
         counts["reviews"] += tables.commit_files(output_uri, contract.REVIEWS, run_date, review_id, [path],
                                                  replace_date=False, storage_options=storage_options)
+    fs.rm(intent_path)
     return counts

@@ -26,11 +26,25 @@ reader), so that every file that looks like an input is accounted for:
 
 Names are taken literally: ``[``, ``]``, ``*`` and ``?`` in a file name are
 characters, never glob patterns.
+
+Links (local archives; object storage has none): the archive root (a date
+folder) may be a link, and so may any folder under it: a linked folder is
+listed like a real one, its images under the link's path (a sample folder
+kept on another disk is classified as that sample). Real folders are listed
+first. A link that is not followed is an error row (stage ``list``) with the
+link's path, never skipped silently: a link to a folder above it
+(``symlink_loop``), to a folder listed already by another path
+(``linked_folder_listed``: its images are classified once, under the first
+path), to nothing (``broken_link``); a folder that cannot be listed is
+``unreadable_folder``. A link to a file is a file: the reader opens regular
+files only (``not_regular_file`` otherwise).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -60,26 +74,92 @@ class InputListing:
 LIST_THREADS = 16
 
 
-def find_files(fs, base: str) -> list[str]:
-    """Every file under ``base``, without per-file ``info`` calls.
+def walk_local(base: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Every file under a local ``base``, links to folders followed; ``(files, problems)``.
 
-    Local: one ``find``. Object storage: one delimiter listing of the first
-    level, then one paginated listing per sample prefix, :data:`LIST_THREADS`
-    at a time -- a single flat listing of a large prefix is a long chain of
-    sequential 1,000-key pages.
+    ``problems`` are ``(path, error_type, message)`` of links that are not
+    followed (module docstring): a link to a folder above it
+    (``symlink_loop``), to a folder listed already (``linked_folder_listed``),
+    or to nothing (``broken_link``). Real folders are listed first, so a link
+    never takes a folder's images from their real path. A link to a file is a
+    file (the reader opens regular files only).
+    """
+    files: list[str] = []
+    problems: list[tuple[str, str, str]] = []
+    links: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+    visited: set[tuple[int, int]] = set()
+
+    def walk(folder: str, above: tuple[tuple[int, int], ...]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append((folder, "unreadable_folder", f"cannot list this folder ({exc.strerror or exc})"))
+            return
+        for entry in entries:
+            path = posixpath.join(folder, entry.name)
+            if entry.is_symlink():
+                links.append((path, above))
+            elif entry.is_dir(follow_symlinks=False):
+                info = entry.stat(follow_symlinks=False)
+                key = (info.st_dev, info.st_ino)
+                visited.add(key)
+                walk(path, above + (key,))
+            else:
+                files.append(path)
+
+    try:
+        info = os.stat(base)
+    except OSError:
+        return [], []
+    if not stat.S_ISDIR(info.st_mode):
+        return [base], []
+    visited.add((info.st_dev, info.st_ino))
+    walk(base, ((info.st_dev, info.st_ino),))
+    while links:
+        path, above = links.pop(0)
+        try:
+            info = os.stat(path)
+        except OSError:
+            problems.append((path, "broken_link", f"link to {os.readlink(path)}, which does not exist (a folder "
+                                                  "on a disk not mounted?); nothing under it was read"))
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            files.append(path)
+            continue
+        key, target = (info.st_dev, info.st_ino), os.path.realpath(path)
+        if key in above:
+            problems.append((path, "symlink_loop", f"link to {target}, a folder above it; followed, it would list "
+                                                   "the same images forever"))
+        elif key in visited:
+            problems.append((path, "linked_folder_listed", f"link to {target}, a folder listed already; its "
+                                                           "images are classified once, under their first path"))
+        else:
+            visited.add(key)
+            walk(path, above + (key,))
+    return files, problems
+
+
+def find_files(fs, base: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Every file under ``base``, without per-file ``info`` calls; ``(files, problems)``.
+
+    Local: one walk (:func:`walk_local`: links to folders followed, the
+    problems are links it does not follow). Object storage (no links): one
+    delimiter listing of the first level, then one paginated listing per
+    sample prefix, :data:`LIST_THREADS` at a time -- a single flat listing of
+    a large prefix is a long chain of sequential 1,000-key pages.
     """
     if storage.is_local(fs):
-        return fs.find(base)
+        return walk_local(base)
     try:
         top = fs.ls(base, detail=True)
     except FileNotFoundError:
-        return fs.find(base)  # not a prefix: the caller tells a missing archive from an empty one
+        return fs.find(base), []  # not a prefix: the caller tells a missing archive from an empty one
     files = [e["name"] for e in top if e.get("type") != "directory"]
     prefixes = [e["name"] for e in top if e.get("type") == "directory"]
     with ThreadPoolExecutor(max_workers=max(1, min(LIST_THREADS, len(prefixes)))) as pool:
         for found in pool.map(fs.find, prefixes):
             files.extend(found)
-    return files
+    return files, []
 
 
 def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "parent",
@@ -93,7 +173,7 @@ def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "par
     base = base.rstrip("/")
     try:
         fs.invalidate_cache()
-        paths = find_files(fs, base)
+        paths, problems = find_files(fs, base)
         if not paths and not fs.exists(base):
             raise ClassifyError(f"{input_uri}: input archive not found")
     except ClassifyError:
@@ -103,9 +183,15 @@ def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "par
     finally:
         fs.invalidate_cache()  # the listing cache would hold an entry per file for the whole run
     listing = InputListing()
+
+    def relative(path: str) -> str:
+        return path[len(base):].lstrip("/") if path.startswith(base) else posixpath.basename(path)
+
     for path in sorted(paths):
-        rel = path[len(base):].lstrip("/") if path.startswith(base) else posixpath.basename(path)
-        classify_listed_file(listing, storage.full_uri(fs, path), rel, layout, sample_id_from)
+        classify_listed_file(listing, storage.full_uri(fs, path), relative(path), layout, sample_id_from)
+    for path, error_type, message in sorted(problems):
+        listing.errors.append(error_row(sample_id_of(relative(path), sample_id_from), storage.full_uri(fs, path),
+                                        "list", error_type, message))
     return listing
 
 

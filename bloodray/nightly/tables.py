@@ -19,7 +19,7 @@ one log entry), and ``runs`` gets the manifest row appended last. Every commit
 carries the Delta app transaction ``bloodray-run-<run_id>``, so completing a
 half-done commit (:func:`complete_pending_commits`) skips the tables already
 done. Superseded files stay in the table for time travel (``bloodray query
---as-of``) until :func:`vacuum`.
+--as-of``) until ``bloodray vacuum`` (:func:`bloodray.nightly.pending.vacuum`).
 
 Concurrent writers: delta-rs writes each log entry with a put-if-absent (on S3
 a conditional write), so of two commits racing for one version exactly one
@@ -113,7 +113,8 @@ def delta_storage_options(fs, storage_options: Mapping[str, Any] | None = None) 
     return out
 
 
-def _describe(uri: str, exc: BaseException) -> TableError:
+def describe_table_error(uri: str, exc: BaseException) -> TableError:
+    """One line for a delta-rs error on ``uri``: its first line, never the storage options."""
     # delta-rs errors span many lines (retry chains); keep the first, and never the options.
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return TableError(f"{uri}: Delta table error: {first}")
@@ -142,13 +143,13 @@ def open_table(output_uri: str, table: str, storage_options: Mapping[str, Any] |
     except TableNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001
-        raise _describe(uri, exc) from exc
+        raise describe_table_error(uri, exc) from exc
     if as_of is not None:
         # delta-rs loads the earliest version for a time before it; ours is always the empty CREATE TABLE.
         try:
             delta.load_as_version(as_of)
         except Exception as exc:  # noqa: BLE001
-            raise _describe(uri, exc) from exc
+            raise describe_table_error(uri, exc) from exc
     return delta
 
 
@@ -175,7 +176,7 @@ def _ensure_table(fs, root: str, table: str, storage_options: Mapping[str, Any] 
     try:
         return DeltaTable(uri, storage_options=options)
     except Exception as exc:  # noqa: BLE001
-        raise _describe(uri, exc) from exc
+        raise describe_table_error(uri, exc) from exc
 
 
 def _evolve(delta, table: str):
@@ -250,11 +251,11 @@ def commit_files(output_uri: str, table: str, run_date: str, run_id: str, files:
             return True
         except CommitFailedError as exc:
             if attempt + 1 == COMMIT_ATTEMPTS:
-                raise _describe(uri, exc) from exc
+                raise describe_table_error(uri, exc) from exc
             log.debug("%s: commit of run %s conflicted (%s); retrying", uri, run_id, exc)
             time.sleep(random.uniform(0.05, 0.5) * (attempt + 1))
         except Exception as exc:  # noqa: BLE001
-            raise _describe(uri, exc) from exc
+            raise describe_table_error(uri, exc) from exc
     raise AssertionError("unreachable")
 
 
@@ -293,7 +294,7 @@ def dataset(output_uri: str, table: str, storage_options: Mapping[str, Any] | No
         return delta.to_pyarrow_dataset(file_pruning_predicate=partitions, schema=schema,
                                         filesystem=arrow_subtree(fs, table_path(root, table)))
     except Exception as exc:  # noqa: BLE001
-        raise _describe(_table_uri(fs, root, table), exc) from exc
+        raise describe_table_error(_table_uri(fs, root, table), exc) from exc
 
 
 def read(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None, *,
@@ -363,13 +364,16 @@ def write_intent(output_uri: str, run_date: str, run_id: str, files: Mapping[str
 
 def pending_intents(output_uri: str, storage_options: Mapping[str, Any] | None = None,
                     run_date: str | None = None) -> list[dict[str, Any]]:
-    """Commit intents still on record: runs that stopped between their first table commit and their manifest."""
+    """Commit intents of runs still on record: runs committing now, or stopped between their first table commit
+    and their manifest (``_commits/run_date=<D>/<run_id>.json``; other intents, such as upgrade-output's, are not
+    a run's)."""
     fs, root = contract.output_root(output_uri, storage_options)
     base = posixpath.join(root, contract.COMMITS)
     directory = posixpath.join(base, f"{contract.RUN_DATE_PREFIX}{run_date}") if run_date else base
     fs.invalidate_cache()
     try:
-        paths = sorted(p for p in fs.find(directory) if p.endswith(".json"))
+        paths = sorted(p for p in fs.find(directory) if p.endswith(".json")
+                       and posixpath.basename(posixpath.dirname(p)).startswith(contract.RUN_DATE_PREFIX))
     except FileNotFoundError:
         return []
     intents = []
@@ -405,15 +409,36 @@ def apply_intent(output_uri: str, intent: Mapping[str, Any],
     return done
 
 
+def missing_files(output_uri: str, intent: Mapping[str, Any],
+                  storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Files an intent still has to commit (tables without its app transaction) that are gone."""
+    fs, root = contract.output_root(output_uri, storage_options)
+    fs.invalidate_cache()
+    gone = []
+    for table, files in intent["files"].items():
+        if files and not is_committed(output_uri, table, intent["run_id"], storage_options):
+            gone += [f for f in files if not fs.exists(posixpath.join(root, f))]
+    return gone
+
+
 def complete_pending_commits(output_uri: str, run_date: str,
                              storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Finish the commits of runs of ``run_date`` that stopped half-way; returns their run ids.
 
     Called by the next run of the date while it holds the date's lease, so the
-    tables agree again before anything else is written.
+    tables agree again before anything else is written. An intent whose files
+    are gone (deleted by the vacuum of a bloodray from before vacuum kept
+    them) cannot be completed: it is left, with a warning, and the commit of
+    the run that replaces the date removes it (:func:`drop_superseded_intents`).
     """
     finished = []
     for intent in pending_intents(output_uri, storage_options, run_date):
+        gone = missing_files(output_uri, intent, storage_options)
+        if gone:
+            log.warning("run %s of %s stopped half-way through its commit and cannot be completed: %d of its "
+                        "files are gone (e.g. %s); the tables of %s disagree until this run replaces the date",
+                        intent["run_id"], run_date, len(gone), gone[0], run_date)
+            continue
         tables = apply_intent(output_uri, intent, storage_options)
         log.warning("run %s of %s had stopped half-way through its commit; completed it (%s)",
                     intent["run_id"], run_date, ", ".join(tables) or "nothing left to commit")
@@ -421,29 +446,23 @@ def complete_pending_commits(output_uri: str, run_date: str,
     return finished
 
 
-def vacuum(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
-           retain_hours: int = DEFAULT_RETAIN_HOURS, dry_run: bool = False) -> dict[str, list[str]]:
-    """Delete files no committed version younger than ``retain_hours`` needs, in every table.
+def drop_superseded_intents(output_uri: str, run_date: str, run_id: str,
+                            storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Remove the intents of ``run_date`` other than ``run_id``'s, once ``run_id`` has committed every table.
 
-    Superseded runs' files (removed from a table by a later run of the date),
-    and files of runs that never committed, go once older than
-    ``retain_hours``; ``bloodray query --as-of`` cannot go back further than
-    that afterwards. Returns the deleted (or, with ``dry_run``, deletable)
-    files per table. The lab's records (:data:`bloodray.nightly.contract.RECORD_TABLES`: reviews and
-    sign-offs) are never vacuumed: nothing in them is ever superseded, and an import in flight must keep its file.
+    Such an intent could not be completed (:func:`complete_pending_commits`);
+    the later run has replaced the date in every table, so nothing of it is
+    wanted any more. Returns the run ids whose intents were removed.
     """
-    out: dict[str, list[str]] = {}
-    for table in contract.DELTA_TABLES:
-        if table in contract.RECORD_TABLES:
-            continue
-        delta = open_table(output_uri, table, storage_options)
-        if delta is None:
-            continue
-        try:
-            out[table] = delta.vacuum(retention_hours=retain_hours, dry_run=dry_run,
-                                      enforce_retention_duration=False, full=True)
-            if not dry_run:
-                delta.cleanup_metadata()
-        except Exception as exc:  # noqa: BLE001
-            raise _describe(delta.table_uri, exc) from exc
-    return out
+    fs, root = contract.output_root(output_uri, storage_options)
+    dropped = []
+    for intent in pending_intents(output_uri, storage_options, run_date):
+        if intent["run_id"] != run_id:
+            try:
+                fs.rm(contract.intent_path(root, run_date, intent["run_id"]))
+            except FileNotFoundError:
+                pass
+            log.warning("removed the commit intent of run %s of %s: run %s has replaced the date",
+                        intent["run_id"], run_date, run_id)
+            dropped.append(intent["run_id"])
+    return dropped

@@ -34,6 +34,7 @@ import pyarrow as pa
 from bloodray import storage
 from bloodray.analysis import query
 from bloodray.nightly import contract, tables
+from bloodray.nightly.pending import refuse_pending
 from bloodray.review.decisions import Decisions, ReviewError, parse_decisions
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,8 @@ def import_decisions(output_uri: str, run_date: str, review_file: str, reviewer:
     if not decisions.reviews and not decisions.signoffs:
         what = "no row has a verified_class" if decisions.kind == "csv" else "no review and no sign-off"
         raise ReviewError(f"{review_file}: {what}; nothing to import")
+    # A date in its commit window mixes two runs: the decisions would be matched against the wrong cells.
+    refuse_pending(output_uri, run_date, ReviewError, storage_options)
     con = query.connect(output_uri, storage_options)
     try:
         state = _date_state(con, run_date)
@@ -265,7 +268,9 @@ def refresh_verified(output_uri: str, run_date: str,
             con.close()
         refresh_id = f"verified-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
         path = contract.review_path(root, run_date, refresh_id, contract.VERIFIED_DIFFERENTIALS)
-        data = rows.drop_columns([contract.RUN_DATE]).cast(contract.verified_differentials_schema())
+        # The stored columns only: the view also has run_date (the partition) and the clearer alias names.
+        schema = contract.verified_differentials_schema()
+        data = rows.select(schema.names).cast(schema)
         try:
             storage.put_bytes(fs, path, storage.parquet_bytes(data), atomic=True)
         except Exception as exc:  # noqa: BLE001

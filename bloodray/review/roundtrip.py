@@ -8,7 +8,7 @@ a ``status`` column, cells it marked ``unidentified`` -- with
 ``verified_class`` and ``reviewer`` empty, to fill in. ``import`` is
 :func:`bloodray.review.records.import_decisions` (the CSV or the decisions
 JSON of :mod:`bloodray.review.decisions`). ``labels`` writes every
-reviewed cell as ``<dest>/<verified_class>/<sample_id>__<file>`` -- an
+reviewed cell as ``<dest>/<verified_class>/<sample_id>__<hash>__<file>`` -- an
 ImageFolder that ``bloodray train`` and
 :func:`bloodray.data.labelled.list_labelled_images` read directly.
 """
@@ -16,6 +16,7 @@ ImageFolder that ``bloodray train`` and
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import posixpath
 import tarfile
@@ -25,8 +26,9 @@ from typing import Any, Mapping
 from bloodray import storage
 from bloodray.analysis import gallery, query
 from bloodray.review.decisions import CSV_COLUMNS, ReviewError
-from bloodray.data.stages import read_many
+from bloodray.data.stages import name_kind, read_many
 from bloodray.nightly import contract
+from bloodray.nightly.pending import refuse_pending
 from bloodray.review.page import PageError, write_page
 
 CSV_FILE, HTML_FILE = "review.csv", "review.html"
@@ -53,7 +55,12 @@ def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
 
 def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, Any] | None = None,
                  with_thumbnails: bool = True) -> tuple[str, list[dict[str, Any]], dict[str, bytes]]:
-    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs."""
+    """``(run_id, cells, thumbnails)``: the cells to review of a date's visible run and their JPEGs.
+
+    Refuses (:class:`ReviewError`) while a run of the date is in its commit
+    window: its tables would mix two runs (:mod:`bloodray.nightly.pending`).
+    """
+    refuse_pending(output_uri, str(run_date), ReviewError, storage_options)
     con = query.connect(output_uri, storage_options)
     try:
         run_id = _visible_run(con, output_uri, str(run_date))["run_id"]
@@ -103,32 +110,74 @@ def export_review(output_uri: str, run_date: str, dest: str,
                         n_review=len(cells), n_cells=n_cells)
 
 
+def tar_member(uri: str, storage_options: Mapping[str, Any] | None = None,
+               listed: dict[str, bool] | None = None) -> tuple[str, str] | None:
+    """``(shard URI, member)`` when ``uri`` names a member of a tar shard, None for a plain file.
+
+    Told apart by the store's listing, not by the character: ``<shard>#<member>``
+    is a member when the part before a ``#`` is a ``.tar`` the store holds as a
+    file and ``uri`` itself is not a file (``S#3/cell.jpg`` is a plain path).
+    ``listed`` caches the answers per path.
+    """
+    cache = listed if listed is not None else {}
+
+    def is_file(target: str) -> bool:
+        if target not in cache:
+            try:
+                fs, path = storage.filesystem(target, storage_options)
+                cache[target] = bool(fs.isfile(path))
+            except Exception:  # noqa: BLE001 - unreachable: not listed
+                cache[target] = False
+        return cache[target]
+
+    if "#" not in uri or is_file(uri):
+        return None
+    for at in (i for i, ch in enumerate(uri) if ch == "#"):
+        shard = uri[:at]
+        if name_kind(shard) == "tar" and is_file(shard):
+            return shard, uri[at + 1:]
+    return None
+
+
 def _archive_bytes(uris: list[str], storage_options: Mapping[str, Any] | None) -> dict[str, bytes]:
     """Original bytes of the images still reachable (plain files and tar members); others are left out."""
     out: dict[str, bytes] = {}
-    plain = [u for u in uris if "#" not in u]
+    listed: dict[str, bool] = {}
+    members: dict[str, dict[str, str]] = {}  # shard -> member -> image URI
+    plain = []
+    for uri in uris:
+        found = tar_member(uri, storage_options, listed)
+        if found:
+            members.setdefault(found[0], {})[found[1]] = uri
+        else:
+            plain.append(uri)
     for uri, data in zip(plain, read_many(plain, storage_options) if plain else []):
         if isinstance(data, bytes):
             out[uri] = data
-    members: dict[str, set[str]] = {}
-    for u in uris:
-        if "#" in u:
-            shard, member = u.split("#", 1)
-            members.setdefault(shard, set()).add(member)
     for shard, wanted in members.items():
         try:
             fs, path = storage.filesystem(shard, storage_options)
             with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                 for member in tar:
-                    if member.name in wanted and member.isfile():
-                        out[f"{shard}#{member.name}"] = tar.extractfile(member).read()
+                    if member.name in wanted and member.isfile() and wanted[member.name] not in out:
+                        out[wanted[member.name]] = tar.extractfile(member).read()
         except Exception:  # noqa: BLE001 - an unreachable shard: its cells fall back to thumbnails
             continue
     return out
 
 
+def label_file_name(sample_id: str, image_uri: str) -> str:
+    """``<sample_id>__<8 hex of the URI's SHA-256>__<file>``: unique per cell, still readable.
+
+    ``<sample>__<file>`` alone collides: one sample can hold ``a/x.jpg`` and
+    ``b/x.jpg``, and two shards the same member name.
+    """
+    digest = hashlib.sha256(image_uri.encode("utf-8")).hexdigest()[:8]
+    return f"{sample_id}__{digest}__{posixpath.basename(image_uri)}"
+
+
 def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Write every reviewed cell of the visible runs as ``<dest>/<verified_class>/<sample_id>__<file>``.
+    """Write every reviewed cell of the visible runs as ``<dest>/<verified_class>/<name>`` (:func:`label_file_name`).
 
     The original image bytes are copied from the archive where it is still
     reachable, else the thumbnail is written (``<file>.thumb.jpg``);
@@ -159,7 +208,7 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     counts = {"archive": 0, "thumbnail": 0, "missing": 0}
     try:
         for uri, sample_id, cls, who, jpeg in rows:
-            name = f"{sample_id}__{gallery.file_name(uri)}"
+            name = label_file_name(str(sample_id), uri)
             data, source = originals.get(uri), "archive"
             if data is None:
                 data, source = (bytes(jpeg) if jpeg is not None else None), "thumbnail"

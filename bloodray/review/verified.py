@@ -46,7 +46,7 @@ from bloodray.nightly.shift import SHIFT_COLUMNS, withhold_flags
 #: SQL of the review that applies to each cell of the visible runs: ``run_date``, ``image_uri`` (of the cell now),
 #: ``new_class``, ``reviewer``, ``reviewed_at``, ``review_image_uri`` (the file the reviewer saw).
 APPLIED_REVIEWS_SQL = ("SELECT m.run_date, m.image_uri, r.new_class, r.reviewer, r.reviewed_at, "
-                       "r.image_uri AS review_image_uri FROM _review_matches m JOIN _reviews_all r USING (_row) "
+                       "r.image_uri AS review_image_uri FROM bloodray_internal._review_matches m JOIN bloodray_internal._reviews_all r USING (_row) "
                        "WHERE m.chosen")
 
 
@@ -96,7 +96,7 @@ def _register_matches(con, dates: list[str]) -> None:
     a cell: the latest of those naming it.
     """
     if not dates:
-        con.register("_review_matches", pa.table({
+        _keep(con, "_review_matches", pa.table({
             "_row": pa.array([], pa.int64()), "run_date": pa.array([], pa.string()),
             "image_uri": pa.array([], pa.string()), "chosen": pa.array([], pa.bool_())}))
         return
@@ -105,15 +105,15 @@ def _register_matches(con, dates: list[str]) -> None:
         WITH p AS (SELECT run_date, sample_id, image_uri, image_sha256 FROM predictions
                    WHERE run_date IN ({_dates_sql(dates)})),
         cand AS (
-            SELECT r._row, p.run_date, p.image_uri, r.reviewed_at FROM _reviews_all r JOIN p
+            SELECT r._row, p.run_date, p.image_uri, r.reviewed_at FROM bloodray_internal._reviews_all r JOIN p
                 ON p.run_date = r.run_date AND p.sample_id = r.sample_id AND p.image_sha256 = r.image_sha256
             UNION ALL
-            SELECT r._row, p.run_date, p.image_uri, r.reviewed_at FROM _reviews_all r JOIN p
+            SELECT r._row, p.run_date, p.image_uri, r.reviewed_at FROM bloodray_internal._reviews_all r JOIN p
                 ON r.image_sha256 IS NULL AND p.run_date = r.run_date AND p.image_uri = r.image_uri)
         SELECT _row, run_date, image_uri, row_number() OVER (
             PARTITION BY run_date, image_uri ORDER BY reviewed_at DESC, _row DESC) = 1 AS chosen FROM cand
         """).to_arrow_table()
-    con.register("_review_matches", matches)
+    _keep(con, "_review_matches", matches)
 
 
 def verified_rows(con, run_dates: list[str], storage_options: Any = None, digests: bool = False) -> pa.Table:
@@ -145,9 +145,9 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
             FROM predictions p LEFT JOIN a USING (run_date, image_uri) WHERE p.run_date IN ({dates})),
         unmatched AS (
             SELECT run_date, sample_id, count(DISTINCT coalesce(image_sha256, image_uri)) AS n
-            FROM _reviews_all WHERE run_date IN ({dates}) AND _row NOT IN (SELECT _row FROM _review_matches)
+            FROM bloodray_internal._reviews_all WHERE run_date IN ({dates}) AND _row NOT IN (SELECT _row FROM bloodray_internal._review_matches)
             GROUP BY ALL),
-        s AS (SELECT * FROM _signoffs_all WHERE run_date IN ({dates}) QUALIFY row_number() OVER (
+        s AS (SELECT * FROM bloodray_internal._signoffs_all WHERE run_date IN ({dates}) QUALIFY row_number() OVER (
               PARTITION BY run_date, sample_id ORDER BY signed_at DESC) = 1),
         v AS (
             SELECT c.run_id, c.sample_id, any_value(d.n_images) AS n_images, count(*) AS n_classified,
@@ -184,6 +184,17 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
     return pa.concat_tables(parts).select(names).cast(schema)
 
 
+#: Schema of the connection's internal tables (materialised copies of the small record tables): outside the
+#: search path, so ``SHOW TABLES`` lists only the public views.
+INTERNAL = "bloodray_internal"
+
+
+def _keep(con, name: str, table: pa.Table) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {INTERNAL}")
+    con.execute(f"DROP TABLE IF EXISTS {INTERNAL}.{name}")
+    con.from_arrow(table).to_table(f"{INTERNAL}.{name}")
+
+
 def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any = None) -> None:
     """Create ``reviews``, ``signoffs`` and ``verified_differentials`` on a connection that has the run views.
 
@@ -193,8 +204,8 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     reviews = tables.read(output_uri, contract.REVIEWS, storage_options, as_of=as_of)
     reviews = reviews.append_column("_row", pa.array(np.arange(reviews.num_rows), pa.int64()))
     signoffs = tables.read(output_uri, contract.SIGNOFFS, storage_options, as_of=as_of)
-    con.register("_reviews_all", reviews)
-    con.register("_signoffs_all", signoffs)
+    _keep(con, "_reviews_all", reviews)
+    _keep(con, "_signoffs_all", signoffs)
     dates = sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
                    | {d for d in signoffs.column(contract.RUN_DATE).to_pylist() if d})
     _register_matches(con, dates)
@@ -202,10 +213,10 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     con.execute(f"""CREATE VIEW {contract.REVIEWS} AS SELECT {review_cols},
         CASE WHEN m.chosen THEN '{contract.REVIEW_APPLIED}' WHEN m._row IS NOT NULL THEN '{contract.REVIEW_SUPERSEDED}'
              ELSE '{contract.REVIEW_UNMATCHED}' END AS {contract.REVIEW_STATUS}
-        FROM _reviews_all r LEFT JOIN (SELECT _row, bool_or(chosen) AS chosen FROM _review_matches GROUP BY _row) m
+        FROM bloodray_internal._reviews_all r LEFT JOIN (SELECT _row, bool_or(chosen) AS chosen FROM bloodray_internal._review_matches GROUP BY _row) m
         USING (_row) ORDER BY r.run_date, r.reviewed_at""")
-    con.execute(f"CREATE VIEW {contract.SIGNOFFS} AS SELECT * FROM _signoffs_all ORDER BY run_date, signed_at")
-    con.register("_verified_reviewed_runs", verified_rows(con, dates, storage_options))
+    con.execute(f"CREATE VIEW {contract.SIGNOFFS} AS SELECT * FROM bloodray_internal._signoffs_all ORDER BY run_date, signed_at")
+    _keep(con, "_verified_reviewed_runs", verified_rows(con, dates, storage_options))
     # Older or hand-written files may lack newer columns: those read as NULL, as in the other views.
     have = {r[0] for r in con.execute("DESCRIBE differentials").fetchall()}
     zero = {"n_verified", "n_reviews_unmatched"}
@@ -215,5 +226,5 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     # The clearer column names of the dictionary's ALIASES sit beside the stored ones (issue 24).
     con.execute(f"""CREATE VIEW {contract.VERIFIED_DIFFERENTIALS} AS
         SELECT *{alias_select(contract.VERIFIED_DIFFERENTIALS)} FROM (
-        SELECT {plain} FROM differentials WHERE run_date NOT IN (SELECT run_date FROM _verified_reviewed_runs)
-        UNION ALL SELECT * FROM _verified_reviewed_runs)""")
+        SELECT {plain} FROM differentials WHERE run_date NOT IN (SELECT run_date FROM bloodray_internal._verified_reviewed_runs)
+        UNION ALL SELECT * FROM bloodray_internal._verified_reviewed_runs)""")
