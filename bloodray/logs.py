@@ -116,16 +116,22 @@ class _DropBarsDisabled(logging.Filter):
         return not str(record.msg).startswith("Progress bars disabled")
 
 
-def init_ray(**kwargs: Any) -> None:
+def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
     """Start or join Ray (``RAY_ADDRESS``, else a local cluster) unless it already runs.
 
     With :func:`setup_logging` called, Ray's own console output is turned down
     to warnings (see :func:`ray_init_kwargs`); ``kwargs`` go to ``ray.init``.
+    ``dashboard=False`` starts a local cluster without Ray's dashboard (a cluster
+    that is joined keeps its own): the dashboard and its head processes
+    cost about 3.3 CPU seconds of a classify run's start-up
+    (``bench/fixed_cost.py``) and nobody watches a cluster that lives for one run.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(**{**ray_init_kwargs(), **kwargs})
+        local = "address" not in kwargs and not os.environ.get("RAY_ADDRESS")
+        ray.init(**{**({"include_dashboard": False} if local and not dashboard else {}),
+                    **ray_init_kwargs(), **kwargs})
     configure_ray_data()
 
 

@@ -286,10 +286,19 @@ def _refused(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
 
 
-#: How a view's scan reports a data file that is gone: ``reading the stream registered as '_<table>_files' failed``
-#: with the filesystem's not-found error (local, S3).
-_MISSING_FILE = re.compile(r"registered as '_(\w+)_files' failed.*(No such file|not found|NoSuchKey|does not exist)",
-                           re.IGNORECASE | re.DOTALL)
+#: How a view's scan reports a data file that is gone: the filesystem's not-found error (local, S3) with the
+#: file's path, ``.../<table>/run_date=<D>/...``.
+_MISSING_FILE = re.compile(r"No such file|not found|NoSuchKey|does not exist", re.IGNORECASE)
+_TABLE_IN_PATH = re.compile(r"/(\w+)/" + re.escape(contract.RUN_DATE_PREFIX))
+
+
+def _missing_table(exc: BaseException) -> str | None:
+    """The table whose data file a failed scan could not find, or None when the error is something else."""
+    text = str(exc)
+    if not _MISSING_FILE.search(text):
+        return None
+    found = _TABLE_IN_PATH.search(text)
+    return found.group(1) if found else None
 
 
 def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str,
@@ -299,14 +308,14 @@ def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str,
         return fetch_arrow(con, sql)
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        missing = _MISSING_FILE.search(str(exc))
+        missing = _missing_table(exc)
         if missing and as_of is not None:
-            raise QueryError(f"{output_uri}: --as-of {as_of.isoformat()}: files of {missing.group(1)} as it was "
-                             "then are gone, deleted by `bloodray vacuum` (time travel reaches back only as far "
-                             "as its --retain-hours); query a later time") from exc
+            raise QueryError(f"{output_uri}: --as-of {as_of.isoformat()}: files of {missing} as it was then are "
+                             "gone, deleted by `bloodray vacuum` (time travel reaches back only as far as its "
+                             "--retain-hours); query a later time") from exc
         if missing:
-            raise QueryError(f"{output_uri}: a data file of {missing.group(1)} is missing (deleted outside "
-                             f"bloodray?): {first}") from exc
+            raise QueryError(f"{output_uri}: a data file of {missing} is missing (deleted outside bloodray?): "
+                             f"{first}") from exc
         if _refused(exc):
             raise QueryError(f"query against {output_uri} refused: {first} (bloodray query is read-only: "
                              f"it reads the views {', '.join(VIEWS)}, and no files, extensions or settings)"

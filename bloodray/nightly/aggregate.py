@@ -28,6 +28,7 @@ from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.differential import compute_differentials, count_columns
 from bloodray.nightly.plan import RunPlan
+from bloodray.nightly.resume import staged_result_files
 from bloodray.nightly.shift import apply_shift
 
 
@@ -91,7 +92,11 @@ def staging_connection(plan: RunPlan):
     # Large runs sort and aggregate out of core; keep DuckDB's spill files out of the CWD.
     spill = posixpath.join(tempfile.gettempdir(), "bloodray-duckdb").replace("'", "''")
     con.execute(f"SET temp_directory = '{spill}'")
-    con.register("results", staged_dataset(fs, posixpath.join(plan.staging, "results"), contract.staged_schema()))
+    # This run's own result rows and those it adopted from a killed run of the date (bloodray.nightly.resume).
+    files = staged_result_files(fs, plan.staging)
+    con.register("results", ds.dataset(files, schema=contract.staged_schema(), format="parquet",
+                                       filesystem=contract.arrow_filesystem(fs)) if files
+                 else ds.dataset(contract.staged_schema().empty_table()))
     con.register("list_errors", pa.Table.from_pylist(plan.listing.errors, schema=contract.errors_schema().remove(0)))
     carried = carried_runs(plan)
     for table in ("predictions", "thumbnails"):
@@ -192,7 +197,7 @@ def check_accounting(plan: RunPlan) -> None:
     import duckdb
 
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
-    expected = [u for u, _s in plan.listing.files] + sorted(plan.carried_images)
+    expected = [u for u, _s in plan.listing.files] + sorted(plan.carried_images) + sorted(plan.resumed_images)
     expected += [e["image_uri"] for e in plan.listing.errors if e.get("image_uri")]
     con = duckdb.connect()
     try:

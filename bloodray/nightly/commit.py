@@ -170,6 +170,7 @@ def commit_run(plan: RunPlan) -> RunResult:
                      n_inputs=plan.stats["n_inputs"], n_predictions=plan.stats["n_predictions"],
                      n_errors=plan.stats["n_errors"], n_samples=plan.stats["n_samples"],
                      n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
+                     n_resumed=len(plan.resumed_images),
                      timings=timings, n_unidentified=plan.run_shift["n_unidentified"],
                      domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"])
 

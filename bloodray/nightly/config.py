@@ -91,6 +91,9 @@ class RunConfig:
     #: carry over the predictions of images already classified in the visible run of the date (same
     #: checkpoint) and still listed; read every other listed image (new, or an error last time).
     incremental: bool = False
+    #: pick up the per-image results a killed run of the same date and settings had staged, instead of reading
+    #: those images again (:mod:`bloodray.nightly.resume`); false reads everything.
+    resume: bool = True
     #: override the generated run id (``<UTC start>-<random>``).
     run_id: str | None = None
     #: seconds the run's lease on (output, date) lasts without renewal; renewed every fifth of it.

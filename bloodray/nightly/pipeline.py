@@ -8,7 +8,7 @@ and schemas: :mod:`bloodray.nightly.contract`). The run::
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
       -> map_batches(read bytes + SHA-256 + decode + resize + thumbnail)   CPU tasks (*), :mod:`bloodray.data.stages`
       -> map_batches(CellPredictorResults: model + staged rows)  actor pool (GPU or CPU)
-      -> driver streams the rows into Parquet (output.rows_per_file) _staging/<run_id>/results/
+      -> driver streams the rows into small Parquet files          _staging/<run_id>/results/
     aggregate (driver, DuckDB, :mod:`~bloodray.nightly.aggregate`):
       -> predictions / errors / differentials                    _staging/<run_id>/<table>/
     commit (:mod:`~bloodray.nightly.commit`): partitions, config, manifest LAST, cleanup
@@ -31,7 +31,9 @@ date's results. ``run.incremental`` reconciles per image: listed image files
 already classified in the visible run of the date (same checkpoint) are not
 read again and their predictions are copied into the new run; new images and
 images that failed last time are read; images no longer listed are dropped.
-Each run is complete on its own.
+Each run is complete on its own. A run killed part-way leaves its staged
+results; the next run of the date with the same settings picks them up and
+reads only the rest (``run.resume``, :mod:`~bloodray.nightly.resume`).
 
 One writer per output and date: a run holds the date's lease
 (:mod:`~bloodray.nightly.lease`) from planning to commit, and the commit
@@ -60,11 +62,12 @@ from bloodray.data.stages import (
     read_decode_shards,
 )
 from bloodray.nightly import contract
-from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables, write_table
+from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables
 from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
 from bloodray.nightly.config import ClassifyConfig, ClassifyError
 from bloodray.nightly.listing import InputListing, list_inputs
 from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, plan_run
+from bloodray.nightly.resume import RESULT_FILE_ROWS, RESULTS, write_results
 from bloodray.predict import CellPredictor
 
 log = logging.getLogger(__name__)
@@ -189,7 +192,7 @@ def classify_to_staging(plan: RunPlan) -> None:
     if not (plan.listing.files or plan.listing.shards):
         plan.timings["read_decode_infer"] = 0.0
         return
-    init_ray()  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
+    init_ray(dashboard=False)  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
     timer = time.monotonic()
     log.info("run %s: classifying %d image file(s) and %d tar shard(s)", plan.run_id,
@@ -202,15 +205,18 @@ def classify_to_staging(plan: RunPlan) -> None:
 
     def batches() -> Iterator[pa.RecordBatch]:
         # Output blocks as the actors finish them; Ray Data retries lost work, so each arrives once.
+        received = 0
         with progress(total=total, desc="classify", unit="img") as bar:
             for block in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
                 bar.update(block.num_rows)
+                received += block.num_rows
+                log.debug("received %d result rows", received)
                 yield from block.cast(schema).to_batches()
 
-    # Files of output.rows_per_file rows, not one tiny file per batch: the staged
-    # results are a few hundred bytes per image, so the driver keeps up with any pool.
-    write_table(pa.RecordBatchReader.from_batches(schema, batches()), schema, fs,
-                 posixpath.join(plan.staging, "results"), plan.cfg.output.rows_per_file)
+    # Files of up to RESULT_FILE_ROWS rows (or output.rows_per_file if smaller), closed at least every
+    # RESULT_FILE_SECONDS: each closed file survives a kill and the next run of the date resumes from it.
+    write_results(batches(), schema, fs, posixpath.join(plan.staging, RESULTS),
+                  min(plan.cfg.output.rows_per_file, RESULT_FILE_ROWS))
     plan.timings["read_decode_infer"] = time.monotonic() - timer
 
 

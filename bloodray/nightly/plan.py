@@ -25,7 +25,7 @@ from bloodray.checkpoint import load_checkpoint, resolve_checkpoint
 from bloodray.config import ConfigError
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stages import cluster_cpu_slots
-from bloodray.nightly import contract, tables
+from bloodray.nightly import contract, resume, tables
 from bloodray.nightly.config import ClassifyConfig, ClassifyError, InferenceConfig, effective_threshold
 from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
                                            load_flag_rules, load_sample_metadata)
@@ -68,6 +68,9 @@ class RunPlan:
     #: URIs of listed image files whose predictions are carried over from ``carried_from``.
     carried_images: frozenset[str] = frozenset()
     carried_from: str | None = None
+    #: URIs of listed image files whose rows were adopted from a killed run's staging (not read again), and its id.
+    resumed_images: frozenset[str] = frozenset()
+    resumed_from: tuple[str, ...] = ()
     #: this run's hold on (output, date), released by the commit (:mod:`bloodray.nightly.lease`).
     lease: Lease | None = None
     #: ``sample_id, wbc_count_10e9_per_l`` from ``flags.sample_metadata``, or None.
@@ -107,6 +110,8 @@ class RunResult:
     n_unidentified: int = 0
     domain_shift: bool = False
     n_samples_shifted: int = 0
+    #: images whose rows were picked up from a killed run of the date (counted in ``n_inputs``, not read again).
+    n_resumed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
@@ -116,6 +121,8 @@ class RunResult:
         """A few human-readable lines for the console."""
         carried = (f", {self.incremental_skipped_samples} sample(s) carried over"
                    if self.incremental_skipped_samples else "")
+        if self.n_resumed:
+            carried += f", {self.n_resumed} resumed from a killed run's staging"
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         return (f"run {self.run_id} ({self.run_date}) committed with checkpoint {self.checkpoint_id}\n"
                 f"  {self.n_inputs} input(s) read{carried}: {self.n_predictions} predictions "
@@ -222,13 +229,30 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
                    started_at=started, listing=listing, skip_samples=skip, carried_images=carried,
                    carried_from=carried_from if carried else None, lease=lease,
                    ood=dict(meta.ood) or None, shift_rule=ShiftRule(cfg.shift.alpha, cfg.shift.min_effect))
+    marker = {"run_id": run_id, "run_date": run_date, "started_at": started.isoformat(),
+              "checkpoint_id": meta.checkpoint_id, "resume_key": resume.resume_key(cfg, meta.checkpoint_id)}
     try:
-        storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER),
-                          json.dumps({"run_id": run_id, "run_date": run_date, "started_at": started.isoformat()}).encode())
+        storage.put_bytes(fs, posixpath.join(plan.staging, RUN_MARKER), json.dumps(marker).encode())
+        if cfg.run.resume and listing.files:
+            adopted = resume.adopt_staged_results(plan, staging_markers(fs, _root), lambda: set(
+                tables.committed_runs(output_uri, so, run_date).column("run_id").to_pylist()))
+            plan.resumed_images, plan.resumed_from = adopted.images, tuple(adopted.from_runs)
     except Exception as exc:  # noqa: BLE001 - missing bucket, path under a file, read-only or full disk
         raise storage.describe_storage_error(output_uri, exc) from exc
     plan.timings["list"] = time.monotonic() - timer
     return plan
+
+
+def staging_markers(fs, root: str) -> dict[str, dict[str, Any]]:
+    """``run.json`` of every run under ``_staging`` (run id -> marker); runs without a readable one are left out."""
+    out = {}
+    fs.invalidate_cache()
+    for path in fs.glob(posixpath.join(root, contract.STAGING, "*", RUN_MARKER)):
+        try:
+            out[posixpath.basename(posixpath.dirname(path))] = json.loads(fs.cat_file(path))
+        except Exception:  # noqa: BLE001 - half-written or vanished: not resumable
+            continue
+    return out
 
 
 def remove_staging(fs, staging: str) -> None:
