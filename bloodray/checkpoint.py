@@ -53,6 +53,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from bloodray import __version__, rundir, storage
+from bloodray.bounded_read import MAX_WEIGHTS_BYTES, InputReadError, read_path
 from bloodray.classes import CLASS_NAMES
 from bloodray.models import create_model, get_model_info
 from bloodray.data.preset import EvalPreset
@@ -262,9 +263,11 @@ def write_checkpoint(directory: str | Path, model: nn.Module, metadata: Checkpoi
 
 def _read(fs, path: str, uri: str) -> bytes:
     try:
-        return fs.cat_file(path)
+        return read_path(fs, path, uri, max_bytes=MAX_WEIGHTS_BYTES)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{uri}: checkpoint file not found") from exc
+    except (InputReadError, storage.StorageError) as exc:
+        raise CheckpointError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - storage errors become one readable line
         raise storage.describe_storage_error(uri, exc) from exc
 

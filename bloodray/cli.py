@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -21,7 +22,7 @@ from bloodray.cli_docs import add_docs_parsers
 from bloodray.cli_outputs import add_output_root_parsers
 from bloodray.config import ConfigError, load_config
 from bloodray.defaults import default_config_path, describe_default_config
-from bloodray.logs import exit_on_sigterm
+from bloodray.logs import exit_on_sigterm, terminated_by
 from bloodray.storage import StorageError
 
 #: What ``bloodray --help`` opens with (the module docstring is for developers).
@@ -49,7 +50,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.models", "UnknownModelError"), ("bloodray.nightly.config", "ClassifyError"),
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
     ("bloodray.review.decisions", "ReviewError"), ("bloodray.train.pack", "PackError"),
-    ("bloodray.nightly.tables", "TableError"))
+    ("bloodray.nightly.tables", "TableError"), ("bloodray.bounded_read", "InputReadError"))
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -379,9 +380,12 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
     setup_logging(getattr(args, "verbosity", 0))
     try:
         return (handler or args.func)(args)
-    except _expected_errors() as exc:
-        print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        # A signal's SystemExit, or the error a library made of it, is reported by main(), not as bad input.
+        if terminated_by() is None and isinstance(exc, _expected_errors()):
+            print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 def main() -> None:
@@ -397,4 +401,12 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 141
+    except BaseException:
+        signum = terminated_by()
+        if signum is None:
+            raise
+        # One line, not the traceback of whatever was running (DuckDB turns it into "Query interrupted").
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        print(f"bloodray {command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        code = 128 + signum
     sys.exit(code)

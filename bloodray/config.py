@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, get_args, get_origi
 import yaml
 
 from bloodray import storage
+from bloodray.bounded_read import read_file
 
 T = TypeVar("T")
 
@@ -94,6 +95,10 @@ class StorageConfig:
     region: str | None = None
     #: anonymous access (public buckets), no credentials at all.
     anon: bool = False
+    #: seconds to open a connection to object storage, per attempt.
+    connect_timeout_s: float = storage.DEFAULT_CONNECT_TIMEOUT_S
+    #: seconds to wait for an answer from object storage, per attempt (7 attempts with backoff).
+    read_timeout_s: float = storage.DEFAULT_READ_TIMEOUT_S
     #: further s3fs/botocore options, e.g. ``config_kwargs.retries`` or ``config_kwargs.read_timeout``
     #: (never credentials: they are refused).
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -108,12 +113,20 @@ class StorageConfig:
             opts.setdefault("client_kwargs", {})["region_name"] = self.region
         if self.anon:
             opts["anon"] = True
+        config_kwargs = dict(opts.get("config_kwargs") or {})
+        config_kwargs.setdefault("connect_timeout", self.connect_timeout_s)
+        config_kwargs.setdefault("read_timeout", self.read_timeout_s)
+        opts["config_kwargs"] = config_kwargs
         return opts
 
     def validate(self, prefix: str) -> None:
         # Any depth: options.key, options.client_kwargs.aws_secret_access_key, options.s3_additional_kwargs.SSECustomerKey,
         # and URLs with a password (endpoint_url: https://user:pass@host).
         check_no_credentials(dataclasses.asdict(self), prefix)
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"{prefix}.{name}: expected seconds in (0, 3600], got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -255,7 +268,9 @@ def validate_tree(cfg: Any, prefix: str = "") -> None:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     try:
-        text = Path(path).read_text()
+        text = read_file(str(path), what="config file").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 text ({exc})") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from exc
     try:

@@ -27,6 +27,10 @@ QUIET, DEFAULT, VERBOSE = -1, 0, 1
 
 #: Set by :func:`setup_logging`; ``None`` means "used as a library: leave Ray's defaults alone".
 _verbosity: int | None = None
+#: The :mod:`bloodray.ray_watchdog` process of the local cluster this process started, if any.
+_watchdog: Any = None
+#: The signal :func:`exit_on_sigterm`'s handler received, if any.
+_terminated_by: int | None = None
 
 
 class _OneLine(logging.Formatter):
@@ -125,13 +129,21 @@ def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
     that is joined keeps its own): the dashboard and its head processes
     cost about 3.3 CPU seconds of a classify run's start-up
     (``bench/fixed_cost.py``) and nobody watches a cluster that lives for one run.
+    A local cluster started here gets a :mod:`bloodray.ray_watchdog`, which
+    ends its processes within seconds if this process is killed.
     """
     import ray
 
+    global _watchdog
     if not ray.is_initialized():
         local = "address" not in kwargs and not os.environ.get("RAY_ADDRESS")
         ray.init(**{**({"include_dashboard": False} if local and not dashboard else {}),
                     **ray_init_kwargs(), **kwargs})
+        from bloodray import ray_watchdog
+
+        if _watchdog is None and ray_watchdog.started_local_cluster():
+            # Ray's agents outlive a SIGKILLed driver by a minute or more (bloodray/ray_watchdog.py says why).
+            _watchdog = ray_watchdog.start()
     configure_ray_data()
 
 
@@ -165,6 +177,15 @@ def progress(total: int | None = None, desc: str = "", unit: str = "img") -> Ite
         bar.close()
 
 
+def terminated_by() -> int | None:
+    """The signal number that stopped this command (see :func:`exit_on_sigterm`), or ``None``.
+
+    Whatever was running when SIGTERM arrived may turn the ``SystemExit`` into its own error (DuckDB raises
+    ``RuntimeError: Query interrupted``); the command line reports the signal instead, in one line.
+    """
+    return _terminated_by
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM a clean exit that stops the local Ray cluster the job started.
 
@@ -180,6 +201,8 @@ def exit_on_sigterm() -> None:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
     def handler(signum, _frame):
+        global _terminated_by
+        _terminated_by = signum
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

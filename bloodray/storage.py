@@ -43,6 +43,12 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@?#]*:)
 #: storage blip of several seconds is ridden out, a real outage still fails within about a minute.
 #: ``storage.options.config_kwargs.retries`` overrides it.
 S3_RETRIES = {"mode": "legacy", "max_attempts": 6}
+#: Seconds to open a connection to object storage, and to wait for any byte of an answer, per attempt
+#: (``storage.connect_timeout_s`` / ``storage.read_timeout_s``). An endpoint that accepts connections and never
+#: answers fails each attempt after the read timeout, so the whole call after the 7 attempts of
+#: :data:`S3_RETRIES` (plus their backoff).
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 
 class StorageError(RuntimeError):
@@ -58,6 +64,8 @@ def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
         opts["client_kwargs"] = client_kwargs
     config_kwargs = dict(opts.pop("config_kwargs", {}) or {})
     config_kwargs.setdefault("retries", dict(S3_RETRIES))
+    config_kwargs.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S)
+    config_kwargs.setdefault("read_timeout", DEFAULT_READ_TIMEOUT_S)
     opts["config_kwargs"] = config_kwargs
     return opts
 
@@ -77,6 +85,10 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
         # Storage options are per-protocol; S3 settings must not leak into local access.
         options = {}
     fs, path = url_to_fs(uri, **options)
+    if protocol in ("s3", "s3a"):
+        # botocore already retries timeouts and connection errors (S3_RETRIES); s3fs's own 5 retries on top
+        # multiplied them: an endpoint that never answered was reported after ~11 minutes.
+        fs.retries = 1
     return fs, path
 
 
@@ -214,6 +226,18 @@ def redact(value: Any) -> Any:
     return value
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    """True when ``exc`` or an exception it was raised from is a connect or read timeout."""
+    seen = 0
+    while exc is not None and seen < 8:
+        name = type(exc).__name__
+        if isinstance(exc, TimeoutError) or name in ("ReadTimeoutError", "ConnectTimeoutError", "FSTimeoutError",
+                                                       "ServerTimeoutError"):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def describe_storage_error(uri: str, exc: BaseException) -> StorageError:
     """Wrap a low-level storage failure in one line a person can act on."""
     kind = type(exc).__name__
@@ -222,4 +246,7 @@ def describe_storage_error(uri: str, exc: BaseException) -> StorageError:
         return StorageError(f"{uri}: not found ({text})")
     if isinstance(exc, PermissionError):
         return StorageError(f"{uri}: access denied -- check the AWS credentials ({text})")
+    if _is_timeout(exc):
+        return StorageError(f"{uri}: object storage did not answer in time ({kind}: {text}); check the endpoint, "
+                            "or raise storage.connect_timeout_s / storage.read_timeout_s")
     return StorageError(f"{uri}: {kind}: {text}")

@@ -47,6 +47,9 @@ DIFFERENT_SETTINGS = {
     "device": "ModelConfig.device places the nightly job's model actors, PackedTrainConfig.device the pack trainer",
     "date": "RunConfig.date is the nightly run's date, DemoConfig.date the demo's archive date",
     "layout": "InputConfig.layout is how the nightly job reads an archive, DemoArchive.layout how the demo writes one",
+    "read_timeout_s": "LimitsConfig.read_timeout_s bounds the whole read of one input file (then a read_timeout error "
+                      "row); StorageConfig.read_timeout_s is how long each object-storage call waits for an answer "
+                      "per attempt (botocore's read_timeout), for every URI of the job",
 }
 
 

@@ -6,7 +6,6 @@ and the demo; works on any pyarrow Table.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import decimal
 import io
@@ -16,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from bloodray import storage
+from bloodray import csv_io, storage
 
 #: Text formats understood by :func:`format_table`.
 FORMATS: tuple[str, ...] = ("table", "csv", "json")
@@ -101,7 +100,7 @@ def format_table(table: pa.Table, fmt: str = "table", max_rows: int | None = DEF
         return json.dumps(rows, ensure_ascii=False, indent=1)
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
+        writer = csv_io.writer(buf)
         writer.writerow(names)
         for row in zip(*_columns(table)):
             writer.writerow(

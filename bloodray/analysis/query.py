@@ -32,7 +32,9 @@ the rest of bloodray), and then DuckDB's own settings turn file access off
 (``enable_external_access=false``) and freeze every setting
 (``lock_configuration=true``). SQL can therefore not read or write any file
 (``COPY ... TO``, ``ATTACH``, ``read_csv``, ``read_text``, ``glob``), install or
-load extensions, or change a setting to undo this. DuckDB's ``allowed_paths``
+load extensions, or change a setting to undo this. DuckDB's temp directory,
+which it exempts from that switch, is turned off (``temp_directory=''``): a
+query that outgrows memory fails rather than spill to disk. DuckDB's ``allowed_paths``
 is not used: it admits writes to the allowed files as well as reads.
 """
 
@@ -42,6 +44,7 @@ import datetime as _dt
 import logging
 import posixpath
 import re
+import threading
 from typing import Any, Mapping, Sequence
 
 import duckdb
@@ -143,6 +146,10 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET allow_community_extensions = false")
+    # DuckDB exempts its own temp directory (default <cwd>/.tmp) from enable_external_access: COPY ... TO and
+    # read_text would reach files there. No temp directory at all: a query that outgrows memory fails instead
+    # of spilling.
+    con.execute("SET temp_directory = ''")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
@@ -286,6 +293,60 @@ def _refused(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
 
 
+#: ``SET name=value`` or ``SET name = value`` inside a DuckDB message (uppercase ``SET``: not ``UPDATE ... SET``).
+_SET_HINT = re.compile(r"\bSET\s+\w+\s*=")
+
+
+def _without_set_hints(text: str) -> str:
+    """DuckDB's message without its advice to change a setting (settings are locked here).
+
+    ``Use TRY(...) to return NULL for this expression, or SET error_on_division_by_zero=false ...`` keeps its first
+    half; a sentence that only says ``SET x=y`` is dropped.
+    """
+    if not _SET_HINT.search(text):
+        return text
+    kept = []
+    for sentence in re.split(r"(?<=\.)\s+", text):
+        match = _SET_HINT.search(sentence)
+        if not match:
+            kept.append(sentence)
+            continue
+        head = sentence[:match.start()].rstrip()
+        head = re.sub(r",?\s*(?:or|and)?\s*(?:\*|use|try)?\s*$", "", head, flags=re.I).rstrip()
+        if head and head.lower() not in ("use", "try", "*"):
+            kept.append(head + ".")
+    return " ".join(kept) + " (settings cannot be changed in bloodray query)"
+
+
+def _interruptible(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """:func:`fetch_arrow` in a worker thread, so a signal stops it.
+
+    DuckDB runs a query in C++ without returning to Python, so a signal handler (SIGTERM, Ctrl-C) would run
+    only once the query ends. Here the calling thread waits in Python: the handler's exception interrupts the
+    query (``con.interrupt()``) and propagates as it is.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fetch_arrow(con, sql)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="bloodray-query", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:
+        con.interrupt()
+        worker.join(10)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 #: How a view's scan reports a data file that is gone: the filesystem's not-found error (local, S3) with the
 #: file's path, ``.../<table>/run_date=<D>/...``.
 _MISSING_FILE = re.compile(r"No such file|not found|NoSuchKey|does not exist", re.IGNORECASE)
@@ -305,9 +366,10 @@ def _fetch_user_sql(con: duckdb.DuckDBPyConnection, sql: str, output_uri: str,
                     as_of: _dt.datetime | None = None) -> pa.Table:
     """Run analyst SQL on a locked connection; DuckDB's error becomes one line naming the root."""
     try:
-        return fetch_arrow(con, sql)
+        return _interruptible(con, sql)
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _without_set_hints(first)
         missing = _missing_table(exc)
         if missing and as_of is not None:
             raise QueryError(f"{output_uri}: --as-of {as_of.isoformat()}: files of {missing} as it was then are "
@@ -360,7 +422,11 @@ def query_main(output_uri: str, sql: str, storage_options: Mapping[str, Any] | N
 
 
 def _check_export_target(out: str, output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
-    """Refuse an export file inside the output's own tables (it would overwrite or add committed data)."""
+    """Refuse an export file anywhere under the output root.
+
+    Not only the data tables: ``reviews/``, ``_commits/``, ``_leases/`` and every other folder hold state that
+    queries, reports, reviews and the next run read; a file written there could break them all.
+    """
     fs_out, path_out = storage.filesystem(out, storage_options)
     fs_root, root = storage.filesystem(output_uri, storage_options)
     target = storage.full_uri(fs_out, path_out).rstrip("/")
@@ -369,11 +435,9 @@ def _check_export_target(out: str, output_uri: str, storage_options: Mapping[str
         import os
 
         target, base = os.path.realpath(path_out), os.path.realpath(root)
-    for folder in ROOT_FOLDERS:
-        inner = f"{base}/{folder}"
-        if target == inner or target.startswith(inner + "/"):
-            raise QueryError(f"{out}: refusing to write an export inside the output's {folder}/ folder; "
-                             "choose a file elsewhere")
+    if target == base or target.startswith(base.rstrip("/") + "/"):
+        raise QueryError(f"--out {out}: refusing to write an export inside the output root {output_uri} "
+                         "(it holds the tables, reviews and commit state); choose a file elsewhere")
 
 
 def export(output_uri: str, sql: str, storage_options: Mapping[str, Any] | None = None, fmt: str = "table",

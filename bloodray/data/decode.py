@@ -9,6 +9,7 @@ failing the job.
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -25,7 +26,15 @@ DEFAULT_MAX_PIXELS = 25_000_000
 SUPPORTED_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "RGBX"})
 
 #: Every value :attr:`ImageDecodeError.kind` can take.
-FAILURE_KINDS = ("empty", "truncated", "not_image", "corrupt", "unsupported_mode", "too_large", "not_a_cell_image")
+FAILURE_KINDS = ("empty", "truncated", "not_image", "corrupt", "unsupported_mode", "too_large", "not_a_cell_image",
+                 "decode_budget")
+
+#: Defaults of :class:`DecodeBudget` (the nightly job's ``limits.max_decode_work`` and ``limits.decode_timeout_s``).
+#: Work is pixels x JPEG scans: a PBC crop costs ~0.13 M (baseline, one scan), a 25 MP progressive photo with
+#: libjpeg's 10 scans 250 M; a 6 MB JPEG repeating a tiny scan 500,000 times costs 65,000 M. A PBC crop decodes
+#: in a few milliseconds.
+DEFAULT_MAX_DECODE_WORK = 400_000_000
+DEFAULT_DECODE_TIMEOUT_S = 10.0
 
 #: Defaults of :class:`CellImageLimits` (the nightly job's ``limits.*`` keys). Real crops are far inside them:
 #: PBC crops are 360-366 px with a grey-level standard deviation of at least 18.7 (Chula: at least 168 px and 7.8,
@@ -98,27 +107,82 @@ class CellImageLimits:
                                                        f"{contrast:.2f} < {self.min_contrast}, limits.min_contrast)")
 
 
+@dataclass(frozen=True)
+class DecodeBudget:
+    """What decoding one image may cost; an image over it is a ``decode_budget`` error, never a stuck task.
+
+    ``max_work``: width x height x number of JPEG scans (progressive JPEGs decode every scan over the whole
+    image; other formats count one), checked from the header before any pixel is decoded. ``timeout_s``: wall
+    time of the decode itself, checked each time the decoder asks for more bytes (every 64 kB).
+    """
+
+    max_work: int = DEFAULT_MAX_DECODE_WORK
+    timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+
+    def check_work(self, data: bytes, image: Image.Image) -> None:
+        """Raise ``decode_budget`` when the header promises more work than :attr:`max_work`."""
+        scans = jpeg_scans(data) if image.format == "JPEG" else 1
+        width, height = image.size
+        work = width * height * max(1, scans)
+        if work > self.max_work:
+            raise ImageDecodeError("decode_budget", f"{width}x{height} px x {scans} JPEG scan(s) = {work:,} pixel-scans "
+                                                    f"exceeds limits.max_decode_work ({self.max_work:,})")
+
+    def reader(self, data: bytes) -> "_DeadlineReader":
+        """A file over ``data`` that stops the decoder once :attr:`timeout_s` has passed."""
+        return _DeadlineReader(data, time.monotonic() + self.timeout_s, self.timeout_s)
+
+
+class _DecodeTimeout(Exception):
+    """Raised from inside the decoder's reads (Pillow passes it through)."""
+
+
+class _DeadlineReader(io.BytesIO):
+    def __init__(self, data: bytes, deadline: float, timeout_s: float):
+        super().__init__(data)
+        self.deadline, self.timeout_s = deadline, timeout_s
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise _DecodeTimeout(f"decoding took longer than limits.decode_timeout_s ({self.timeout_s:g} s)")
+        return super().read(size)
+
+
+def jpeg_scans(data: bytes) -> int:
+    """Number of scans (SOS markers) in JPEG ``data``: 1 for baseline, ~10 for a usual progressive file.
+
+    Entropy-coded data never holds ``FF DA`` (an ``FF`` there is always followed by ``00`` or a restart marker), so
+    counting the marker bytes counts scans; an EXIF thumbnail adds its own one.
+    """
+    return data.count(b"\xff\xda")
+
+
 def decode_image(data: bytes, *, target_size: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, cell: CellImageLimits | None = None) -> Image.Image:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cell: CellImageLimits | None = None,
+                 budget: DecodeBudget | None = None) -> Image.Image:
     """Decode ``data`` to an RGB PIL image, refusing anything suspicious.
 
     ``target_size`` lets JPEG decoding use DCT scaling (``Image.draft``), which
     decodes a 360 px CellaVision crop at 1/2 or 1/4 scale when the model only
     needs 100-224 px: several times faster with no visible loss after resize.
     ``cell`` checks the stored size (before any DCT scaling) against a cell crop's.
+    ``budget`` bounds the decoding work and time (:class:`DecodeBudget`; defaults when None).
     """
     if not data:
         raise ImageDecodeError("empty", "file is empty (0 bytes)")
+    budget = budget or DecodeBudget()
     # PIL would otherwise emit a warning, or raise only once pixels are touched.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(budget.reader(data))
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not_image", "not a recognised image format") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError("too_large", f"image exceeds the pixel limit ({exc})") from exc
+    except _DecodeTimeout as exc:
+        raise ImageDecodeError("decode_budget", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad header
         raise ImageDecodeError(_failure_kind(exc), f"cannot read image header: {exc}") from exc
 
@@ -129,10 +193,13 @@ def decode_image(data: bytes, *, target_size: int | None = None,
         cell.check_size(width, height)
     if image.mode not in SUPPORTED_MODES:
         raise ImageDecodeError("unsupported_mode", f"unsupported image mode {image.mode!r}")
+    budget.check_work(data, image)
     try:
         if target_size and image.format == "JPEG":
             image.draft("RGB", (target_size, target_size))
         image.load()
+    except _DecodeTimeout as exc:
+        raise ImageDecodeError("decode_budget", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure becomes an error row
         raise ImageDecodeError(_failure_kind(exc), f"cannot decode image data: {exc}") from exc
     if image.mode in ("RGBA", "LA", "PA", "P"):

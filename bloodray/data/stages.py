@@ -41,19 +41,18 @@ is accounted for by a row with the shard's URI.
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
-import stat
 import tarfile
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from bloodray import storage
+from bloodray.bounded_read import (DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, InputReadError,
+                                   call_with_timeout, open_regular_local, read_local)
 from bloodray.classes import is_image_path
-from bloodray.data.decode import CellImageLimits, ImageDecodeError
+from bloodray.data.decode import CellImageLimits, DecodeBudget, ImageDecodeError, decode_image
 from bloodray.data.preset import EvalPreset
 
 #: The error columns every consumer of the stage reads (and the nightly errors table stores).
@@ -62,10 +61,6 @@ ERROR_COLUMNS: tuple[str, ...] = ("stage", "error_type", "message")
 OUTPUT_COLUMNS: tuple[str, ...] = ("image_sha256",) + ERROR_COLUMNS + ("error", "image")
 #: How many files one storage request fetches; object storage fetches a request's files concurrently.
 READ_CHUNK = 128
-#: Largest image file read (bytes): a CellaVision crop is ~30 kB, a 25 MP uncompressed TIFF ~75 MB.
-DEFAULT_MAX_FILE_BYTES = 128 * 2**20
-#: Seconds a local file read may take before the file becomes a ``read_timeout`` row.
-DEFAULT_READ_TIMEOUT_S = 60.0
 #: Error types of bounded reads and of the naming rules (:func:`name_kind`).
 READ_FAILURE_KINDS = ("not_regular_file", "file_too_large", "read_timeout", "unsupported_format",
                       "unsupported_archive", "nested_archive", "duplicate_member", "not_a_tar_archive")
@@ -86,22 +81,13 @@ class ReadLimits:
 
     ``cell``: when set, decoded images that do not look like one cell's crop
     become ``not_a_cell_image`` rows (:class:`~bloodray.data.decode.CellImageLimits`).
+    ``decode``: the work and time one image's decoding may take (``decode_budget`` rows beyond it).
     """
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     cell: CellImageLimits | None = None
-
-
-class InputReadError(OSError):
-    """A file refused by :class:`ReadLimits`; ``kind`` is one of :data:`READ_FAILURE_KINDS`."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-    def __str__(self) -> str:
-        return self.args[0]
+    decode: DecodeBudget = DecodeBudget()
 
 
 def name_kind(relpath: str) -> str:
@@ -123,57 +109,6 @@ def name_kind(relpath: str) -> str:
     if lower.endswith(ARCHIVE_SUFFIXES):
         return "archive"
     return "other"
-
-
-def _call_with_timeout(fn: Callable[[], bytes], timeout: float, what: str) -> bytes:
-    """``fn()``, or :class:`InputReadError` ``read_timeout`` when it has not returned after ``timeout`` seconds.
-
-    The read runs in a daemon thread: a read stuck in the kernel (a hung network mount) cannot be
-    interrupted, but it no longer holds up the task, nor the process's exit.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="bloodray-read", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise InputReadError("read_timeout", f"{what}: no data within {timeout:g} s (limits.read_timeout_s)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def open_regular_local(path: str):
-    """Open a local path for reading only if it is a regular file (after links): never blocks on a FIFO or device."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("FIFO" if stat.S_ISFIFO(mode) else "character device" if stat.S_ISCHR(mode) else
-                    "block device" if stat.S_ISBLK(mode) else "socket" if stat.S_ISSOCK(mode) else "special file")
-            raise InputReadError("not_regular_file", f"{path}: not a regular file ({kind}); refused")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _read_local(path: str, max_bytes: int) -> bytes:
-    with open_regular_local(path) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > max_bytes:
-            raise InputReadError("file_too_large", f"{path}: {size} bytes exceeds limits.max_file_bytes ({max_bytes})")
-        data = fh.read(max_bytes + 1)  # the file may have grown since fstat
-    if len(data) > max_bytes:
-        raise InputReadError("file_too_large", f"{path}: more than limits.max_file_bytes ({max_bytes}) bytes")
-    return data
 
 
 def error_row(sample_id: str | None, uri: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
@@ -213,7 +148,7 @@ def read_many(uris: Sequence[str], storage_options: Mapping[str, Any] | None = N
         results: list[bytes | BaseException] = []
         for path in paths:
             try:
-                results.append(_call_with_timeout(lambda p=path: _read_local(p, cap), limits.read_timeout_s, path))
+                results.append(call_with_timeout(lambda p=path: read_local(p, cap), limits.read_timeout_s, path))
             except Exception as exc:  # noqa: BLE001 - one bad file is one error row
                 results.append(exc)
         return results
@@ -273,10 +208,12 @@ class _Rows:
             self.fail(extra, "read", "unreadable", f"{type(exc).__name__}: {exc}")
 
     def decode(self, extra: Mapping[str, Any], data: bytes, preset: EvalPreset,
-               cell: CellImageLimits | None = None) -> None:
+               limits: ReadLimits = ReadLimits()) -> None:
         sha = hashlib.sha256(data).hexdigest()
+        cell = limits.cell
         try:
-            decoded = preset.decode(data, cell)
+            decoded = decode_image(data, target_size=preset.input_size, max_pixels=preset.max_pixels, cell=cell,
+                                   budget=limits.decode)
             image = preset.resize(decoded)
             if cell is not None:
                 cell.check_contrast(image)
@@ -320,7 +257,7 @@ def read_decode_files(batch: dict[str, np.ndarray], *, preset: EvalPreset,
         if isinstance(data, BaseException):
             rows.read_failed({}, data)
         else:
-            rows.decode({}, data, preset, limits.cell)
+            rows.decode({}, data, preset, limits)
     # One output row per input row: the input columns pass through with their own dtypes.
     return {**batch, **rows.emit()}
 
@@ -419,7 +356,7 @@ def shard_rows(shard_uri: str, preset: EvalPreset, storage_options: Mapping[str,
                         shard_error("corrupt_archive", f"tar shard is cut inside member {member.name!r} "
                                                        f"({exc}); any members after it are lost")
                         break
-                    rows.decode(extra, data, preset, limits.cell)
+                    rows.decode(extra, data, preset, limits)
                 if len(rows) >= chunk_rows:
                     yield rows.emit()
                     rows = new()

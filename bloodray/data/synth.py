@@ -374,3 +374,25 @@ def write_archive(out_uri: str, samples: list[SampleSpec], *, layout: str = "fol
                 flush()
     flush()
     return rows
+
+
+def scan_bomb_jpeg(repeats: int, size: int = 128, seed: int = 0) -> bytes:
+    """A progressive JPEG of noise whose smallest scan repeats ``repeats`` more times (a decoding-cost bomb).
+
+    Each copy is decoded over the whole image, so the cost grows with ``repeats`` while the file stays small
+    (~60 bytes a copy): what :class:`bloodray.data.decode.DecodeBudget` must stop. For tests and benches.
+    """
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    scans, i = [], 2
+    while data[i + 1] != 0xD9:  # walk the segments up to EOI
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] == 0xDA:  # a scan's entropy-coded data runs to the next marker that is not FF00 or RSTn
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+            scans.append((i, end))
+        i = end
+    start, end = min(scans, key=lambda s: s[1] - s[0])
+    return data[:i] + data[start:end] * repeats + data[i:]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from bloodray.bounded_read import MAX_WEIGHTS_BYTES, InputReadError, read_file
 from bloodray.classes import NUM_CLASSES
 from bloodray.storage import describe_storage_error, filesystem
 
@@ -259,10 +260,11 @@ def load_state_dict_file(uri: str, storage_options: Mapping[str, Any] | None = N
     weights under ``"state_dict"`` or ``"model"`` is unwrapped, and a
     ``"module."`` prefix left by DistributedDataParallel is stripped.
     """
-    fs, path = filesystem(uri, storage_options)
+    path = filesystem(uri, storage_options)[1]
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        data = read_file(uri, storage_options, max_bytes=MAX_WEIGHTS_BYTES, what="model.weights_uri")
+    except InputReadError:
+        raise
     except OSError as exc:
         raise describe_storage_error(uri, exc) from exc
 

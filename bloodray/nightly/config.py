@@ -15,8 +15,9 @@ from typing import Literal
 
 from bloodray.classes import DEFAULT_IG_FLAG_PERCENT, DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
 from bloodray.config import ConfigError, StorageConfig
-from bloodray.data.decode import (DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE_PX, DEFAULT_MIN_CONTRAST,
-                                  DEFAULT_MIN_SIDE_PX, CellImageLimits, PixelLimit)
+from bloodray.data.decode import (DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_DECODE_WORK,
+                                  DEFAULT_MAX_SIDE_PX, DEFAULT_MIN_CONTRAST, DEFAULT_MIN_SIDE_PX, CellImageLimits,
+                                  DecodeBudget, PixelLimit)
 from bloodray.data.stages import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, ReadLimits
 
 #: Review threshold used when neither the config nor the checkpoint sets one.
@@ -206,16 +207,21 @@ class LimitsConfig(PixelLimit):
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     #: grey-level standard deviation (0-255) below which an image is blank (errors, ``not_a_cell_image``); 0 = off.
     min_contrast: float = DEFAULT_MIN_CONTRAST
+    #: width x height x JPEG scans above which an image is not decoded (errors, ``decode_budget``).
+    max_decode_work: int = DEFAULT_MAX_DECODE_WORK
+    #: seconds one image's decoding may take (errors, ``decode_budget``).
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
 
     def validate(self, prefix: str) -> None:
-        for name in ("read_timeout_s", "max_aspect_ratio", "min_contrast"):
+        for name in ("read_timeout_s", "max_aspect_ratio", "min_contrast", "decode_timeout_s"):
             _require_finite(prefix, name, getattr(self, name))
         PixelLimit.validate(self, prefix)
-        for name in ("max_file_bytes", "min_side_px", "max_side_px"):
+        for name in ("max_file_bytes", "min_side_px", "max_side_px", "max_decode_work"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.read_timeout_s <= 0:
-            raise ConfigError(f"{prefix}.read_timeout_s: must be > 0, got {self.read_timeout_s}")
+        for name in ("read_timeout_s", "decode_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
         if self.max_side_px < self.min_side_px:
             raise ConfigError(f"{prefix}.max_side_px: must be >= limits.min_side_px ({self.min_side_px}), "
                               f"got {self.max_side_px}")
@@ -227,7 +233,8 @@ class LimitsConfig(PixelLimit):
     def read_limits(self) -> ReadLimits:
         """The read and cell-image bounds of the read+decode stage."""
         cell = CellImageLimits(self.min_side_px, self.max_side_px, self.max_aspect_ratio, self.min_contrast)
-        return ReadLimits(max_file_bytes=self.max_file_bytes, read_timeout_s=self.read_timeout_s, cell=cell)
+        return ReadLimits(max_file_bytes=self.max_file_bytes, read_timeout_s=self.read_timeout_s, cell=cell,
+                          decode=DecodeBudget(self.max_decode_work, self.decode_timeout_s))
 
 
 @dataclass

@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import yaml
 
 from bloodray import storage
+from bloodray.bounded_read import InputReadError, read_file
 from bloodray.classes import (
     CLASS_NAMES,
     DEFAULT_ERYTHROBLAST_FLAG_PER_100_WBC,
@@ -155,14 +156,14 @@ class FlagRules:
 
 # --------------------------------------------------------------------------- reference-range file
 def _read_yaml(uri: str, storage_options: Mapping[str, Any] | None) -> Any:
-    fs, path = storage.filesystem(uri, storage_options)
     try:
-        with fs.open(path, "rb") as fh:
-            return yaml.safe_load(fh.read()) or {}
+        return yaml.safe_load(read_file(uri, storage_options, what="reference-range file")) or {}
     except FileNotFoundError as exc:
         raise ReferenceRangeError(f"{uri}: reference-range file not found") from exc
     except yaml.YAMLError as exc:
         raise ReferenceRangeError(f"{uri}: invalid YAML: {exc}") from exc
+    except (InputReadError, storage.StorageError) as exc:
+        raise ReferenceRangeError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - storage failures become one readable line
         raise ReferenceRangeError(str(storage.describe_storage_error(uri, exc))) from exc
 

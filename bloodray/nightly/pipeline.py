@@ -193,6 +193,7 @@ def classify_to_staging(plan: RunPlan) -> None:
         plan.timings["read_decode_infer"] = 0.0
         return
     init_ray(dashboard=False)  # a local cluster, or the one RAY_ADDRESS names (Ray Jobs set it)
+    require_device(plan.cfg.model.device)
     fs, _root = contract.output_root(plan.output_uri, plan.storage_options)
     timer = time.monotonic()
     log.info("run %s: classifying %d image file(s) and %d tar shard(s)", plan.run_id,
@@ -218,6 +219,24 @@ def classify_to_staging(plan: RunPlan) -> None:
     write_results(batches(), schema, fs, posixpath.join(plan.staging, RESULTS),
                   min(plan.cfg.output.rows_per_file, RESULT_FILE_ROWS))
     plan.timings["read_decode_infer"] = time.monotonic() - timer
+
+
+def require_device(device: str) -> None:
+    """Refuse ``model.device`` naming hardware the Ray cluster lacks, before any actor starts.
+
+    Without this, every model actor failed to start and Ray printed a long traceback asking to report a Ray bug.
+    """
+    if device.startswith("cuda"):
+        import ray
+
+        if not ray.cluster_resources().get("GPU", 0):
+            raise ClassifyError(f"model.device={device}: the Ray cluster has no GPU; use model.device=auto "
+                                "(a GPU when there is one) or cpu")
+    elif device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ClassifyError("model.device=mps: this machine has no Apple MPS device; use model.device=auto or cpu")
 
 
 def run_classification(cfg: ClassifyConfig) -> RunResult:

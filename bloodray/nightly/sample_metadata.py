@@ -17,7 +17,6 @@ URI, the row (and CSV line) and the field.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from typing import Any, Iterable, Mapping
@@ -25,7 +24,8 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bloodray import storage
+from bloodray import csv_io, storage
+from bloodray.bounded_read import InputReadError, read_file
 
 SAMPLE_ID_COLUMN = "sample_id"
 WBC_COLUMN = "wbc_count_10e9_per_l"
@@ -55,12 +55,12 @@ def load_sample_metadata(uri: str, storage_options: Mapping[str, Any] | None = N
         kind = "parquet"
     else:
         raise SampleMetadataError(f"{uri}: sample metadata must be a .csv or .parquet file")
-    fs, path = storage.filesystem(uri, storage_options)
     try:
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
+        data = read_file(uri, storage_options, what="sample-metadata file")
     except FileNotFoundError as exc:
         raise SampleMetadataError(f"{uri}: sample-metadata file not found") from exc
+    except (InputReadError, storage.StorageError) as exc:
+        raise SampleMetadataError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - storage failures become one readable line
         raise SampleMetadataError(str(storage.describe_storage_error(uri, exc))) from exc
     if kind == "csv":
@@ -83,18 +83,28 @@ def _csv_rows(data: bytes, uri: str) -> tuple[list[str], list[dict[str, Any]]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SampleMetadataError(f"{uri}: not UTF-8 text ({exc})") from exc
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
+    try:
+        header, records, reader = csv_io.dict_rows(text, uri)
+    except csv_io.CSVFormatError as exc:
+        raise SampleMetadataError(str(exc)) from None
+    if not header:
         raise SampleMetadataError(f"{uri}: empty file; expected a header line "
                                   f"'{SAMPLE_ID_COLUMN},{WBC_COLUMN}'")
-    columns = [c.strip() for c in reader.fieldnames]
+    columns = [c.strip() for c in header]
     rows = []
-    for raw in reader:
+    for raw in _records(records):
         if None in raw:  # more fields than the header has
             raise SampleMetadataError(f"{uri}: line {reader.line_num}: more fields than the header's "
                                       f"{len(columns)}")
         rows.append({c.strip(): v for c, v in raw.items()})
     return columns, rows
+
+
+def _records(records):
+    try:
+        yield from records
+    except csv_io.CSVFormatError as exc:
+        raise SampleMetadataError(str(exc)) from None
 
 
 def _parse(columns: Iterable[str], rows: list[dict[str, Any]], where: str, first_line: int | None = None) -> pa.Table:

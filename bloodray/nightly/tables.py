@@ -99,6 +99,10 @@ def delta_storage_options(fs, storage_options: Mapping[str, Any] | None = None) 
     session = botocore.session.Session()
     region = client_kwargs.get("region_name") or session.get_config_variable("region") or "us-east-1"
     out = {"AWS_REGION": region}
+    # The same connect and answer timeouts as bloodray's s3fs filesystems (storage.*_timeout_s).
+    timeouts = dict(opts.get("config_kwargs") or {})
+    out["connect_timeout"] = f"{int(1000 * timeouts.get('connect_timeout', storage.DEFAULT_CONNECT_TIMEOUT_S))}ms"
+    out["timeout"] = f"{int(1000 * timeouts.get('read_timeout', storage.DEFAULT_READ_TIMEOUT_S))}ms"
     if endpoint:
         out["AWS_ENDPOINT_URL"] = endpoint
         if endpoint.startswith("http://"):

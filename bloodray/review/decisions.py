@@ -40,14 +40,13 @@ Whether each entry names a cell of the date is checked on import
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from bloodray import csv_io
 from bloodray.classes import CLASS_NAMES, class_from_folder
 from bloodray.nightly.contract import REOPENED, SIGNED_OFF, UNIDENTIFIED
 
@@ -237,18 +236,30 @@ def parse_decisions_json(text: str, where: str) -> Decisions:
                      exported_at=exported_at, reviews=reviews, signoffs=signoffs)
 
 
+def _restored(reader):
+    """Rows of a review CSV with the formula escapes of :mod:`bloodray.csv_io` undone; parse errors as ReviewError."""
+    try:
+        for row in reader:
+            yield {k: csv_io.restore(v) if isinstance(v, str) else v for k, v in row.items()}
+    except csv_io.CSVFormatError as exc:
+        raise ReviewError(str(exc)) from None
+
+
 def parse_review_csv(text: str, where: str, reviewer: str | None = None) -> Decisions:
     """Validate a filled ``review.csv`` as a whole; rows with an empty ``verified_class`` are skipped.
 
     ``reviewer`` fills rows whose ``reviewer`` column is empty. Raises
     :class:`ReviewError` naming the first bad row.
     """
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in ("image_uri", "verified_class") if c not in (reader.fieldnames or [])]
+    try:
+        header, reader, _ = csv_io.dict_rows(text, where)
+    except csv_io.CSVFormatError as exc:
+        raise ReviewError(str(exc)) from None
+    missing = [c for c in ("image_uri", "verified_class") if c not in header]
     if missing:
         raise ReviewError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
     reviews = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(_restored(reader), start=2):
         at = f"{where}: row {line}"
         raw = (row.get("verified_class") or "").strip()
         if not raw:

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 
 from bloodray import storage
+from bloodray.bounded_read import InputReadError, read_file
 from bloodray.analysis import query
 from bloodray.nightly import contract, tables
 from bloodray.nightly.pending import refuse_pending
@@ -73,10 +74,11 @@ class VerifiedRefresh:
 
 def _read_file(review_file: str, storage_options: Mapping[str, Any] | None) -> bytes:
     try:
-        fs, path = storage.filesystem(review_file, storage_options)
-        return fs.cat_file(path)
+        return read_file(review_file, storage_options, what="review file")
     except FileNotFoundError as exc:
         raise ReviewError(f"{review_file}: review file not found") from exc
+    except (InputReadError, storage.StorageError) as exc:
+        raise ReviewError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(review_file, exc) from exc
 

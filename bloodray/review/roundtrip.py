@@ -15,7 +15,6 @@ ImageFolder that ``bloodray train`` and
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import posixpath
@@ -23,7 +22,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from bloodray import storage
+from bloodray import csv_io, storage
 from bloodray.analysis import gallery, query
 from bloodray.review.decisions import CSV_COLUMNS, ReviewError
 from bloodray.data.stages import name_kind, read_many
@@ -90,7 +89,7 @@ def export_review(output_uri: str, run_date: str, dest: str,
     """
     run_id, cells, _ = review_cells(output_uri, run_date, storage_options, with_thumbnails=False)
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv_io.writer(buf)
     writer.writerow(CSV_COLUMNS)
     for c in cells:
         writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["image_sha256"], c["predicted_class"],
@@ -203,7 +202,7 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     fs, base = storage.filesystem(dest, storage_options)
     base = base.rstrip("/")
     listing = io.StringIO()
-    writer = csv.writer(listing, lineterminator="\n")
+    writer = csv_io.writer(listing)
     writer.writerow(["file", "class_name", "image_uri", "sample_id", "reviewer", "source"])
     counts = {"archive": 0, "thumbnail": 0, "missing": 0}
     try:
