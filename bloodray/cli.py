@@ -3,7 +3,8 @@
 Subcommands: ``train``, ``evaluate``, ``calibrate``, ``export``, ``classify``,
 ``query``, ``vacuum``, ``report``, ``models``, ``synth``, ``demo``, ``compare``, ``review``. Expected failures (bad config, missing data,
 unreadable checkpoint, storage errors) print one line naming the culprit and
-exit with status 2; nothing already written is removed.
+exit with the status :mod:`bloodray.exit_codes` gives them (2 for a problem with
+the input, config or storage); nothing already written is removed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Callable, Sequence
 # Only light imports here: --help, --version and query must not wait for torch
 # (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
 from bloodray.cli_common import add_storage_arguments, storage_options
+from bloodray import exit_codes
 from bloodray.cli_docs import add_docs_parsers
 from bloodray.cli_outputs import add_output_root_parsers
 from bloodray.config import ConfigError, load_config
 from bloodray.defaults import default_config_path, describe_default_config
-from bloodray.logs import exit_on_sigterm, terminated_by
+from bloodray.logs import exit_on_sigterm, own_process_output, terminated_by
 from bloodray.storage import StorageError
 
 #: What ``bloodray --help`` opens with (the module docstring is for developers).
@@ -39,8 +41,10 @@ Typical session:
 
 Every command runs from any directory: without --config it uses the packaged
 defaults (the same files as configs/ in the repository). `bloodray COMMAND --help`
-lists a command's options; exit status 2 means a problem with the input,
-config or storage, named in one line."""
+lists a command's options. Exit status: 0 done; 2 a problem with the input,
+config or storage, named in one line; classify also: 3 nothing to do (no
+images for the date), 4 committed under the domain-shift alarm, 5 the cluster
+or storage failed (try again later), 6 the alarm with shift.on_alarm=fail."""
 
 
 #: Errors a command reports as one line (module, class). Imported lazily: a command that never loaded a module
@@ -51,6 +55,11 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
     ("bloodray.review.decisions", "ReviewError"), ("bloodray.train.pack", "PackError"),
     ("bloodray.nightly.tables", "TableError"), ("bloodray.bounded_read", "InputReadError"))
+
+
+def _handled_errors() -> tuple[type[BaseException], ...]:
+    """Every error a command reports as one line: the expected ones and the infrastructure's."""
+    return _expected_errors() + exit_codes.infrastructure_errors()
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -170,6 +179,9 @@ def add_classify_arguments(parser: argparse.ArgumentParser, default_config: str 
                         help="override a config value, e.g. --set run.date=2024-05-01 (repeatable)")
     parser.add_argument("--date", metavar="YYYY-MM-DD", help="shortcut for --set run.date=YYYY-MM-DD")
     parser.add_argument("--incremental", action="store_true", help="shortcut for --set run.incremental=true")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON run summary on stdout instead of the human one, also when the run "
+                             "fails (status and exit_code as the exit status says)")
 
 
 def classify_config_from_args(args: argparse.Namespace):
@@ -185,22 +197,40 @@ def classify_config_from_args(args: argparse.Namespace):
 
 
 def cmd_classify(args) -> int:
-    from bloodray.nightly.pipeline import run_classification
+    """Run the nightly job; the exit status and ``--json`` summary follow :mod:`bloodray.exit_codes`."""
+    from bloodray.nightly.summary import failure_summary, run_summary
 
-    cfg = classify_config_from_args(args)
+    cfg = None
     try:
-        result = run_classification(cfg)
+        cfg = classify_config_from_args(args)
+        result = _run_classification(cfg)
+    except _handled_errors() as exc:
+        if terminated_by() is not None:
+            raise  # a signal, reported by main()
+        code = exit_codes.for_exception(exc)
+        print(f"bloodray classify: error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps(failure_summary(exc, code, cfg.run.date if cfg else None,
+                                             cfg.output.uri if cfg else None)))
+        return code
+    print(json.dumps(run_summary(result)) if getattr(args, "json", False) else result.describe())
+    warning = result.shift_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    return exit_codes.for_run(result)
+
+
+def _run_classification(cfg):
+    from bloodray.nightly_job import classify
+
+    try:
+        return classify(cfg)
     except OSError as exc:
         # Bad inputs are error rows, never exceptions: an OS error that reaches here is the output store's
         # (a full disk, a read-only folder, a path under a file), so name the output.
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise StorageError(f"output.uri {cfg.output.uri}: cannot write the run's outputs: "
                            f"{type(exc).__name__}: {text}") from exc
-    print(result.describe())
-    warning = result.shift_warning()
-    if warning:
-        print(warning, file=sys.stderr)
-    return 0
 
 
 def cmd_report(args) -> int:
@@ -382,15 +412,16 @@ def run(argv: Sequence[str] | None, handler: Callable | None = None) -> int:
         return (handler or args.func)(args)
     except Exception as exc:
         # A signal's SystemExit, or the error a library made of it, is reported by main(), not as bad input.
-        if terminated_by() is None and isinstance(exc, _expected_errors()):
+        if terminated_by() is None and isinstance(exc, _handled_errors()):
             print(f"bloodray {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return exit_codes.for_exception(exc)
         raise
 
 
 def main() -> None:
     """Console-script entry point."""
     exit_on_sigterm()
+    own_process_output()
     try:
         code = run(sys.argv[1:])
         sys.stdout.flush()

@@ -6,8 +6,9 @@ long loops in :func:`progress`. Without :func:`setup_logging` (bloodray used as
 a library, in a notebook or a test) nothing here changes Ray's or Python's
 defaults, and progress bars follow tqdm's own rule (shown on a terminal only).
 
-Levels (``verbosity``): ``-1`` (``--quiet``) warnings and errors only, no
-progress bars; ``0`` (default) bloodray's progress lines at INFO, Ray at
+Levels (``verbosity``): ``-1`` (``--quiet``) bloodray's warnings and errors
+only, Ray's errors only, no progress bars: a clean run leaves stderr empty
+(:func:`own_process_output`); ``0`` (default) bloodray's progress lines at INFO, Ray at
 WARNING, Ray Data's own progress bars and execution banners off (bloodray's bar
 replaces them); ``1`` (``--verbose``) bloodray at DEBUG and Ray as Ray itself
 configures it (worker output forwarded, Ray Data's bars back).
@@ -27,6 +28,10 @@ QUIET, DEFAULT, VERBOSE = -1, 0, 1
 
 #: Set by :func:`setup_logging`; ``None`` means "used as a library: leave Ray's defaults alone".
 _verbosity: int | None = None
+#: Set by :func:`own_process_output`: the command line owns this process's file descriptors.
+_owns_process = False
+#: Where the process's native stderr went (:func:`divert_native_stderr`), once it did.
+_native_stderr: str | None = None
 #: The :mod:`bloodray.ray_watchdog` process of the local cluster this process started, if any.
 _watchdog: Any = None
 #: The signal :func:`exit_on_sigterm`'s handler received, if any.
@@ -76,7 +81,7 @@ def setup_logging(verbosity: int = DEFAULT) -> None:
         # nothing a user of bloodray can act on.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
         # Ray Data logs "Starting execution of Dataset ..." and its plan at INFO to the console.
-        os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
+        os.environ["RAY_DATA_LOG_LEVEL"] = "ERROR" if _verbosity <= QUIET else "WARNING"
     else:
         os.environ.pop("RAY_DATA_LOG_LEVEL", None)
 
@@ -93,8 +98,9 @@ def ray_init_kwargs() -> dict[str, Any]:
     # log_to_driver=False stops workers' stdout/stderr (model summaries, Ray
     # Data's per-task lines) from being copied to the console; a task that
     # fails still raises in the driver with its traceback, and every worker
-    # log stays in Ray's session log directory.
-    return {"log_to_driver": False, "logging_level": logging.WARNING}
+    # log stays in Ray's session log directory. Quiet: Ray's errors only (a
+    # new local cluster warns that it turned token authentication on, every time).
+    return {"log_to_driver": False, "logging_level": logging.ERROR if _verbosity <= QUIET else logging.WARNING}
 
 
 def configure_ray_data() -> None:
@@ -120,11 +126,16 @@ class _DropBarsDisabled(logging.Filter):
         return not str(record.msg).startswith("Progress bars disabled")
 
 
+class RayStartError(RuntimeError):
+    """Ray could not start a local cluster or join ``RAY_ADDRESS`` (an infrastructure failure, exit status 5)."""
+
+
 def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
     """Start or join Ray (``RAY_ADDRESS``, else a local cluster) unless it already runs.
 
     With :func:`setup_logging` called, Ray's own console output is turned down
     to warnings (see :func:`ray_init_kwargs`); ``kwargs`` go to ``ray.init``.
+    Raises :class:`RayStartError` when Ray cannot start or join a cluster.
     ``dashboard=False`` starts a local cluster without Ray's dashboard (a cluster
     that is joined keeps its own): the dashboard and its head processes
     cost about 3.3 CPU seconds of a classify run's start-up
@@ -137,14 +148,73 @@ def init_ray(*, dashboard: bool = True, **kwargs: Any) -> None:
     global _watchdog
     if not ray.is_initialized():
         local = "address" not in kwargs and not os.environ.get("RAY_ADDRESS")
-        ray.init(**{**({"include_dashboard": False} if local and not dashboard else {}),
-                    **ray_init_kwargs(), **kwargs})
+        try:
+            ray.init(**{**({"include_dashboard": False} if local and not dashboard else {}),
+                        **ray_init_kwargs(), **kwargs})
+        except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions (e.g. "node timed out during startup")
+            where = os.environ.get("RAY_ADDRESS") or "a local cluster"
+            text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayStartError(f"Ray: could not start or join {where}: {text}") from exc
         from bloodray import ray_watchdog
 
         if _watchdog is None and ray_watchdog.started_local_cluster():
             # Ray's agents outlive a SIGKILLed driver by a minute or more (bloodray/ray_watchdog.py says why).
             _watchdog = ray_watchdog.start()
+        if _owns_process and _verbosity is not None and _verbosity <= QUIET:
+            divert_native_stderr()
     configure_ray_data()
+
+
+def own_process_output() -> None:
+    """Declare that the command line owns this process's output (``bloodray`` and ``jobs/*.py`` call it).
+
+    Only then may :func:`init_ray` move the process's native stderr aside in
+    quiet mode (:func:`divert_native_stderr`); bloodray used as a library, or
+    under pytest, never has its file descriptors touched.
+    """
+    global _owns_process
+    _owns_process = True
+
+
+def divert_native_stderr() -> str | None:
+    """Send what native code writes to this process's stderr (fd 2) to a file in Ray's log directory.
+
+    Ray's C++ core worker in the driver prints its ERROR lines to fd 2, besides
+    its own log file. With Ray Data every actor pool triggers one: Ray Data
+    passes its context and transform to the actors as object refs, and with
+    actor restarts on, the core worker warns that such arguments may be lost
+    (ray-project/ray#53727, #57733), a false alarm here (the refs live as long
+    as the dataset). It cannot be avoided from outside Ray Data (turning actor
+    restarts off would lose the recovery from a killed actor), and
+    ``RAY_BACKEND_LOG_LEVEL`` prints a line of its own and silences the log
+    files of every Ray process. So, in quiet mode, fd 2 goes to
+    ``<session>/logs/bloodray-driver-<pid>.err`` (the driver's C++ errors are
+    in ``python-core-driver-*.log`` anyway) while Python's ``sys.stderr`` (bloodray's
+    lines, Ray's Python errors, tracebacks) keeps the real stderr. Returns the file's path.
+    """
+    global _native_stderr
+    if _native_stderr is not None:
+        return _native_stderr
+    try:
+        import ray
+
+        logs_dir = ray._private.worker._global_node.get_logs_dir_path()  # noqa: SLF001 - no public accessor
+    except Exception:  # noqa: BLE001 - a Ray without it: keep stderr as it is
+        return None
+    path = os.path.join(logs_dir, f"bloodray-driver-{os.getpid()}.err")
+    sys.stderr.flush()
+    real = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    sys.stderr = os.fdopen(real, "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                           errors="backslashreplace")
+    for handler in logging.getLogger("bloodray").handlers:
+        if getattr(handler, "_bloodray", False):
+            handler.setStream(sys.stderr)  # type: ignore[attr-defined]
+    _native_stderr = path
+    logging.getLogger(__name__).debug("native stderr of the driver goes to %s", path)
+    return path
 
 
 class _Counter:

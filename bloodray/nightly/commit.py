@@ -289,8 +289,10 @@ def cleanup_runs(output_uri: str, run_date: str, run_id: str,
                 deleted.append(posixpath.join(staging_root, other))
         for path in deleted:
             fs.rm(path, recursive=True)
-        if deleted:
-            log.info("cleanup after run %s: removed %d stale path(s)", run_id, len(deleted))
+        # The run's own staging always goes; only leftovers of other runs are worth a line.
+        stale = [p for p in deleted if p != posixpath.join(staging_root, run_id)]
+        if stale:
+            log.info("cleanup after run %s: removed %d stale path(s)", run_id, len(stale))
     except Exception as exc:  # noqa: BLE001 - cleanup never fails a committed run
         log.warning("cleanup after run %s incomplete (%s); leftovers are invisible to readers and are "
                     "removed by a later run", run_id, exc)

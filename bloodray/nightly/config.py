@@ -33,6 +33,18 @@ class ClassifyError(RuntimeError):
     """The run cannot proceed (no inputs, run id already committed...); the message says why."""
 
 
+class NothingToClassify(ClassifyError):
+    """The date's folder is missing or holds no image: there is nothing to do (exit status 3)."""
+
+
+class ShiftAlarmError(ClassifyError):
+    """The domain-shift alarm went off and ``shift.on_alarm`` is ``fail``: nothing was published (exit status 6)."""
+
+
+class ClusterResourcesError(ClassifyError):
+    """The Ray cluster lacks what the config asks for, e.g. GPUs (exit status 5, infrastructure)."""
+
+
 @dataclass
 class InputConfig:
     """The slide archive to classify."""
@@ -167,19 +179,20 @@ class InferenceConfig:
     batch_size: int = 64
     #: model actors; null = one per GPU (num_gpus > 0), or one per ``decode_cpus`` CPUs of the cluster on CPU.
     concurrency: int | None = None
-    #: GPUs per model actor (0 = CPU inference).
-    num_gpus: float = 0.0
+    #: GPUs per model actor (0 = CPU inference); ``auto`` = 1 when the Ray cluster has GPUs at the start of the
+    #: run, else 0 (:func:`bloodray.nightly.plan.gpus_per_actor`).
+    num_gpus: float | Literal["auto"] = "auto"
     #: CPUs reserved by each read/decode task.
     decode_cpus: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        for name in ("num_gpus", "decode_cpus"):
+        for name in ("num_gpus", "decode_cpus") if self.num_gpus != "auto" else ("decode_cpus",):
             _require_finite(prefix, name, getattr(self, name))
         if self.batch_size < 1:
             raise ConfigError(f"{prefix}.batch_size: must be >= 1, got {self.batch_size}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"{prefix}.concurrency: must be >= 1 or null, got {self.concurrency}")
-        if self.num_gpus < 0:
+        if self.num_gpus != "auto" and self.num_gpus < 0:
             raise ConfigError(f"{prefix}.num_gpus: must be >= 0, got {self.num_gpus}")
         if self.decode_cpus <= 0:
             raise ConfigError(f"{prefix}.decode_cpus: must be > 0, got {self.decode_cpus}")
@@ -242,7 +255,7 @@ class ShiftConfig:
     """The domain-shift alarm (:mod:`bloodray.nightly.shift`); needs a checkpoint with an OOD reference."""
 
     #: ``commit``: a run under the alarm still commits, with the alarm in its tables; ``fail``: it fails
-    #: (exit 2) and publishes nothing.
+    #: (exit status 6) and publishes nothing.
     on_alarm: Literal["commit", "fail"] = "commit"
     #: significance level of the binomial and KS tests.
     alpha: float = 0.001
@@ -254,6 +267,15 @@ class ShiftConfig:
             raise ConfigError(f"{prefix}.alpha: must be in (0, 0.5), got {self.alpha}")
         if not 0.0 < self.min_effect <= 1.0:
             raise ConfigError(f"{prefix}.min_effect: must be in (0, 1], got {self.min_effect}")
+
+
+@dataclass
+class ReportConfig:
+    """The date's HTML report, written by the run once it is committed."""
+
+    #: write ``<output.uri>/reports/run_date=<date>/report.html`` at the end of the run; a report that fails is
+    #: logged and named in the summary, and never fails the committed run.
+    enabled: bool = True
 
 
 @dataclass
@@ -270,6 +292,7 @@ class ClassifyConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def effective_threshold(cfg: ClassifyConfig, checkpoint_threshold: float | None) -> float:

@@ -42,8 +42,10 @@ files only (``not_regular_file`` otherwise).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import posixpath
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +56,11 @@ from bloodray.data.stages import error_row, name_kind, sample_id_of
 from bloodray.nightly.config import ClassifyError
 
 TAR_SUFFIX = ".tar"
+_DATE_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class ArchiveNotFoundError(ClassifyError):
+    """The archive folder (or prefix) to list does not exist."""
 
 
 @dataclass
@@ -175,7 +182,7 @@ def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "par
         fs.invalidate_cache()
         paths, problems = find_files(fs, base)
         if not paths and not fs.exists(base):
-            raise ClassifyError(f"{input_uri}: input archive not found")
+            raise ArchiveNotFoundError(f"{input_uri}: input archive not found")
     except ClassifyError:
         raise
     except Exception as exc:  # noqa: BLE001 - missing bucket, credentials...
@@ -193,6 +200,30 @@ def list_inputs(input_uri: str, layout: str = "auto", sample_id_from: str = "par
         listing.errors.append(error_row(sample_id_of(relative(path), sample_id_from), storage.full_uri(fs, path),
                                         "list", error_type, message))
     return listing
+
+
+def date_folders(archive_uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The ``YYYY-MM-DD`` folders right under an archive root, sorted; empty when there are none or no root.
+
+    One listing of the first level: an archive root of date folders is what
+    ``run.date`` selects from, never an archive to classify whole.
+    """
+    fs, base = storage.filesystem(archive_uri, storage_options)
+    try:
+        fs.invalidate_cache()
+        entries = fs.ls(base.rstrip("/"), detail=True)
+    except Exception:  # noqa: BLE001 - a missing or unreadable root is reported by the listing itself
+        return []
+    names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+    found = []
+    for name in names:
+        try:
+            if _DATE_FOLDER.match(name):
+                dt.date.fromisoformat(name)
+                found.append(name)
+        except ValueError:
+            continue
+    return sorted(found)
 
 
 def classify_listed_file(listing: InputListing, uri: str, rel: str, layout: str, sample_id_from: str) -> None:

@@ -64,10 +64,11 @@ from bloodray.data.stages import (
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables
 from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
-from bloodray.nightly.config import ClassifyConfig, ClassifyError
+from bloodray.nightly.config import ClassifyConfig, ClassifyError, ShiftAlarmError
 from bloodray.nightly.listing import InputListing, list_inputs
-from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, plan_run
+from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, gpus_per_actor, plan_run
 from bloodray.nightly.resume import RESULT_FILE_ROWS, RESULTS, write_results
+from bloodray.nightly.summary import add_details
 from bloodray.predict import CellPredictor
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,10 @@ def build_dataset(plan: RunPlan):
                        "limits": cfg.limits.read_limits(), "thumbnail_size": THUMBNAIL_SIZE},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    num_gpus = gpus_per_actor(cfg.inference.num_gpus, ray.cluster_resources().get("GPU", 0))
+    log.info("model actors on %s", f"{num_gpus:g} GPU(s) each" if num_gpus else "CPU")
     # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.
-    gpu_args = {"num_gpus": cfg.inference.num_gpus} if cfg.inference.num_gpus > 0 else read_args
+    gpu_args = {"num_gpus": num_gpus} if num_gpus > 0 else read_args
     return data.map_batches(
         CellPredictorResults, batch_size=bs,
         compute=actor_pool(cfg.inference, fused=len(parts) == 1, work_blocks=work_blocks),
@@ -249,16 +252,21 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     :class:`~bloodray.nightly.lease.LeaseHeldError`. Raises :class:`~bloodray.config.ConfigError`,
     :class:`~bloodray.storage.StorageError`,
     :class:`~bloodray.checkpoint.CheckpointError` or :class:`ClassifyError`
-    for problems with the run as a whole; bad images never raise.
+    for problems with the run as a whole; bad images never raise. The job as the command runs it, with the
+    date's report after the commit (``report.enabled``), is :func:`bloodray.nightly_job.classify`.
     """
     plan = plan_run(cfg)
     try:
         stage_run(plan)
         if plan.stats.get("domain_shift") and cfg.shift.on_alarm == "fail":
-            raise ClassifyError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the training "
-                                f"data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} sample(s); "
-                                "shift.on_alarm is 'fail', so nothing was published")
+            raise ShiftAlarmError(f"run {plan.run_id} ({plan.run_date}): domain-shift alarm, images unlike the "
+                                  f"training data in {plan.stats['n_samples_shifted']} of {plan.stats['n_samples']} "
+                                  "sample(s); shift.on_alarm is 'fail', so nothing was published")
     except BaseException:
         discard_run(plan)  # a failed run leaves no staging and holds no lease
         raise
-    return commit_run(plan)
+    result = commit_run(plan)
+    # Committed: from here nothing fails the run. The summary's details are read back from the committed
+    # tables; a failure is logged and leaves them None.
+    add_details(result, plan.storage_options)
+    return result

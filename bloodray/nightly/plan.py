@@ -16,7 +16,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 
@@ -26,12 +26,13 @@ from bloodray.config import ConfigError
 from bloodray.data.preset import EvalPreset
 from bloodray.data.stages import cluster_cpu_slots
 from bloodray.nightly import contract, resume, tables
-from bloodray.nightly.config import ClassifyConfig, ClassifyError, InferenceConfig, effective_threshold
+from bloodray.nightly.config import (ClassifyConfig, ClassifyError, ClusterResourcesError, InferenceConfig,
+                                     NothingToClassify, effective_threshold)
 from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
                                            load_flag_rules, load_sample_metadata)
 from bloodray.nightly.lease import Lease, acquire_lease
 from bloodray.nightly.legacy import refuse_legacy
-from bloodray.nightly.listing import InputListing, list_inputs
+from bloodray.nightly.listing import ArchiveNotFoundError, InputListing, date_folders, list_inputs
 from bloodray.nightly.shift import ShiftRule, no_shift
 
 log = logging.getLogger(__name__)
@@ -112,21 +113,38 @@ class RunResult:
     n_samples_shifted: int = 0
     #: images whose rows were picked up from a killed run of the date (counted in ``n_inputs``, not read again).
     n_resumed: int = 0
+    #: set after the commit (:mod:`bloodray.nightly.summary`): samples with a flag (``sample_id``, ``flags``),
+    #: bad inputs per ``error_type``; None when they could not be read back.
+    flagged_samples: list[dict[str, Any]] | None = None
+    errors_by_type: dict[str, int] | None = None
+    #: the date's report (``report.enabled``), or why it was not written.
+    report_uri: str | None = None
+    report_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        """A few human-readable lines for the console."""
+        """A few human-readable lines for the console: counts, bad inputs, flags, the alarm, report, timings."""
         carried = (f", {self.incremental_skipped_samples} sample(s) carried over"
                    if self.incremental_skipped_samples else "")
         if self.n_resumed:
             carried += f", {self.n_resumed} resumed from a killed run's staging"
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+        flagged = "" if self.flagged_samples is None else f" ({len(self.flagged_samples)} flagged)"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in (self.errors_by_type or {}).items())
+        alarm = "none"
+        if self.domain_shift:
+            alarm = (f"ON in {self.n_samples_shifted} of {self.n_samples} sample(s), {self.n_unidentified} cell(s) "
+                     "unidentified: results unreliable")
+        report = self.report_uri or (f"not written ({self.report_error})" if self.report_error else "off")
         return (f"run {self.run_id} ({self.run_date}) committed with checkpoint {self.checkpoint_id}\n"
                 f"  {self.n_inputs} input(s) read{carried}: {self.n_predictions} predictions "
-                f"({self.n_review} for review), {self.n_errors} errors, {self.n_samples} samples\n"
+                f"({self.n_review} for review), {self.n_samples} samples{flagged}\n"
+                f"  bad inputs: {self.n_errors}{f' ({kinds})' if kinds else ''} (errors table)\n"
+                f"  domain-shift alarm: {alarm}\n"
+                f"  report: {report}\n"
                 f"  manifest: {self.manifest_uri}\n"
                 f"  timings: {timings}")
 
@@ -159,6 +177,8 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
     output_uri = cfg.output.uri.rstrip("/")
     run_id = cfg.run.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     fs, root = contract.output_root(output_uri, so)
+    if cfg.run.date is None:
+        refuse_date_folders(cfg.input.uri, so)
 
     refuse_legacy(output_uri, so)  # a new run would hide every older date of a pre-Delta root
     try:
@@ -180,6 +200,33 @@ def plan_run(cfg: ClassifyConfig) -> RunPlan:
         remove_staging(fs, contract.staging_dir(root, run_id))
         lease.release()
         raise
+
+
+def refuse_date_folders(input_uri: str, storage_options: Mapping[str, Any]) -> None:
+    """Refuse an archive root of date folders without ``run.date``: it would be filed whole under today's date."""
+    dates = date_folders(input_uri, storage_options)
+    if dates:
+        shown = ", ".join(dates[-5:]) + (f" and {len(dates) - 5} earlier" if len(dates) > 5 else "")
+        raise ConfigError(f"run.date: not set, but input.uri {input_uri} holds date folders ({shown}); "
+                          "give the date to classify (--date YYYY-MM-DD), or point input.uri at one folder")
+
+
+def _list(cfg: ClassifyConfig, input_uri: str, storage_options: Mapping[str, Any]) -> InputListing:
+    """List the run's inputs; a missing or empty date folder is :class:`NothingToClassify`."""
+    try:
+        listing = list_inputs(input_uri, cfg.input.layout, cfg.input.sample_id_from, storage_options)
+    except ArchiveNotFoundError:
+        root_fs, root = storage.filesystem(cfg.input.uri, storage_options)
+        if cfg.run.date is None or not root_fs.exists(root.rstrip("/")):
+            raise
+        dates = date_folders(cfg.input.uri, storage_options)
+        raise NothingToClassify(f"{input_uri}: no folder for run.date {cfg.run.date}; nothing to classify "
+                                f"(date folders under {cfg.input.uri}: "
+                                f"{', '.join(dates[-5:]) if dates else 'none'})") from None
+    if not listing.files and not listing.shards and not listing.errors:
+        raise NothingToClassify(f"{input_uri}: no images or tar shards found; nothing to classify (layout "
+                                f"{cfg.input.layout}; images: *.jpg, *.jpeg, *.png, *.bmp, *.tif; shards: *.tar)")
+    return listing
 
 
 def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float) -> RunPlan:
@@ -213,10 +260,7 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
         carried_from, previous = previous_predictions(output_uri, run_date, meta.checkpoint_id, so)
 
     log.info("run %s (date %s): listing %s", run_id, run_date, input_uri)
-    listing = list_inputs(input_uri, cfg.input.layout, cfg.input.sample_id_from, so)
-    if not listing.files and not listing.shards and not listing.errors:
-        raise ClassifyError(f"{input_uri}: no images or tar shards found "
-                            f"(layout {cfg.input.layout}; images: *.jpg, *.jpeg, *.png, *.bmp, *.tif; shards: *.tar)")
+    listing = _list(cfg, input_uri, so)
     carried, skip = reconcile(listing, previous)
     log.info("found %d image file(s) (%d carried over as already classified), %d tar shard(s), %d unassignable, "
              "%d other file(s) ignored", len(listing.files) + len(carried), len(carried), len(listing.shards),
@@ -300,6 +344,13 @@ def reconcile(listing: InputListing, previous: frozenset[str]) -> tuple[frozense
     return carried, frozenset(samples - read)
 
 
+def gpus_per_actor(num_gpus: float | str, cluster_gpus: float) -> float:
+    """GPUs per model actor: ``inference.num_gpus``, with ``auto`` = 1 on a cluster that has GPUs, else 0 (CPU)."""
+    if num_gpus == "auto":
+        return 1.0 if cluster_gpus >= 1 else 0.0
+    return float(num_gpus)
+
+
 def actor_pool(cfg: InferenceConfig, fused: bool = True, work_blocks: int | None = None):
     """Model actor pool: as configured, else one actor per GPU share, else one per ``decode_cpus`` CPUs.
 
@@ -317,13 +368,15 @@ def actor_pool(cfg: InferenceConfig, fused: bool = True, work_blocks: int | None
     if cfg.concurrency:
         return ray.data.ActorPoolStrategy(size=cfg.concurrency)
     resources = ray.cluster_resources()
-    if cfg.num_gpus > 0:
-        if resources.get("GPU", 0) < cfg.num_gpus:
+    num_gpus = gpus_per_actor(cfg.num_gpus, resources.get("GPU", 0))
+    if num_gpus > 0:
+        if resources.get("GPU", 0) < num_gpus:
             # Otherwise the actors would wait for a GPU forever.
-            raise ClassifyError(f"inference.num_gpus: {cfg.num_gpus} GPU(s) per actor, but the Ray cluster has "
-                                f"{resources.get('GPU', 0)}; set inference.num_gpus=0 for CPU inference, or "
-                                "inference.concurrency to wait for autoscaled GPU nodes")
-        return ray.data.ActorPoolStrategy(size=max(1, int(resources.get("GPU", 0) // cfg.num_gpus)))
+            raise ClusterResourcesError(
+                f"inference.num_gpus: {num_gpus:g} GPU(s) per actor, but the Ray cluster has "
+                f"{resources.get('GPU', 0):g}; set inference.num_gpus=auto (GPUs when there are, else CPU) or 0, "
+                "or inference.concurrency to wait for autoscaled GPU nodes")
+        return ray.data.ActorPoolStrategy(size=max(1, int(resources.get("GPU", 0) // num_gpus)))
     slots = cluster_cpu_slots(cfg.decode_cpus)
     if fused:
         return ray.data.ActorPoolStrategy(size=max(1, min(slots, work_blocks or slots)))
