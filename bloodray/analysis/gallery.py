@@ -117,7 +117,7 @@ def card_jpeg(jpeg: bytes) -> bytes:
 
 
 def cell_card(cell: Mapping[str, Any], jpeg: bytes | None) -> str:
-    """One gallery cell: thumbnail, file name, class, confidence and (when present) OOD score."""
+    """One gallery cell: thumbnail, file name, class, confidence, (when present) OOD score and verified class."""
     kind = "unidentified" if is_unidentified(cell) else "review" if cell.get("needs_review") else ""
     name = file_name(cell.get("image_uri"))
     conf = num(cell.get("confidence"))
@@ -129,6 +129,8 @@ def cell_card(cell: Mapping[str, Any], jpeg: bytes | None) -> str:
         lines.append(f"<div>OOD {ood:.2f}</div>")
     if kind:
         lines.append(f"<div><b>{'unidentified' if kind == 'unidentified' else 'review'}</b></div>")
+    if cell.get("verified_class"):  # a reviewer's class (the report), shown under the machine's
+        lines.append(f"<div><b>verified: {e(cell['verified_class'])}</b></div>")
     img = (f"<img src='{data_uri(card_jpeg(jpeg), 'image/jpeg')}' alt='{e(name)}' loading=eager>" if jpeg
            else "<div class=muted style='height:96px'>no thumbnail</div>")
     return f"<div class='cell {kind}'>{img}{''.join(lines)}</div>"

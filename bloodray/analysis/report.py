@@ -132,7 +132,14 @@ def _load_cells(con: Any, page: _Page, run_date: str, pred_cols: set[str]) -> No
     picked = (f"SELECT {cols} FROM predictions WHERE run_date = ? QUALIFY ({special}) OR row_number() OVER "
               f"(PARTITION BY sample_id, predicted_class, ({special}) ORDER BY confidence, image_uri) "
               f"<= {gallery.CONFIDENT_PER_CLASS}")
+    verified = {}
+    if page.verified.active:
+        from bloodray.review.verified import APPLIED_REVIEWS_SQL
+
+        verified = dict(con.execute(f"SELECT image_uri, new_class FROM ({APPLIED_REVIEWS_SQL}) WHERE run_date = ?",
+                                    [run_date]).fetchall())
     for cell in _rows(con, picked + " ORDER BY sample_id, image_uri", [run_date]):
+        cell["verified_class"] = verified.get(cell["image_uri"])
         page.cells.setdefault(str(cell["sample_id"]), []).append(cell)
     rows = con.execute(f"SELECT t.image_uri, t.jpeg FROM thumbnails t JOIN ({picked}) p USING (image_uri) "
                        "WHERE t.run_date = ?", [run_date, run_date]).fetchall()

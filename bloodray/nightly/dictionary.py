@@ -30,8 +30,9 @@ TABLES: dict[str, str] = {
     "reviews": "one row per reviewer's decision on a cell (written by `bloodray review import`); it applies to that "
                "image content and sample in every later run of the date",
     "signoffs": "one row per sign-off (or reopening) of a sample by a reviewer; the latest row of a sample counts",
-    "verified_differentials": "a query view: `differentials` counted from the verified class of each reviewed cell "
-                              "(the predicted class elsewhere)",
+    "verified_differentials": "one row per sample: `differentials` counted from the verified class of each reviewed "
+                              "cell (the predicted class elsewhere), with who reviewed and signed off; a Delta table "
+                              "committed by each review import and each run of the date, and a query view",
 }
 
 _PCT = "% of white cells"
