@@ -12,6 +12,8 @@ A bloodray checkpoint is a directory (local or object storage) holding:
   out-of-distribution reference (:mod:`bloodray.ood`); its SHA-256
   and scalars are the metadata's ``ood`` entry, so the seal covers it. A
   checkpoint without it gives no ``ood_score`` (null) and no unidentified cells;
+* ``selfcheck.safetensors`` (optional, written by ``bloodray calibrate``) -- a fixed batch of cell images and
+  their fp32 logits, hashed in the metadata's ``selfcheck``: the precision self-check (:mod:`bloodray.inference_precision`);
 * ``train_state.pt`` (training checkpoints only) -- optimizer/scheduler state,
   read with ``torch.load(weights_only=True)`` when a run resumes.
 
@@ -67,6 +69,8 @@ METADATA_FILE = "bloodray.json"
 TRAIN_STATE_FILE = "train_state.pt"
 #: The OOD reference's tensors (means, precisions); its hash and scalars are in the metadata's ``ood``.
 OOD_FILE = "ood.safetensors"
+#: The precision self-check batch (images and their fp32 logits); its hash is in the metadata's ``selfcheck``.
+SELFCHECK_FILE = "selfcheck.safetensors"
 #: Where the packaged default model lives inside the installed package.
 PACKAGED_CHECKPOINT = Path(__file__).parent / "assets" / "default_checkpoint"
 #: Input sizes a checkpoint may declare (pixels per side).
@@ -107,6 +111,8 @@ class CheckpointMetadata:
     #: Stain normalisation the weights were trained with (:meth:`bloodray.data.stain.StainReference.to_metadata`);
     #: empty = none. Left out of ``bloodray.json`` when empty, like ``ood``.
     stain_norm: dict[str, Any] = field(default_factory=dict)
+    #: ``file_sha256`` of :data:`SELFCHECK_FILE` and ``images``; empty = none (left out of the JSON, like ``ood``).
+    selfcheck: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     format: str = FORMAT
     #: SHA-256 of the canonical JSON of all the other fields (see :meth:`compute_seal`).
@@ -120,7 +126,7 @@ class CheckpointMetadata:
     def to_json_dict(self) -> dict[str, Any]:
         """The metadata as written to ``bloodray.json`` (JSON values only: numpy scalars as numbers, others as text)."""
         data = json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
-        for optional in ("ood", "stain_norm"):
+        for optional in ("ood", "stain_norm", "selfcheck"):
             if not data.get(optional):
                 data.pop(optional, None)
         return data
@@ -163,7 +169,7 @@ class CheckpointMetadata:
             raise bad("review_threshold", "must be null or a number in [0, 1]")
         if not (isinstance(self.epoch, int) and not isinstance(self.epoch, bool) and self.epoch >= 0):
             raise bad("epoch", "must be an integer >= 0")
-        for name in ("model_kwargs", "metrics", "config", "calibration", "ood", "stain_norm"):
+        for name in ("model_kwargs", "metrics", "config", "calibration", "ood", "stain_norm", "selfcheck"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be a mapping")
         if not isinstance(self.history, list):
@@ -171,6 +177,9 @@ class CheckpointMetadata:
         if self.ood and not (isinstance(self.ood.get("file_sha256"), str) and _SHA256.fullmatch(self.ood["file_sha256"])
                              and number(self.ood.get("threshold"))):
             raise bad("ood", f"must be empty or hold the {OOD_FILE} hash (file_sha256) and a finite threshold")
+        if self.selfcheck and not (isinstance(self.selfcheck.get("file_sha256"), str)
+                                   and _SHA256.fullmatch(self.selfcheck["file_sha256"])):
+            raise bad("selfcheck", f"must be empty or hold the {SELFCHECK_FILE} hash (file_sha256)")
         try:
             StainReference.from_metadata(self.stain_norm, f"{where}: {METADATA_FILE}")
         except StainReferenceError as exc:
@@ -436,7 +445,8 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any] | None = None,
-                      *, ood_file: bytes | None = None, **metadata_updates: Any) -> str:
+                      *, ood_file: bytes | None = None, selfcheck_file: bytes | None = None,
+                      **metadata_updates: Any) -> str:
     """Copy a checkpoint's weights and metadata (no optimizer state) to ``dest``, updating metadata fields, and seal it.
 
     Used to ship a model, to store calibration next to unchanged weights, and to re-seal a format-1 checkpoint.
@@ -444,7 +454,7 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     validated. ``weights_sha256``, ``seal_sha256`` and ``format`` cannot be updated.
     An ``ood`` update comes with its tensor file (``ood_file``, whose hash it
     must record); without one, the source's OOD file (if any) is copied after
-    checking its hash.
+    checking its hash. The same goes for a ``selfcheck`` update and its ``selfcheck_file``.
     """
     reserved = sorted(set(metadata_updates) & set(SEALED_FIELDS))
     if reserved:
@@ -457,22 +467,34 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
     _check_weights(blob, meta, source)
-    if "ood" in metadata_updates:
-        if metadata_updates["ood"] and (ood_file is None or hashlib.sha256(ood_file).hexdigest()
-                                        != metadata_updates["ood"].get("file_sha256")):
-            raise CheckpointError(f"{dest}: an ood update needs its {OOD_FILE} bytes, with the hash it records")
-    elif ood_file is not None:
-        raise CheckpointError(f"{dest}: {OOD_FILE} bytes given without the ood metadata that records their hash")
-    elif meta.ood:
-        ood_file = _read(src_fs, posixpath.join(src_path, OOD_FILE), storage.join(source, OOD_FILE))
-        if hashlib.sha256(ood_file).hexdigest() != meta.ood.get("file_sha256"):
-            raise CheckpointError(f"{source}: {OOD_FILE} does not match the hash in {METADATA_FILE} "
-                                  "(tampered or corrupted)")
+    ood_file = _optional_file(src_fs, src_path, source, dest, meta, metadata_updates, ood_file, "ood", OOD_FILE)
+    selfcheck_file = _optional_file(src_fs, src_path, source, dest, meta, metadata_updates, selfcheck_file,
+                                    "selfcheck", SELFCHECK_FILE)
     meta = dataclasses.replace(meta, **metadata_updates).normalized()
     meta.validate(dest)
     meta = meta.sealed(meta.weights_sha256)
     storage.write_bytes(storage.join(dest, WEIGHTS_FILE), blob, storage_options)
     if meta.ood:
         storage.write_bytes(storage.join(dest, OOD_FILE), ood_file, storage_options)
+    if meta.selfcheck:
+        storage.write_bytes(storage.join(dest, SELFCHECK_FILE), selfcheck_file, storage_options)
     storage.write_bytes(storage.join(dest, METADATA_FILE), _metadata_bytes(meta), storage_options)
     return dest
+
+
+def _optional_file(fs, path: str, source: str, dest: str, meta: CheckpointMetadata, updates: Mapping[str, Any],
+                   data: bytes | None, key: str, name: str) -> bytes | None:
+    """The bytes of the optional hashed file of metadata field ``key`` an export writes: the update's, or the source's."""
+    if key in updates:
+        if updates[key] and (data is None or hashlib.sha256(data).hexdigest() != updates[key].get("file_sha256")):
+            raise CheckpointError(f"{dest}: an {key} update needs its {name} bytes, with the hash it records")
+        return data
+    if data is not None:
+        raise CheckpointError(f"{dest}: {name} bytes given without the {key} metadata that records their hash")
+    current = getattr(meta, key)
+    if not current:
+        return None
+    data = _read(fs, posixpath.join(path, name), storage.join(source, name))
+    if hashlib.sha256(data).hexdigest() != current.get("file_sha256"):
+        raise CheckpointError(f"{source}: {name} does not match the hash in {METADATA_FILE} (tampered or corrupted)")
+    return data

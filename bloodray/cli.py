@@ -138,8 +138,13 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     from bloodray.checkpoint import export_checkpoint
+    from bloodray.inference_precision import export_with_selfcheck
 
-    print(f"exported to {export_checkpoint(args.checkpoint, args.to, storage_options(args))}")
+    if args.selfcheck_images:
+        dest = export_with_selfcheck(args.checkpoint, args.to, args.selfcheck_images, storage_options(args))
+    else:
+        dest = export_checkpoint(args.checkpoint, args.to, storage_options(args))
+    print(f"exported to {dest}")
     return 0
 
 
@@ -334,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="copy a checkpoint's weights and metadata (no optimizer state)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir")
     p.add_argument("--to", required=True, help="destination folder or s3:// prefix")
+    p.add_argument("--selfcheck-images", metavar="DIR", default=None,
+                   help="seal a precision self-check batch of images from DIR (real cells the model has not "
+                        "trained on) and their fp32 logits into the copy")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_export)
 

@@ -12,6 +12,10 @@ actors never oversubscribe the node), and the Ray Data batch cut into small
 model batches whose activations stay in cache (``bench/inference.py`` measures
 the effect).
 
+The arithmetic (``precision``: fp32, bf16...) is chosen per machine and kept
+only after it passes the checkpoint's self-check (:mod:`bloodray.inference_precision`);
+the micro-batch is sized for the chosen precision's activations.
+
 When the checkpoint carries an OOD reference (:mod:`bloodray.ood`),
 forward hooks collect the head's input and an early activation in the same
 forward pass, and each cell gets an ``ood_score``; no extra pass is run.
@@ -32,6 +36,7 @@ import torch
 from bloodray.checkpoint import LoadedCheckpoint, load_checkpoint
 from bloodray.ood import FeatureTap, early_layer
 from bloodray.models import get_model_info
+from bloodray.inference_precision import PROB_TOLERANCE, candidates, compare, load_selfcheck
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +78,12 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
-def cpu_micro_batch(model: torch.nn.Module, input_size: int, budget: int = CPU_ACTIVATION_BUDGET) -> int:
+def cpu_micro_batch(model: torch.nn.Module, input_size: int, budget: int = CPU_ACTIVATION_BUDGET,
+                    autocast: Any = None, channels_last: bool = False) -> int:
     """Images per CPU forward pass: as many as keep the largest activation within ``budget`` bytes.
 
-    Measured with a forward pass of one (blank) image, which also warms up the model.
+    Measured with a forward pass of one (blank) image under ``autocast`` (bf16 activations take half the
+    bytes of fp32 ones, so bf16 gets twice the images), which also warms up the model.
     """
     largest = 0
 
@@ -88,8 +95,11 @@ def cpu_micro_batch(model: torch.nn.Module, input_size: int, budget: int = CPU_A
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, input_size, input_size))
+        x = torch.zeros(1, 3, input_size, input_size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), (autocast or contextlib.nullcontext()):
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -133,7 +143,8 @@ class CellPredictor:
 
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  device: str = "auto", tta: bool = False, loaded: LoadedCheckpoint | None = None,
-                 micro_batch: int | None = None, return_features: bool = False):
+                 micro_batch: int | None = None, return_features: bool = False, precision: str = "auto",
+                 self_check_tolerance: float = PROB_TOLERANCE):
         self.device = pick_device(device)
         self.loaded = loaded or load_checkpoint(checkpoint, storage_options, device=self.device)
         self.model = self.loaded.model.to(self.device).eval()
@@ -141,23 +152,23 @@ class CellPredictor:
         self.preset = self.meta.preset()
         self.classes = np.array(self.meta.classes, dtype=object)
         self.tta = tta
-        on_gpu = self.device.type == "cuda"
-        self.channels_last = on_gpu
-        if on_gpu:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext())
+        self.channels_last = False
+        self.autocast: Any = contextlib.nullcontext()
         #: the module that runs batches (on CPU: BatchNorm folded into the convolutions).
         self.forward_model = self.model
-        #: images per forward pass (None: the whole batch at once).
+        #: images per forward pass (None: the whole batch at once); None here: sized for each precision.
         self.micro_batch = micro_batch
+        self._fixed_micro_batch = micro_batch
         if self.device.type == "cpu":
             cpus = ray_assigned_cpus()
             if cpus:
                 # One intra-op thread per CPU of this actor: more only oversubscribe the node.
                 torch.set_num_threads(max(1, math.floor(cpus)))
             self.forward_model = fold_batchnorm(self.model)
-            if self.micro_batch is None:
-                self.micro_batch = cpu_micro_batch(self.forward_model, self.preset.input_size)
+        #: the precision in use (``fp32``, ``bf16``) and why faster ones were refused (path -> reason).
+        self.precision = "fp32"
+        self.refused: dict[str, str] = {}
+        self._choose_precision(precision, self_check_tolerance, storage_options)
         #: the OOD reference (None: no ood_score unless features are asked for).
         self.ood = self.loaded.ood
         self.return_features = return_features
@@ -167,6 +178,52 @@ class CellPredictor:
                      else early_layer(self.model, self.preset.input_size))
             self.tap = FeatureTap(self.forward_model, get_model_info(self.meta.model_name).head_paths[0], *early)
 
+    def _use(self, precision: str) -> None:
+        """Set the forward path up for ``precision`` (autocast, memory format, micro-batch)."""
+        bf16 = precision == "bf16"
+        on_gpu = self.device.type == "cuda"
+        # channels_last is what oneDNN's bf16 kernels and cuDNN want; fp32 on CPU is faster without it.
+        self.channels_last = bf16 or on_gpu
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.forward_model = self.forward_model.to(memory_format=fmt)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
+        if self.device.type == "cpu" and self._fixed_micro_batch is None:
+            self.micro_batch = cpu_micro_batch(self.forward_model, self.preset.input_size,
+                                               autocast=self.autocast, channels_last=self.channels_last)
+        self.precision = precision
+
+    def _choose_precision(self, requested: str, tolerance: float, storage_options: Mapping[str, Any] | None) -> None:
+        """The fastest of ``requested``'s paths that passes the checkpoint's self-check (module docstring)."""
+        paths = candidates(requested, self.device)
+        check = load_selfcheck(self.loaded.uri, self.meta, storage_options) if self.loaded.uri else None
+        if check is None:
+            if paths != ["fp32"]:
+                log.info("precision %s: checkpoint %s has no self-check batch, so only fp32 is trusted",
+                         requested, self.loaded.uri or "(in memory)")
+            paths = ["fp32"]
+        for i, path in enumerate(paths):
+            self._use(path)
+            if check is None:
+                return
+            tta, self.tta = self.tta, False
+            try:
+                reason = compare(self.logits(check.images).cpu().numpy(), check.logits, self.temperature, tolerance)
+            finally:
+                self.tta = tta
+            if reason is None:
+                log.info("precision %s on %s: self-check passed (%d reference cells)", path, self.device,
+                         len(check.images))
+                return
+            self.refused[path] = reason
+            if i + 1 < len(paths):
+                log.warning("precision %s on %s failed the self-check (%s); falling back to %s", path, self.device,
+                            reason, paths[i + 1])
+        # Even fp32 disagrees with the sealed logits: another library build or a damaged model. fp32 stays the
+        # reference arithmetic, so it is used, loudly.
+        log.error("precision fp32 on %s failed the checkpoint's self-check (%s); running fp32 anyway",
+                  self.device, self.refused.get("fp32"))
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self.micro_batch or len(x)
         if len(x) <= step:
@@ -174,8 +231,8 @@ class CellPredictor:
         return torch.cat([self.forward_model(x[i:i + step]).float() for i in range(0, len(x), step)])
 
     @torch.inference_mode()
-    def logits(self, images: np.ndarray) -> torch.Tensor:
-        """Raw (uncalibrated) logits for a uint8 NHWC batch; averaged over views with TTA."""
+    def logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw (uncalibrated) logits for a uint8 NHWC batch (numpy, or a tensor on any device); TTA averages views."""
         x = self.preset.normalize(images, device=self.device, channels_last=self.channels_last)
         with self.autocast:
             if self.tta:
@@ -208,7 +265,10 @@ class CellPredictor:
         ood_score = np.full(n, np.nan, dtype=np.float32)
         features = None
         if ok.any():
-            raw = self.logits(np.ascontiguousarray(images[ok]))
+            if isinstance(images, torch.Tensor):  # decoded on the device (bloodray.data.device_decode)
+                raw = self.logits(images[torch.from_numpy(ok).to(images.device)])
+            else:
+                raw = self.logits(np.ascontiguousarray(images[ok]))
             logits[ok] = raw.cpu().numpy().astype(np.float32)
             probs[ok] = self._calibrated(raw)
             if self.tap is not None:

@@ -223,6 +223,11 @@ def test_packaged_default_is_sealed_and_loads():
     # Trained with stain normalisation in its preset: the reference travels in the checkpoint.
     assert meta.stain_norm.get("method") == "reinhard" and meta.preset().stain is not None
     assert meta.checkpoint_id == f"bloodnet-{meta.seal_sha256[:12]}"
+    # The precision self-check batch (issue 20): 32 PBC val cells and their fp32 logits, sealed with the weights.
+    # Its hash is pinned like the weights': replacing the batch changes the checkpoint id on purpose.
+    assert meta.selfcheck == {"file_sha256": "14df89918e1a2f9b11bfc4a742165e0ed0809a8fdd585cc088ff1ace3ad0947c",
+                              "images": 32}
+    assert meta.checkpoint_id == "bloodnet-fca405ea321f"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

@@ -371,6 +371,8 @@ def test_classify_archive_end_to_end(request, tmp_path, ray_cluster, trained_che
     # The manifest describes the run; the config is saved beside it; staging is gone.
     run = tables.visible_runs(out, so).to_pylist()[0]
     assert run["run_id"] == result.run_id and run["status"] == "committed" and run["run_date"] == DATE
+    # How the actors ran: this test checkpoint has no self-check batch, so inference.precision=auto keeps fp32.
+    assert (run["precision"], run["device"]) == ("fp32", "cpu")
     assert run["committed_at"] >= run["started_at"]
     assert set(json.loads(run["timings_json"])) == {"list", "read_decode_infer", "write", "aggregate", "commit"}
     assert run["input_uri"] == storage.join(root, "archive", DATE)

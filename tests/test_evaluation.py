@@ -122,3 +122,7 @@ def test_calibrate_run_fits_the_temperature_on_raw_logits(tmp_path, ray_cluster,
     assert result["checkpoint"] == rundir.calibrated_dir(run)
     assert resolve_checkpoint(run) == rundir.calibrated_dir(run)
     assert read_metadata(result["checkpoint"]).temperature == pytest.approx(result["temperature"])
+    # The precision self-check batch is sealed with the calibration: val cells and their fp32 logits.
+    calibrated = CellPredictor(result["checkpoint"], device="cpu", precision="fp32")
+    assert read_metadata(result["checkpoint"]).selfcheck["images"] == min(32, len(val))
+    assert calibrated.refused == {}

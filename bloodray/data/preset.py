@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bloodray.data.decode import DEFAULT_MAX_PIXELS, CellImageLimits, decode_image
-from bloodray.data.stain import StainReference, reinhard
+from bloodray.data.stain import StainReference, reinhard, reinhard_uint8
 
 
 @dataclass(frozen=True)
@@ -51,29 +51,39 @@ class EvalPreset:
         return np.asarray(image, dtype=np.uint8)
 
     def normalize(self, images, device=None, dtype=None, channels_last: bool = False):
-        """uint8 NHWC batch (numpy or tensor) -> normalized float NCHW tensor on ``device``."""
+        """uint8 NHWC batch (numpy or tensor) -> normalized float NCHW tensor on ``device``.
+
+        A numpy batch is stain-normalised on the CPU in uint8 (:func:`~bloodray.data.stain.reinhard_uint8`,
+        the fast path); a tensor (e.g. decoded on the GPU) with the float transform where it lies.
+        """
         import torch
 
-        batch = torch.as_tensor(images)
-        if device is not None:
-            # Move uint8 first: a quarter of the bytes of float32 cross the bus.
-            batch = batch.to(device, non_blocking=True)
-        batch = self.standardize(batch.permute(0, 3, 1, 2).float().div_(255.0))
+        if self.stain is not None and isinstance(images, np.ndarray):
+            batch = torch.from_numpy(reinhard_uint8(images, self.stain))
+            if device is not None:
+                batch = batch.to(device, non_blocking=True)
+            batch = self.standardize(batch.permute(0, 3, 1, 2), stain=False)
+        else:
+            batch = torch.as_tensor(images)
+            if device is not None:
+                # Move uint8 first: a quarter of the bytes of float32 cross the bus.
+                batch = batch.to(device, non_blocking=True)
+            batch = self.standardize(batch.permute(0, 3, 1, 2).float().div_(255.0))
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if dtype is not None:
             batch = batch.to(dtype)
         return batch
 
-    def standardize(self, batch):
-        """Float NCHW tensor in [0, 1] -> the model's input: stain-normalised (when set), then mean/std.
+    def standardize(self, batch, stain: bool = True):
+        """Float NCHW tensor in [0, 1] -> the model's input: stain-normalised (when set and ``stain``), then mean/std.
 
         The packed trainer augments on float tensors and calls this directly; everything else goes through
         :meth:`normalize`.
         """
         import torch
 
-        if self.stain is not None:
+        if stain and self.stain is not None:
             # After augmentation, on exactly what the model sees: training learns the colours inference produces.
             batch = reinhard(batch, self.stain)
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)

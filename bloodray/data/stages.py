@@ -425,3 +425,17 @@ def thumbnail_jpeg(image: np.ndarray | Any, size: int = THUMBNAIL_SIZE, quality:
     buf = io.BytesIO()
     pil.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def thumbnails(batch: Mapping[str, np.ndarray], size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """Thumbnail JPEG bytes for each row of a decoded batch (``None`` for error rows).
+
+    For images decoded outside the decode stage (the GPU actors): made from
+    the batch's ``image`` column, the resized model input.
+    """
+    images = batch["image"]
+    errors = batch.get("error")
+    out = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        out[i] = None if errors is not None and errors[i] else thumbnail_jpeg(image, size)
+    return out

@@ -10,6 +10,16 @@ It is part of the evaluation preset (:class:`bloodray.data.preset.EvalPreset`) a
 on the batch the model is about to see, so training (after augmentation), evaluation and nightly inference all
 apply the same transform. The reference is fitted once on training images and travels in the checkpoint's
 metadata (``stain_norm``).
+
+Two implementations of the one transform:
+
+* :func:`reinhard` -- float L*a*b* in torch, on float tensors (any device). Training uses it after augmentation,
+  the GPU path uses it on decoded GPU tensors, and it is the reference the fast path is tested against.
+* :func:`reinhard_uint8` -- the CPU hot loop's version for uint8 images (evaluation, calibration and the
+  nightly job on CPU): OpenCV's float L*a*b* conversions, one per image each way, with the per-image
+  statistics and the match (one affine map) in between. Several times faster than the torch path on one
+  core (``bench/stain_fast.py``); tolerance against :func:`reinhard`: :data:`UINT8_TOLERANCE`; accuracy on
+  the PBC test split and on chula: BENCHMARKS.md (``bench/precision.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +38,11 @@ _RGB_TO_XYZ = ((0.4124, 0.3576, 0.1805), (0.2126, 0.7152, 0.0722), (0.0193, 0.11
 _WHITE = (0.95047, 1.0, 1.08883)
 #: A flat image (one colour) has no spread to match; this floor keeps it from exploding into noise.
 _MIN_STD = 1.0
+#: How far :func:`reinhard_uint8` may be from :func:`reinhard` (in 0-255 levels of the output RGB), on cell images:
+#: the mean absolute difference, and the share of pixel values off by more than ``max_levels``. OpenCV's sRGB
+#: and white-point constants differ from ours in the 4th digit and it clips out-of-gamut colours its own way.
+#: Measured: 0.26 levels mean on 128 chula cells; PBC: bench/stain_fast.py.
+UINT8_TOLERANCE = {"mean_levels": 0.5, "max_levels": 8, "share_above_max": 0.001}
 
 
 class StainReferenceError(ValueError):
@@ -103,6 +118,34 @@ def reinhard(rgb, reference: StainReference):
     target_mean = torch.tensor(reference.lab_mean, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
     target_std = torch.tensor(reference.lab_std, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
     return lab_to_rgb((lab - mean) / std * target_std + target_mean).to(rgb.dtype)
+
+
+def reinhard_uint8(images: np.ndarray, reference: StainReference) -> np.ndarray:
+    """:func:`reinhard` for a uint8 NHWC (or one HWC) RGB batch on CPU: float32 RGB in [0, 1] out, same shape.
+
+    Within :data:`UINT8_TOLERANCE` of the float transform; needs OpenCV (``opencv-python-headless``).
+    """
+    import cv2
+
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    single = images.ndim == 3
+    batch = images[None] if single else images
+    out = np.empty(batch.shape, dtype=np.float32)
+    target_mean = np.array(reference.lab_mean)
+    target_std = np.array(reference.lab_std)
+    scale = np.float32(1.0 / 255.0)
+    for i, image in enumerate(batch):
+        # Float L*a*b*, not OpenCV's 8-bit: its rounding (1 unit of a*, b*) is amplified by the match on
+        # low-contrast images of other labs (chula: 1.1 levels mean error against 0.26 in float).
+        lab = cv2.cvtColor(image.astype(np.float32) * scale, cv2.COLOR_RGB2Lab)
+        mean, std = (v.ravel() for v in cv2.meanStdDev(lab))
+        gain = target_std / np.maximum(std, _MIN_STD)
+        # The match as one affine map over the three channels (one pass).
+        matrix = np.zeros((3, 4))
+        matrix[:, :3] = np.diag(gain)
+        matrix[:, 3] = target_mean - gain * mean
+        cv2.cvtColor(cv2.transform(lab, matrix.astype(np.float32)), cv2.COLOR_Lab2RGB, dst=out[i])
+    return out[0] if single else out
 
 
 def reference_sample(count: int) -> list[int]:

@@ -273,11 +273,12 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     report, and the OOD reference (:mod:`bloodray.ood`) fitted on
     up to :data:`OOD_TRAIN_CELLS` training cells and standardised and
     thresholded on val), which :func:`~bloodray.checkpoint.resolve_checkpoint`
-    then prefers for the run.
+    then prefers for the run, and the precision self-check batch (:mod:`bloodray.inference_precision`).
     """
     from bloodray.checkpoint import export_checkpoint, resolve_checkpoint
     from bloodray.data.labelled import read_parquet, rows_of
     from bloodray.evaluation.calibration import calibrate, evaluate_calibration
+    from bloodray.inference_precision import selfcheck_from_files, selfcheck_sample
 
     if checkpoint is None:
         fs, path = storage.filesystem(rundir.calibrated_dir(run_uri), storage_options)
@@ -304,7 +305,12 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     calibration = report.to_dict() | {"test": on_test, "source_checkpoint": checkpoint, "ece_bins": 15}
     dest = rundir.calibrated_dir(run_uri)
     blob = ref.tensors_bytes()
+    # The precision self-check batch: val cells spread over the classes, with their fp32 logits.
+    val_rows = rows("val")
+    picked = selfcheck_sample(np.asarray([r["label"] for r in val_rows]))
+    check = selfcheck_from_files(checkpoint, [val_rows[i]["uri"] for i in picked], storage_options)
     export_checkpoint(checkpoint, dest, storage_options, temperature=report.temperature,
                       review_threshold=report.review_threshold, calibration=calibration,
-                      ood=ref.metadata(hashlib.sha256(blob).hexdigest()), ood_file=blob)
+                      ood=ref.metadata(hashlib.sha256(blob).hexdigest()), ood_file=blob,
+                      selfcheck=check.metadata(), selfcheck_file=check.to_bytes())
     return calibration | {"checkpoint": dest}

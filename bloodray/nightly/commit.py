@@ -106,6 +106,7 @@ def _manifest(plan: RunPlan, committed_at: dt.datetime) -> dict[str, Any]:
         "timings_json": json.dumps({k: round(v, 3) for k, v in plan.timings.items()}),
         "incremental_skipped_samples": len(plan.skip_samples), "carried_from_run_id": plan.carried_from,
         **plan.run_shift,
+        **{key: ",".join(sorted(values)) or None for key, values in plan.inference_paths.items()},
     }
 
 

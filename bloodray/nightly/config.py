@@ -184,6 +184,9 @@ class InferenceConfig:
     num_gpus: float | Literal["auto"] = "auto"
     #: CPUs reserved by each read/decode task.
     decode_cpus: float = 1.0
+    #: arithmetic of the model actors: ``auto`` (fastest that passes the checkpoint's self-check), ``fp32``,
+    #: ``bf16`` or ``int8`` (:mod:`bloodray.inference_precision`); a failed self-check falls back towards fp32.
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
 
     def validate(self, prefix: str) -> None:
         for name in ("num_gpus", "decode_cpus") if self.num_gpus != "auto" else ("decode_cpus",):

@@ -142,6 +142,8 @@ def runs_schema() -> pa.Schema:
     staging write included), ``write`` (predictions and errors tables),
     ``aggregate`` (differentials) and ``commit`` (checks, files into place and the
     manifest file; the Delta log commits that follow are not in it).
+    ``precision`` and ``device`` say how the model actors ran (e.g. ``bf16`` on ``cpu``; values of several
+    actors joined by ``,``; null when the run classified nothing itself): :mod:`bloodray.inference_precision`.
     """
     return pa.schema([
         ("run_id", pa.string()), ("status", pa.string()), ("started_at", _TS), ("committed_at", _TS),
@@ -151,7 +153,7 @@ def runs_schema() -> pa.Schema:
         ("n_errors", pa.int64()), ("n_samples", pa.int64()), ("n_review", pa.int64()),
         ("timings_json", pa.string()), ("incremental_skipped_samples", pa.int64()),
         ("carried_from_run_id", pa.string()),
-    ] + shift_fields() + [("n_samples_shifted", pa.int64())])
+    ] + shift_fields() + [("n_samples_shifted", pa.int64()), ("precision", pa.string()), ("device", pa.string())])
 
 
 #: Status of a classified cell: counted in the differential, or out of distribution and not counted.

@@ -108,6 +108,9 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "incremental_skipped_samples": ("samples", "samples an incremental run carried over without reading any image"),
     "carried_from_run_id": ("", "the run an incremental run carried rows over from; null otherwise"),
     "n_samples_shifted": ("samples", "samples under the domain-shift alarm"),
+    ("runs", "precision"): ("", "the model actors' arithmetic (`fp32`, `bf16`; several actors' values joined by `,`); "
+                                "null when the run classified nothing itself"),
+    ("runs", "device"): ("", "where the model actors ran (`cpu`, `cuda:0`...; joined by `,`); null as `precision`"),
     "old_class": ("class name", "the class the run predicted"),
     "new_class": ("class name", "the verified class (equal to `old_class` when the reviewer confirmed it)"),
     "reviewer": ("", "who reviewed the cell"),

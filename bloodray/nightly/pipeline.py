@@ -7,6 +7,7 @@ and schemas: :mod:`bloodray.nightly.contract`). The run::
     plan (driver, :mod:`~bloodray.nightly.plan`): checkpoint, flag rules, listing (:mod:`~bloodray.nightly.listing`)
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
       -> map_batches(read bytes + SHA-256 + decode + resize + thumbnail)   CPU tasks (*), :mod:`bloodray.data.stages`
+         (GPU inference: read bytes + SHA-256 only; the actors decode on the GPU, :mod:`bloodray.data.device_decode`)
       -> map_batches(CellPredictorResults: model + staged rows)  actor pool (GPU or CPU)
       -> driver streams the rows into small Parquet files          _staging/<run_id>/results/
     aggregate (driver, DuckDB, :mod:`~bloodray.nightly.aggregate`):
@@ -54,12 +55,15 @@ import pyarrow as pa
 
 from bloodray.logs import init_ray, progress
 from bloodray.classes import CLASS_NAMES
+from bloodray.data.decode import CellImageLimits
+from bloodray.data.device_decode import decode_on_device, read_files
 from bloodray.data.stages import (
     ERROR_COLUMNS,
     THUMBNAIL_SIZE,
     cluster_cpu_slots,
     read_decode_files,
     read_decode_shards,
+    thumbnails,
 )
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables
@@ -72,6 +76,8 @@ from bloodray.nightly.summary import add_details
 from bloodray.predict import CellPredictor
 
 log = logging.getLogger(__name__)
+#: Schema metadata keys of a staged block that say how its actor ran (the runs table's precision and device).
+PATH_METADATA = {"precision": b"bloodray.precision", "device": b"bloodray.device"}
 
 __all__ = ["CellPredictorResults", "ClassifyConfig", "ClassifyError", "InputListing", "RunPlan", "RunResult",
            "build_dataset", "classify_to_staging", "cleanup_runs", "commit_run", "discard_run", "list_inputs",
@@ -126,12 +132,29 @@ class CellPredictorResults(CellPredictor):
     """The job's model actor: :class:`CellPredictor`, then the typed staged rows in the same call.
 
     Converting in the actor saves a task per batch and a copy of the
-    probabilities through the object store.
+    probabilities through the object store. Batches of undecoded files
+    (a ``data`` column, :func:`~bloodray.data.device_decode.read_files`) are
+    decoded here first, on the model's device (GPU inference).
     """
 
+    def __init__(self, *args, cell_limits: CellImageLimits | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cell_limits = cell_limits
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        # The decode stage's ``jpeg`` thumbnails pass through the predictor with the other columns.
-        return to_staged_rows(super().__call__(batch))
+        on_device = None
+        if "data" in batch:
+            batch, on_device = decode_on_device(batch, self.preset, self.device, self.cell_limits)
+        if "jpeg" not in batch:
+            # Decoded here (GPU decode): the thumbnail is made from the resized image this actor has. Batches of
+            # the decode stage bring theirs (``jpeg``, made there before the resize), and it passes through.
+            batch = {**batch, "jpeg": thumbnails(batch)}
+        if on_device is not None:
+            batch = {**batch, "image": on_device}
+        out = super().__call__(batch)
+        # How this actor ran, for the runs table: schema metadata costs no column and no bytes per row.
+        return to_staged_rows(out).replace_schema_metadata({PATH_METADATA["precision"]: self.precision,
+                                                            PATH_METADATA["device"]: str(self.device)})
 
 
 def build_dataset(plan: RunPlan):
@@ -143,16 +166,21 @@ def build_dataset(plan: RunPlan):
     read_args = {"num_cpus": cfg.inference.decode_cpus}
     parts = []
     work_blocks = len(plan.listing.shards)
+    num_gpus = gpus_per_actor(cfg.inference.num_gpus, ray.cluster_resources().get("GPU", 0))
+    # GPU inference decodes image files in the model actors, on the GPU (tar shards still decode in CPU tasks,
+    # so an archive with shards keeps one decode path for all its rows).
+    device_decode = num_gpus > 0 and not plan.listing.shards
     if plan.listing.files:
         items = [{"uri": u, "sample_id": s} for u, s in plan.listing.files]
         # A small archive is cut into one read batch per CPU slot rather than a few full batches.
         read_bs = min(bs, max(1, math.ceil(len(items) / cluster_cpu_slots(cfg.inference.decode_cpus))))
         blocks = max(1, min(math.ceil(len(items) / read_bs), 100_000))
         work_blocks += blocks
+        read_kwargs = {"storage_options": plan.storage_options, "limits": cfg.limits.read_limits()}
         parts.append(ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            read_decode_files, batch_size=read_bs,
-            fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
-                       "limits": cfg.limits.read_limits(), "thumbnail_size": THUMBNAIL_SIZE},
+            read_files if device_decode else read_decode_files, batch_size=read_bs,
+            fn_kwargs=read_kwargs if device_decode else {"preset": plan.preset, "thumbnail_size": THUMBNAIL_SIZE,
+                                                         **read_kwargs},
             **read_args))
     if plan.listing.shards:
         shards = [{"uri": u} for u in plan.listing.shards]
@@ -163,7 +191,6 @@ def build_dataset(plan: RunPlan):
                        "limits": cfg.limits.read_limits(), "thumbnail_size": THUMBNAIL_SIZE},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    num_gpus = gpus_per_actor(cfg.inference.num_gpus, ray.cluster_resources().get("GPU", 0))
     log.info("model actors on %s", f"{num_gpus:g} GPU(s) each" if num_gpus else "CPU")
     # CPU inference: the actors ask for what the decode tasks ask for, so Ray fuses the two.
     gpu_args = {"num_gpus": num_gpus} if num_gpus > 0 else read_args
@@ -171,7 +198,9 @@ def build_dataset(plan: RunPlan):
         CellPredictorResults, batch_size=bs,
         compute=actor_pool(cfg.inference, fused=len(parts) == 1, work_blocks=work_blocks),
         fn_constructor_kwargs={"checkpoint": plan.checkpoint_uri, "storage_options": plan.storage_options,
-                               "device": cfg.model.device, "tta": cfg.model.tta},
+                               "device": cfg.model.device, "tta": cfg.model.tta,
+                               "precision": cfg.inference.precision,
+                               "cell_limits": cfg.limits.read_limits().cell if device_decode else None},
         **gpu_args)
 
 
@@ -213,6 +242,10 @@ def classify_to_staging(plan: RunPlan) -> None:
         with progress(total=total, desc="classify", unit="img") as bar:
             for block in build_dataset(plan).iter_batches(batch_size=None, batch_format="pyarrow"):
                 bar.update(block.num_rows)
+                meta = block.schema.metadata or {}
+                for key, name in PATH_METADATA.items():
+                    if name in meta:
+                        plan.inference_paths[key].add(meta[name].decode())
                 received += block.num_rows
                 log.debug("received %d result rows", received)
                 yield from block.cast(schema).to_batches()

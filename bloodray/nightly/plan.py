@@ -84,6 +84,8 @@ class RunPlan:
     run_shift: dict[str, Any] = field(default_factory=no_shift)
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    #: ``precision`` and ``device`` values the model actors reported (the runs table joins each set with ",").
+    inference_paths: dict[str, set[str]] = field(default_factory=lambda: {"precision": set(), "device": set()})
 
     @property
     def staging(self) -> str:
