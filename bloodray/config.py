@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -194,11 +195,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+def _apply_renamed_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """Translate keys a section renamed (its ``RENAMED_KEYS``: old name -> (new name, value map)).
+
+    Users' YAML files and checkpoints sealed before the rename keep loading; a warning names the new key.
+    """
+    renamed = getattr(cls, "RENAMED_KEYS", None)
+    if not renamed or not any(k in renamed for k in data):
+        return data
+    out = dict(data)
+    for old, (new, values) in renamed.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        dotted_old = f"{prefix}.{old}" if prefix else old
+        dotted_new = f"{prefix}.{new}" if prefix else new
+        if new in out:
+            raise ConfigError(f"{dotted_old}: renamed to {dotted_new}; give only {dotted_new}")
+        if value not in values:
+            raise ConfigError(f"{dotted_old}: (renamed to {dotted_new}) expected one of "
+                              f"{', '.join(map(repr, values))}, got {value!r}")
+        out[new] = values[value]
+        logging.getLogger(__name__).warning("%s is deprecated: read as %s: %s", dotted_old, dotted_new,
+                                            values[value])
+    return out
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, naming the dotted key of any error."""
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    data = _apply_renamed_keys(cls, data, prefix)
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:

@@ -121,3 +121,17 @@ def test_a_driver_stopped_between_report_and_manifest_can_be_resubmitted(tmp_pat
     assert (tmp_path / "run" / "split.parquet").exists() and table.num_rows == 32 and dropped == []
     again, _ = ray_trainer.prepare_split(run, data)
     assert again.equals(table)
+
+
+def test_renamed_mixed_precision_key_still_loads(tmp_path, caplog):
+    """``train.mixed_precision`` (before ``train.precision``) still reads, with a warning naming the new key."""
+    from bloodray.config import ConfigError, load_config
+    from bloodray.train.config import TrainConfig
+
+    base = {"data": {"root": str(tmp_path)}}
+    with caplog.at_level("WARNING"):
+        assert load_config(TrainConfig, base=base, overrides=["train.mixed_precision=false"]).train.precision == "fp32"
+    assert "train.precision" in caplog.text
+    assert load_config(TrainConfig, base=base, overrides=["train.mixed_precision=true"]).train.precision == "auto"
+    with pytest.raises(ConfigError, match="train.mixed_precision: renamed to train.precision"):
+        load_config(TrainConfig, base=base, overrides=["train.mixed_precision=true", "train.precision=bf16"])

@@ -14,7 +14,7 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -58,6 +58,11 @@ class Recipe:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: seed of the weights' initialisation, the data order and the augmentation.
     seed: int = 0
+
+    #: Keys this section renamed, still read from older YAML files and checkpoints (see ``config.from_dict``):
+    #: ``mixed_precision`` (CUDA autocast on/off) became ``precision``.
+    RENAMED_KEYS: ClassVar[dict[str, tuple[str, dict[Any, str]]]] = {
+        "mixed_precision": ("precision", {True: "auto", False: "fp32"})}
 
     def validate(self, prefix: str = "") -> None:
         """Raise :class:`~bloodray.config.ConfigError` naming the first bad key (``prefix.key``)."""
