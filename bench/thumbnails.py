@@ -1,15 +1,22 @@
-"""What the per-cell thumbnail costs the nightly job: CPU time per cell and bytes per cell.
+"""What the per-cell thumbnail costs the nightly job: CPU time per cell and bytes per cell, before/after issue 22.
 
-Run from the repository root (one core, under a minute)::
+Run from the repository root (one core, about a minute)::
 
     .venv/bin/python bench/thumbnails.py              # 800 real PBC images (100 per class)
     .venv/bin/python bench/thumbnails.py --n 200      # quicker
 
-Each image is decoded and resized exactly as the job does (the packaged
-model's preset, 128 px), then :func:`bloodray.data.stages.thumbnail_jpeg`
-makes its thumbnail. Reported: median and mean milliseconds of the thumbnail
-alone and of the decode+resize it follows, and thumbnail bytes per cell
-(mean, 95th percentile). Writes ``bench/results/thumbnails.json`` and ``.md``.
+Each image is decoded as the job does (the packaged model's preset: JPEG DCT
+scaling, then the resize to 128 px), then both thumbnails are made, side by
+side on the same image, in alternating order:
+
+- before (up to issue 22): 80 px, made in the model actor from the resized image;
+- now: :data:`bloodray.data.stages.THUMBNAIL_SIZE` px, made in the decode
+  stage from the image before the resize (:func:`bloodray.data.stages.thumbnail_jpeg`).
+
+Reported: median and mean CPU milliseconds (process time, steadier than wall
+time on a shared machine) of each step, the per-image cost of the job's
+decode stage with either thumbnail and their ratio, and thumbnail bytes per
+cell. Writes ``bench/results/thumbnails.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,19 @@ from _common import facts_markdown, machine_facts, pbc_images, run_facts, save, 
 from bloodray.checkpoint import read_metadata, resolve_checkpoint
 from bloodray.data.stages import THUMBNAIL_SIZE, thumbnail_jpeg
 
+#: The thumbnail size before issue 22 (made from the resized model input).
+BEFORE_SIZE = 80
+
+
+def _cpu_ms(fn):
+    t = time.process_time_ns()
+    out = fn()
+    return out, (time.process_time_ns() - t) / 1e6
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "mean": statistics.fmean(values)}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,33 +51,52 @@ def main() -> None:
     args = parser.parse_args()
     preset = read_metadata(resolve_checkpoint(None)).preset()
     images = pbc_images(args.n)
-    decode_ms, thumb_ms, sizes = [], [], []
-    for path in images:
+    ms: dict[str, list[float]] = {"decode": [], "resize": [], "before": [], "now": []}
+    sizes: dict[str, list[int]] = {"before": [], "now": []}
+    pixels: list[int] = []
+    for i, path in enumerate(images):
         data = path.read_bytes()
-        t0 = time.perf_counter()
-        image = preset.load(data)
-        t1 = time.perf_counter()
-        jpeg = thumbnail_jpeg(image)
-        t2 = time.perf_counter()
-        decode_ms.append(1000 * (t1 - t0))
-        thumb_ms.append(1000 * (t2 - t1))
-        sizes.append(len(jpeg))
+        decoded, t_decode = _cpu_ms(lambda: preset.decode(data))
+        image, t_resize = _cpu_ms(lambda: preset.resize(decoded))
+        steps = [("before", lambda: thumbnail_jpeg(image, BEFORE_SIZE)),
+                 ("now", lambda: thumbnail_jpeg(decoded, THUMBNAIL_SIZE))]
+        for name, fn in (steps if i % 2 else steps[::-1]):  # alternate: neither gets the warmer cache
+            jpeg, t = _cpu_ms(fn)
+            ms[name].append(t)
+            sizes[name].append(len(jpeg))
+        ms["decode"].append(t_decode)
+        ms["resize"].append(t_resize)
+        pixels.append(max(decoded.size))
+    stage = {name: [d + r + t for d, r, t in zip(ms["decode"], ms["resize"], ms[name])] for name in ("before", "now")}
     result = {
-        "machine": machine_facts(), "run": run_facts(), "n_images": len(images),
-        "input_size": preset.input_size, "thumbnail_size": THUMBNAIL_SIZE,
-        "decode_resize_ms": {"median": statistics.median(decode_ms), "mean": statistics.fmean(decode_ms)},
-        "thumbnail_ms": {"median": statistics.median(thumb_ms), "mean": statistics.fmean(thumb_ms)},
-        "thumbnail_bytes": {"mean": statistics.fmean(sizes), "p95": float(np.percentile(sizes, 95)),
-                            "max": max(sizes)},
+        "machine": machine_facts(), "run": run_facts(), "n_images": len(images), "input_size": preset.input_size,
+        "thumbnail_size": {"before": BEFORE_SIZE, "now": THUMBNAIL_SIZE},
+        "decoded_long_side_px": _stats([float(p) for p in pixels]),
+        "cpu_ms": {name: _stats(v) for name, v in ms.items()},
+        "stage_cpu_ms": {name: _stats(v) for name, v in stage.items()},
+        "stage_ratio_now_over_before": statistics.fmean(stage["now"]) / statistics.fmean(stage["before"]),
+        "thumbnail_bytes": {name: {"mean": statistics.fmean(v), "p95": float(np.percentile(v, 95)), "max": max(v)}
+                            for name, v in sizes.items()},
     }
-    rows = [["decode + resize (the job's own work)", f"{result['decode_resize_ms']['median']:.2f}",
-             f"{result['decode_resize_ms']['mean']:.2f}", ""],
-            [f"thumbnail ({THUMBNAIL_SIZE} px JPEG)", f"{result['thumbnail_ms']['median']:.2f}",
-             f"{result['thumbnail_ms']['mean']:.2f}",
-             f"mean {result['thumbnail_bytes']['mean']:.0f}, p95 {result['thumbnail_bytes']['p95']:.0f}, "
-             f"max {result['thumbnail_bytes']['max']}"]]
-    markdown = (f"# Thumbnail cost per cell ({len(images)} PBC images, {preset.input_size} px input)\n\n"
-                + table(["step", "median ms", "mean ms", "bytes"], rows) + "\n" + facts_markdown(result))
+
+    def row(label: str, key: str, nbytes: str = "") -> list[str]:
+        return [label, f"{result['cpu_ms'][key]['median']:.3f}", f"{result['cpu_ms'][key]['mean']:.3f}", nbytes]
+
+    def size_text(name: str) -> str:
+        b = result["thumbnail_bytes"][name]
+        return f"mean {b['mean']:.0f}, p95 {b['p95']:.0f}, max {b['max']}"
+
+    rows = [row("decode (JPEG DCT scaling)", "decode"), row(f"resize to {preset.input_size} px", "resize"),
+            row(f"thumbnail before: {BEFORE_SIZE} px from the resized image", "before", size_text("before")),
+            row(f"thumbnail now: <= {THUMBNAIL_SIZE} px from the decoded image", "now", size_text("now"))]
+    for name in ("before", "now"):
+        s = result["stage_cpu_ms"][name]
+        rows.append([f"decode stage with the thumbnail {name}", f"{s['median']:.3f}", f"{s['mean']:.3f}", ""])
+    markdown = (f"# Thumbnail cost per cell ({len(images)} PBC images, {preset.input_size} px input, decoded at a "
+                f"median {result['decoded_long_side_px']['median']:.0f} px)\n\n"
+                + table(["step (CPU time per image)", "median ms", "mean ms", "thumbnail bytes"], rows)
+                + f"\nDecode stage, now / before (mean CPU ms): {result['stage_ratio_now_over_before']:.3f}\n\n"
+                + facts_markdown(result))
     print(markdown)
     save("thumbnails", result, markdown)
 

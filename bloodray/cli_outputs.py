@@ -40,8 +40,10 @@ def cmd_query(args) -> int:
 def cmd_review_export(args) -> int:
     from bloodray.review.roundtrip import export_review
 
-    csv_uri, html_uri, n = export_review(args.output, args.date, args.dest, storage_options(args))
-    print(f"{n} cell(s) to review: fill verified_class in {csv_uri}; gallery: {html_uri}")
+    result = export_review(args.output, args.date, args.dest, storage_options(args))
+    print(f"review page with all {result.n_cells} cell(s), {result.n_review} to review: {result.html_uri} "
+          f"(open it in a browser; \"Download decisions\" writes the file `bloodray review import` takes); "
+          f"the cells to review as CSV: {result.csv_uri}")
     return 0
 
 
@@ -84,10 +86,11 @@ def add_review_parser(sub) -> None:
     """``bloodray review export|import|refresh|labels``: the reviewer's round trip."""
     review = sub.add_parser("review", help="export cells to review, import verified classes, export labels")
     rsub = review.add_subparsers(dest="review_command", required=True)
-    p = rsub.add_parser("export", help="write review.csv and a self-contained review.html for a run date")
+    p = rsub.add_parser("export", help="write the interactive review page review.html (every cell of the date; "
+                                          "no server needed) and review.csv (the cells to review)")
     p.add_argument("--output", required=True, help="output root of the classify job")
     p.add_argument("--date", required=True, help="run date YYYY-MM-DD")
-    p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.csv and review.html")
+    p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.html and review.csv")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_export)
     p = rsub.add_parser("import", help="validate a decisions JSON (review page) or a filled review.csv and append it "

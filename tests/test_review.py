@@ -14,19 +14,15 @@ import shutil
 import pytest
 from PIL import Image
 
-from bloodray import cli, storage
 from bloodray.analysis import query
-from bloodray.checkpoint import export_checkpoint
 from bloodray.classes import CLASS_NAMES
-from bloodray.config import load_config
-from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.data.stages import THUMBNAIL_SIZE, thumbnail_jpeg
 from bloodray.nightly import contract
-from bloodray.nightly.config import ClassifyConfig
 from bloodray.nightly.differential import compute_differentials, count_columns
-from bloodray.nightly.pipeline import run_classification
+from bloodray.review import page as review_page
 from bloodray.review import roundtrip
+from helpers_review import classify_synthetic, run_cli
 
 DATE = "2024-06-01"
 
@@ -38,9 +34,35 @@ def test_thumbnail_is_a_small_jpeg_of_the_decoded_image():
     big[:, 112:] = 200
     thumb = Image.open(io.BytesIO(thumbnail_jpeg(big)))
     assert thumb.format == "JPEG" and thumb.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-    assert thumb.getpixel((5, 40))[0] < 30 < 170 < thumb.getpixel((75, 40))[0]
+    quarter = THUMBNAIL_SIZE // 4
+    assert thumb.getpixel((quarter, 40))[0] < 30 < 170 < thumb.getpixel((3 * quarter, 40))[0]
     small = Image.open(io.BytesIO(thumbnail_jpeg(np.full((64, 64, 3), 90, np.uint8))))
     assert small.size == (64, 64)  # never enlarged
+    # Galleries of the report embed them at the size their cards show.
+    from bloodray.analysis.gallery import CARD_IMAGE_SIZE, card_jpeg
+
+    assert Image.open(io.BytesIO(card_jpeg(thumbnail_jpeg(big)))).size == (CARD_IMAGE_SIZE, CARD_IMAGE_SIZE)
+    assert card_jpeg(thumbnail_jpeg(np.full((64, 64, 3), 90, np.uint8))) == thumbnail_jpeg(np.full((64, 64, 3), 90,
+                                                                                                    np.uint8))
+
+
+def test_decode_stage_makes_the_thumbnail_from_the_image_before_the_model_resize(tmp_path):
+    import numpy as np
+
+    from bloodray.data.preset import EvalPreset
+    from bloodray.data.stages import read_decode_files
+
+    pixels = np.random.default_rng(0).integers(0, 255, (360, 364, 3), dtype=np.uint8)
+    good, bad = tmp_path / "BNE_1.jpg", tmp_path / "bad.jpg"
+    Image.fromarray(pixels).save(good, quality=90)
+    bad.write_bytes(b"not an image")
+    preset = EvalPreset(128, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    batch = {"uri": np.array([str(good), str(bad)], dtype=object)}
+    out = read_decode_files(batch, preset=preset, thumbnail_size=THUMBNAIL_SIZE)
+    assert out["image"].shape == (2, 128, 128, 3) and out["jpeg"][1] is None and out["error"][1]
+    # A 360 px JPEG decodes at DCT scale 1/2 for a 128 px model: the thumbnail keeps those 180x182 pixels.
+    assert Image.open(io.BytesIO(out["jpeg"][0])).size == (182, 180)
+    assert "jpeg" not in read_decode_files(batch, preset=preset)  # training and evaluation make none
 
 
 def _read_csv(path) -> list[dict[str, str]]:
@@ -56,23 +78,13 @@ def _write_csv(path, rows: list[dict[str, str]]) -> str:
     return str(path)
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = cli.run(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+_cli = run_cli
 
 
 @pytest.mark.slow
 def test_review_round_trip(tmp_path, ray_cluster, capsys):
-    archive, out = tmp_path / "archive", str(tmp_path / "out")
-    synth.write_archive(storage.join(str(archive), DATE), synth.default_samples(2, 8, seed=5), size=64, seed=5)
-    # The packaged model without its OOD reference: fitted on PBC cells, that reference rightly calls these
-    # synthetic cells unidentified, and this test is about reviewing low-confidence cells.
-    checkpoint = export_checkpoint("default", str(tmp_path / "no-ood"), ood={})
-    cfg = load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}", f"run.date={DATE}",
-                                             f"model.checkpoint={checkpoint}", "inference.batch_size=8",
-                                             "review.threshold=0.99"])
-    result = run_classification(cfg)
+    out, result = classify_synthetic(tmp_path, DATE, seed=5)
+    archive = tmp_path / "archive"
     assert result.n_predictions == 16 and result.n_review > 3
 
     # Every classified image has its thumbnail in the side table.
@@ -100,7 +112,9 @@ def test_review_round_trip(tmp_path, ray_cluster, capsys):
     assert list(rows[0]) == list(roundtrip.CSV_COLUMNS) and len(rows) == result.n_review
     assert all(r["run_id"] == result.run_id and r["verified_class"] == "" for r in rows)
     page = (review_dir / roundtrip.HTML_FILE).read_text()
-    assert page.count("<img ") == len(rows) and page.count("src='data:image/jpeg;base64,") == len(rows)
+    embedded = review_page.embedded_data(page)  # the interactive page: every cell of the date, with its thumbnail
+    assert sorted(c["uri"] for s in embedded["samples"] for c in s["cells"]) == sorted(u for u, _ in thumbs)
+    assert all(c["thumb"] for s in embedded["samples"] for c in s["cells"])
     assert "Research use only" in page
 
     # The reviewer relabels two cells and confirms one; the rest stay unreviewed.

@@ -21,6 +21,10 @@ RESEARCH_USE = ("For research use only. Not for use in diagnostic procedures: ev
 UNIDENTIFIED = "unidentified"
 #: Confident cells shown per class and sample; review and unidentified cells are always all shown.
 CONFIDENT_PER_CLASS = 12
+#: Longest side (px) of a thumbnail embedded in a gallery: cards show cells at 96 px, so the stored thumbnails
+#: (up to :data:`bloodray.data.stages.THUMBNAIL_SIZE`, made large for the review page's enlarged view) are scaled
+#: down to it and a report stays as small as with the 80 px thumbnails of old.
+CARD_IMAGE_SIZE = 96
 
 CSS = """
 *{box-sizing:border-box}
@@ -94,6 +98,24 @@ def is_unidentified(cell: Mapping[str, Any]) -> bool:
     return str(cell.get("status") or "") == UNIDENTIFIED
 
 
+def card_jpeg(jpeg: bytes) -> bytes:
+    """``jpeg`` scaled down to :data:`CARD_IMAGE_SIZE` when larger (unreadable bytes are returned as they are)."""
+    import io
+
+    from PIL import Image
+
+    from bloodray.data.stages import thumbnail_jpeg
+
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            if max(image.size) <= CARD_IMAGE_SIZE:
+                return jpeg
+            image.draft("RGB", (CARD_IMAGE_SIZE, CARD_IMAGE_SIZE))  # DCT scaling: most of the work skipped
+            return thumbnail_jpeg(image.convert("RGB"), CARD_IMAGE_SIZE)
+    except Exception:  # noqa: BLE001 - the browser shows what it can of a damaged thumbnail
+        return jpeg
+
+
 def cell_card(cell: Mapping[str, Any], jpeg: bytes | None) -> str:
     """One gallery cell: thumbnail, file name, class, confidence, (when present) OOD score and verified class."""
     kind = "unidentified" if is_unidentified(cell) else "review" if cell.get("needs_review") else ""
@@ -109,7 +131,7 @@ def cell_card(cell: Mapping[str, Any], jpeg: bytes | None) -> str:
         lines.append(f"<div><b>{'unidentified' if kind == 'unidentified' else 'review'}</b></div>")
     if cell.get("verified_class"):  # a reviewer's class (the report), shown under the machine's
         lines.append(f"<div><b>verified: {e(cell['verified_class'])}</b></div>")
-    img = (f"<img src='{data_uri(jpeg, 'image/jpeg')}' alt='{e(name)}' loading=eager>" if jpeg
+    img = (f"<img src='{data_uri(card_jpeg(jpeg), 'image/jpeg')}' alt='{e(name)}' loading=eager>" if jpeg
            else "<div class=muted style='height:96px'>no thumbnail</div>")
     return f"<div class='cell {kind}'>{img}{''.join(lines)}</div>"
 

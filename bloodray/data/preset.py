@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bloodray.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from bloodray.data.decode import DEFAULT_MAX_PIXELS, CellImageLimits, decode_image
 from bloodray.data.stain import StainReference, reinhard, reinhard_uint8
 
 
@@ -37,8 +37,12 @@ class EvalPreset:
 
     def load(self, data: bytes) -> np.ndarray:
         """Decode bytes to a resized ``uint8`` HxWx3 array; raises :class:`~bloodray.data.decode.ImageDecodeError`."""
-        image = decode_image(data, target_size=self.input_size, max_pixels=self.max_pixels)
-        return self.resize(image)
+        return self.resize(self.decode(data))
+
+    def decode(self, data: bytes, cell: CellImageLimits | None = None) -> Image.Image:
+        """Decode bytes to an RGB PIL image before the resize: JPEGs at the smallest DCT scale that still covers
+        the input size (:func:`~bloodray.data.decode.decode_image`); ``cell`` checks the stored size."""
+        return decode_image(data, target_size=self.input_size, max_pixels=self.max_pixels, cell=cell)
 
     def resize(self, image: Image.Image) -> np.ndarray:
         """Resize a PIL RGB image to the square input size (cells are centred crops)."""

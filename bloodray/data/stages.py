@@ -172,23 +172,26 @@ def read_many(uris: Sequence[str], storage_options: Mapping[str, Any] | None = N
 class _Rows:
     """Accumulates decoded images and error rows into one Ray Data batch."""
 
-    def __init__(self, size: int, keys: Sequence[str] = ()):
+    def __init__(self, size: int, keys: Sequence[str] = (), thumbnail_size: int | None = None):
         self.size = size
         #: ``keys``: columns the caller supplies per row (``extra``), before the stage's own.
         self.cols: dict[str, list] = {k: [] for k in (*keys, "image_sha256", *ERROR_COLUMNS)}
         self.images: list[np.ndarray | None] = []
+        self.thumbnail_size = thumbnail_size
+        self.jpegs: list[bytes | None] = []
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def ok(self, extra: Mapping[str, Any], sha: str, image: np.ndarray) -> None:
-        self._add(extra, sha, ("", "", ""), image)
+    def ok(self, extra: Mapping[str, Any], sha: str, image: np.ndarray, jpeg: bytes | None = None) -> None:
+        self._add(extra, sha, ("", "", ""), image, jpeg)
 
     def fail(self, extra: Mapping[str, Any], stage: str, error_type: str, message: str,
              sha: str | None = None) -> None:
         self._add(extra, sha, (stage, error_type, message), None)
 
-    def _add(self, extra: Mapping[str, Any], sha: str | None, error: tuple[str, str, str], image) -> None:
+    def _add(self, extra: Mapping[str, Any], sha: str | None, error: tuple[str, str, str], image,
+             jpeg: bytes | None = None) -> None:
         for key, value in extra.items():
             self.cols[key].append(value)
         # "" rather than None: a batch of only failures must keep string columns, not Arrow's null type.
@@ -196,6 +199,7 @@ class _Rows:
         for key, value in zip(ERROR_COLUMNS, error):
             self.cols[key].append(value)
         self.images.append(image)
+        self.jpegs.append(jpeg)
 
     def read_failed(self, extra: Mapping[str, Any], exc: BaseException) -> None:
         if isinstance(exc, InputReadError):
@@ -208,16 +212,20 @@ class _Rows:
         sha = hashlib.sha256(data).hexdigest()
         cell = limits.cell
         try:
-            image = preset.resize(decode_image(data, target_size=preset.input_size, max_pixels=preset.max_pixels,
-                                               cell=cell, budget=limits.decode))
+            decoded = decode_image(data, target_size=preset.input_size, max_pixels=preset.max_pixels, cell=cell,
+                                   budget=limits.decode)
+            image = preset.resize(decoded)
             if cell is not None:
                 cell.check_contrast(image)
+            # From the decode before the model's resize: for a JPEG at DCT scale that is usually larger than
+            # the model's input and costs no resize of its own (see THUMBNAIL_SIZE).
+            jpeg = thumbnail_jpeg(decoded, self.thumbnail_size) if self.thumbnail_size else None
         except ImageDecodeError as exc:
             self.fail(extra, "decode", exc.kind, str(exc), sha)
         except Exception as exc:  # noqa: BLE001 - a bad file is an error row, never a failed task
             self.fail(extra, "decode", "corrupt", f"{type(exc).__name__}: {exc}", sha)
         else:
-            self.ok(extra, sha, image)
+            self.ok(extra, sha, image, jpeg)
 
     def emit(self) -> dict[str, np.ndarray]:
         images = np.zeros((len(self.images), self.size, self.size, 3), dtype=np.uint8)
@@ -228,19 +236,23 @@ class _Rows:
         out["error"] = np.array([f"{t}: {m}" if t else "" for t, m in zip(out["error_type"], out["message"])],
                                 dtype=object)
         out["image"] = images
+        if self.thumbnail_size:
+            out["jpeg"] = np.empty(len(self.jpegs), dtype=object)
+            out["jpeg"][:] = self.jpegs
         return out
 
 
 def read_decode_files(batch: dict[str, np.ndarray], *, preset: EvalPreset,
                       storage_options: Mapping[str, Any] | None = None,
-                      limits: ReadLimits = ReadLimits()) -> dict[str, np.ndarray]:
+                      limits: ReadLimits = ReadLimits(), thumbnail_size: int | None = None) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: rows with a ``uri`` column -> decoded, resized uint8 images.
 
     Adds :data:`OUTPUT_COLUMNS`; an unreadable or undecodable file becomes an
-    error row (black image), never a failed task.
+    error row (black image), never a failed task. With ``thumbnail_size`` it
+    also adds ``jpeg``: each good row's :func:`thumbnail_jpeg` (``None`` on error rows).
     """
     uris = [str(u) for u in batch["uri"]]
-    rows = _Rows(preset.input_size)
+    rows = _Rows(preset.input_size, thumbnail_size=thumbnail_size)
     for data in read_many(uris, storage_options, limits):
         if isinstance(data, BaseException):
             rows.read_failed({}, data)
@@ -285,17 +297,18 @@ def _open_shard(fs, path: str, uri: str):
 
 def shard_rows(shard_uri: str, preset: EvalPreset, storage_options: Mapping[str, Any] | None,
                sample_id_from: str, skip_samples: frozenset[str], chunk_rows: int,
-               limits: ReadLimits = ReadLimits()) -> Iterator[dict[str, np.ndarray]]:
+               limits: ReadLimits = ReadLimits(), thumbnail_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Stream one tar shard member by member into batches of at most ``chunk_rows`` rows.
 
     Each row has ``uri`` (``<shard>#<member>``; ``<shard>#<member>#<n>`` for the
     n-th occurrence of a repeated name; the shard itself for a shard-level
-    error), ``sample_id`` and :data:`OUTPUT_COLUMNS`. Members of
+    error), ``sample_id`` and :data:`OUTPUT_COLUMNS` (and ``jpeg`` with
+    ``thumbnail_size``, as :func:`read_decode_files`). Members of
     ``skip_samples`` are left out.
     """
 
     def new() -> _Rows:
-        return _Rows(preset.input_size, ("uri", "sample_id"))
+        return _Rows(preset.input_size, ("uri", "sample_id"), thumbnail_size)
 
     def shard_error(kind: str, message: str) -> None:
         rows.fail({"uri": shard_uri, "sample_id": None}, "read", kind, message)
@@ -374,12 +387,13 @@ def shard_rows(shard_uri: str, preset: EvalPreset, storage_options: Mapping[str,
 
 def read_decode_shards(batch: dict[str, np.ndarray], *, preset: EvalPreset,
                        storage_options: Mapping[str, Any] | None = None, sample_id_from: str = "parent",
-                       skip_samples: frozenset[str] = frozenset(),
-                       chunk_rows: int = 64, limits: ReadLimits = ReadLimits()) -> Iterator[dict[str, np.ndarray]]:
+                       skip_samples: frozenset[str] = frozenset(), chunk_rows: int = 64,
+                       limits: ReadLimits = ReadLimits(),
+                       thumbnail_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data ``map_batches`` function (flat map): tar shard ``uri`` rows -> one row per image member."""
     for shard_uri in batch["uri"]:
         yield from shard_rows(str(shard_uri), preset, storage_options, sample_id_from, skip_samples, chunk_rows,
-                              limits)
+                              limits, thumbnail_size)
 
 
 def cluster_cpu_slots(cpus_per_task: float) -> int:
@@ -389,20 +403,24 @@ def cluster_cpu_slots(cpus_per_task: float) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
 
 
-#: Longest side of a cell thumbnail (pixels); smaller decoded images are kept at their size.
-THUMBNAIL_SIZE = 80
-#: JPEG quality of thumbnails: ~2-3 kB per cell, enough to judge a cell by eye.
+#: Longest side of a cell thumbnail (pixels); smaller decoded images are kept at their size. Large enough for a
+#: reviewer to enlarge a cell (the review page shows it at 2-3x). A 360 px CellaVision/PBC crop decodes at DCT
+#: scale 1/2 (180x182 px) for a 100-224 px model, which fits as it is: the thumbnail costs a JPEG encode and no
+#: resize (bench/thumbnails.py).
+THUMBNAIL_SIZE = 192
+#: JPEG quality of thumbnails: ~6 kB per 180 px cell, enough to judge a cell by eye.
 THUMBNAIL_QUALITY = 85
 
 
-def thumbnail_jpeg(image: np.ndarray, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> bytes:
-    """JPEG bytes of a decoded uint8 HxWx3 image, scaled down to at most ``size`` pixels a side."""
+def thumbnail_jpeg(image: np.ndarray | Any, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    """JPEG bytes of a decoded image (uint8 HxWx3 array or RGB PIL image), scaled down to at most ``size`` a side."""
     import io
 
     from PIL import Image
 
-    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     if max(pil.size) > size:
+        pil = pil.copy()  # thumbnail() works in place: never shrink the caller's image
         pil.thumbnail((size, size), Image.BILINEAR)
     buf = io.BytesIO()
     pil.save(buf, format="JPEG", quality=quality)
@@ -412,8 +430,8 @@ def thumbnail_jpeg(image: np.ndarray, size: int = THUMBNAIL_SIZE, quality: int =
 def thumbnails(batch: Mapping[str, np.ndarray], size: int = THUMBNAIL_SIZE) -> np.ndarray:
     """Thumbnail JPEG bytes for each row of a decoded batch (``None`` for error rows).
 
-    Made from the stage's decoded ``image`` column, before the model sees the
-    batch, so reviewers see the very pixels the model classified.
+    For images decoded outside the decode stage (the GPU actors): made from
+    the batch's ``image`` column, the resized model input.
     """
     images = batch["image"]
     errors = batch.get("error")

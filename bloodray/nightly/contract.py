@@ -182,9 +182,10 @@ def thumbnails_schema() -> pa.Schema:
     """Schema of the files under ``thumbnails/``: a small JPEG of every classified image.
 
     A side table rather than a predictions column, so analysts' scans of
-    predictions stay small; join on ``(run_id, image_uri)``. The JPEG is made
-    from the decoded, resized image (:func:`bloodray.data.stages.thumbnail_jpeg`),
-    so a review needs no access to the archive.
+    predictions stay small; join on ``(run_id, image_uri)``. The JPEG (at most
+    :data:`bloodray.data.stages.THUMBNAIL_SIZE` px a side) is made in the decode
+    stage from the image the model's input is resized from
+    (:func:`bloodray.data.stages.thumbnail_jpeg`), so a review needs no access to the archive.
     """
     return pa.schema([("run_id", pa.string()), ("sample_id", pa.string()), ("image_uri", pa.string()),
                       ("jpeg", pa.binary())])

@@ -14,6 +14,7 @@ import re
 import pyarrow as pa
 
 from bloodray.classes import CLASS_NAMES
+from bloodray.data.stages import THUMBNAIL_SIZE
 from bloodray.nightly import contract
 
 #: What each table holds, one row per ...
@@ -59,7 +60,8 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "error_type": ("", "kind of failure (`empty`, `truncated`, `corrupt`, `not_image`, `too_large`, "
                        "`file_too_large`, `not_a_cell_image`, `unsupported_format`, ...)"),
     "message": ("", "the failure in words"),
-    "jpeg": ("JPEG bytes", "the image the model saw, at most 80 px a side (~2-3 kB)"),
+    "jpeg": ("JPEG bytes", f"the decoded image the model's input is resized from, at most {THUMBNAIL_SIZE} px a "
+                           "side (~6 kB; runs before issue 22: 80 px)"),
     "n_images": ("images", "inputs of the sample (classified + failed)"),
     "n_classified": ("images", "images of the sample with a prediction (unidentified ones included)"),
     "n_errors": ("images", "inputs of the sample that could not be classified"),

@@ -72,9 +72,9 @@ from bloodray.nightly.sample_metadata import (
 __all__ = [
     "ERYTHROBLAST_FLAG", "IG_FLAG", "LOW_WBC_FLAG", "RANGE_FLAG_NAMES", "FlagRules", "FlagRulesError",
     "ReferenceRangeError", "SampleMetadataError", "absolute_columns", "compute_differentials", "count_columns",
-    "differential", "differential_fields", "flag_columns", "interval_columns", "load_absolute_ranges",
+    "differential", "differential_fields", "flag_columns", "flag_labels", "interval_columns", "load_absolute_ranges",
     "load_flag_rules", "load_reference_ranges", "load_sample_metadata", "parse_absolute_ranges",
-    "parse_reference_ranges", "wilson_interval",
+    "parse_reference_ranges", "rules_data", "wilson_interval",
 ]
 
 #: Human-readable names of the low/high flags of the five mature leukocytes.
@@ -276,6 +276,32 @@ def flag_columns() -> list[str]:
     return cols + ["flag_erythroblasts", "flag_ig", "flag_low_wbc_count"]
 
 
+def flag_labels() -> dict[str, str]:
+    """The label each flag column puts in ``flags`` when raised, in :func:`flag_columns` order."""
+    names = {f"flag_{name}_{side}": label for name in DIFFERENTIAL_CLASSES
+             for side, label in zip(("low", "high"), RANGE_FLAG_NAMES[name])}
+    names.update(flag_erythroblasts=ERYTHROBLAST_FLAG, flag_ig=IG_FLAG, flag_low_wbc_count=LOW_WBC_FLAG)
+    return {col: names[col] for col in flag_columns()}
+
+
+def rules_data(rules: FlagRules) -> dict[str, Any]:
+    """``rules`` and the class facts :func:`compute_differentials` reads, as JSON-ready data.
+
+    For code outside Python that recomputes differentials (the review page's
+    live differential): it gets every threshold from here, and the interval's
+    ``z`` as this module computes it, so nothing is copied by hand.
+    """
+    def ranges(section: Mapping[str, ReferenceRange]) -> dict[str, dict[str, Any]]:
+        return {n: {"low": r.low, "high": r.high, "flag_low": r.flag_low} for n, r in section.items()}
+
+    return {"classes": list(CLASS_NAMES), "wbc_classes": list(WBC_CLASSES),
+            "differential_classes": list(DIFFERENTIAL_CLASSES), "confidence": rules.confidence,
+            "z": NormalDist().inv_cdf(0.5 + rules.confidence / 2.0), "ranges": ranges(rules.ranges),
+            "absolute_ranges": ranges(rules.absolute_ranges), "ig_percent": rules.ig_percent,
+            "erythroblast_per_100_wbc": rules.erythroblast_per_100_wbc, "min_wbc": rules.min_wbc,
+            "flag_labels": flag_labels()}
+
+
 def interval_columns() -> list[str]:
     """Confidence-interval bounds (``<value>_lo``, ``<value>_hi``) of every percentage and per-100-WBC rate."""
     values = [f"pct_{name}" for name in DIFFERENTIAL_CLASSES] + list(RATE_COLUMNS)
@@ -381,7 +407,6 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
     cols["flag_basis"] = np.where(use_abs, "absolute", "percent")
 
     flags: dict[str, np.ndarray] = {}
-    names: dict[str, str] = {}
     for name in DIFFERENTIAL_CLASSES:
         # NaN compares False, so samples without white cells raise no range flag.
         pct_low, pct_high = _range_flags(cols[f"pct_{name}_lo"], cols[f"pct_{name}_hi"], rules.ranges.get(name))
@@ -390,14 +415,12 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
         by_abs = use_abs & (abs_rng is not None)
         flags[f"flag_{name}_low"] = np.where(by_abs, abs_low, pct_low)
         flags[f"flag_{name}_high"] = np.where(by_abs, abs_high, pct_high)
-        names[f"flag_{name}_low"], names[f"flag_{name}_high"] = RANGE_FLAG_NAMES[name]
     flags["flag_erythroblasts"] = cols["erythroblast_per_100_wbc_lo"] > rules.erythroblast_per_100_wbc
     flags["flag_ig"] = cols["ig_per_100_wbc_lo"] > rules.ig_percent
     flags["flag_low_wbc_count"] = n_wbc < rules.min_wbc
-    names.update(flag_erythroblasts=ERYTHROBLAST_FLAG, flag_ig=IG_FLAG, flag_low_wbc_count=LOW_WBC_FLAG)
     cols.update(flags)
     matrix = np.stack([flags[col] for col in flag_columns()], axis=1) if n else np.zeros((0, len(flags)), bool)
-    labels = [names[col] for col in flag_columns()]
+    labels = list(flag_labels().values())
     # One list per sample (not per image): a small Python loop is fine here.
     cols["flags"] = [[labels[j] for j in np.flatnonzero(row)] for row in matrix]
     cols["any_flag"] = matrix.any(axis=1) if n else np.zeros(0, bool)

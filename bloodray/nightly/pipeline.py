@@ -6,7 +6,7 @@ and schemas: :mod:`bloodray.nightly.contract`). The run::
 
     plan (driver, :mod:`~bloodray.nightly.plan`): checkpoint, flag rules, listing (:mod:`~bloodray.nightly.listing`)
       -> ray.data.from_items(work items: image URIs, or one item per tar shard)
-      -> map_batches(read bytes + SHA-256 + decode + resize)     CPU tasks (*), :mod:`bloodray.data.stages`
+      -> map_batches(read bytes + SHA-256 + decode + resize + thumbnail)   CPU tasks (*), :mod:`bloodray.data.stages`
          (GPU inference: read bytes + SHA-256 only; the actors decode on the GPU, :mod:`bloodray.data.device_decode`)
       -> map_batches(CellPredictorResults: model + staged rows)  actor pool (GPU or CPU)
       -> driver streams the rows into small Parquet files          _staging/<run_id>/results/
@@ -57,7 +57,14 @@ from bloodray.logs import init_ray, progress
 from bloodray.classes import CLASS_NAMES
 from bloodray.data.decode import CellImageLimits
 from bloodray.data.device_decode import decode_on_device, read_files
-from bloodray.data.stages import ERROR_COLUMNS, cluster_cpu_slots, read_decode_files, read_decode_shards, thumbnails
+from bloodray.data.stages import (
+    ERROR_COLUMNS,
+    THUMBNAIL_SIZE,
+    cluster_cpu_slots,
+    read_decode_files,
+    read_decode_shards,
+    thumbnails,
+)
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables
 from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
@@ -138,13 +145,13 @@ class CellPredictorResults(CellPredictor):
         on_device = None
         if "data" in batch:
             batch, on_device = decode_on_device(batch, self.preset, self.device, self.cell_limits)
-        # The thumbnail is made here, where the decoded image still is (on a CPU
-        # cluster this is the fused decode task itself); the predictor drops ``image``.
-        jpeg = thumbnails(batch)
+        if "jpeg" not in batch:
+            # Decoded here (GPU decode): the thumbnail is made from the resized image this actor has. Batches of
+            # the decode stage bring theirs (``jpeg``, made there before the resize), and it passes through.
+            batch = {**batch, "jpeg": thumbnails(batch)}
         if on_device is not None:
             batch = {**batch, "image": on_device}
         out = super().__call__(batch)
-        out["jpeg"] = jpeg
         # How this actor ran, for the runs table: schema metadata costs no column and no bytes per row.
         return to_staged_rows(out).replace_schema_metadata({PATH_METADATA["precision"]: self.precision,
                                                             PATH_METADATA["device"]: str(self.device)})
@@ -172,7 +179,8 @@ def build_dataset(plan: RunPlan):
         read_kwargs = {"storage_options": plan.storage_options, "limits": cfg.limits.read_limits()}
         parts.append(ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             read_files if device_decode else read_decode_files, batch_size=read_bs,
-            fn_kwargs=read_kwargs if device_decode else {"preset": plan.preset, **read_kwargs},
+            fn_kwargs=read_kwargs if device_decode else {"preset": plan.preset, "thumbnail_size": THUMBNAIL_SIZE,
+                                                         **read_kwargs},
             **read_args))
     if plan.listing.shards:
         shards = [{"uri": u} for u in plan.listing.shards]
@@ -180,7 +188,7 @@ def build_dataset(plan: RunPlan):
             read_decode_shards, batch_size=1,
             fn_kwargs={"preset": plan.preset, "storage_options": plan.storage_options,
                        "sample_id_from": cfg.input.sample_id_from, "chunk_rows": bs,
-                       "limits": cfg.limits.read_limits()},
+                       "limits": cfg.limits.read_limits(), "thumbnail_size": THUMBNAIL_SIZE},
             **read_args))
     data = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     log.info("model actors on %s", f"{num_gpus:g} GPU(s) each" if num_gpus else "CPU")

@@ -1,10 +1,11 @@
 """The review round trip behind ``bloodray review export|import|labels``.
 
-``export`` writes the cells to review of a date's visible run -- cells the job
-marked ``needs_review`` and, when the out-of-distribution check added a
-``status`` column, cells it marked ``unidentified`` -- as ``review.csv``
-(``verified_class`` and ``reviewer`` empty, to fill in) and ``review.html`` (a
-self-contained gallery of their thumbnails). ``import`` is
+``export`` writes ``review.html``, the interactive review page of every cell
+of a date's visible run (:mod:`bloodray.review.page`: reclassify, sign off,
+download the decisions file), and ``review.csv``: the cells to review -- cells
+the job marked ``needs_review`` and, when the out-of-distribution check added
+a ``status`` column, cells it marked ``unidentified`` -- with
+``verified_class`` and ``reviewer`` empty, to fill in. ``import`` is
 :func:`bloodray.review.records.import_decisions` (the CSV or the decisions
 JSON of :mod:`bloodray.review.decisions`). ``labels`` writes every
 reviewed cell as ``<dest>/<verified_class>/<sample_id>__<hash>__<file>`` -- an
@@ -18,18 +19,30 @@ import hashlib
 import io
 import posixpath
 import tarfile
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from bloodray import csv_io, storage
 from bloodray.analysis import gallery, query
-from bloodray.review.decisions import CSV_COLUMNS, VERIFIED_CLASSES, ReviewError
+from bloodray.review.decisions import CSV_COLUMNS, ReviewError
 from bloodray.data.stages import name_kind, read_many
 from bloodray.nightly import contract
 from bloodray.nightly.pending import refuse_pending
+from bloodray.review.page import PageError, write_page
 
 CSV_FILE, HTML_FILE = "review.csv", "review.html"
 #: Listing of an exported label folder: where each image's bytes came from.
 LABELS_MANIFEST = "labels.csv"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``review export`` wrote: the review page, the CSV of cells to review, and their cell counts."""
+
+    csv_uri: str
+    html_uri: str
+    n_review: int
+    n_cells: int
 
 
 def _visible_run(con, output_uri: str, run_date: str) -> dict[str, Any]:
@@ -68,26 +81,23 @@ def review_cells(output_uri: str, run_date: str, storage_options: Mapping[str, A
 
 
 def export_review(output_uri: str, run_date: str, dest: str,
-                  storage_options: Mapping[str, Any] | None = None) -> tuple[str, str, int]:
-    """Write ``review.csv`` and ``review.html`` for a date into ``dest``; returns their URIs and the cell count."""
-    run_id, cells, thumbs = review_cells(output_uri, run_date, storage_options)
+                  storage_options: Mapping[str, Any] | None = None) -> ExportResult:
+    """Write the review page ``review.html`` and ``review.csv`` for a date into ``dest``.
+
+    The page (:mod:`bloodray.review.page`) holds every cell of the date; the
+    CSV, kept for spreadsheets and scripts, lists the cells to review.
+    """
+    run_id, cells, _ = review_cells(output_uri, run_date, storage_options, with_thumbnails=False)
     buf = io.StringIO()
     writer = csv_io.writer(buf)
     writer.writerow(CSV_COLUMNS)
     for c in cells:
         writer.writerow([c["run_id"], c["sample_id"], c["image_uri"], c["image_sha256"], c["predicted_class"],
                          f"{c['confidence']:.4f}", "", ""])
-    by_sample: dict[str, list[dict[str, Any]]] = {}
-    for c in cells:
-        by_sample.setdefault(str(c["sample_id"]), []).append(c)
-    body = [f"<h1>Cells to review — run_date {gallery.e(run_date)}</h1>",
-            f"<p>{len(cells)} cell(s) of run {gallery.e(run_id)} from {gallery.e(output_uri)}. Fill "
-            f"<code>verified_class</code> (one of {gallery.e(', '.join(VERIFIED_CLASSES))}) in {CSV_FILE} and import "
-            "it with <code>bloodray review import</code>.</p>"]
-    for sample, group in by_sample.items():
-        body.append(f"<h2>Sample {gallery.e(sample)} ({len(group)})</h2>"
-                    + gallery.gallery(group, thumbs, confident_per_class=None))
-    document = gallery.page(f"bloodray review {run_date}", "".join(body))
+    try:
+        document, n_cells = write_page(output_uri, str(run_date), storage_options)
+    except PageError as exc:
+        raise ReviewError(str(exc)) from exc
     fs, path = storage.filesystem(dest, storage_options)
     path = path.rstrip("/")
     try:
@@ -95,7 +105,8 @@ def export_review(output_uri: str, run_date: str, dest: str,
         storage.put_bytes(fs, posixpath.join(path, CSV_FILE), buf.getvalue().encode("utf-8"))
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(dest, exc) from exc
-    return storage.join(dest, CSV_FILE), storage.join(dest, HTML_FILE), len(cells)
+    return ExportResult(csv_uri=storage.join(dest, CSV_FILE), html_uri=storage.join(dest, HTML_FILE),
+                        n_review=len(cells), n_cells=n_cells)
 
 
 def tar_member(uri: str, storage_options: Mapping[str, Any] | None = None,
