@@ -229,8 +229,8 @@ def test_readers_in_the_commit_window_say_so_and_tell_live_from_stopped(tmp_path
     with caplog.at_level(logging.WARNING):
         query.connect(out).close()
     assert "half-way" not in caplog.text and "committing" not in caplog.text
-    _csv, _html, n = roundtrip.export_review(out, D1, dest)
-    assert n > 0 and "commit-warning" not in open(report.write_report(out, run_date=D1)).read()
+    exported = roundtrip.export_review(out, D1, dest)
+    assert exported.n_cells > 0 and "commit-warning" not in open(report.write_report(out, run_date=D1)).read()
 
 
 def test_vacuum_keeps_what_a_pending_intent_lists(tmp_path):

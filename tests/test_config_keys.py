@@ -50,6 +50,9 @@ DIFFERENT_SETTINGS = {
     "read_timeout_s": "LimitsConfig.read_timeout_s bounds the whole read of one input file (then a read_timeout error "
                       "row); StorageConfig.read_timeout_s is how long each object-storage call waits for an answer "
                       "per attempt (botocore's read_timeout), for every URI of the job",
+    "enabled": "AugmentSection.enabled switches training augmentation, ReportConfig.enabled the nightly run's report",
+    "precision": "Recipe.precision is the training autocast (auto|fp32|bf16), InferenceConfig.precision the nightly "
+                 "model's path, checked against the checkpoint's sealed self-check batch (auto|fp32|bf16|int8)",
 }
 
 
