@@ -310,3 +310,23 @@ def test_classify_query_report_from_outside_the_repo(tmp_path):
     proc = bloodray("query", "SELECT (SELECT count(*) FROM runs) AS visible, (SELECT count(*) FROM all_runs) AS runs",
                     "--output", "out", "--format", "csv", cwd=tmp_path, env=env)
     assert proc.stdout.splitlines() == ["visible,runs", "1,2"]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_packaged_model_and_stays_under_30_mb(tmp_path):
+    """Builds the wheel as a user's pip would (no network: the venv's setuptools) and reads its listing."""
+    import zipfile
+
+    from bloodray import packaged
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("bloodray-*.whl")
+    assert wheel.stat().st_size < 30 * 1000 * 1000, wheel.stat().st_size
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "bloodray/assets/models.json" in names
+    for model in packaged.models():
+        for item in model.path.iterdir():
+            assert f"bloodray/assets/{model.folder}/{item.name}" in names

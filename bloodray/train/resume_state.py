@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,40 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
         return None
     with path.open("rb") as fh:
         return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+
+
+#: The folder, in a pack run's output, that holds its latest epoch's weights and training state.
+PACK_RESUME_DIR = "last_epoch"
+
+
+def save_pack_state(output: str | Path, model: torch.nn.Module, metadata: CheckpointMetadata,
+                    train_state: dict[str, Any]) -> None:
+    """Write the pack trainer's resume state into ``output`` (replacing the previous epoch's, never half-written).
+
+    It is a sealed checkpoint of the raw weights with ``train_state``; a kill between the two renames leaves the
+    new state complete in its temporary folder, which :func:`load_pack_state` reads then.
+    """
+    from bloodray.checkpoint import write_checkpoint
+
+    out = Path(output)
+    final, fresh = out / PACK_RESUME_DIR, out / f"{PACK_RESUME_DIR}.tmp"
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    write_checkpoint(fresh, model, metadata, train_state)
+    if final.exists():
+        shutil.rmtree(final)
+    fresh.rename(final)
+
+
+def load_pack_state(output: str | Path) -> ResumeState | None:
+    """The resume state :func:`save_pack_state` left in ``output``, or None when there is none."""
+    out = Path(output)
+    for folder in (out / PACK_RESUME_DIR, out / f"{PACK_RESUME_DIR}.tmp"):
+        if (folder / TRAIN_STATE_FILE).exists():
+            try:
+                state = load_resume_state(folder)
+            except (CheckpointError, RuntimeError, EOFError):
+                continue  # a state cut short by a kill: the other folder (or a fresh start) it is
+            if state.train_state is not None:
+                return state
+    return None
