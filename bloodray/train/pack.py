@@ -189,8 +189,7 @@ class PackedTrainConfig(Recipe, WarpAugmentConfig, ModelInit):
     time_budget_s: float = 0.0
     #: ``auto`` (the GPU if there is one), ``cpu``, ``cuda``, ``cuda:<n>`` or ``mps``.
     device: str = "auto"
-    #: continue from the latest epoch a run with the same ``output`` folder saved (``output/last_epoch``), as
-    #: ``bloodray train`` does for the same ``run.name``; false starts over (replacing that state).
+    #: continue from the last epoch a run with this ``output`` saved (``output/last_epoch``); false starts over.
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -346,15 +345,13 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     The optimizer, schedule, loss, weight average and precise BN are the shared recipe
     (:mod:`bloodray.train.recipe`). Model selection uses the val split only (best val macro-F1 of the raw or
     averaged weights over the evaluations); the test split, when the pack has one, is scored once at the end with
-    the selected weights. After every epoch the training state is saved in ``output/last_epoch``; a run with the
-    same ``output`` (and ``resume``) continues from it, with the same data order and augmentation draws.
+    the selected weights. A run with the same ``output`` continues from its last epoch (``resume``), exactly.
     """
     import torch
 
-    from bloodray.checkpoint import CheckpointMetadata
     from bloodray.evaluation.metrics import classification_metrics
     from bloodray.models import count_parameters, get_model_info
-    from bloodray.train.resume_state import load_pack_state, save_pack_state
+    from bloodray.train.resume_state import restore_pack_run, save_pack_run
 
     cfg.validate()
     info = get_model_info(cfg.model)  # unknown names fail before any data is read
@@ -395,32 +392,15 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     robust_rng = np.random.default_rng(cfg.seed)
 
-    progress: dict[str, Any] = {"epoch": 0, "history": [], "best": {"macro_f1": -1.0}, "trained_images": 0,
-                                "steady_time": 0.0, "train_time": 0.0, "stopped_early": False}
-    best_state = None
     key = json.dumps({"pack": pack.meta, "model": cfg.model, "kwargs": kwargs, "batch_size": cfg.batch_size,
                       "seed": cfg.seed}, sort_keys=True, default=str)
-    resumed = load_pack_state(cfg.output) if cfg.resume else None
-    if resumed is not None:
-        saved = resumed.train_state
-        if saved.get("key") != key:
-            raise ConfigError(f"output: {cfg.output} holds the resume state of another run (other pack, model, "
-                              "batch size or seed); choose another output folder, or set resume=false to start over")
-        model.load_state_dict(resumed.weights)
-        state.load_state_dict(saved)
-        generator.set_state(saved["generator"])
-        robust_rng.bit_generator.state = json.loads(saved["robust_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        if on_gpu and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        progress, best_state = json.loads(saved["progress"]), saved.get("best_state")
-        if progress.pop("planned_epochs") == cfg.epochs:  # a schedule shortened to fit a time budget stays so
-            state.schedule.epochs = progress.pop("schedule_epochs")
+    progress, best_state = restore_pack_run(cfg.output if cfg.resume else None, key, state, generator, robust_rng,
+                                            cfg.epochs)
+    if progress["epoch"]:
         print(json.dumps({"model": cfg.model, "resumed_from_epoch": progress["epoch"], "output": cfg.output}),
               flush=True)
-    history, best, epoch = progress["history"], progress["best"], progress["epoch"]
-    trained_images, steady_time, train_time = progress["trained_images"], progress["steady_time"], progress["train_time"]
-    stopped_early = progress["stopped_early"]
+    history, best, epoch, trained_images, steady_time, train_time, stopped_early = (progress[k] for k in (
+        "history", "best", "epoch", "trained_images", "steady_time", "train_time", "stopped_early"))
     while epoch < state.schedule.epochs:
         model.train()
         _sync(device)
@@ -467,19 +447,10 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
                 # Shorten the cosine so the run still ends at a low learning rate.
                 state.schedule.epochs = max(epoch + 1, fits)
                 stopped_early = True
-        # The state to continue from if this process dies (written before the next epoch starts).
-        progress = {"epoch": epoch, "history": history, "best": best, "trained_images": trained_images,
-                    "steady_time": steady_time, "train_time": train_time, "stopped_early": stopped_early,
-                    "planned_epochs": cfg.epochs, "schedule_epochs": state.schedule.epochs}
-        save_pack_state(cfg.output, state.model, CheckpointMetadata(
-            model_name=cfg.model, classes=list(CLASS_NAMES), input_size=size, mean=list(preset.mean),
-            std=list(preset.std), stain_norm=preset.stain.to_metadata() if preset.stain else {}, model_kwargs=kwargs,
-            epoch=epoch), {**state.state_dict(), "key": key, "generator": generator.get_state(),
-                           "robust_rng": json.dumps(robust_rng.bit_generator.state), "best_state": best_state,
-                           # dropout draws from torch's global generators
-                           "torch_rng": torch.get_rng_state(),
-                           "cuda_rng": torch.cuda.get_rng_state(device) if on_gpu else None,
-                           "progress": json.dumps(progress, default=float)})
+        progress = dict(epoch=epoch, history=history, best=best, trained_images=trained_images, steady_time=steady_time,
+                        train_time=train_time, stopped_early=stopped_early, planned_epochs=cfg.epochs,
+                        schedule_epochs=state.schedule.epochs)
+        save_pack_run(cfg.output, key, state, generator, robust_rng, progress, best_state, cfg.model, kwargs, preset)
         # Printed once saved: an epoch on the console is an epoch a killed run will not train again.
         print(json.dumps({"model": cfg.model, **record}), flush=True)
 

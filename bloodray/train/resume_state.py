@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from bloodray.config import ConfigError
 from bloodray.checkpoint import (METADATA_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, CheckpointError, CheckpointMetadata,
                                  check_weights)
 
@@ -90,3 +92,51 @@ def load_pack_state(output: str | Path) -> ResumeState | None:
             if state.train_state is not None:
                 return state
     return None
+
+
+def save_pack_run(output: str | Path, key: str, state: Any, generator: torch.Generator, robust_rng: Any,
+                  progress: dict[str, Any], best_state: dict[str, torch.Tensor] | None, model_name: str,
+                  model_kwargs: dict[str, Any], preset: Any) -> None:
+    """Save everything the pack trainer's next epoch depends on: raw weights, optimizer, schedule and average
+    (``state``), the data-order and augmentation generators, torch's global generators (dropout), the loop's
+    counters and history (``progress``) and the best weights so far; ``key`` names the run (pack, model...)."""
+    from bloodray.classes import CLASS_NAMES
+
+    metadata = CheckpointMetadata(model_name, list(CLASS_NAMES), preset.input_size, list(preset.mean),
+                                  list(preset.std), model_kwargs, progress["epoch"],
+                                  stain_norm=preset.stain.to_metadata() if preset.stain else {})
+    on_gpu = generator.device.type == "cuda"
+    save_pack_state(output, state.model, metadata, {
+        **state.state_dict(), "key": key, "generator": generator.get_state(),
+        "robust_rng": json.dumps(robust_rng.bit_generator.state), "best_state": best_state,
+        "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(generator.device) if on_gpu else None,
+        "progress": json.dumps(progress, default=float)})
+
+
+def restore_pack_run(output: str | Path | None, key: str, state: Any, generator: torch.Generator, robust_rng: Any,
+                     planned_epochs: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Load what :func:`save_pack_run` saved in ``output`` (None: start afresh) into ``state`` and the generators.
+
+    Returns the loop's ``progress`` (epoch 0 and empty history for a fresh run) and the best weights so far.
+    Refuses another run's state. A schedule a time budget shortened stays shortened unless the epochs changed.
+    """
+    resumed = load_pack_state(output) if output is not None else None
+    if resumed is None:
+        return {"epoch": 0, "history": [], "best": {"macro_f1": -1.0}, "trained_images": 0, "steady_time": 0.0,
+                "train_time": 0.0, "stopped_early": False}, None
+    saved = resumed.train_state
+    if saved.get("key") != key:
+        raise ConfigError(f"output: {output} holds the resume state of another run (other pack, model, batch size "
+                          "or seed); choose another output folder, or set resume=false to start over")
+    state.model.load_state_dict(resumed.weights)
+    state.load_state_dict(saved)
+    generator.set_state(saved["generator"])
+    robust_rng.bit_generator.state = json.loads(saved["robust_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if generator.device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"], generator.device)
+    progress = json.loads(saved["progress"])
+    if progress.pop("planned_epochs") == planned_epochs:
+        state.schedule.epochs = progress["schedule_epochs"]
+    progress.pop("schedule_epochs")
+    return progress, saved.get("best_state")
