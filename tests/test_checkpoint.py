@@ -228,7 +228,9 @@ def test_packaged_default_is_sealed_and_loads():
     # Its hash is pinned like the weights': replacing the batch changes the checkpoint id on purpose.
     assert meta.selfcheck == {"file_sha256": "14df89918e1a2f9b11bfc4a742165e0ed0809a8fdd585cc088ff1ace3ad0947c",
                               "images": 32}
-    assert meta.checkpoint_id == "bloodnet-fca405ea321f"
+    # bloodnet-fca405ea321f until issue 21 re-calibrated it (val metrics, confusion matrix, quality gate): the id
+    # is the manifest's, which tests/test_packaged_model.py checks against every packaged checkpoint.
+    assert meta.checkpoint_id == "bloodnet-b09efcdd03a0"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

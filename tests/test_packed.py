@@ -166,6 +166,7 @@ def test_pack_trainer_fits_a_stain_reference_and_fine_tunes_keep_it(pack, tmp_pa
 def test_a_killed_pack_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_one(pack, tmp_path, capsys):
     """Same output folder = same run: a process killed mid-run continues from its last saved epoch."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -215,12 +216,12 @@ def test_a_killed_pack_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrup
     assert resumed["best_epoch"] == straight["best_epoch"]
     assert resumed["val"]["accuracy"] == pytest.approx(straight["val"]["accuracy"])
 
-    # Another run in the same folder is refused by field name; resume=false starts over.
+    # Another run in the same folder is refused by field name; without its resume state it starts over.
     cfg = load_config(PackedTrainConfig, "configs/train_packed.yaml",
                       [f"pack={path}", f"output={out}", "model_kwargs={\"batch_norm\": true}", "batch_size=8",
                        "device=cpu", "epochs=1", "warmup_epochs=0"])
     with pytest.raises(ConfigError, match="^output: .* holds the resume state of another run"):
         train_packed(cfg)
-    cfg.resume = False
+    shutil.rmtree(out / "last_epoch")
     fresh = train_packed(cfg)
     assert fresh["epochs_run"] == 1 and [h["epoch"] for h in fresh["history"]] == [1]

@@ -38,7 +38,7 @@ def _good_logits(n: int = 800, seed: int = 0):
 def test_a_chance_level_model_misses_every_minimum():
     report = calibrate(*_chance_logits()).to_dict()
     missed = quality_gate.failures(report)
-    assert report["temperature"] > quality_gate.MINIMUMS.temperature[1]
+    assert report["temperature"] > quality_gate.MINIMUMS.max_temperature
     assert any(m.startswith("val accuracy") for m in missed)
     assert any("val recall" in m for m in missed)
     assert any(m.startswith("temperature") for m in missed)
@@ -52,6 +52,10 @@ def test_a_chance_level_model_misses_every_minimum():
 def test_a_good_model_passes_and_is_not_marked_forced():
     report = calibrate(*_good_logits()).to_dict()
     assert quality_gate.failures(report) == []
+    # A val split the model gets entirely right fits the lowest temperature: no fault.
+    logits, labels = _good_logits()
+    perfect = calibrate(logits * 0 + np.eye(NUM_CLASSES)[labels] * 10, labels).to_dict()
+    assert perfect["temperature"] < 0.1 and quality_gate.failures(perfect) == []
     assert quality_gate.check_calibration(report, "ckpt", force=True) | {"minimums": None} == {
         "passed": True, "forced": False, "failures": [], "minimums": None}
 

@@ -189,8 +189,6 @@ class PackedTrainConfig(Recipe, WarpAugmentConfig, ModelInit):
     time_budget_s: float = 0.0
     #: ``auto`` (the GPU if there is one), ``cpu``, ``cuda``, ``cuda:<n>`` or ``mps``.
     device: str = "auto"
-    #: continue from the last epoch a run with this ``output`` saved (``output/last_epoch``); false starts over.
-    resume: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.robust, Mapping):  # a library caller's plain dict, as before the section existed
@@ -345,7 +343,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     The optimizer, schedule, loss, weight average and precise BN are the shared recipe
     (:mod:`bloodray.train.recipe`). Model selection uses the val split only (best val macro-F1 of the raw or
     averaged weights over the evaluations); the test split, when the pack has one, is scored once at the end with
-    the selected weights. A run with the same ``output`` continues from its last epoch (``resume``), exactly.
+    the selected weights. A run with the same ``output`` continues exactly from its last epoch (``output/last_epoch``).
     """
     import torch
 
@@ -394,7 +392,7 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
 
     key = json.dumps({"pack": pack.meta, "model": cfg.model, "kwargs": kwargs, "batch_size": cfg.batch_size,
                       "seed": cfg.seed}, sort_keys=True, default=str)
-    progress, best_state = restore_pack_run(cfg.output if cfg.resume else None, key, state, generator, robust_rng,
+    progress, best_state = restore_pack_run(cfg.output, key, state, generator, robust_rng,
                                             cfg.epochs)
     if progress["epoch"]:
         print(json.dumps({"model": cfg.model, "resumed_from_epoch": progress["epoch"], "output": cfg.output}),

@@ -113,21 +113,22 @@ def save_pack_run(output: str | Path, key: str, state: Any, generator: torch.Gen
         "progress": json.dumps(progress, default=float)})
 
 
-def restore_pack_run(output: str | Path | None, key: str, state: Any, generator: torch.Generator, robust_rng: Any,
+def restore_pack_run(output: str | Path, key: str, state: Any, generator: torch.Generator, robust_rng: Any,
                      planned_epochs: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Load what :func:`save_pack_run` saved in ``output`` (None: start afresh) into ``state`` and the generators.
+    """Load what :func:`save_pack_run` saved in ``output`` into ``state`` and the generators.
 
     Returns the loop's ``progress`` (epoch 0 and empty history for a fresh run) and the best weights so far.
     Refuses another run's state. A schedule a time budget shortened stays shortened unless the epochs changed.
     """
-    resumed = load_pack_state(output) if output is not None else None
+    resumed = load_pack_state(output)
     if resumed is None:
         return {"epoch": 0, "history": [], "best": {"macro_f1": -1.0}, "trained_images": 0, "steady_time": 0.0,
                 "train_time": 0.0, "stopped_early": False}, None
     saved = resumed.train_state
     if saved.get("key") != key:
         raise ConfigError(f"output: {output} holds the resume state of another run (other pack, model, batch size "
-                          "or seed); choose another output folder, or set resume=false to start over")
+                          f"or seed); choose another output folder, or delete {Path(output) / PACK_RESUME_DIR} to "
+                          "start over")
     state.model.load_state_dict(resumed.weights)
     state.load_state_dict(saved)
     generator.set_state(saved["generator"])
