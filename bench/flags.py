@@ -52,8 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, run_facts, save, table  # noqa: E402
-from _flags_predictions import predictions  # noqa: E402
+from _common import REPO, cpu_model, pbc_split_rows, run_facts, save, table  # noqa: E402
 
 from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX  # noqa: E402
 from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials,  # noqa: E402
@@ -67,6 +66,49 @@ RENORMALISED = dict({k: v * 100.0 / sum(MIDDLE.values()) for k, v in MIDDLE.item
 HEALTHY_IG = dict(HEALTHY, neutrophil=HEALTHY["neutrophil"] - 0.3, ig=0.3)
 RANGE_TARGETS = ("neutrophilia", "lymphocytosis", "eosinophilia", "monocytosis")
 WAYS = ("perfect, Wilson", "model, Wilson", "model, confusion")
+
+
+#: Predictions per checkpoint id (git-ignored): a re-run of the bench takes seconds.
+CACHE = REPO / "bench" / ".cache"
+
+
+def predictions(checkpoint: str | None, threads: int = 2, batch: int = 128) -> dict[str, np.ndarray | str]:
+    """``{split}_label``, ``{split}_pred``, ``{split}_unidentified`` (val, test), ``checkpoint_id``, ``checkpoint_uri``,
+    ``seconds`` (0 when read from the cache)."""
+    import torch
+
+    from bloodray.checkpoint import read_metadata, resolve_checkpoint
+
+    uri = resolve_checkpoint(checkpoint)
+    meta = read_metadata(uri)
+    path = CACHE / f"flags-{meta.checkpoint_id}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            out = {k: data[k] for k in data.files}
+        return {**out, "precision": str(out.pop("precision", "unknown")), "checkpoint_id": meta.checkpoint_id,
+                "checkpoint_uri": uri, "seconds": 0.0, "cache": str(path)}
+    from bloodray.predict import CellPredictor
+
+    torch.set_num_threads(threads)
+    predictor = CellPredictor(uri, device="cpu")
+    start = time.monotonic()
+    out: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        rows, _dropped = pbc_split_rows(split)
+        preds, unid = [], []
+        for i in range(0, len(rows), batch):
+            images = np.stack([predictor.preset.load(Path(u).read_bytes()) for u, _ in rows[i:i + batch]])
+            res = predictor({"image": images})
+            preds.append(res["predicted_label"].astype(np.int64))
+            unid.append(np.asarray(res["unidentified"], dtype=bool))
+        out[f"{split}_label"] = np.array([lab for _, lab in rows], dtype=np.int64)
+        out[f"{split}_pred"] = np.concatenate(preds)
+        out[f"{split}_unidentified"] = np.concatenate(unid)
+    seconds = time.monotonic() - start
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out, precision=np.array(predictor.precision))
+    return {**out, "checkpoint_id": meta.checkpoint_id, "checkpoint_uri": uri, "seconds": seconds, "cache": str(path),
+            "precision": predictor.precision}
 
 
 def abnormal(name: str, pct: float) -> dict[str, float]:
@@ -236,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
           f"- date: {result['run']['date']}; git commit: `{result['run']['git_commit']}`\n"
           f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), shared with other sessions; load average at start "
           f"{result['machine']['load_average_at_start']}\n"
-          f"- model: `{result['checkpoint_id']}` ({result['checkpoint']}), {result['precision'] or 'cached'}; "
+          f"- model: `{result['checkpoint_id']}` ({result['checkpoint']}), {result['precision']} (as a run would); "
           f"PBC val {result['val_cells']} cells, accuracy {val_acc:.3f}; test {result['test_cells']} cells, "
           f"accuracy {test_acc:.3f}, {100 * result['test_unidentified_share']:.1f} % unidentified (not counted)\n"
           f"- confusion the flags use: {source}; off-diagonal (true->predicted, val cells): "

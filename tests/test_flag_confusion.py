@@ -18,8 +18,8 @@ import pytest
 
 from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX
 from bloodray.nightly.differential import (
+    ConfusionError,
     FlagRules,
-    FlagRulesError,
     ModelConfusion,
     checkpoint_confusion,
     compute_differentials,
@@ -126,7 +126,7 @@ def test_the_confusion_estimate_uncertainty_widens_the_interval():
     (np.ones((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=int), "singular"),
 ])
 def test_a_matrix_that_cannot_correct_counts_is_refused_with_its_reason(counts, message):
-    with pytest.raises(FlagRulesError, match=message):
+    with pytest.raises(ConfusionError, match=message):
         ModelConfusion.from_counts(counts, "ckpt: val confusion")
     confusion, why = checkpoint_confusion(counts.tolist(), "ckpt")
     assert confusion is None and message.split()[0] in why and "every cell is classified right" in why
@@ -156,3 +156,39 @@ def test_the_review_path_gets_the_runs_confusion():
     data = rules_data(rules)
     assert np.allclose(np.array(data["confusion"]["inverse_t"]) @ CONFUSION.rates.T, np.eye(len(CLASS_NAMES)))
     assert rules_data(PLAIN)["confusion"] is None
+
+
+@pytest.mark.slow
+def test_nightly_runs_say_whether_their_flags_carry_the_models_confusion(tmp_path, ray_cluster):
+    from bloodray.analysis.query import read_table
+    from bloodray.checkpoint import export_checkpoint, read_metadata
+    from bloodray.config import load_config
+    from bloodray.data import synth
+    from bloodray.nightly import tables
+    from bloodray.nightly.config import ClassifyConfig
+    from bloodray.nightly.pipeline import run_classification
+    from helpers_model import train_quick_checkpoint
+
+    plain = train_quick_checkpoint(tmp_path / "checkpoint", size=64)
+    meta = read_metadata(plain)
+    sealed = export_checkpoint(plain, str(tmp_path / "calibrated"),
+                               calibration={**meta.calibration, "val_confusion": _confusion_counts().tolist()})
+    archive = tmp_path / "archive"
+    synth.write_archive(str(archive), synth.default_samples(2, 40, seed=1), size=64, seed=3)
+    for checkpoint, corrected in ((plain, False), (sealed, True)):
+        out = tmp_path / f"out-{corrected}"
+        cfg = load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}",
+                                                 f"model.checkpoint={checkpoint}", "inference.batch_size=32"])
+        result = run_classification(cfg)
+        diffs = read_table(str(out), "differentials").to_pylist()
+        run = tables.visible_runs(str(out)).to_pylist()[0]
+        assert diffs and all(d["flags_confusion_corrected"] is corrected for d in diffs)
+        if corrected:
+            assert result.flags_warning() is None and json.loads(run["flag_confusion_json"]) == list(
+                map(list, CONFUSION.counts))
+        else:
+            assert "no val confusion matrix" in result.flags_warning() and run["flag_confusion_json"] is None
+            assert "NOT corrected" in result.describe()
+        # The verified differential (no reviews yet) recomputes the flags with the run's own confusion.
+        verified = read_table(str(out), "verified_differentials").to_pylist()
+        assert [v["flags"] for v in verified] == [d["flags"] for d in sorted(diffs, key=lambda d: d["sample_id"])]

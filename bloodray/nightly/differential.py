@@ -34,43 +34,15 @@ Definitions (adult peripheral blood):
 * Samples without white cells have null percentages and intervals and raise
   no range, ig or erythroblast flag.
 
-The classifier's own errors (issue 21). A Wilson interval on the counted
-cells assumes every cell was classified right. When the checkpoint carries
-its confusion on the validation split (sealed by ``bloodray calibrate``;
-:meth:`bloodray.checkpoint.CheckpointMetadata.val_confusion`), the nightly job
-puts it into :attr:`FlagRules.confusion` (a :class:`ModelConfusion`) and the
-intervals behind the flags become intervals of the sample's TRUE rates:
-
-* the counts are corrected for misclassification: the observed class shares
-  ``q`` are what the true shares ``p`` look like through the model,
-  ``q = C^T p`` with ``C[i, j]`` = P(predicted j | true i) from val, so
-  ``p = (C^T)^-1 q`` (negative shares set to 0, then rescaled to sum 1);
-* each rate's variance adds the confusion estimate's own uncertainty to the
-  counting error (delta method: the observed shares are multinomial over the
-  sample's counted cells, each row of ``C`` multinomial over its val cells);
-* the interval is Wilson's score interval of the corrected rate on the
-  corrected number of cells, with the variance the binomial term does not
-  hold (the misclassified cells' own counting error, the confusion's
-  estimation error) added as a constant: it solves
-  ``(rate - x)^2 = z^2 (x (1 - x) / n + extra)``; ``extra = 0`` is exactly
-  the Wilson interval. The flag rules above then apply unchanged.
-
-So a sample whose only "immature granulocytes" are the few the model makes of
-neutrophils and monocytes is no longer flagged, while a truly left-shifted one
-still is. Why this and not a fixed, raised threshold: the spurious share of a
-class depends on the sample's own mix (7 in 250 neutrophils become "ig": a
-neutrophil-rich sample gets more), and the correction uses that mix; a raised
-threshold would have to assume the worst in-range mix and lose the flag on
-real left shifts. With a perfect confusion (identity counts) the corrected
-intervals are exactly the Wilson intervals. Without a matrix (a checkpoint
-calibrated before issue 21) the flags keep the counting-error rule and the
-column ``flags_confusion_corrected`` is false, so nobody reads them as more
-than that.
+The classifier's own errors (issue 21): with :attr:`FlagRules.confusion`
+(the checkpoint's val confusion) the intervals behind the flags are those of
+the sample's true rates, corrected for misclassification
+(:mod:`bloodray.nightly.intervals` says how and why); without one the flags
+keep the counting-error rule and ``flags_confusion_corrected`` is false.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -95,6 +67,8 @@ from bloodray.classes import (
     absolute_reference_ranges,
     reference_ranges,
 )
+from bloodray.nightly.intervals import (ConfusionError, ModelConfusion, checkpoint_confusion, share_bounds,
+                                        wilson_interval)
 from bloodray.nightly.sample_metadata import (
     SAMPLE_ID_COLUMN,
     WBC_COLUMN,
@@ -104,8 +78,8 @@ from bloodray.nightly.sample_metadata import (
 )
 
 __all__ = [
-    "ERYTHROBLAST_FLAG", "IG_FLAG", "LOW_WBC_FLAG", "RANGE_FLAG_NAMES", "FlagRules", "FlagRulesError",
-    "ModelConfusion", "ReferenceRangeError", "SampleMetadataError", "absolute_columns", "checkpoint_confusion",
+    "ConfusionError", "ERYTHROBLAST_FLAG", "IG_FLAG", "LOW_WBC_FLAG", "RANGE_FLAG_NAMES", "FlagRules",
+    "FlagRulesError", "ModelConfusion", "ReferenceRangeError", "SampleMetadataError", "absolute_columns", "checkpoint_confusion",
     "compute_differentials", "count_columns",
     "differential", "differential_fields", "flag_columns", "flag_labels", "interval_columns", "load_absolute_ranges",
     "load_flag_rules", "load_reference_ranges", "load_sample_metadata", "parse_absolute_ranges",
@@ -139,59 +113,6 @@ class ReferenceRangeError(FlagRulesError):
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class ModelConfusion:
-    """A classifier's measured confusion: counts of val cells, rows = true class, columns = predicted class.
-
-    Class order is :data:`bloodray.classes.CLASS_NAMES`. Build it with
-    :meth:`from_counts`, which refuses a matrix that cannot correct counts (wrong
-    shape, negative or non-integer counts, a class with no val cells, a
-    singular matrix). See the module docstring for how flags use it.
-    """
-
-    counts: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def from_counts(cls, counts: Any, where: str = "confusion matrix") -> "ModelConfusion":
-        """Validate ``counts`` (8 x 8 non-negative integers, every row with cells); errors name ``where``."""
-        k = len(CLASS_NAMES)
-        try:
-            arr = np.asarray(counts, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise FlagRulesError(f"{where}: expected {k} x {k} counts, got {counts!r}") from exc
-        if arr.shape != (k, k):
-            raise FlagRulesError(f"{where}: expected {k} x {k} counts (rows true, columns predicted, "
-                                 f"classes {', '.join(CLASS_NAMES)}), got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr != np.round(arr)):
-            raise FlagRulesError(f"{where}: counts must be integers >= 0")
-        empty = [CLASS_NAMES[i] for i in np.flatnonzero(arr.sum(axis=1) == 0)]
-        if empty:
-            raise FlagRulesError(f"{where}: no val cells of {', '.join(empty)}; the model's errors on them are unknown")
-        out = cls(tuple(tuple(int(x) for x in row) for row in arr))
-        if not np.all(np.isfinite(out.inverse_t)):
-            raise FlagRulesError(f"{where}: the confusion matrix is singular; counts cannot be corrected with it")
-        return out
-
-    @functools.cached_property
-    def row_totals(self) -> np.ndarray:
-        """Val cells per true class."""
-        return np.asarray(self.counts, dtype=np.float64).sum(axis=1)
-
-    @functools.cached_property
-    def rates(self) -> np.ndarray:
-        """``C[i, j]`` = P(predicted j | true i), each row summing to 1."""
-        return np.asarray(self.counts, dtype=np.float64) / self.row_totals[:, None]
-
-    @functools.cached_property
-    def inverse_t(self) -> np.ndarray:
-        """``(C^T)^-1``: true class shares from observed ones (NaN when ``C`` is singular)."""
-        try:
-            inv = np.linalg.inv(self.rates.T)
-        except np.linalg.LinAlgError:
-            return np.full(self.rates.shape, np.nan)
-        return inv if np.linalg.cond(self.rates) < 1e8 else np.full(self.rates.shape, np.nan)
 
 
 @dataclass(frozen=True)
@@ -246,22 +167,6 @@ class FlagRules:
                                          f"got {rng!r}")
         if self.confusion is not None and not isinstance(self.confusion, ModelConfusion):
             raise FlagRulesError(f"confusion: expected a ModelConfusion or None, got {type(self.confusion).__name__}")
-
-
-def checkpoint_confusion(counts: Any, where: str) -> tuple[ModelConfusion | None, str | None]:
-    """The confusion the flags use from a checkpoint's sealed val confusion counts (None: it has none).
-
-    Returns ``(confusion, None)``, or ``(None, why)`` when the flags cannot
-    account for the model's errors (no matrix, or one that cannot correct
-    counts): the caller must say so (``why`` is one line naming ``where``).
-    """
-    if counts is None or (hasattr(counts, "__len__") and len(counts) == 0):
-        return None, (f"{where}: the checkpoint carries no val confusion matrix (calibrated before issue 21, or "
-                      "never): flags assume every cell is classified right; re-run `bloodray calibrate` on it")
-    try:
-        return ModelConfusion.from_counts(counts, f"{where}: val confusion"), None
-    except FlagRulesError as exc:
-        return None, f"{exc}: flags assume every cell is classified right"
 
 
 # --------------------------------------------------------------------------- reference-range file
@@ -438,77 +343,6 @@ def differential_fields() -> list[tuple[str, pa.DataType]]:
             + [("flags", pa.list_(pa.string())), ("any_flag", pa.bool_())])
 
 
-# --------------------------------------------------------------------------- intervals
-def wilson_interval(k: Any, n: Any, confidence: float = DEFAULT_FLAG_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval (no continuity correction) of the proportion ``k / n``.
-
-    Element-wise over arrays; bounds are fractions in [0, 1], NaN where ``n`` is 0.
-    ``k = 0`` gives a lower bound of exactly 0 and ``k = n`` an upper bound of exactly 1.
-    """
-    k = np.asarray(k, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    z2 = z * z
-    with np.errstate(divide="ignore", invalid="ignore"):
-        centre = (k + z2 / 2.0) / (n + z2)
-        half = z / (n + z2) * np.sqrt(np.maximum(k * (n - k) / n, 0.0) + z2 / 4.0)
-        lo = np.where(k <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
-        hi = np.where(k >= n, 1.0, np.clip(centre + half, 0.0, 1.0))
-    empty = n <= 0
-    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
-
-
-def _share_bounds(c: np.ndarray, k: int, members: np.ndarray, rules: FlagRules) -> tuple[np.ndarray, np.ndarray]:
-    """Interval (fractions) of class ``k``'s share of the classes in ``members``, per sample (module docstring).
-
-    ``c``: counted cells per sample (rows) and class (columns, :data:`CLASS_NAMES` order). Without
-    ``rules.confusion``: the Wilson interval of the counts. With it: the score interval of the
-    misclassification-corrected share with the extra variance (module docstring). NaN where ``members`` has no cells.
-    """
-    n_members = c[:, members].sum(axis=1)
-    confusion = rules.confusion
-    if confusion is None:
-        return wilson_interval(c[:, k], n_members, rules.confidence)
-    m, rates, n_val = confusion.inverse_t, confusion.rates, confusion.row_totals
-    inside = members.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        total = c.sum(axis=1)
-        q = c / total[:, None]
-        p = np.clip(q @ m.T, 0.0, None)  # true shares: p = (C^T)^-1 q, negatives set to 0 ...
-        p = p / p.sum(axis=1, keepdims=True)  # ... and rescaled (the raw p sums to 1 already)
-        share_of = p @ inside
-        f = p[:, k] / share_of
-        # d f / d p, then through p = M q: u = M^T (d f / d p), per sample.
-        grad = (np.eye(len(CLASS_NAMES))[k][None, :] - f[:, None] * inside[None, :]) / share_of[:, None]
-        u = grad @ m
-        var_counts = ((u * u * q).sum(axis=1) - (u * q).sum(axis=1) ** 2) / total
-        # each val row of C is multinomial over its cells; its error moves p by -M (p_i dC_i).
-        spread = (u * u) @ rates.T - (u @ rates.T) ** 2
-        var_confusion = (p * p * spread / n_val[None, :]).sum(axis=1)
-        n_cells = share_of * total
-        # What the binomial term of the score interval does not already hold: the misclassified cells' own
-        # counting error and the confusion estimate's error, added as a constant (the score interval solves
-        # (f - x)^2 = z^2 (x (1 - x) / n + extra) for x; extra = 0 is exactly the Wilson interval).
-        extra = np.maximum(var_counts + var_confusion - f * (1.0 - f) / n_cells, 0.0)
-        lo, hi = _score_interval(f, n_cells, extra, rules.confidence)
-    empty = (n_members <= 0) | ~(share_of > 0)
-    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
-
-
-def _score_interval(f: np.ndarray, n: np.ndarray, extra: np.ndarray,
-                    confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson's score interval of a share ``f`` of ``n`` cells whose estimate has ``extra`` variance besides the
-    binomial; ``f = 0`` gives a lower bound of exactly 0 and ``f = 1`` an upper bound of exactly 1."""
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    z2 = z * z
-    scale = 1.0 + z2 / n
-    centre = (f + z2 / (2.0 * n)) / scale
-    half = z / scale * np.sqrt(f * (1.0 - f) / n + z2 / (4.0 * n * n) + scale * extra)
-    lo = np.where(f <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
-    hi = np.where(f >= 1, 1.0, np.clip(centre + half, 0.0, 1.0))
-    return lo, hi
-
-
 # --------------------------------------------------------------------------- differentials
 def _metadata_wbc(counts: pa.Table, sample_metadata: pa.Table | None) -> np.ndarray:
     """Each sample's WBC count (10^9/L) from the metadata, NaN where unknown."""
@@ -556,12 +390,12 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
         for name in DIFFERENTIAL_CLASSES + ("ig",):
             col = f"pct_{name}" if name != "ig" else "ig_per_100_wbc"
             cols[col] = np.where(n_wbc > 0, c[name] * 100.0 / np.maximum(n_wbc, 1), np.nan)
-            bounds[name] = _share_bounds(matrix, CLASS_NAMES.index(name), wbc, rules)  # fractions
+            bounds[name] = share_bounds(matrix, CLASS_NAMES.index(name), wbc, rules.confusion, rules.confidence)  # fractions
         erb = c["erythroblast"]
         cols["erythroblast_per_100_wbc"] = np.where(n_wbc > 0, erb * 100.0 / np.maximum(n_wbc, 1), np.nan)
         erb_index = CLASS_NAMES.index("erythroblast")
         with_erb = wbc | (np.arange(len(CLASS_NAMES)) == erb_index)
-        q_lo, q_hi = _share_bounds(matrix, erb_index, with_erb, rules)  # of (WBC + erythroblasts)
+        q_lo, q_hi = share_bounds(matrix, erb_index, with_erb, rules.confusion, rules.confidence)  # of (WBC + erythroblasts)
         erb_bounds = tuple(np.where(n_wbc > 0, q / (1.0 - q), np.nan) for q in (q_lo, q_hi))
     cols["platelet_count"] = c["platelet"]
     for name in DIFFERENTIAL_CLASSES:

@@ -41,8 +41,8 @@ from bloodray.config import from_dict, load_yaml_text
 from bloodray.nightly import contract, tables
 from bloodray.nightly.dictionary import alias_select
 from bloodray.nightly.config import FlagsConfig
-from bloodray.nightly.differential import (FlagRules, FlagRulesError, ModelConfusion, compute_differentials,
-                                           count_columns, load_flag_rules)
+from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials, count_columns,
+                                           load_flag_rules)
 from bloodray.nightly.sample_metadata import load_sample_metadata
 from bloodray.nightly.shift import SHIFT_COLUMNS, withhold_flags
 
@@ -70,7 +70,7 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None,
     if confusion_json:
         try:
             confusion = ModelConfusion.from_counts(json.loads(confusion_json), "runs.flag_confusion_json")
-        except (ValueError, FlagRulesError) as exc:
+        except ValueError as exc:  # not JSON, or a ConfusionError
             warnings.warn(f"{exc}; verified flags assume a perfect classifier", stacklevel=3)
     rules, meta = _run_rules(config_yaml, storage_options)
     return dataclasses.replace(rules, confusion=confusion), meta
