@@ -181,10 +181,8 @@ def val_confusion(pred: dict[str, Any], checkpoint_uri: str) -> tuple[np.ndarray
     """The val confusion counts the flags use: the checkpoint's sealed one, else counted from val predictions."""
     from bloodray.checkpoint import read_metadata
 
-    meta = read_metadata(checkpoint_uri)
-    accessor = getattr(meta, "val_confusion", None)
-    sealed = accessor() if callable(accessor) else meta.calibration.get("val_confusion")
-    if sealed is not None and len(sealed):
+    sealed = read_metadata(checkpoint_uri).val_confusion()
+    if sealed is not None:
         return np.asarray(sealed, np.int64), "sealed in the checkpoint by calibrate (val split)"
     return confusion_counts(pred["val_label"], pred["val_pred"]), "counted here from the model's predictions on the val split (the checkpoint has none)"
 
