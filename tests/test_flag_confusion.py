@@ -169,9 +169,12 @@ def test_nightly_runs_say_whether_their_flags_carry_the_models_confusion(tmp_pat
     from bloodray.nightly.pipeline import run_classification
     from helpers_model import train_quick_checkpoint
 
-    plain = train_quick_checkpoint(tmp_path / "checkpoint", size=64)
-    meta = read_metadata(plain)
-    sealed = export_checkpoint(plain, str(tmp_path / "calibrated"),
+    trained = train_quick_checkpoint(tmp_path / "checkpoint", size=64)
+    meta = read_metadata(trained)
+    # The helper seals a val calibration with its own matrix: "plain" is one calibrated before the matrix existed.
+    plain = export_checkpoint(trained, str(tmp_path / "plain"), calibration={
+        k: v for k, v in meta.calibration.items() if not k.startswith("val_confusion")})
+    sealed = export_checkpoint(trained, str(tmp_path / "calibrated"),
                                calibration={**meta.calibration, "val_confusion": _confusion_counts().tolist()})
     archive = tmp_path / "archive"
     synth.write_archive(str(archive), synth.default_samples(2, 40, seed=1), size=64, seed=3)
