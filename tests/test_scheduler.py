@@ -77,11 +77,14 @@ def test_exit_statuses_are_distinct_and_mapped_from_errors():
     import ray.exceptions
 
     codes = [code for code, _status in exit_codes.table()]
-    assert codes == [0, 1, 2, 3, 4, 5, 6] and len(set(exit_codes.STATUS.values())) == len(codes)
+    assert codes == [0, 1, 2, 3, 4, 5, 6, 7] and len(set(exit_codes.STATUS.values())) == len(codes)
     assert exit_codes.REFUSED == 2  # the existing convention: a problem with the input, config or storage
     assert exit_codes.for_exception(ConfigError("run.date: bad")) == exit_codes.REFUSED
     assert exit_codes.for_exception(NothingToClassify("x")) == exit_codes.NOTHING_TO_DO
     assert exit_codes.for_exception(ShiftAlarmError("x")) == exit_codes.ALARM_NOT_PUBLISHED
+    from bloodray.quality_gate import QualityGateError
+
+    assert exit_codes.for_exception(QualityGateError("x")) == exit_codes.QUALITY_GATE
     assert exit_codes.for_exception(ClusterResourcesError("x")) == exit_codes.INFRASTRUCTURE
     assert exit_codes.for_exception(ray.exceptions.ActorDiedError()) == exit_codes.INFRASTRUCTURE
     assert ray.exceptions.RayError in exit_codes.infrastructure_errors()
