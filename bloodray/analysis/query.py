@@ -13,7 +13,7 @@ every committed run. :func:`connect` returns a DuckDB connection with these view
 ``differentials``  idem
 ``errors``         idem
 ``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
-``reviews``        every reviewer's correction, with ``review_status`` (:mod:`bloodray.review.verified`)
+``reviews``        every reviewer's correction, with ``review_status`` (:mod:`bloodray.analysis.review_views`)
 ``signoffs``       every sign-off (or reopening) of a sample
 ``verified_differentials``  differentials counted from verified classes where reviewed
 
@@ -52,6 +52,7 @@ import pyarrow as pa
 
 from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
+from bloodray.analysis.review_views import create_views as create_review_views
 from bloodray.nightly import contract, dictionary, tables
 from bloodray.nightly.legacy import refuse_legacy
 from bloodray.nightly.pending import pending_commits
@@ -262,8 +263,6 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None,
     try:
         _configure(con)
         _create_views(con, output_uri, storage_options, when)
-        from bloodray.review.verified import create_views as create_review_views
-
         create_review_views(con, output_uri, storage_options, when)
         _lock(con)
     except duckdb.Error as exc:

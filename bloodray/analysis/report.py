@@ -34,6 +34,7 @@ from bloodray.analysis import gallery, query
 from bloodray.analysis import report_figures as rfig
 from bloodray.analysis import report_verified as rver
 from bloodray.analysis.report_figures import TOP_N
+from bloodray.analysis.review_views import APPLIED_REVIEWS_SQL
 from bloodray.classes import DIFFERENTIAL_CLASSES, reference_ranges
 from bloodray.nightly.contract import RUN_DATE_PREFIX
 from bloodray.nightly.pending import pending_commits
@@ -134,8 +135,6 @@ def _load_cells(con: Any, page: _Page, run_date: str, pred_cols: set[str]) -> No
               f"<= {gallery.CONFIDENT_PER_CLASS}")
     verified = {}
     if page.verified.active:
-        from bloodray.review.verified import APPLIED_REVIEWS_SQL
-
         verified = dict(con.execute(f"SELECT image_uri, new_class FROM ({APPLIED_REVIEWS_SQL}) WHERE run_date = ?",
                                     [run_date]).fetchall())
     for cell in _rows(con, picked + " ORDER BY sample_id, image_uri", [run_date]):

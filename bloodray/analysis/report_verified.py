@@ -1,7 +1,7 @@
 """The reviewers' part of the nightly report: the verified differential beside the machine's, and who signed off.
 
 Read from the ``verified_differentials``, ``reviews`` and ``signoffs`` views
-(:mod:`bloodray.review.verified`) of the date. A date nobody reviewed or
+(:mod:`bloodray.analysis.review_views`) of the date. A date nobody reviewed or
 signed off shows the machine's results alone, as before; once a review or a
 sign-off exists, every sample shows machine and verified values side by side,
 the headline counts are the verified ones, and reviews that no longer match

@@ -36,7 +36,7 @@ included), and the *visible* run of a date is the one with the latest
 only ever appended to by ``bloodray review import``, never replaced by a run
 and never vacuumed. A review names the cell's image content
 (``sample_id``, ``image_sha256``), so it applies to that image in whichever
-run of the date is visible (:mod:`bloodray.review.verified`).
+run of the date is visible (:mod:`bloodray.analysis.review_views`).
 ``verified_differentials`` is derived from them and the visible run: each
 review import and each run of a date replaces that date's rows.
 
