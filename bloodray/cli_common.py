@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 
 from bloodray.config import StorageConfig
 
@@ -10,6 +11,17 @@ from bloodray.config import StorageConfig
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     """``--endpoint-url``: the only storage setting on the command line (credentials come from the AWS chain)."""
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (credentials: AWS chain)")
+
+
+def run_date_argument(text: str) -> str:
+    """``--date`` of ``report`` and ``review``: a run date, ``YYYY-MM-DD`` (argparse names the option on error).
+
+    Checked here because the views' ``run_date`` is a date: a word would otherwise fail deep in SQL.
+    """
+    try:
+        return dt.date.fromisoformat(text.strip()).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; give YYYY-MM-DD") from None
 
 
 def storage_options(args: argparse.Namespace) -> dict:

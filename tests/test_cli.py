@@ -202,7 +202,7 @@ def test_analyst_queries_over_every_view_still_work(committed_root):
             "WITH p AS (SELECT run_date, run_id, sample_id, confidence FROM predictions WHERE confidence < 0.85) "
             "SELECT r.run_date, count(*), max(p.confidence) FROM p JOIN runs r USING (run_date, run_id) "
             "GROUP BY 1 ORDER BY 1").fetchall()
-        assert [r[0] for r in rows] == ["2024-03-01", "2024-03-02"]
+        assert [r[0].isoformat() for r in rows] == ["2024-03-01", "2024-03-02"]  # run_date: a DATE
         ranked = con.execute("SELECT sample_id, row_number() OVER (PARTITION BY run_date ORDER BY sample_id) "
                              "FROM differentials ORDER BY run_date, 2").fetchall()
         assert len(ranked) == 5

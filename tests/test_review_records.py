@@ -61,6 +61,11 @@ def _delta_verified(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["run_date"], r["sample_id"]))
 
 
+def _stored(row: dict, names) -> dict:
+    """A view row as the Delta table stores it: the views show ``run_date`` as a date, the table holds the text."""
+    return {k: row[k].isoformat() if k == contract.RUN_DATE else row[k] for k in names}
+
+
 def _report(capsys, out: str, dest: Path) -> str:
     rc, printed, _ = _cli(capsys, "report", "--output", out, "--date", DATE, "--dest", str(dest))
     assert rc == 0 and "report:" in printed
@@ -104,7 +109,7 @@ def _check_verified(out: str, verdicts: dict[str, str]) -> list[dict]:
     view = _rows(out, "SELECT * FROM verified_differentials ORDER BY run_date, sample_id")
     table = _delta_verified(out)
     # The Delta table is exactly the view (which adds the clearer alias names of some columns).
-    assert table == [{k: r[k] for k in table[0]} for r in view]
+    assert table == [_stored(r, table[0]) for r in view]
     expected = _expected_counts(out, verdicts)
     for row in table:
         assert {c: row[f"count_{c}"] for c in CLASS_NAMES} == expected[row["sample_id"]], row["sample_id"]
@@ -125,7 +130,7 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     machine = _rows(out, "SELECT * FROM differentials ORDER BY sample_id")
     assert [r["n_verified"] for r in _delta_verified(out)] == [0, 0]
     stored = contract.differentials_schema().names + [contract.RUN_DATE]  # the view adds alias names
-    assert [{k: r[k] for k in stored} for r in _delta_verified(out)] == [{k: r[k] for k in stored} for r in machine]
+    assert [{k: r[k] for k in stored} for r in _delta_verified(out)] == [_stored(r, stored) for r in machine]
 
     # A reviewer's decisions from the page, imported.
     run = _rows(out, "SELECT run_id, output_uri FROM runs")[0]

@@ -17,8 +17,13 @@ every committed run. :func:`connect` returns a DuckDB connection with these view
 ``signoffs``       every sign-off (or reopening) of a sample
 ``verified_differentials``  differentials counted from verified classes where reviewed
 
-Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), the Delta
-partition value; cast with ``run_date::DATE`` for date arithmetic.
+Every view has ``run_date`` as a ``DATE`` (:data:`~bloodray.nightly.contract.RUN_DATE_TYPE`), so
+``run_date + 1``, ``run_date >= current_date - 7`` and ``date_trunc('month', run_date)`` work. The tables store
+it as text (the Delta partition value, ``'YYYY-MM-DD'``); the partition values are read typed, so a filter on
+``run_date`` still reads only that date's files. Queries written when the views showed text keep working where
+they compare with a string: DuckDB casts a string literal (or a ``?`` parameter) compared with a ``DATE`` to a
+date (``run_date = '2026-11-30'``, ``IN ('...', '...')``, ``BETWEEN``). String functions need an explicit
+cast: ``run_date::VARCHAR LIKE '2026-11-%'`` (or ``strftime(run_date, '%Y-%m')``).
 
 The views read what a Delta reader reads: files of uncommitted or superseded
 runs, and anything under ``_staging/``, never show. They are a snapshot of
@@ -161,9 +166,11 @@ def create_view(con: duckdb.DuckDBPyConnection, name: str, data: Any, where: str
     :data:`bloodray.nightly.dictionary.ALIASES` beside the stored ones.
 
     The view scans ``data`` directly (a relation, not a registered name), so no internal ``_*_files`` object shows
-    beside the public views in ``SHOW TABLES``.
+    beside the public views in ``SHOW TABLES``. A table's ``run_date`` becomes a date
+    (:func:`~bloodray.nightly.contract.dated`); a dataset brings its own (:func:`~bloodray.nightly.tables.dataset`
+    with ``dated=True``).
     """
-    rel = con.from_arrow(data)
+    rel = con.from_arrow(contract.dated(data) if isinstance(data, pa.Table) else data)
     if where:
         rel = rel.filter(where)
     if order:
@@ -191,7 +198,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_optio
     for table in DATA_TABLES:
         # The Delta log picks the files (the current version holds the latest committed run of each date);
         # pyarrow reads them lazily, with DuckDB's projection and filter pushdown.
-        create_view(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
+        create_view(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of, dated=True))
 
 
 def _warn_pending(output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
@@ -392,7 +399,7 @@ def read_table(output_uri: str, name: str, storage_options: Mapping[str, Any] | 
         run_date: keep only rows of this date (``YYYY-MM-DD`` or a date).
 
     Returns:
-        A pyarrow Table with the view's rows, ``run_date`` included.
+        A pyarrow Table with the view's rows, ``run_date`` included (a ``date32``, as in the views).
     """
     if name not in VIEWS:
         raise ValueError(f"unknown table {name!r}; expected one of {', '.join(VIEWS)}")

@@ -76,16 +76,27 @@ def _columns(con: Any, view: str) -> set[str]:
     return {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
 
 
-def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, Any] | None) -> _Page:
+def _day(run_date: str | _dt.date) -> _dt.date:
+    """``run_date`` (``YYYY-MM-DD`` or a date) as a date, as the views hold it."""
+    if isinstance(run_date, _dt.date):
+        return run_date
+    try:
+        return _dt.date.fromisoformat(str(run_date))
+    except ValueError:
+        raise ReportError(f"run_date {run_date!r} is not a date; give YYYY-MM-DD") from None
+
+
+def _load(output_uri: str, run_date: _dt.date | None, storage_options: Mapping[str, Any] | None) -> _Page:
     con = query.connect(output_uri, storage_options)
     try:
+        # Dates, as the views' run_date: the SQL below compares date with date.
         dates = [r[0] for r in con.execute("SELECT run_date FROM runs ORDER BY run_date").fetchall()]
         if not dates:
             raise ReportError(f"{output_uri}: no committed run to report on (no manifest under runs/)")
         if run_date is None:
             run_date = dates[-1]
         elif run_date not in dates:
-            recent = ", ".join(dates[-5:])
+            recent = ", ".join(d.isoformat() for d in dates[-5:])
             raise ReportError(f"{output_uri}: no committed run for run_date={run_date} (latest dates: {recent})")
         run = _rows(con, "SELECT * FROM runs WHERE run_date = ?", [run_date])[0]
         superseded = _rows(
@@ -93,7 +104,8 @@ def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, A
             "ORDER BY committed_at DESC", [run_date, run["run_id"]])
         samples = _rows(con, "SELECT * FROM differentials WHERE run_date = ? ORDER BY sample_id", [run_date])
         page = _Page(run=run, samples=samples, superseded=superseded, verified=rver.load(con, run_date),
-                     commits=[c.describe() for c in pending_commits(output_uri, storage_options, run_date)])
+                     commits=[c.describe() for c in pending_commits(output_uri, storage_options,
+                                                                    run_date.isoformat())])
         for line in page.commits:
             log.warning("%s: report of %s: %s", output_uri, run_date, line)
 
@@ -121,7 +133,7 @@ def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, A
         con.close()
 
 
-def _load_cells(con: Any, page: _Page, run_date: str, pred_cols: set[str]) -> None:
+def _load_cells(con: Any, page: _Page, run_date: _dt.date, pred_cols: set[str]) -> None:
     """Gallery cells: every review/unidentified cell, the least confident few others per sample and class."""
     needed = {"sample_id", "image_uri", "predicted_class", "confidence", "needs_review"}
     if not needed <= pred_cols:
@@ -393,9 +405,9 @@ def write_report(output_uri: str, run_date: str | _dt.date | None = None, dest: 
 
     Raises:
         storage.StorageError: the root or ``dest`` cannot be read or written.
-        ReportError: no committed run (for that date).
+        ReportError: no committed run (for that date), or ``run_date`` is not a date.
     """
-    page = _load(output_uri, None if run_date is None else str(run_date), storage_options)
+    page = _load(output_uri, None if run_date is None else _day(run_date), storage_options)
     rfig.render_figures(page)
     document = _html(page, output_uri)
 

@@ -35,7 +35,7 @@ class Verified:
         return bool(self.status_counts) or self.n_signoffs > 0
 
 
-def load(con: Any, run_date: str) -> Verified:
+def load(con: Any, run_date: _dt.date | str) -> Verified:
     """The date's verified differentials, review counts by status, and unmatched reviews."""
     def rows(sql: str) -> list[dict[str, Any]]:
         rel = con.sql(sql, params=[run_date])

@@ -27,6 +27,7 @@ any Delta reader gets them.
 
 from __future__ import annotations
 
+import datetime as dt
 import warnings
 from typing import Any
 
@@ -84,11 +85,16 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tupl
     return rules, meta
 
 
-def _dates_sql(dates: list[str]) -> str:
-    return ", ".join("'" + d.replace("'", "''") + "'" for d in dates)
+def _days(dates: list[Any]) -> list[dt.date]:
+    """Run dates (``YYYY-MM-DD`` text, as stored, or dates) as dates, as the views' ``run_date`` holds them."""
+    return [d if isinstance(d, dt.date) else dt.date.fromisoformat(str(d)) for d in dates]
 
 
-def _register_matches(con, dates: list[str]) -> None:
+def _dates_sql(dates: list[dt.date]) -> str:
+    return ", ".join(f"DATE '{d.isoformat()}'" for d in dates)
+
+
+def _register_matches(con, dates: list[dt.date]) -> None:
     """``_review_matches``: each review paired with the cells of its date's visible run it names.
 
     By content (sample and SHA-256), or by file for reviews written before
@@ -97,7 +103,7 @@ def _register_matches(con, dates: list[str]) -> None:
     """
     if not dates:
         _keep(con, "_review_matches", pa.table({
-            "_row": pa.array([], pa.int64()), "run_date": pa.array([], pa.string()),
+            "_row": pa.array([], pa.int64()), "run_date": pa.array([], contract.RUN_DATE_TYPE),
             "image_uri": pa.array([], pa.string()), "chosen": pa.array([], pa.bool_())}))
         return
     # Two equality joins rather than one join on an OR: DuckDB hashes both, a night of a million cells included.
@@ -116,8 +122,10 @@ def _register_matches(con, dates: list[str]) -> None:
     _keep(con, "_review_matches", matches)
 
 
-def verified_rows(con, run_dates: list[str], storage_options: Any = None, digests: bool = False) -> pa.Table:
-    """Verified differentials of the visible runs of ``run_dates``, in the view's column order.
+def verified_rows(con, run_dates: list[str | dt.date], storage_options: Any = None,
+                  digests: bool = False) -> pa.Table:
+    """Verified differentials of the visible runs of ``run_dates`` (``YYYY-MM-DD`` or dates), in the view's column
+    order (``run_date`` a date, as in the views).
 
     Needs the connection's ``_reviews_all``, ``_signoffs_all`` and
     ``_review_matches`` (:func:`create_views`). ``digests``: add
@@ -127,6 +135,7 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
     names = [n for n, _ in _cols(contract.VERIFIED_DIFFERENTIALS)]
     if not run_dates:
         return contract.view_schema(contract.VERIFIED_DIFFERENTIALS).empty_table()
+    run_dates = _days(run_dates)
     dates = _dates_sql(run_dates)
     # As in the job: unidentified cells are not counted, unless a reviewer gave them a class.
     per_class = ", ".join(f"count(*) FILTER (WHERE cls = '{c}' AND counted) AS {col}"
@@ -169,7 +178,7 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
     parts = []
     for run_date in run_dates:
         run_id = runs.get(run_date)
-        mask = pc.equal(counts.column("run_date"), run_date)
+        mask = pc.equal(counts.column("run_date"), pa.scalar(run_date, contract.RUN_DATE_TYPE))
         if run_id is None or not pc.any(mask).as_py():
             continue
         rules, meta = run_flag_rules(configs.get(run_id), storage_options)
@@ -204,10 +213,11 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     reviews = tables.read(output_uri, contract.REVIEWS, storage_options, as_of=as_of)
     reviews = reviews.append_column("_row", pa.array(np.arange(reviews.num_rows), pa.int64()))
     signoffs = tables.read(output_uri, contract.SIGNOFFS, storage_options, as_of=as_of)
-    _keep(con, "_reviews_all", reviews)
-    _keep(con, "_signoffs_all", signoffs)
-    dates = sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
-                   | {d for d in signoffs.column(contract.RUN_DATE).to_pylist() if d})
+    # run_date a date, as in every view (stored as text).
+    _keep(con, "_reviews_all", contract.dated(reviews))
+    _keep(con, "_signoffs_all", contract.dated(signoffs))
+    dates = _days(sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
+                         | {d for d in signoffs.column(contract.RUN_DATE).to_pylist() if d}))
     _register_matches(con, dates)
     review_cols = ", ".join(f'r."{n}"' for n, _ in _cols(contract.REVIEWS) if n != contract.REVIEW_STATUS)
     con.execute(f"""CREATE VIEW {contract.REVIEWS} AS SELECT {review_cols},

@@ -49,8 +49,9 @@ also see files no version lists. Use a Delta reader
 This module is the one owner of that contract: one pyarrow schema per table
 (:data:`SCHEMAS`); the staged per-image rows of a run (:func:`staged_schema`),
 the SQL select lists that fill the tables (:func:`select_list`), the DuckDB
-column types of the query views (:func:`duckdb_columns`), the Delta table
-schemas (:func:`with_run_date`) and the visible-run rule
+column types of the query views (:func:`duckdb_columns`; ``run_date`` a
+DATE there, :data:`RUN_DATE_TYPE`), the Delta table schemas
+(:func:`with_run_date`; ``run_date`` stored as text) and the visible-run rule
 (:func:`visible_runs_sql`) are derived from it.
 """
 
@@ -94,6 +95,10 @@ COMMITTED = "committed"
 #: Hive partition column of every table; it lives in the paths, never inside the files.
 RUN_DATE = "run_date"
 RUN_DATE_PREFIX = RUN_DATE + "="
+#: Type of ``run_date`` where readers see it (the query views, reports, ``read_table``): a date, so ``run_date + 1``
+#: and date comparisons work. Stored as text (``'YYYY-MM-DD'``: the Delta partition value and the ``run_date=``
+#: folder names), so tables written by any bloodray stay readable and need no rewrite (issue 24).
+RUN_DATE_TYPE = pa.date32()
 
 PARTITIONING = ds.partitioning(pa.schema([(RUN_DATE, pa.string())]), flavor="hive")
 
@@ -279,6 +284,19 @@ def with_run_date(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field(RUN_DATE, pa.string()))
 
 
+def dated(data: pa.Schema | pa.Table) -> pa.Schema | pa.Table:
+    """A schema or table with ``run_date`` as readers see it (:data:`RUN_DATE_TYPE`) instead of the stored text.
+
+    Anything without a ``run_date`` column is returned as it is.
+    """
+    schema = data if isinstance(data, pa.Schema) else data.schema
+    at = schema.get_field_index(RUN_DATE)
+    if at < 0 or schema.field(at).type == RUN_DATE_TYPE:
+        return data
+    typed = schema.set(at, schema.field(at).with_type(RUN_DATE_TYPE))
+    return typed if isinstance(data, pa.Schema) else data.cast(typed)
+
+
 def select_list(table: str, exprs: Mapping[str, str] | None = None) -> str:
     """SQL select list producing ``table``'s columns in schema order.
 
@@ -294,11 +312,12 @@ def select_list(table: str, exprs: Mapping[str, str] | None = None) -> str:
 
 
 def view_schema(view: str) -> pa.Schema:
-    """Arrow schema of a query view (``runs``, ``all_runs`` or a table), ``run_date`` included.
+    """Arrow schema of a query view (``runs``, ``all_runs`` or a table), ``run_date`` included as a date.
 
+    ``run_date`` has the readers' type :data:`RUN_DATE_TYPE` here, not the stored text of :func:`with_run_date`.
     The ``reviews`` view adds :data:`REVIEW_STATUS` after ``run_date``.
     """
-    schema = with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]())
+    schema = dated(with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]()))
     return schema.append(pa.field(REVIEW_STATUS, pa.string())) if view == REVIEWS else schema
 
 
