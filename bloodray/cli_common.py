@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 
 from bloodray.config import StorageConfig
 
@@ -18,10 +17,12 @@ def run_date_argument(text: str) -> str:
 
     Checked here because the views' ``run_date`` is a date: a word would otherwise fail deep in SQL.
     """
+    from bloodray.nightly.contract import run_day  # here: the CLI starts without pyarrow
+
     try:
-        return dt.date.fromisoformat(text.strip()).isoformat()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date; give YYYY-MM-DD") from None
+        return run_day(text).isoformat()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def storage_options(args: argparse.Namespace) -> dict:

@@ -232,8 +232,9 @@ def test_query_command_exports_and_renders(tmp_path):
         assert proc.stdout == "" and f"wrote 18 row(s) to exports/result.{fmt}" in proc.stderr
     table = pq.read_table(tmp_path / "exports" / "result.parquet")
     assert table.num_rows == 18
-    assert table.schema.field("confidence").type == pa.float32() and table.schema.field("run_date").type == pa.string()
-    assert len(json.loads((tmp_path / "exports" / "result.json").read_text())) == 18
+    assert table.schema.field("confidence").type == pa.float32() and table.schema.field("run_date").type == pa.date32()
+    exported = json.loads((tmp_path / "exports" / "result.json").read_text())
+    assert len(exported) == 18 and exported[0]["run_date"] == "2024-03-01"  # a DATE, written as ISO text
     assert (tmp_path / "exports" / "result.csv").read_text().splitlines()[0] == \
         "run_date,image_uri,confidence,needs_review"
 

@@ -402,3 +402,23 @@ def test_run_date_is_a_date_for_readers_and_old_string_comparisons_still_work(tm
         {"n": 6}]
     with pytest.raises(query.QueryError, match="missing"):
         query.run_query(uri, "SELECT count(*) FROM predictions")
+
+
+def test_date_options_are_checked_as_dates(tmp_path, capsys):
+    """``--date`` of ``report`` and ``review`` is a date (the views' ``run_date`` is one): a word is refused by the
+    parser with one line naming the option, before anything is read; ``write_report`` refuses it the same way."""
+    from bloodray import cli
+
+    uri = str(tmp_path / "out")
+    build_tree(uri)
+    for argv in (["report", "--output", uri, "--date", "yesterday"],
+                 ["review", "export", "--output", uri, "--date", "2024-13-01", "--dest", str(tmp_path / "r")],
+                 ["review", "refresh", "--output", uri, "--date", "last-night"]):
+        with pytest.raises(SystemExit) as info:
+            cli.run(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and "argument --date" in err[-1] and "give YYYY-MM-DD" in err[-1], argv
+    with pytest.raises(report.ReportError, match="not a date"):
+        report.write_report(uri, run_date="yesterday")
+    # A date object is as good as its text.
+    assert report.write_report(uri, run_date=DAY2, dest=str(tmp_path / "rep")).endswith("report.html")

@@ -36,7 +36,7 @@ from bloodray.analysis import report_verified as rver
 from bloodray.analysis.report_figures import TOP_N
 from bloodray.analysis.review_views import APPLIED_REVIEWS_SQL
 from bloodray.classes import DIFFERENTIAL_CLASSES, reference_ranges
-from bloodray.nightly.contract import RUN_DATE_PREFIX
+from bloodray.nightly.contract import RUN_DATE_PREFIX, run_day
 from bloodray.nightly.pending import pending_commits
 
 REPORT_FILE = "report.html"
@@ -78,12 +78,10 @@ def _columns(con: Any, view: str) -> set[str]:
 
 def _day(run_date: str | _dt.date) -> _dt.date:
     """``run_date`` (``YYYY-MM-DD`` or a date) as a date, as the views hold it."""
-    if isinstance(run_date, _dt.date):
-        return run_date
     try:
-        return _dt.date.fromisoformat(str(run_date))
-    except ValueError:
-        raise ReportError(f"run_date {run_date!r} is not a date; give YYYY-MM-DD") from None
+        return run_day(run_date)
+    except ValueError as exc:
+        raise ReportError(f"run_date {exc}") from None
 
 
 def _load(output_uri: str, run_date: _dt.date | None, storage_options: Mapping[str, Any] | None) -> _Page:

@@ -85,9 +85,8 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tupl
     return rules, meta
 
 
-def _days(dates: list[Any]) -> list[dt.date]:
-    """Run dates (``YYYY-MM-DD`` text, as stored, or dates) as dates, as the views' ``run_date`` holds them."""
-    return [d if isinstance(d, dt.date) else dt.date.fromisoformat(str(d)) for d in dates]
+def _run_days(dates: list[Any]) -> list[dt.date]:
+    return [contract.run_day(d) for d in dates]
 
 
 def _dates_sql(dates: list[dt.date]) -> str:
@@ -135,7 +134,7 @@ def verified_rows(con, run_dates: list[str | dt.date], storage_options: Any = No
     names = [n for n, _ in _cols(contract.VERIFIED_DIFFERENTIALS)]
     if not run_dates:
         return contract.view_schema(contract.VERIFIED_DIFFERENTIALS).empty_table()
-    run_dates = _days(run_dates)
+    run_dates = _run_days(run_dates)
     dates = _dates_sql(run_dates)
     # As in the job: unidentified cells are not counted, unless a reviewer gave them a class.
     per_class = ", ".join(f"count(*) FILTER (WHERE cls = '{c}' AND counted) AS {col}"
@@ -216,7 +215,7 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     # run_date a date, as in every view (stored as text).
     _keep(con, "_reviews_all", contract.dated(reviews))
     _keep(con, "_signoffs_all", contract.dated(signoffs))
-    dates = _days(sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
+    dates = _run_days(sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
                          | {d for d in signoffs.column(contract.RUN_DATE).to_pylist() if d}))
     _register_matches(con, dates)
     review_cols = ", ".join(f'r."{n}"' for n, _ in _cols(contract.REVIEWS) if n != contract.REVIEW_STATUS)

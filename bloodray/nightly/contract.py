@@ -57,6 +57,7 @@ DATE there, :data:`RUN_DATE_TYPE`), the Delta table schemas
 
 from __future__ import annotations
 
+import datetime as dt
 import posixpath
 from typing import Any, Mapping
 
@@ -282,6 +283,19 @@ def staged_schema() -> pa.Schema:
 def with_run_date(schema: pa.Schema) -> pa.Schema:
     """``schema`` plus the ``run_date`` column readers get from the path."""
     return schema.append(pa.field(RUN_DATE, pa.string()))
+
+
+def run_day(value: str | dt.date) -> dt.date:
+    """A run date (``YYYY-MM-DD`` text, as stored, or a date) as a date, as readers see ``run_date``.
+
+    Raises ValueError naming the value.
+    """
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a date; give YYYY-MM-DD") from None
 
 
 def dated(data: pa.Schema | pa.Table) -> pa.Schema | pa.Table:

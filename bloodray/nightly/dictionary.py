@@ -40,7 +40,9 @@ _RATE = "per 100 white cells"
 
 #: column -> (unit, meaning), for every table that has the column; ``(table, column)`` keys override.
 COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
-    "run_date": ("date (YYYY-MM-DD text)", "the night the run classified (Delta partition column; UTC)"),
+    "run_date": ("date", "the night the run classified (UTC): a DATE in the query views, so `run_date + 1` and "
+                         "`run_date >= '2026-11-01'` work; stored as `YYYY-MM-DD` text, the Delta partition value "
+                         "(other Delta readers see the text)"),
     "run_id": ("", "the run that wrote the row: `<UTC start>-<random>` or `run.run_id`"),
     "sample_id": ("", "the sample (slide) the image belongs to, from its path (`input.sample_id_from`)"),
     "image_uri": ("URI", "the image file, or `<shard>#<member>` for a tar member; unique within a run"),
