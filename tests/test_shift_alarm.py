@@ -3,7 +3,8 @@
 A BloodNet trained on synthetic cells gets an OOD reference fitted on other
 synthetic cells; an archive like its training cells runs without alarm, one
 whose colours and scale differ trips it (and with ``shift.on_alarm=fail``
-publishes nothing).
+publishes nothing). A sample under the alarm keeps its flags, marked
+unverified, in the table and the report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.evaluation.evaluate import fit_ood_reference
 from bloodray.ood import SHIFT_FLAG
+from bloodray.analysis.report_figures import UNVERIFIED_MARK
+from bloodray.checkpoint import read_metadata
+from bloodray.nightly.differential import flag_labels
+from bloodray.nightly.shift import group_statistics
 from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyConfig, ClassifyError
 from bloodray.nightly.differential import count_columns
@@ -70,7 +75,9 @@ def _tables(out: Path):
 def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint, capsys):
     samples = synth.default_samples(2, 60, seed=1)
     normal, shifted = tmp_path / "normal", tmp_path / "shifted"
-    synth.write_archive(str(normal), samples, size=SIZE, seed=11)
+    # A third sample of the training laboratory dominated by one class (a left shift): no alarm either.
+    skewed = synth.SampleSpec("S0003", {"ig": 45, "neutrophil": 10, "lymphocyte": 5})
+    synth.write_archive(str(normal), [*samples, skewed], size=SIZE, seed=11)
     synth.write_archive(str(shifted), samples, size=SIZE, seed=12)
     _shift_images(shifted)
 
@@ -80,7 +87,15 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     assert not result.domain_shift and result.shift_warning() is None
     assert all(r["ood_score"] is not None for r in preds)
     assert np.mean([r["status"] == contract.UNIDENTIFIED for r in preds]) < 0.1
-    assert not any(d["domain_shift"] for d in diffs)
+    assert not any(d["domain_shift"] or d[contract.FLAGS_UNVERIFIED] for d in diffs) and len(diffs) == 3
+    # The job compared each cell with its own predicted class's reference (the checkpoint's per-class one).
+    ood = read_metadata(ood_checkpoint).ood
+    assert len(ood["per_class"]) >= 2
+    for d in diffs:
+        own = [r for r in preds if r["sample_id"] == d["sample_id"]]
+        stats = group_statistics(np.array([r["ood_score"] for r in own]),
+                                 np.array([r["predicted_class"] for r in own]), ood)
+        assert d["ood_ks"] == pytest.approx(stats["ood_ks"])
 
     # Another lab's cells: unidentified, not counted, every sample under the alarm with the one flag.
     result = run_classification(_config(shifted, tmp_path / "out-shifted", ood_checkpoint))
@@ -89,8 +104,11 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     assert len(unidentified) > 0.5 * len(preds)
     # They keep their predicted class and confidence, and are not sent to review for their class.
     assert all(r["predicted_class"] and r["confidence"] is not None and not r["needs_review"] for r in unidentified)
+    labels = flag_labels()
     for d in diffs:
-        assert d["domain_shift"] and d["flags"] == [SHIFT_FLAG] and d["any_flag"]
+        # Under the alarm: its flag first, then every flag the sample's counts raised, kept and marked unverified.
+        assert d["domain_shift"] and d["flags"][0] == SHIFT_FLAG and d["any_flag"] and d[contract.FLAGS_UNVERIFIED]
+        assert d["flags"][1:] == [label for col, label in labels.items() if d[col]] and len(d["flags"]) > 1
         assert d["n_unidentified"] == sum(r["status"] == contract.UNIDENTIFIED for r in preds
                                           if r["sample_id"] == d["sample_id"])
         assert sum(d[c] for c in count_columns()) == d["n_classified"] - d["n_unidentified"]
@@ -106,6 +124,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
 
     html = Path(write_report(str(tmp_path / "out-shifted"), dest=str(tmp_path / "report"))).read_text()
     assert "Domain-shift alarm" in html and html.index("Domain-shift alarm") < html.index("<section")
+    assert "kept but unverified" in html and diffs[0]["flags"][1] + UNVERIFIED_MARK in html
 
     # shift.on_alarm=fail: the run fails and publishes nothing.
     with pytest.raises(ClassifyError, match="domain-shift alarm.*nothing was published"):
