@@ -15,7 +15,7 @@ A bloodray checkpoint is a directory (local or object storage) holding:
 * ``selfcheck.safetensors`` (optional, written by ``bloodray calibrate``) -- a fixed batch of cell images and
   their fp32 logits, hashed in the metadata's ``selfcheck``: the precision self-check (:mod:`bloodray.inference_precision`);
 * ``train_state.pt`` (training checkpoints only) -- optimizer/scheduler state,
-  read with ``torch.load(weights_only=True)`` when a run resumes.
+  read with ``torch.load(weights_only=True)`` when a run resumes (:mod:`bloodray.train.resume_state`).
 
 A Ray Train run directory holds several such checkpoints; :func:`resolve_checkpoint`
 picks the best one by validation macro-F1.
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import posixpath
@@ -185,6 +184,13 @@ class CheckpointMetadata:
         except StainReferenceError as exc:
             raise CheckpointError(str(exc)) from exc
 
+    def val_confusion(self, confident: bool = False) -> np.ndarray | None:
+        """The val confusion counts ``bloodray calibrate`` sealed (rows true, columns predicted, in
+        :data:`~bloodray.classes.CLASS_NAMES` order), of all val cells or, ``confident``, of those not sent to
+        review; None for a checkpoint calibrated before they were recorded, or never."""
+        rows = self.calibration.get("val_confusion_confident" if confident else "val_confusion")
+        return np.asarray(rows, dtype=np.int64) if rows else None
+
     def preset(self) -> EvalPreset:
         """The evaluation preset these weights were trained for (stain normalisation included)."""
         return EvalPreset(self.input_size, tuple(self.mean), tuple(self.std),
@@ -296,7 +302,8 @@ def _read_metadata(uri: str, storage_options: Mapping[str, Any] | None, legacy: 
     return CheckpointMetadata.from_json(decoded, uri, legacy=legacy)
 
 
-def _check_weights(blob: bytes, meta: CheckpointMetadata, uri: str) -> None:
+def check_weights(blob: bytes, meta: CheckpointMetadata, uri: str) -> None:
+    """Refuse weights whose SHA-256 is not the one the (sealed) metadata records."""
     if hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
         raise CheckpointError(f"{uri}: weights do not match the hash recorded in {METADATA_FILE} (tampered or corrupted)")
 
@@ -370,7 +377,7 @@ def load_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None =
         raise CheckpointError(f"{uri}: checkpoint classes {meta.classes} differ from this version's {list(CLASS_NAMES)}")
     fs, path = storage.filesystem(uri, storage_options)
     blob = _read(fs, posixpath.join(path, WEIGHTS_FILE), storage.join(uri, WEIGHTS_FILE))
-    _check_weights(blob, meta, uri)
+    check_weights(blob, meta, uri)
     try:
         state = load_safetensors(blob)
     except Exception as exc:  # noqa: BLE001
@@ -404,46 +411,6 @@ def load_ood(uri: str, meta: CheckpointMetadata, storage_options: Mapping[str, A
         raise CheckpointError(f"{storage.join(uri, OOD_FILE)}: not a valid OOD reference ({exc})") from exc
 
 
-@dataclass
-class ResumeState:
-    """What a training worker needs to continue from a checkpoint it wrote itself."""
-
-    weights: dict[str, torch.Tensor]
-    history: list[dict[str, Any]]
-    train_state: dict[str, Any] | None
-
-
-def load_resume_state(directory: str | Path) -> ResumeState:
-    """Weights, metric history and optimizer state of a local checkpoint directory (a Ray Train checkpoint).
-
-    The metadata's seal and the weights hash are checked as for loading; a format-1 checkpoint of the same run
-    (written before the upgrade) is accepted when its weights hash matches, and the next checkpoint is sealed.
-    """
-    directory = Path(directory)
-    where = str(directory)
-    try:
-        text = (directory / METADATA_FILE).read_text()
-        blob = (directory / WEIGHTS_FILE).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{where}: cannot read checkpoint ({exc.strerror or exc})") from exc
-    meta = CheckpointMetadata.from_json(text, where, legacy=True)
-    _check_weights(blob, meta, where)
-    try:
-        weights = load_safetensors(blob)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{where}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from exc
-    return ResumeState(weights=weights, history=list(meta.history), train_state=load_train_state(directory))
-
-
-def load_train_state(directory: str | Path) -> dict[str, Any] | None:
-    """Optimizer/scheduler/epoch state of a local training checkpoint, if any."""
-    path = Path(directory) / TRAIN_STATE_FILE
-    if not path.exists():
-        return None
-    with path.open("rb") as fh:
-        return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
-
-
 def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any] | None = None,
                       *, ood_file: bytes | None = None, selfcheck_file: bytes | None = None,
                       **metadata_updates: Any) -> str:
@@ -466,7 +433,7 @@ def export_checkpoint(source: str, dest: str, storage_options: Mapping[str, Any]
     meta = _read_metadata(source, storage_options, legacy=True)
     src_fs, src_path = storage.filesystem(source, storage_options)
     blob = _read(src_fs, posixpath.join(src_path, WEIGHTS_FILE), storage.join(source, WEIGHTS_FILE))
-    _check_weights(blob, meta, source)
+    check_weights(blob, meta, source)
     ood_file = _optional_file(src_fs, src_path, source, dest, meta, metadata_updates, ood_file, "ood", OOD_FILE)
     selfcheck_file = _optional_file(src_fs, src_path, source, dest, meta, metadata_updates, selfcheck_file,
                                     "selfcheck", SELFCHECK_FILE)

@@ -61,3 +61,37 @@ def test_review_threshold_with_ties_never_exceeds_the_budget():
     correct = np.ones(100, dtype=bool)
     threshold = choose_review_threshold(confidence, correct, 0.05)
     assert review_tradeoff(confidence, correct, threshold).flagged_share <= 0.05
+
+
+def test_calibration_seals_val_size_accuracy_recall_and_confusion():
+    from bloodray.classes import CLASS_NAMES
+    from bloodray.checkpoint import CheckpointMetadata
+
+    logits, labels = _sample(1.5, n=2000, seed=2)
+    report = calibrate(logits, labels)
+    predicted = logits.argmax(axis=1)
+    assert report.val_size == len(labels) == report.n_val
+    assert report.val_accuracy == pytest.approx(float((predicted == labels).mean()))
+    confusion = np.asarray(report.val_confusion)
+    assert confusion.shape == (len(CLASS_NAMES), len(CLASS_NAMES)) and confusion.sum() == len(labels)
+    # Rows are the true class, columns the predicted one, in CLASS_NAMES order.
+    assert confusion[2, 5] == int(((labels == 2) & (predicted == 5)).sum())
+    for i, name in enumerate(CLASS_NAMES):
+        assert report.val_recall[name] == pytest.approx(float((predicted[labels == i] == i).mean()))
+    # The confident matrix counts only cells not sent to review (confidence at or above the threshold).
+    confident = softmax(logits, report.temperature).max(axis=1) >= report.review_threshold
+    assert np.asarray(report.val_confusion_confident).sum() == confident.sum() < len(labels)
+    # The one accessor readers use, on the metadata calibrate seals.
+    meta = CheckpointMetadata("bloodnet", list(CLASS_NAMES), 64, [0.5] * 3, [0.5] * 3, calibration=report.to_dict())
+    np.testing.assert_array_equal(meta.val_confusion(), confusion)
+    assert meta.val_confusion(confident=True).sum() == confident.sum()
+    assert CheckpointMetadata("bloodnet", list(CLASS_NAMES), 64, [0.5] * 3, [0.5] * 3).val_confusion() is None
+
+
+def test_a_class_without_val_cells_has_no_recall():
+    from bloodray.classes import CLASS_NAMES
+
+    logits, labels = _sample(1.0, n=500, seed=3)
+    keep = labels != 4
+    report = calibrate(logits[keep], labels[keep])
+    assert report.val_recall[CLASS_NAMES[4]] is None

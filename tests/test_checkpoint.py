@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bloodray.checkpoint import (FORMAT, CheckpointError, CheckpointMetadata, export_checkpoint, load_checkpoint,
-                                 load_resume_state, read_metadata, resolve_checkpoint, seal_of, write_checkpoint)
+                                 read_metadata, resolve_checkpoint, seal_of, write_checkpoint)
+from bloodray.train.resume_state import load_resume_state
 from bloodray.classes import CLASS_NAMES
 from bloodray.models import create_model
 

@@ -122,6 +122,11 @@ def test_calibrate_run_fits_the_temperature_on_raw_logits(tmp_path, ray_cluster,
     assert result["checkpoint"] == rundir.calibrated_dir(run)
     assert resolve_checkpoint(run) == rundir.calibrated_dir(run)
     assert read_metadata(result["checkpoint"]).temperature == pytest.approx(result["temperature"])
+    # The val confusion matrix sealed with it is the model's own argmax on the val images.
+    labels = np.array([r["label"] for r in val])
+    sealed = read_metadata(result["checkpoint"]).val_confusion()
+    assert sealed.sum() == len(val) and sealed.trace() == int((logits.argmax(1) == labels).sum())
+    assert sealed[labels[0]].sum() == int((labels == labels[0]).sum())
     # The precision self-check batch is sealed with the calibration: val cells and their fp32 logits.
     calibrated = CellPredictor(result["checkpoint"], device="cpu", precision="fp32")
     assert read_metadata(result["checkpoint"]).selfcheck["images"] == min(32, len(val))

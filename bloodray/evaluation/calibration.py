@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from bloodray.classes import CLASS_NAMES
+
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -121,6 +123,15 @@ class CalibrationReport:
     val_review: dict[str, Any]
     max_flagged_share: float
     n_val: int
+    #: the val metrics the quality gate reads (:mod:`bloodray.quality_gate`) and confusion-aware flags use:
+    #: number of val cells, accuracy, recall per class (None for a class with no val cell), and the confusion
+    #: matrices (rows = true class, columns = predicted class, order :data:`bloodray.classes.CLASS_NAMES`)
+    #: of all val cells and of the cells at or above the review threshold (those not sent to review).
+    val_size: int = 0
+    val_accuracy: float = 0.0
+    val_recall: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    val_confusion: list[list[int]] = dataclasses.field(default_factory=list)
+    val_confusion_confident: list[list[int]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,9 +142,12 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, max_flagged_share: float =
     labels = np.asarray(labels, dtype=np.int64)
     temperature = fit_temperature(logits, labels)
     before, after = softmax(logits), softmax(logits, temperature)
-    confidence = after.max(axis=1)
-    correct = after.argmax(axis=1) == labels
+    confidence, predicted = after.max(axis=1), after.argmax(axis=1)
+    correct = predicted == labels
     threshold = choose_review_threshold(confidence, correct, max_flagged_share)
+    confusion = confusion_counts(labels, predicted)
+    support = confusion.sum(axis=1)
+    confident = confidence >= threshold
     return CalibrationReport(
         temperature=temperature, review_threshold=threshold,
         val_ece_before=expected_calibration_error(before, labels),
@@ -141,7 +155,19 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, max_flagged_share: float =
         val_nll_before=negative_log_likelihood(logits, labels),
         val_nll_after=negative_log_likelihood(logits, labels, temperature),
         val_review=dataclasses.asdict(review_tradeoff(confidence, correct, threshold)),
-        max_flagged_share=max_flagged_share, n_val=int(len(labels)))
+        max_flagged_share=max_flagged_share, n_val=int(len(labels)),
+        val_size=int(len(labels)), val_accuracy=float(correct.mean()) if len(labels) else 0.0,
+        val_recall={name: (float(confusion[i, i] / support[i]) if support[i] else None)
+                    for i, name in enumerate(CLASS_NAMES)},
+        val_confusion=confusion.tolist(),
+        val_confusion_confident=confusion_counts(labels[confident], predicted[confident]).tolist())
+
+
+def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Counts (rows = true class, columns = predicted class) over :data:`~bloodray.classes.CLASS_NAMES`."""
+    n = len(CLASS_NAMES)
+    flat = np.asarray(labels, dtype=np.int64) * n + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(flat, minlength=n * n).reshape(n, n)
 
 
 def evaluate_calibration(logits: np.ndarray, labels: np.ndarray, temperature: float,

@@ -46,7 +46,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from bloodray.checkpoint import CheckpointMetadata, load_resume_state, write_checkpoint
+    from bloodray.checkpoint import CheckpointMetadata, write_checkpoint
+    from bloodray.train.resume_state import load_resume_state
     from bloodray.models import create_model
 
     cfg = from_dict(TrainConfig, loop_config["config"])
