@@ -327,7 +327,7 @@ def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.nda
 class ShiftRule:
     """When a group of cells counts as shifted: significant at ``alpha`` and at least ``min_effect``."""
 
-    alpha: float = 0.001
+    alpha: float = 0.0001
     min_effect: float = 0.25
 
 
