@@ -349,8 +349,13 @@ def git_commit() -> str:
 
 def machine_facts() -> dict[str, Any]:
     import numpy
-    import ray
     import torch
+
+    try:
+        import ray
+        ray_version = ray.__version__
+    except ImportError:  # a lent GPU machine has no Ray; the GPU-only benches run there without it
+        ray_version = None
 
     try:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -362,7 +367,7 @@ def machine_facts() -> dict[str, Any]:
         "memory_gib": mem_gib,
         "load_average_at_start": _load_average(),
         "python": platform.python_version(),
-        "ray": ray.__version__,
+        "ray": ray_version,
         "torch": torch.__version__,
         "torch_default_threads": torch.get_num_threads(),
         "numpy": numpy.__version__,

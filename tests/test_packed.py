@@ -114,11 +114,31 @@ def test_pack_trainer_runs_the_shared_robustness_augmentation(pack, tmp_path):
     robust = {"zoom_out": 1.5, "stain_jitter": 0.05, "blur_prob": 0.5, "noise_std": 4.0, "jpeg_prob": 0.5}
     cfg = PackedTrainConfig(pack=str(path), output=str(tmp_path / "robust"), model="bloodnet",
                             model_kwargs={"norm": "group"}, epochs=1, batch_size=16, warmup_epochs=0,
-                            robust=robust, device="cpu")
+                            robust=robust, robust_workers=1, device="cpu")
     assert cfg.robust_augment().stain_jitter == 0.05
     assert train_packed(cfg)["epochs_run"] == 1
     with pytest.raises(ConfigError, match="^robust.sharpen: unknown key"):
         load_config(PackedTrainConfig, overrides=["pack=x.parquet", "robust.sharpen=1"])
+
+
+def test_robust_batches_are_the_same_with_worker_processes():
+    from bloodray.data.augment import AugmentConfig
+    from bloodray.train.pack import RobustBatches
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    cfg = AugmentConfig(zoom_out=1.5, stain_jitter=0.05, blur_prob=0.5, noise_std=4.0, jpeg_prob=0.5)
+    order = np.random.default_rng(1).permutation(40)
+    inline, pooled = RobustBatches(images, cfg, 0), RobustBatches(images, cfg, 2)
+    try:
+        a = list(inline.epoch(order, 8, 5, np.random.default_rng(2)))
+        b = list(pooled.epoch(order, 8, 5, np.random.default_rng(2)))
+    finally:
+        pooled.close()
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert x.shape == (8, 32, 32, 3) and x.dtype == np.uint8
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], images[order[:8]])  # the augmentation did something
 
 
 def test_pack_trainer_fits_a_stain_reference_and_fine_tunes_keep_it(pack, tmp_path):
