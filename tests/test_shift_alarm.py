@@ -22,7 +22,7 @@ from bloodray.config import load_config
 from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.evaluation.evaluate import fit_ood_reference
-from bloodray.ood import SHIFT_FLAG
+from bloodray.ood import MIN_CLASS_CELLS, SHIFT_FLAG
 from bloodray.analysis.report_figures import UNVERIFIED_MARK
 from bloodray.checkpoint import read_metadata
 from bloodray.nightly.differential import flag_labels
@@ -42,7 +42,8 @@ def ood_checkpoint(tmp_path_factory, ray_cluster):
     base = tmp_path_factory.mktemp("shift")
     plain = train_quick_checkpoint(base / "checkpoint", size=SIZE)
     cells = base / "cells"
-    synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=7)
+    # 64 cells per class, half of them val: enough val cells per predicted class for its own reference.
+    synth.write_labelled_dataset(str(cells), 64, size=SIZE, seed=7)
     rows = [{"uri": uri, "label": CLASS_TO_INDEX[name]} for uri, name in list_labelled_images(str(cells))]
     ref, _ = fit_ood_reference(plain, rows[0::2], rows[1::2])
     blob = ref.tensors_bytes()
@@ -90,7 +91,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     assert not any(d["domain_shift"] or d[contract.FLAGS_UNVERIFIED] for d in diffs) and len(diffs) == 3
     # The job compared each cell with its own predicted class's reference (the checkpoint's per-class one).
     ood = read_metadata(ood_checkpoint).ood
-    assert len(ood["per_class"]) >= 2
+    assert sum(ref["n_val"] >= MIN_CLASS_CELLS for ref in ood["per_class"].values()) >= 2
     for d in diffs:
         own = [r for r in preds if r["sample_id"] == d["sample_id"]]
         stats = group_statistics(np.array([r["ood_score"] for r in own]),
@@ -142,3 +143,36 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     run_id = tables.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "domain-shift alarm" in line]
     assert len(warnings) == 1 and run_id in warnings[0] and "2 of 2 sample(s) (100%)" in warnings[0]
+
+
+def _refit_job():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "fit_ood_packaged.py"
+    spec = importlib.util.spec_from_file_location("fit_ood_packaged", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_checkpoint):
+    from bloodray.checkpoint import load_checkpoint
+    from bloodray.ood import pooled_reference_note
+
+    # A checkpoint whose reference predates the per-class format: it loads, pooled, and is named for a refit.
+    meta = read_metadata(ood_checkpoint)
+    blob = (Path(ood_checkpoint) / "ood.safetensors").read_bytes()
+    old = export_checkpoint(ood_checkpoint, str(tmp_path / "old"),
+                            ood={k: v for k, v in meta.ood.items() if k != "per_class"}, ood_file=blob)
+    assert load_checkpoint(old).ood.per_class is None and old in pooled_reference_note(read_metadata(old).ood, old)
+    cells = tmp_path / "cells"
+    synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=8)
+    # Into a copy, then in place: weights, temperature and review threshold stay; the reference is per class.
+    assert _refit_job()(["--data", str(cells), "--checkpoint", old, "--dest", str(tmp_path / "copy")]) == 0
+    assert _refit_job()(["--data", str(cells), "--checkpoint", old]) == 0
+    for refitted in (str(tmp_path / "copy"), old):
+        new = read_metadata(refitted)
+        assert new.ood["per_class"] and pooled_reference_note(new.ood, refitted) is None
+        assert (new.weights_sha256, new.temperature, new.review_threshold) == (
+            meta.weights_sha256, meta.temperature, meta.review_threshold)
+        assert load_checkpoint(refitted).ood.per_class
