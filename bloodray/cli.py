@@ -219,9 +219,9 @@ def cmd_classify(args) -> int:
                                              cfg.output.uri if cfg else None)))
         return code
     print(json.dumps(run_summary(result)) if getattr(args, "json", False) else result.describe())
-    warning = result.shift_warning()
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in (result.flags_warning(), result.shift_warning()):
+        if warning:
+            print(warning, file=sys.stderr)
     return exit_codes.for_run(result)
 
 

@@ -107,6 +107,7 @@ def _manifest(plan: RunPlan, committed_at: dt.datetime) -> dict[str, Any]:
         "incremental_skipped_samples": len(plan.skip_samples), "carried_from_run_id": plan.carried_from,
         **plan.run_shift,
         **{key: ",".join(sorted(values)) or None for key, values in plan.inference_paths.items()},
+        "flag_confusion_json": None if plan.rules.confusion is None else json.dumps(plan.rules.confusion.counts),
     }
 
 
@@ -173,7 +174,8 @@ def commit_run(plan: RunPlan) -> RunResult:
                      n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
                      n_resumed=len(plan.resumed_images),
                      timings=timings, n_unidentified=plan.run_shift["n_unidentified"],
-                     domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"])
+                     domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"],
+                     flags_uncorrected=plan.flags_uncorrected)
 
 
 def refresh_verified_after_commit(output_uri: str, run_date: str, run_id: str,

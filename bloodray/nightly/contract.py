@@ -146,6 +146,8 @@ def runs_schema() -> pa.Schema:
     staging write included), ``write`` (predictions and errors tables),
     ``aggregate`` (differentials) and ``commit`` (checks, files into place and the
     manifest file; the Delta log commits that follow are not in it).
+    ``flag_confusion_json``: the val confusion counts the run's flags were corrected with (JSON, 8 x 8, rows true,
+    columns predicted; null: the flags assume a perfect classifier), so that reviews recompute them alike.
     ``precision`` and ``device`` say how the model actors ran (e.g. ``bf16`` on ``cpu``; values of several
     actors joined by ``,``; null when the run classified nothing itself): :mod:`bloodray.inference_precision`.
     """
@@ -157,7 +159,8 @@ def runs_schema() -> pa.Schema:
         ("n_errors", pa.int64()), ("n_samples", pa.int64()), ("n_review", pa.int64()),
         ("timings_json", pa.string()), ("incremental_skipped_samples", pa.int64()),
         ("carried_from_run_id", pa.string()),
-    ] + shift_fields() + [("n_samples_shifted", pa.int64()), ("precision", pa.string()), ("device", pa.string())])
+    ] + shift_fields() + [("n_samples_shifted", pa.int64()), ("precision", pa.string()), ("device", pa.string()),
+                          ("flag_confusion_json", pa.string())])
 
 
 #: Status of a classified cell: counted in the differential, or out of distribution and not counted.

@@ -78,6 +78,11 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "wbc_count_10e9_per_l": ("10^9/L", "the sample's white cell count from `flags.sample_metadata`; null when not "
                                        "given"),
     "flag_basis": ("", "which ranges judged the sample: `absolute` (WBC count given) or `percent`"),
+    "flags_confusion_corrected": ("", "the intervals and flags account for the model's own errors (its confusion "
+                                      "on val, sealed by `bloodray calibrate`): counts corrected for "
+                                      "misclassification, intervals widened by the confusion's uncertainty; false: "
+                                      "the checkpoint has no confusion matrix and the flags assume a perfect "
+                                      "classifier; null: a run before this column"),
     "flag_erythroblasts": ("", "erythroblasts per 100 WBC: whole interval above `flags.erythroblast_per_100_wbc`"),
     "flag_ig": ("", "immature granulocytes per 100 WBC: whole interval above `flags.ig_percent`"),
     "flag_low_wbc_count": ("", "fewer than `flags.min_wbc` white cells were counted: the differential is unreliable"),
@@ -106,6 +111,9 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "input_uri": ("URI", "the archive folder the run listed"),
     "output_uri": ("URI", "the output root the run wrote"),
     "config_yaml": ("YAML text", "the run's final config (secrets redacted)"),
+    "flag_confusion_json": ("JSON, cells", "the checkpoint's val confusion counts the run's flags were corrected "
+                                           "with (8 x 8, rows true class, columns predicted, classes in the order "
+                                           "of `bloodray classes`); null: flags not corrected (no matrix)"),
     "n_inputs": ("inputs", "inputs the run read itself (images, tar members, broken shards)"),
     "n_predictions": ("images", "rows of the run in `predictions` (carried-over rows included)"),
     "n_samples": ("samples", "rows of the run in `differentials`"),
@@ -147,8 +155,10 @@ PATTERNS: list[tuple[str, str, str]] = [
     (rf"prob_({_CLASS})", "0-1", "the calibrated probability of class {0}"),
     (rf"count_({_CLASS})", "cells", "cells classified as {0} (unidentified cells are not counted)"),
     (rf"pct_({_CLASS})", _PCT, "{0}s as a percentage of white cells (immature granulocytes in the denominator)"),
-    (r"(.+)_lo", "as the value", "lower bound of the 95 % Wilson interval (`flags.confidence`) of `{0}`"),
-    (r"(.+)_hi", "as the value", "upper bound of the 95 % Wilson interval (`flags.confidence`) of `{0}`"),
+    (r"(.+)_lo", "as the value", "lower bound of the 95 % interval (`flags.confidence`) of `{0}`: of the true rate, "
+                                 "corrected for the model's confusion, where `flags_confusion_corrected`, else the "
+                                 "Wilson interval of the counted cells"),
+    (r"(.+)_hi", "as the value", "upper bound of the 95 % interval (`flags.confidence`) of `{0}`, as `{0}_lo`"),
     (rf"abs_({_CLASS})", "10^9/L", "absolute {0} count: WBC count x fraction; null without a WBC count"),
     (rf"flag_({_CLASS})_low", "", "{0}s below the reference range: the whole interval under the low limit"),
     (rf"flag_({_CLASS})_high", "", "{0}s above the reference range: the whole interval over the high limit"),

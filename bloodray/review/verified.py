@@ -27,6 +27,8 @@ any Delta reader gets them.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 from typing import Any
 
@@ -39,7 +41,8 @@ from bloodray.config import from_dict, load_yaml_text
 from bloodray.nightly import contract, tables
 from bloodray.nightly.dictionary import alias_select
 from bloodray.nightly.config import FlagsConfig
-from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, load_flag_rules
+from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials, count_columns,
+                                           load_flag_rules)
 from bloodray.nightly.sample_metadata import load_sample_metadata
 from bloodray.nightly.shift import SHIFT_COLUMNS, mark_unverified
 
@@ -54,17 +57,31 @@ def _cols(view: str, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     return [(n, t) for n, t in contract.duckdb_columns(view) if n not in skip]
 
 
-def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tuple[FlagRules, pa.Table | None]:
-    """The flag rules and sample metadata a run used, from its saved config.
+def run_flag_rules(config_yaml: str | None, storage_options: Any = None,
+                   confusion_json: str | None = None) -> tuple[FlagRules, pa.Table | None]:
+    """The flag rules and sample metadata a run used, from its saved config and ``runs.flag_confusion_json``.
 
     A reference-range or sample-metadata file that can no longer be read is
-    reported with a warning naming it, and the packaged defaults are used.
+    reported with a warning naming it, and the packaged defaults are used. The
+    confusion the run's flags were corrected with (None: they were not) comes
+    with the rules, so verified flags are decided the way the run's were.
     """
+    confusion = None
+    if confusion_json:
+        try:
+            confusion = ModelConfusion.from_counts(json.loads(confusion_json), "runs.flag_confusion_json")
+        except ValueError as exc:  # not JSON, or a ConfusionError
+            warnings.warn(f"{exc}; verified flags assume a perfect classifier", stacklevel=3)
+    rules, meta = _run_rules(config_yaml, storage_options)
+    return dataclasses.replace(rules, confusion=confusion), meta
+
+
+def _run_rules(config_yaml: str | None, storage_options: Any) -> tuple[FlagRules, pa.Table | None]:
     try:
         data = load_yaml_text(config_yaml or "") or {}
         flags = from_dict(FlagsConfig, data.get("flags") or {}, "flags")
     except Exception as exc:  # noqa: BLE001 - an old or foreign manifest
-        warnings.warn(f"run config unreadable ({exc}); verified flags use the packaged defaults", stacklevel=3)
+        warnings.warn(f"run config unreadable ({exc}); verified flags use the packaged defaults", stacklevel=4)
         return FlagRules(), None
     try:
         rules = load_flag_rules(flags.reference_ranges, storage_options, ig_percent=flags.ig_percent,
@@ -82,6 +99,12 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tupl
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"flags.sample_metadata: {exc}; verified flags use percentages only", stacklevel=3)
     return rules, meta
+
+
+def confusion_column(con) -> str:
+    """``flag_confusion_json`` of the ``runs`` view, or NULL for outputs written before it existed."""
+    have = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    return "flag_confusion_json" if "flag_confusion_json" in have else "CAST(NULL AS VARCHAR) AS flag_confusion_json"
 
 
 def _dates_sql(dates: list[str]) -> str:
@@ -165,14 +188,17 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
         FROM v LEFT JOIN unmatched u USING (run_date, sample_id) LEFT JOIN s USING (run_date, sample_id)
         ORDER BY v.run_date, v.sample_id""").to_arrow_table()
     runs = dict(con.execute(f"SELECT run_date, run_id FROM runs WHERE run_date IN ({dates})").fetchall())
-    configs = dict(con.execute(f"SELECT run_id, config_yaml FROM runs WHERE run_date IN ({dates})").fetchall())
+    confusion = confusion_column(con)
+    configs = {row[0]: row[1:] for row in con.execute(
+        f"SELECT run_id, config_yaml, {confusion} FROM runs WHERE run_date IN ({dates})").fetchall()}
     parts = []
     for run_date in run_dates:
         run_id = runs.get(run_date)
         mask = pc.equal(counts.column("run_date"), run_date)
         if run_id is None or not pc.any(mask).as_py():
             continue
-        rules, meta = run_flag_rules(configs.get(run_id), storage_options)
+        config_yaml, confusion_json = configs.get(run_id, (None, None))
+        rules, meta = run_flag_rules(config_yaml, storage_options, confusion_json)
         diffs = compute_differentials(counts.filter(mask), rules, meta)
         shifted = np.asarray(diffs.column("domain_shift").fill_null(False).to_pylist(), dtype=bool)
         parts.append(mark_unverified(diffs, shifted))
