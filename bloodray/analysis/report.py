@@ -227,12 +227,12 @@ def _flagged_html(page: _Page) -> str:
         pairs = [(page.verified.samples.get(str(s.get("sample_id")), s), s) for s in page.samples]
         flagged = [(v, s) for v, s in pairs if rfig.flagged(v)]
         header, rows = ("sample_id", "flags after review", "machine flags", "n_wbc"), [
-            (v.get("sample_id"), ", ".join(rfig.flags_of(v)), ", ".join(rfig.flags_of(s)), v.get("n_wbc"))
+            (v.get("sample_id"), rfig.flag_text(v), rfig.flag_text(s), v.get("n_wbc"))
             for v, s in flagged]
     else:
         flagged = [(s, s) for s in page.samples if rfig.flagged(s)]
         header, rows = ("sample_id", "flags", "n_wbc"), [
-            (s.get("sample_id"), ", ".join(rfig.flags_of(s)), s.get("n_wbc")) for s, _ in flagged]
+            (s.get("sample_id"), rfig.flag_text(s), s.get("n_wbc")) for s, _ in flagged]
     parts = [f"<h2>Flagged samples ({len(flagged)} of {len(page.samples)})</h2>"]
     if not flagged:
         return parts[0] + "<p>No sample is flagged.</p>"
@@ -268,7 +268,7 @@ def _samples_html(page: _Page) -> str:
             raised = bool(s.get(flag))
             cells.append((_fmt(rfig.num(s.get(col))) + (" ↑" if raised else ""), True, raised))
         cells.append((s.get("platelet_count"), True, False))
-        cells.append((", ".join(rfig.flags_of(s)), False, False))
+        cells.append((rfig.flag_text(s), False, False))
         tds = "".join(f"<td{_td_class(num, flag)}>{_e(_fmt(v))}</td>" for v, num, flag in cells)
         rows.append(f"<tr{' class=flagged' if rfig.flagged(s) else ''}>{tds}</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
@@ -317,7 +317,7 @@ def _shift_banner(page: _Page) -> str:
     shifted = [str(s.get("sample_id")) for s in page.samples if s.get("domain_shift")]
     return (f"<div class=alarm><strong>Domain-shift alarm: images unlike the training data.</strong> "
             f"{len(shifted)} of {len(page.samples)} sample(s) affected, {_e(page.run.get('n_unidentified'))} "
-            f"cell(s) unidentified; their differentials are unreliable and their flags are withheld. "
+            f"cell(s) unidentified; their differentials are unreliable and their flags are kept but unverified. "
             f"Samples: {_e(', '.join(shifted[:TOP_N]))}{' ...' if len(shifted) > TOP_N else ''}</div>")
 
 
@@ -345,7 +345,7 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
     """One sample: flags, its differential with intervals against the reference ranges, then its gallery."""
     ref = reference_ranges()
     sid = str(s.get("sample_id"))
-    flags = rfig.flags_of(s)
+    flags = rfig.flag_text(s)
     rows = []
     for c in DIFFERENTIAL_CLASSES:
         sd = rfig.side(s, c)
@@ -360,7 +360,7 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("class", "%", "95 % interval", "reference", "cells"))
     counts = (f"{_fmt(s.get('n_wbc'))} white cells, {_fmt(s.get('n_classified'))} classified, "
               f"{_fmt(s.get('n_review'))} to review, {_fmt(s.get('n_errors'))} unreadable")
-    flag_line = (f"<p class=flags>Flags: {_e(', '.join(flags))}</p>" if flags else "<p>No flags.</p>")
+    flag_line = (f"<p class=flags>Flags: {_e(flags)}</p>" if flags else "<p>No flags.</p>")
     cells = page.cells.get(sid, [])
     differential = (flag_line + gallery.scroll(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
                     if not page.verified.active else rver.sample_block(s, page.verified.samples.get(sid)))

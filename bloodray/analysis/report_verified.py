@@ -137,7 +137,7 @@ def sample_block(machine: Mapping[str, Any], v: Mapping[str, Any] | None) -> str
                     + _td(_interval(v, col)) + "<td></td><td></td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("class", "machine %", "machine 95 % interval", "verified %",
                                              "verified 95 % interval", "reference", "cells machine / verified"))
-    m_flags, v_flags = ", ".join(rfig.flags_of(machine)) or "none", ", ".join(rfig.flags_of(v)) if v else "–"
+    m_flags, v_flags = rfig.flag_text(machine, "none"), rfig.flag_text(v) if v else "–"
     changed = v is not None and m_flags != (v_flags or "none")
     flag_line = (f"<p{' class=flags' if rfig.flagged(v or machine) else ''}>Flags after review: {e(v_flags or 'none')}"
                  f"{'' if not changed else f' (machine: {e(m_flags)})'}</p>")
@@ -159,8 +159,8 @@ def section(samples: list[Mapping[str, Any]], verified: Verified) -> str:
     for s in samples:
         v = verified.samples.get(str(s.get("sample_id")))
         body.append("<tr>" + _td(s.get("sample_id"), numeric=False)
-                    + _td(", ".join(rfig.flags_of(s)), numeric=False)
-                    + _td(", ".join(rfig.flags_of(v)) if v else "–", numeric=False, flag=bool(v and rfig.flagged(v)))
+                    + _td(rfig.flag_text(s), numeric=False)
+                    + _td(rfig.flag_text(v) if v else "–", numeric=False, flag=bool(v and rfig.flagged(v)))
                     + _td(v.get("n_verified") if v else 0) + _td(v.get("n_review") if v else "–")
                     + _td((v or {}).get("reviewers") or "", numeric=False)
                     + _td(signoff_text(v), numeric=False, flag=bool(v and v.get("signoff_outdated"))) + "</tr>")

@@ -45,7 +45,7 @@ from bloodray.nightly.config import FlagsConfig
 from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials, count_columns,
                                            load_flag_rules)
 from bloodray.nightly.sample_metadata import load_sample_metadata
-from bloodray.nightly.shift import SHIFT_COLUMNS, withhold_flags
+from bloodray.nightly.shift import SHIFT_COLUMNS, mark_unverified
 
 #: SQL of the review that applies to each cell of the visible runs: ``run_date``, ``image_uri`` (of the cell now),
 #: ``new_class``, ``reviewer``, ``reviewed_at``, ``review_image_uri`` (the file the reviewer saw).
@@ -209,7 +209,7 @@ def verified_rows(con, run_dates: list[str | dt.date], storage_options: Any = No
         rules, meta = run_flag_rules(config_yaml, storage_options, confusion_json)
         diffs = compute_differentials(counts.filter(mask), rules, meta)
         shifted = np.asarray(diffs.column("domain_shift").fill_null(False).to_pylist(), dtype=bool)
-        parts.append(withhold_flags(diffs, shifted))
+        parts.append(mark_unverified(diffs, shifted))
     schema = contract.view_schema(contract.VERIFIED_DIFFERENTIALS)
     if digests:
         names, schema = names + ["verified_digest"], schema.append(pa.field("verified_digest", pa.string()))

@@ -105,6 +105,10 @@ PARTITIONING = ds.partitioning(pa.schema([(RUN_DATE, pa.string())]), flavor="hiv
 
 _TS = pa.timestamp("us", tz="UTC")
 
+#: Column of ``differentials``: the sample's flags were counted from cells under the domain-shift alarm, so they
+#: are kept but unverified (:mod:`bloodray.nightly.shift`).
+FLAGS_UNVERIFIED = "flags_unverified"
+
 
 def prob_columns() -> list[str]:
     """``prob_<class>`` column names in class index order."""
@@ -133,7 +137,7 @@ def differentials_schema() -> pa.Schema:
               ("n_classified", pa.int64()), ("n_errors", pa.int64()), ("n_review", pa.int64())]
     fields += [(c, pa.int64()) for c in count_columns()]
     fields += differential_fields()
-    fields += shift_fields()
+    fields += shift_fields() + [(FLAGS_UNVERIFIED, pa.bool_())]
     return pa.schema(fields)
 
 
