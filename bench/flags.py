@@ -42,6 +42,7 @@ cells (the four range profiles, as issue 11 set them).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -220,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the one-off classification")
     ap.add_argument("--name", default="flags", help="results file name under bench/results/")
+    ap.add_argument("--confidence", type=float, default=0.95, help="flags.confidence of all three rules")
     args = ap.parse_args(argv)
     pred = predictions(args.checkpoint, threads=args.threads)
     counts_val, source = val_confusion(pred, str(pred["checkpoint_uri"]))
     confusion = ModelConfusion.from_counts(counts_val, "val confusion")
     pools = Pools(pred["test_label"], pred["test_pred"], pred["test_unidentified"])
-    rules = {"perfect, Wilson": FlagRules(min_wbc=0), "model, Wilson": FlagRules(min_wbc=0),
-             "model, confusion": FlagRules(min_wbc=0, confusion=confusion)}
+    base = FlagRules(min_wbc=0, confidence=args.confidence)
+    rules = {"perfect, Wilson": base, "model, Wilson": base,
+             "model, confusion": dataclasses.replace(base, confusion=confusion)}
     cases: list[tuple[str, dict[str, float], float, str | None]] = [
         ("healthy", HEALTHY, 0.0, None),
         ("healthy (five renormalised)", RENORMALISED, 0.0, None),
@@ -245,14 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     half_a, half_b = test_halves(pred["test_label"])
     held_out = ModelConfusion.from_counts(confusion_counts(pred["test_label"][half_a], pred["test_pred"][half_a]))
     pools_b = Pools(pred["test_label"][half_b], pred["test_pred"][half_b], pred["test_unidentified"][half_b])
-    diag_rules = dict(rules, **{"model, confusion": FlagRules(min_wbc=0, confusion=held_out)})
+    diag_rules = dict(rules, **{"model, confusion": dataclasses.replace(base, confusion=held_out)})
     diag_cases = [c for c in cases if c[3] is None or c[3] in RANGE_TARGETS + ("immature granulocytes",)]
     diag_rows, diag_results = run_cases(diag_cases, (100, 200), pools_b, diag_rules, args.trials, args.seed)
     elapsed = time.monotonic() - start
     test_acc = float(np.mean(pred["test_label"] == pred["test_pred"]))
     val_acc = float(np.mean(pred["val_label"] == pred["val_pred"]))
     result: dict[str, Any] = {
-        "trials": args.trials, "seed": args.seed, "seconds_simulation": round(elapsed, 1),
+        "trials": args.trials, "seed": args.seed, "confidence": args.confidence, "seconds_simulation": round(elapsed, 1),
         "seconds_classification": round(float(pred["seconds"]), 1), "prediction_cache": str(pred["cache"]),
         "checkpoint": str(pred["checkpoint_uri"]), "checkpoint_id": str(pred["checkpoint_id"]),
         "precision": pred.get("precision"), "val_cells": int(len(pred["val_label"])),
@@ -268,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
     }
     healthy100 = next(r for r in results if r["profile"] == "healthy" and r["white_cells"] == 100)
-    leak = {f"{CLASS_NAMES[i]}->{CLASS_NAMES[j]}": f"{counts_val[i, j]}/{counts_val[i].sum()}"
-            for i in range(len(CLASS_NAMES)) for j in range(len(CLASS_NAMES)) if i != j and counts_val[i, j]}
+    def off_diagonal(m: np.ndarray) -> str:
+        return ", ".join(f"{CLASS_NAMES[i]}->{CLASS_NAMES[j]} {m[i, j]}/{m[i].sum()}" for i in range(len(m))
+                         for j in range(len(m)) if i != j and m[i, j])
+
+    counts_test = confusion_counts(pred["test_label"], pred["test_pred"])
+    result["test_confusion_for_comparison_only"] = counts_test.tolist()
     md = ("# Flags on real PBC test cells classified by a real model\n\n"
-          f"- command: `{result['run']['command']}`; {args.trials} samples per row, seed {args.seed}; "
+          f"- command: `{result['run']['command']}`; {args.trials} samples per row, seed {args.seed}, "
+          f"flags.confidence {args.confidence}; "
           f"simulation {elapsed:.1f} s (classification {result['seconds_classification']:.0f} s, 0 = cached)\n"
           f"- date: {result['run']['date']}; git commit: `{result['run']['git_commit']}`\n"
           f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), shared with other sessions; load average at start "
@@ -280,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
           f"PBC val {result['val_cells']} cells, accuracy {val_acc:.3f}; test {result['test_cells']} cells, "
           f"accuracy {test_acc:.3f}, {100 * result['test_unidentified_share']:.1f} % unidentified (not counted)\n"
           f"- confusion the flags use: {source}; off-diagonal (true->predicted, val cells): "
-          + ", ".join(f"{k} {v}" for k, v in leak.items()) + "\n\n"
+          f"{off_diagonal(counts_val)}\n"
+          f"- for comparison only (never used by the flags), the same on the test cells the samples are drawn "
+          f"from: {off_diagonal(counts_test)}\n\n"
           "Share of simulated samples flagged (healthy rows: any flag; other rows: the profile's own flag). "
           "`perfect, Wilson`: true classes, counting-error rule; `model, Wilson` (before): the model's classes, "
           "counting-error rule; `model, confusion` (after): the model's classes, flags with its val confusion.\n\n"

@@ -228,9 +228,13 @@ def test_packaged_default_is_sealed_and_loads():
     # Its hash is pinned like the weights': replacing the batch changes the checkpoint id on purpose.
     assert meta.selfcheck == {"file_sha256": "14df89918e1a2f9b11bfc4a742165e0ed0809a8fdd585cc088ff1ace3ad0947c",
                               "images": 32}
-    # bloodnet-fca405ea321f until issue 21 re-calibrated it (val metrics, confusion matrix, quality gate): the id
-    # is the manifest's, which tests/test_packaged_model.py checks against every packaged checkpoint.
-    assert meta.checkpoint_id == "bloodnet-b09efcdd03a0"
+    # Its OOD reference is per predicted class (issue 21: refitted by jobs/fit_ood_packaged.py), each class with
+    # enough val cells for its own reference.
+    assert set(meta.ood["per_class"]) == set(CLASS_NAMES) and loaded.ood.per_class is not None
+    assert all(ref["n_val"] >= 100 for ref in meta.ood["per_class"].values())
+    # bloodnet-fca405ea321f until issue 21 re-calibrated it (val metrics, confusion matrix, quality gate) and refitted
+    # its OOD reference per class: the id is the manifest's, which tests/test_packaged_model.py checks.
+    assert meta.checkpoint_id == "bloodnet-827d4c18af8b"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):
