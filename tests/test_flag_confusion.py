@@ -31,7 +31,7 @@ from bloodray.nightly.differential import (
 )
 from bloodray.nightly.plan import RunResult
 from bloodray.nightly.summary import run_summary
-from bloodray.review.verified import run_flag_rules
+from bloodray.analysis.review_views import run_flag_rules
 
 VAL_CELLS = {"basophil": 120, "eosinophil": 310, "erythroblast": 150, "ig": 290, "lymphocyte": 120,
              "monocyte": 140, "neutrophil": 330, "platelet": 230}

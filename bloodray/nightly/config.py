@@ -262,7 +262,7 @@ class ShiftConfig:
     #: (exit status 6) and publishes nothing.
     on_alarm: Literal["commit", "fail"] = "commit"
     #: significance level of the binomial and KS tests.
-    alpha: float = 0.001
+    alpha: float = 0.0001
     #: smallest effect that can raise the alarm: excess unidentified share, or KS distance.
     min_effect: float = 0.25
 

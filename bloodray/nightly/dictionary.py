@@ -40,7 +40,9 @@ _RATE = "per 100 white cells"
 
 #: column -> (unit, meaning), for every table that has the column; ``(table, column)`` keys override.
 COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
-    "run_date": ("date (YYYY-MM-DD text)", "the night the run classified (Delta partition column; UTC)"),
+    "run_date": ("date", "the night the run classified (UTC): a DATE in the query views, so `run_date + 1` and "
+                         "`run_date >= '2026-11-01'` work; stored as `YYYY-MM-DD` text, the Delta partition value "
+                         "(other Delta readers see the text)"),
     "run_id": ("", "the run that wrote the row: `<UTC start>-<random>` or `run.run_id`"),
     "sample_id": ("", "the sample (slide) the image belongs to, from its path (`input.sample_id_from`)"),
     "image_uri": ("URI", "the image file, or `<shard>#<member>` for a tar member; unique within a run"),
@@ -91,11 +93,17 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "n_unidentified": ("cells", "cells above the OOD threshold (`status = 'unidentified'`), not counted"),
     "share_unidentified": ("0-1 (fraction, not %)", "n_unidentified / cells classified"),
     "unidentified_p_value": ("", "one-sided binomial test of the unidentified share against the checkpoint's "
-                                 "validation share; null without an OOD reference"),
-    "ood_ks": ("0-1", "Kolmogorov-Smirnov distance of the OOD scores from the validation distribution"),
-    "ood_ks_p_value": ("", "one-sided KS test of the OOD scores against the validation distribution"),
+                                 "validation share for the sample's class mix; null without an OOD reference"),
+    "ood_ks": ("0-1", "Kolmogorov-Smirnov distance of the OOD scores from the validation distribution of "
+                      "each cell's predicted class (the pooled one for a checkpoint fitted before the per-class "
+                      "reference)"),
+    "ood_ks_p_value": ("", "one-sided KS test of the OOD scores against the validation distribution of each "
+                           "cell's predicted class"),
     "domain_shift": ("", "under the domain-shift alarm: significant at `shift.alpha` and an effect of at least "
-                         "`shift.min_effect`; a sample under it has its other flags withheld"),
+                         "`shift.min_effect`, each cell compared with its own predicted class's validation "
+                         "reference; a sample under it keeps its flags, marked `flags_unverified`"),
+    "flags_unverified": ("", "the sample is under the domain-shift alarm: its flags (other than the alarm's) were "
+                             "counted from cells the model may not recognise and are kept unverified"),
     ("runs", "domain_shift"): ("", "the run is under the domain-shift alarm (its pooled cells or any sample)"),
     "n_verified": ("cells", "cells of the sample a reviewer verified"),
     "started_at": ("timestamp, UTC", "when the run started"),

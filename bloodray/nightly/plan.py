@@ -34,6 +34,7 @@ from bloodray.nightly.lease import Lease, acquire_lease
 from bloodray.nightly.legacy import refuse_legacy
 from bloodray.nightly.listing import ArchiveNotFoundError, InputListing, date_folders, list_inputs
 from bloodray.nightly.shift import ShiftRule, no_shift
+from bloodray.ood import pooled_reference_note
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,9 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
     if cfg.run.incremental:
         carried_from, previous = previous_predictions(output_uri, run_date, meta.checkpoint_id, so)
 
+    note = pooled_reference_note(meta.ood, checkpoint_uri)
+    if note:
+        log.warning("%s", note)
     log.info("run %s (date %s): listing %s", run_id, run_date, input_uri)
     listing = _list(cfg, input_uri, so)
     carried, skip = reconcile(listing, previous)

@@ -127,15 +127,12 @@
     out.flag_ig = out.ig_per_100_wbc_lo > rules.ig_percent;
     out.flag_low_wbc_count = nWbc < rules.min_wbc;
     const cols = Object.keys(rules.flag_labels);
-    if (shifted) {
-      // As bloodray.nightly.shift.withhold_flags: a sample under the alarm keeps only the alarm's flag.
-      for (const col of cols) out[col] = false;
-      out.flags = [shiftFlag];
-      out.any_flag = true;
-    } else {
-      out.flags = cols.filter((col) => out[col]).map((col) => rules.flag_labels[col]);
-      out.any_flag = out.flags.length > 0;
-    }
+    out.flags = cols.filter((col) => out[col]).map((col) => rules.flag_labels[col]);
+    // As bloodray.nightly.shift.mark_unverified: a sample under the alarm keeps its flags, behind the alarm's,
+    // marked unverified.
+    if (shifted) out.flags.unshift(shiftFlag);
+    out.any_flag = out.flags.length > 0;
+    out.flags_unverified = !!shifted;
     return out;
   }
 
@@ -398,13 +395,14 @@
       h("tr", null, h("th", null, "class"), h("th", null, "machine"), h("th", null, "now"), h("th", null, "now %"),
         h("th", null, Math.round(R.confidence * 100) + " % interval"), h("th", null, "reference")), rows);
     const mFlags = s.machine ? s.machine.flags : [];
+    const shown = (f) => (s.domain_shift && f !== D.shift_flag ? f + " (unverified: domain shift)" : f);
     const flagList = h("ul", {id: "live-flags"},
-      live.flags.map((f) => h("li", {class: "flag" + (mFlags.includes(f) ? "" : " new")}, f)),
-      mFlags.filter((f) => !live.flags.includes(f)).map((f) => h("li", {class: "flag gone"}, f)));
+      live.flags.map((f) => h("li", {class: "flag" + (mFlags.includes(f) ? "" : " new")}, shown(f))),
+      mFlags.filter((f) => !live.flags.includes(f)).map((f) => h("li", {class: "flag gone"}, shown(f))));
     return h("div", {class: "diffwrap"}, h("div", {class: "scroll"}, table),
       h("div", {class: "flags"}, h("b", null, "Flags now"), live.flags.length || mFlags.length ? flagList :
         h("p", {class: "muted", id: "live-flags"}, "none"),
-        s.domain_shift ? h("p", {class: "alarm"}, "Domain-shift alarm: the other flags are withheld.") : null));
+        s.domain_shift ? h("p", {class: "alarm"}, "Domain-shift alarm: the flags are kept but unverified (images unlike the training data).") : null));
   }
 
   function signoffBar(s) {

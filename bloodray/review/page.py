@@ -13,7 +13,7 @@ The sample's differential and flags update live. The page computes them in
 JavaScript (``page.js``) from rule data this module exports from Python
 (:func:`bloodray.nightly.differential.rules_data` of the run's own flag rules,
 the sample metadata's WBC counts, the run's domain-shift alarm), so the page
-and :mod:`bloodray.review.verified` agree (``tests/test_review_page.py``
+and :mod:`bloodray.analysis.review_views` agree (``tests/test_review_page.py``
 checks them against each other in Chromium).
 
 Data flow: :func:`page_data` reads the run from the output root, :func:`render`
@@ -36,7 +36,7 @@ from bloodray.nightly import contract
 from bloodray.nightly.differential import count_columns, rules_data
 from bloodray.nightly.sample_metadata import SAMPLE_ID_COLUMN, WBC_COLUMN
 from bloodray.review import decisions
-from bloodray.review.verified import APPLIED_REVIEWS_SQL, confusion_column, run_flag_rules
+from bloodray.analysis.review_views import APPLIED_REVIEWS_SQL, confusion_column, run_flag_rules
 
 #: ``format`` of the page's embedded data (bumped when page.js reads it differently).
 PAGE_FORMAT = "bloodray-review-page/1"
