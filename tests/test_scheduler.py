@@ -18,10 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bloodray import cli, exit_codes
-from bloodray.checkpoint import PACKAGED_CHECKPOINT, export_checkpoint
+from bloodray.checkpoint import PACKAGED_CHECKPOINT, export_checkpoint, read_metadata
 from bloodray.config import ConfigError, load_config
 from bloodray.data import synth
 from bloodray.nightly import contract, tables
@@ -38,8 +39,17 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def clean_checkpoint(tmp_path_factory):
-    """The packaged model without its OOD reference: no domain-shift alarm, so a run can be clean."""
-    return export_checkpoint(str(PACKAGED_CHECKPOINT), str(tmp_path_factory.mktemp("model") / "no-ood"), ood={})
+    """The packaged model without its OOD reference: no domain-shift alarm, so a run can be clean.
+
+    A run is clean only when its flags carry the model's val confusion (else it warns that they do not);
+    a packaged model sealed before ``calibrate`` recorded one gets a perfect one here (identity counts).
+    """
+    meta = read_metadata(str(PACKAGED_CHECKPOINT))
+    confusion = meta.val_confusion()
+    if confusion is None:
+        confusion = np.diag(np.full(len(meta.classes), 100))
+    return export_checkpoint(str(PACKAGED_CHECKPOINT), str(tmp_path_factory.mktemp("model") / "no-ood"), ood={},
+                             calibration={**meta.calibration, "val_confusion": confusion.tolist()})
 
 
 @pytest.fixture(scope="module")
