@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--speed-images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batches", default="4,6,8,12,16,24,32")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint (default: the packaged default model)")
+    parser.add_argument("--name", default="precision", help="results file name under bench/results/")
     args = parser.parse_args()
     import torch
 
@@ -62,8 +64,9 @@ def main() -> None:
             "chula": (decode(chula, 128), np.array([CLASS_TO_INDEX[f.parent.name] for f in chula]))}
     paths = {"float stain, fp32 (before)": ("fp32", True), "fast stain, fp32": ("fp32", False),
              "fast stain, auto (default)": ("auto", False)}
-    predictors = {name: CellPredictor(None, device="cpu", precision=p) for name, (p, _) in paths.items()}
+    predictors = {name: CellPredictor(args.checkpoint, device="cpu", precision=p) for name, (p, _) in paths.items()}
     result["precision_auto"] = predictors["fast stain, auto (default)"].precision
+    result["checkpoint_id"] = predictors["fast stain, auto (default)"].meta.checkpoint_id
     outputs = {name: {ds: run(predictors[name], x, paths[name][1]) for ds, (x, _) in data.items()} for name in paths}
     ref = outputs["float stain, fp32 (before)"]
     rows, result["quality"] = [], {}
@@ -80,14 +83,14 @@ def main() -> None:
                          f"{q['max_prob_change']:.3f}", q["same_unidentified"]])
     quality_md = _common.table(["path", "data", "cells", "accuracy", "same class as reference", "max prob. change",
                                 "same unidentified decision"], rows)
-    _common.save("precision", result, quality_md)  # the slow part is done: keep it even if the timing is cut short
+    _common.save(args.name, result, quality_md)  # the slow part is done: keep it even if the timing is cut short
     print(quality_md, flush=True)
     # Speed: the same cells through each path, one core, interleaved rounds, best of --repeats.
     x = data["pbc_test"][0][:args.speed_images]
     speed, speed_rows = {}, []
     for name, (precision, float_stain) in paths.items():
         for mb in [int(v) for v in args.micro_batches.split(",")] + [None]:
-            predictor = CellPredictor(None, device="cpu", precision=precision, micro_batch=mb)
+            predictor = CellPredictor(args.checkpoint, device="cpu", precision=precision, micro_batch=mb)
             best = float("inf")
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -99,12 +102,12 @@ def main() -> None:
             print(key, f"{len(x) / best:.0f} img/s", flush=True)
     result["images_per_s_one_core"] = speed
     md = ("# Inference paths side by side (bench/precision.py)\n\n" + _common.facts_markdown(result)
-          + f"\nPackaged model; `auto` resolved to **{result['precision_auto']}** on this CPU. Reference: the "
+          + f"\nModel `{result['checkpoint_id']}`; `auto` resolved to **{result['precision_auto']}** on this CPU. Reference: the "
             "float stain transform in fp32 (the job before issue 20).\n\n"
           + quality_md
           + f"\n## Predictor speed, one core ({len(x)} preprocessed PBC cells, stain + model, best of {args.repeats})\n\n"
           + _common.table(["path", "precision", "micro-batch", "img/s"], speed_rows))
-    _common.save("precision", result, md)
+    _common.save(args.name, result, md)
     print(md)
 
 
