@@ -215,26 +215,26 @@ def test_missing_checkpoint_names_the_uri(tmp_path):
 
 
 def test_packaged_default_is_sealed_and_loads():
-    """The weights hash is the one docs/RESULTS.md and the model card measured (the robust model of issue 12):
-    shipping other weights must come with new measurements."""
+    """The weights hash is the one docs/RESULTS.md and the model card measured (the from-scratch robust model of
+    issue 21, ``robust-v2``): shipping other weights must come with new measurements."""
     loaded = load_checkpoint(None)
     meta = loaded.metadata
     assert meta.format == FORMAT and meta.seal_sha256 == meta.compute_seal()
-    assert meta.weights_sha256 == "f05acbcc2f47795cc322ae05509c1598271f2e0571b84a7352f8bf3b7de1330a"
+    assert meta.weights_sha256 == "58c446d711101222d2fce3677ffae4cbcf923e11ab8d078374cb0c37d0937dd0"
     # Trained with stain normalisation in its preset: the reference travels in the checkpoint.
     assert meta.stain_norm.get("method") == "reinhard" and meta.preset().stain is not None
     assert meta.checkpoint_id == f"bloodnet-{meta.seal_sha256[:12]}"
     # The precision self-check batch (issue 20): 32 PBC val cells and their fp32 logits, sealed with the weights.
     # Its hash is pinned like the weights': replacing the batch changes the checkpoint id on purpose.
-    assert meta.selfcheck == {"file_sha256": "14df89918e1a2f9b11bfc4a742165e0ed0809a8fdd585cc088ff1ace3ad0947c",
+    assert meta.selfcheck == {"file_sha256": "d9f23dc470c6acc34465407b10ffc03754e61002f0759bf4b8dfd6bf8cf7865e",
                               "images": 32}
     # Its OOD reference is per predicted class (issue 21: refitted by jobs/fit_ood_packaged.py), each class with
     # enough val cells for its own reference.
     assert set(meta.ood["per_class"]) == set(CLASS_NAMES) and loaded.ood.per_class is not None
     assert all(ref["n_val"] >= 100 for ref in meta.ood["per_class"].values())
-    # bloodnet-fca405ea321f until issue 21 re-calibrated it (val metrics, confusion matrix, quality gate) and refitted
-    # its OOD reference per class: the id is the manifest's, which tests/test_packaged_model.py checks.
-    assert meta.checkpoint_id == "bloodnet-827d4c18af8b"
+    # Calibrated by issue 21's calibrate (val metrics, confusion matrix, quality gate, per-class OOD reference): the
+    # id is the manifest's, which tests/test_packaged_model.py checks.
+    assert meta.checkpoint_id == "bloodnet-614c8a6681e6"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

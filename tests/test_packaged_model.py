@@ -44,13 +44,13 @@ def test_packaged_models_by_short_name():
     from bloodray.checkpoint import CheckpointError
 
     names = [m.name for m in packaged.models()]
-    assert {"pbc-only", "robust-v1"} <= set(names) and packaged.models()[0].default
+    assert {"pbc-only", "robust-v1", "robust-v2"} <= set(names) and packaged.models()[0].default
     for alias in (None, "", "default", "packaged:default", f"packaged:{names[0]}"):
         assert resolve_checkpoint(alias) == str(PACKAGED_CHECKPOINT)
     pbc_only = load_checkpoint("packaged:pbc-only")
     assert pbc_only.uri == str(packaged.ASSETS / "packaged" / "pbc-only") and not pbc_only.metadata.stain_norm
     with pytest.raises(CheckpointError, match=r"'packaged:nope': no packaged model of that name \(packaged models: "
-                                              r"packaged:default, packaged:robust-v1, packaged:pbc-only"):
+                                              r"packaged:default, packaged:robust-v2, packaged:robust-v1, packaged:pbc-only"):
         resolve_checkpoint("packaged:nope")
     # Every command that takes a checkpoint takes the short name: prediction, and adaptation's starting point.
     assert CellPredictor("packaged:pbc-only").meta.checkpoint_id == pbc_only.metadata.checkpoint_id
