@@ -36,6 +36,14 @@ if [ "${RUNSET:-robust}" = robust ]; then
     [robust_strong_bn]="$robust --set model_kwargs.batch_norm=true --set model_kwargs.dropout=0.1 --set max_scale=1.5
       --set robust.zoom_out=1.6 --set robust.blur_prob=0.5 --set robust.blur_sigma=2.0 --set robust.stain_jitter=0.12"
   )
+elif [ "${RUNSET}" = continue ]; then  # a second visit: a warm restart of the two best by val, more workers each
+  runs=(
+    [robust_bn_c]="$robust --set model_kwargs.batch_norm=true --set model_kwargs.dropout=0.1
+      --set init_checkpoint=$PREVIOUS/robust_bn/checkpoint --set lr=0.001 --set warmup_epochs=1"
+    [robust_wide_bn_c]="$robust --set model_kwargs.batch_norm=true --set model_kwargs.dropout=0.1
+      --set model_kwargs.filters=[48,96,96,96,192,384,384] --set model_kwargs.hidden=256
+      --set init_checkpoint=$PREVIOUS/robust_wide_bn/checkpoint --set lr=0.001 --set warmup_epochs=1"
+  )
 elif [ "${RUNSET}" = first ]; then
   runs=(
     [bloodnet_bn]="--set model=bloodnet --set model_kwargs.batch_norm=true --set epochs=120"

@@ -1,51 +1,49 @@
-"""How often the differential's flags fire when every cell is classified right.
+"""How often the differential's flags fire on samples of real PBC test cells classified by a real model.
 
-Run from the repository root (pure numpy, a few seconds)::
+Run from the repository root (a few minutes the first time, to classify the val and test cells; seconds after)::
 
-    .venv/bin/python bench/flags.py                 # 20,000 simulated samples per row
-    .venv/bin/python bench/flags.py --trials 2000   # quicker
+    PYTHONPATH=$PWD python bench/flags.py                          # the packaged default model
+    PYTHONPATH=$PWD python bench/flags.py --checkpoint PATH_OR_NAME --name flags_new
+    PYTHONPATH=$PWD python bench/flags.py --trials 2000            # quicker
 
-Writes ``bench/results/flags.json`` and ``bench/results/flags.md``.
+Writes ``bench/results/<name>.json`` and ``.md`` (``--name``, default ``flags``).
 
-A perfect classifier is simulated: a sample of ``n`` white cells is a
-multinomial draw from its true differential (erythroblasts, which are not
-white cells, come as a negative-binomial count: the erythroblasts met before
-the ``n``-th white cell). Each simulated sample is flagged by
+Each simulated sample of ``n`` white cells draws its true classes from a
+profile (below); each cell is then a real PBC test-split cell of that class,
+drawn with replacement, and its class is what the model predicted for that
+image (:class:`bloodray.predict.CellPredictor`, as in a nightly run; cells
+the OOD reference calls unidentified are not counted, as in a run). The split
+is the one every run uses (0.7/0.1/0.2, seed 0, duplicates dropped); the
+predictions are cached per checkpoint id in ``bench/.cache/``. Erythroblasts,
+which are not white cells, come as a negative-binomial count (those met
+before the ``n``-th white cell). Each sample is flagged three ways:
 
-* the OLD rules (the code before issue 11, kept below as :func:`old_flags`):
-  a percentage strictly outside its range, low limits for all five classes,
-  any erythroblast, ig above 0.9 %;
-* the NEW rules: :func:`bloodray.nightly.differential.compute_differentials`
-  with the packaged defaults (95 % Wilson intervals, flags only when the whole
-  interval is outside, no low limit for monocytes/eosinophils/basophils,
-  erythroblasts above 1 and ig above 0.9 per 100 WBC).
+* ``perfect, Wilson``: the true classes counted, the counting-error rule
+  (what the README's "4.9 % of healthy samples flagged" simulated);
+* ``model, Wilson`` (before): the model's classes, the counting-error rule
+  (:func:`bloodray.nightly.differential.compute_differentials` without a
+  confusion: what a checkpoint without a val confusion matrix gets);
+* ``model, confusion`` (after): the model's classes, the flags accounting for
+  the model's confusion (``FlagRules.confusion``): the checkpoint's sealed val
+  confusion when it has one (``calibrate``), else the one counted here from the
+  model's predictions on the val split. Never from test.
 
-Profiles (% of white cells):
-
-* ``healthy``: the middle of every range -- neutrophils 50, lymphocytes 30,
-  monocytes 5, eosinophils 2.5, basophils 0.75 -- which leaves 11.75 %; it goes
-  to neutrophils and lymphocytes, half each (their ranges are equally wide,
-  20 points), so every class stays inside its range: neutrophils 55.875,
-  lymphocytes 35.875; no ig, no erythroblasts (healthy adult blood);
-* ``healthy (five renormalised)``: the five midpoints scaled to sum to 100
-  (neutrophils 56.7, lymphocytes 34.0, monocytes 5.67, eosinophils 2.83,
-  basophils 0.85), a second reading of "the middle of the ranges";
-* ``healthy, 0.3 % ig``: ``healthy`` with 0.3 % immature granulocytes taken
-  from the neutrophils (within what healthy adults show);
-* abnormal: one class set to neutrophils 80, lymphocytes 55, eosinophils 12 or
-  monocytes 15 %, the other classes of ``healthy`` scaled to fill the rest;
-  "flagged" = that profile's own flag (e.g. neutrophilia) was raised; plus ig
-  3 % and erythroblasts 3 per 100 WBC, for the per-100-WBC thresholds.
-
-Targets (issue 11): healthy flagged in <= 5 % at 100 and 200 cells; each
-abnormal profile flagged in >= 90 % at 200 cells.
+Profiles (% of white cells): ``healthy`` = the middle of every range with the
+remainder split between neutrophils and lymphocytes (neutrophils 55.875,
+lymphocytes 35.875, monocytes 5, eosinophils 2.5, basophils 0.75); ``healthy
+(five renormalised)``; ``healthy, 0.3 % ig``; abnormal: one class at
+neutrophils 80, lymphocytes 55, eosinophils 12 or monocytes 15 % (the rest of
+``healthy`` scaled), ig 3 % and erythroblasts 3 per 100 WBC. Healthy rows
+count any flag; abnormal rows their own flag. Targets (issue 21): healthy,
+real model, any flag <= 5 % at 100 cells; each abnormal profile >= 90 % at 200
+cells (the four range profiles, as issue 11 set them).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -55,60 +53,63 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_facts, save, table  # noqa: E402
+from _common import REPO, cpu_model, pbc_split_rows, run_facts, save, table  # noqa: E402
 
-from bloodray.classes import CLASS_NAMES, WBC_CLASSES  # noqa: E402
-from bloodray.nightly.differential import FlagRules, compute_differentials  # noqa: E402
+from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX  # noqa: E402
+from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials,  # noqa: E402
+                                           count_columns, flag_labels)
 
 CELLS = (100, 200, 400)
-WBC = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "ig")
 MIDDLE = {"neutrophil": 50.0, "lymphocyte": 30.0, "monocyte": 5.0, "eosinophil": 2.5, "basophil": 0.75}
 REMAINDER = 100.0 - sum(MIDDLE.values())
 HEALTHY = dict(MIDDLE, neutrophil=50.0 + REMAINDER / 2, lymphocyte=30.0 + REMAINDER / 2, ig=0.0)
 RENORMALISED = dict({k: v * 100.0 / sum(MIDDLE.values()) for k, v in MIDDLE.items()}, ig=0.0)
 HEALTHY_IG = dict(HEALTHY, neutrophil=HEALTHY["neutrophil"] - 0.3, ig=0.3)
-
-# The rules before issue 11 (bloodray/nightly/differential.py at commit 86df018).
-OLD_RANGES = {"neutrophil": (40.0, 60.0), "lymphocyte": (20.0, 40.0), "monocyte": (2.0, 8.0),
-              "eosinophil": (1.0, 4.0), "basophil": (0.5, 1.0)}
-OLD_IG_PERCENT = 0.9
-OLD_NAMES = {"neutrophil": ("neutropenia", "neutrophilia"), "lymphocyte": ("lymphopenia", "lymphocytosis"),
-             "monocyte": ("monocytopenia", "monocytosis"), "eosinophil": ("eosinopenia", "eosinophilia"),
-             "basophil": ("basopenia", "basophilia")}
+RANGE_TARGETS = ("neutrophilia", "lymphocytosis", "eosinophilia", "monocytosis")
+WAYS = ("perfect, Wilson", "model, Wilson", "model, confusion")
 
 
-def old_flags(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The old flags (boolean arrays by flag name) of per-sample counts; flag_low_wbc_count left out."""
-    n_wbc = sum(counts[c] for c in WBC_CLASSES)
-    out = {}
-    for name, (low, high) in OLD_RANGES.items():
-        pct = counts[name] * 100.0 / n_wbc
-        out[OLD_NAMES[name][0]] = pct < low
-        out[OLD_NAMES[name][1]] = pct > high
-    out["circulating erythroblasts"] = counts["erythroblast"] > 0
-    out["immature granulocytes"] = counts["ig"] * 100.0 / n_wbc > OLD_IG_PERCENT
-    return out
+#: Predictions per checkpoint id (git-ignored): a re-run of the bench takes seconds.
+CACHE = REPO / "bench" / ".cache"
 
 
-def new_flags(counts: dict[str, np.ndarray], rules: FlagRules) -> dict[str, np.ndarray]:
-    """The new flags of per-sample counts, through compute_differentials itself."""
-    table_ = pa.table({f"count_{c}": pa.array(counts[c], pa.int64()) for c in CLASS_NAMES})
-    out = compute_differentials(table_, rules)
-    names = {**{f"flag_{c}_{side}": OLD_NAMES[c][i] for c in OLD_NAMES for i, side in enumerate(("low", "high"))},
-             "flag_erythroblasts": "circulating erythroblasts", "flag_ig": "immature granulocytes"}
-    return {label: out.column(col).to_numpy(zero_copy_only=False) for col, label in names.items()}
+def predictions(checkpoint: str | None, threads: int = 2, batch: int = 128) -> dict[str, np.ndarray | str]:
+    """``{split}_label``, ``{split}_pred``, ``{split}_unidentified`` (val, test), ``checkpoint_id``, ``checkpoint_uri``,
+    ``seconds`` (0 when read from the cache)."""
+    import torch
 
+    from bloodray.checkpoint import read_metadata, resolve_checkpoint
 
-def simulate(profile: dict[str, float], erythroblasts_per_100: float, n: int, trials: int,
-             rng: np.random.Generator) -> dict[str, np.ndarray]:
-    p = np.array([profile.get(c, 0.0) for c in WBC])
-    draws = rng.multinomial(n, p / p.sum(), size=trials)
-    counts = {c: draws[:, i].astype(np.int64) for i, c in enumerate(WBC)}
-    q = erythroblasts_per_100 / (100.0 + erythroblasts_per_100)
-    counts["erythroblast"] = (rng.negative_binomial(n, 1.0 - q, size=trials) if q > 0
-                              else np.zeros(trials, np.int64))
-    counts["platelet"] = np.zeros(trials, np.int64)
-    return counts
+    uri = resolve_checkpoint(checkpoint)
+    meta = read_metadata(uri)
+    path = CACHE / f"flags-{meta.checkpoint_id}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            out = {k: data[k] for k in data.files}
+        return {**out, "precision": str(out.pop("precision", "unknown")), "checkpoint_id": meta.checkpoint_id,
+                "checkpoint_uri": uri, "seconds": 0.0, "cache": str(path)}
+    from bloodray.predict import CellPredictor
+
+    torch.set_num_threads(threads)
+    predictor = CellPredictor(uri, device="cpu")
+    start = time.monotonic()
+    out: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        rows, _dropped = pbc_split_rows(split)
+        preds, unid = [], []
+        for i in range(0, len(rows), batch):
+            images = np.stack([predictor.preset.load(Path(u).read_bytes()) for u, _ in rows[i:i + batch]])
+            res = predictor({"image": images})
+            preds.append(res["predicted_label"].astype(np.int64))
+            unid.append(np.asarray(res["unidentified"], dtype=bool))
+        out[f"{split}_label"] = np.array([lab for _, lab in rows], dtype=np.int64)
+        out[f"{split}_pred"] = np.concatenate(preds)
+        out[f"{split}_unidentified"] = np.concatenate(unid)
+    seconds = time.monotonic() - start
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out, precision=np.array(predictor.precision))
+    return {**out, "checkpoint_id": meta.checkpoint_id, "checkpoint_uri": uri, "seconds": seconds, "cache": str(path),
+            "precision": predictor.precision}
 
 
 def abnormal(name: str, pct: float) -> dict[str, float]:
@@ -117,12 +118,118 @@ def abnormal(name: str, pct: float) -> dict[str, float]:
     return dict({k: v * scale for k, v in rest.items()}, **{name: pct})
 
 
+class Pools:
+    """The model's predicted label of every test cell, grouped by true class (-1: unidentified, not counted)."""
+
+    def __init__(self, labels: np.ndarray, predicted: np.ndarray, unidentified: np.ndarray):
+        counted = np.where(unidentified, -1, predicted)
+        self.by_class = {c: counted[labels == i] for i, c in enumerate(CLASS_NAMES)}
+
+    def classify(self, true: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Predicted labels (-1: unidentified) of cells whose true class indices are ``true``."""
+        out = np.empty(true.shape, np.int64)
+        for i, c in enumerate(CLASS_NAMES):
+            where = true == i
+            pool = self.by_class[c]
+            out[where] = pool[rng.integers(0, len(pool), int(where.sum()))]
+        return out
+
+
+def _counts(labels: np.ndarray, sample: np.ndarray, trials: int) -> pa.Table:
+    keep = labels >= 0
+    flat = np.bincount(sample[keep] * len(CLASS_NAMES) + labels[keep], minlength=trials * len(CLASS_NAMES))
+    matrix = flat.reshape(trials, len(CLASS_NAMES))
+    return pa.table({col: matrix[:, j] for j, col in enumerate(count_columns())})
+
+
+def simulate(profile: dict[str, float], erythroblasts_per_100: float, n: int, trials: int, pools: Pools,
+             rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
+    """(true counts, the model's counts) of ``trials`` samples."""
+    wbc = [c for c in profile]
+    p = np.array([profile[c] for c in wbc])
+    true = np.array([CLASS_TO_INDEX[c] for c in wbc])[rng.choice(len(wbc), size=(trials, n), p=p / p.sum())]
+    sample = np.repeat(np.arange(trials), n)
+    true = true.ravel()
+    q = erythroblasts_per_100 / (100.0 + erythroblasts_per_100)
+    if q > 0:
+        erb = rng.negative_binomial(n, 1.0 - q, size=trials)
+        sample = np.concatenate([sample, np.repeat(np.arange(trials), erb)])
+        true = np.concatenate([true, np.full(int(erb.sum()), CLASS_TO_INDEX["erythroblast"])])
+    return _counts(true, sample, trials), _counts(pools.classify(true, rng), sample, trials)
+
+
+def flag_rates(counts: pa.Table, rules: FlagRules) -> dict[str, np.ndarray]:
+    out = compute_differentials(counts, rules)
+    return {label: out.column(col).to_numpy(zero_copy_only=False)
+            for col, label in flag_labels().items() if col != "flag_low_wbc_count"}
+
+
+def test_halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of the test cells, every class split alternately (for the diagnostic table)."""
+    rank = np.zeros(len(labels), np.int64)
+    for i in range(len(CLASS_NAMES)):
+        where = np.flatnonzero(labels == i)
+        rank[where] = np.arange(len(where))
+    return rank % 2 == 0, rank % 2 == 1
+
+
+def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    k = len(CLASS_NAMES)
+    return np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+
+
+def val_confusion(pred: dict[str, Any], checkpoint_uri: str) -> tuple[np.ndarray, str]:
+    """The val confusion counts the flags use: the checkpoint's sealed one, else counted from val predictions."""
+    from bloodray.checkpoint import read_metadata
+
+    sealed = read_metadata(checkpoint_uri).val_confusion()
+    if sealed is not None:
+        return np.asarray(sealed, np.int64), "sealed in the checkpoint by calibrate (val split)"
+    return confusion_counts(pred["val_label"], pred["val_pred"]), "counted here from the model's predictions on the val split (the checkpoint has none)"
+
+
+def run_cases(cases, cells, pools: Pools, rules: dict[str, FlagRules], trials: int,
+              seed: int) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Flag rates of every case and cell count, the three ways: (markdown rows, JSON records)."""
+    rows, results = [], []
+    for label, profile, erb, expected in cases:
+        for n in cells:
+            rng = np.random.default_rng([seed, n, len(results)])
+            true_counts, model_counts = simulate(profile, erb, n, trials, pools, rng)
+            flags = {way: flag_rates(true_counts if way.startswith("perfect") else model_counts, rules[way])
+                     for way in WAYS}
+            if expected is None:  # healthy: any flag at all is a false flag
+                rate = {way: float(np.mean(np.any(list(f.values()), axis=0))) for way, f in flags.items()}
+                target = "<= 5 %" if n == 100 else ""
+                which = {way: {k: round(float(np.mean(v)), 4) for k, v in f.items() if np.mean(v) > 0}
+                         for way, f in flags.items()}
+            else:
+                rate = {way: float(np.mean(f[expected])) for way, f in flags.items()}
+                target = ">= 90 %" if n == 200 and expected in RANGE_TARGETS else ""
+                which = {}
+            results.append({"profile": label, "differential_pct": {k: round(v, 4) for k, v in profile.items()},
+                            "erythroblasts_per_100_wbc": erb, "white_cells": n, "flag": expected or "any flag",
+                            "rates": rate, "target": target, "flag_rates": which})
+            rows.append([label, n, expected or "any flag", *(f"{100 * rate[w]:.1f} %" for w in WAYS), target])
+    return rows, results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="checkpoint dir, run dir or packaged name (default: packaged)")
     ap.add_argument("--trials", type=int, default=20000, help="simulated samples per profile and cell count")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the one-off classification")
+    ap.add_argument("--name", default="flags", help="results file name under bench/results/")
+    ap.add_argument("--confidence", type=float, default=0.95, help="flags.confidence of all three rules")
     args = ap.parse_args(argv)
-    rules = FlagRules(min_wbc=0)
+    pred = predictions(args.checkpoint, threads=args.threads)
+    counts_val, source = val_confusion(pred, str(pred["checkpoint_uri"]))
+    confusion = ModelConfusion.from_counts(counts_val, "val confusion")
+    pools = Pools(pred["test_label"], pred["test_pred"], pred["test_unidentified"])
+    base = FlagRules(min_wbc=0, confidence=args.confidence)
+    rules = {"perfect, Wilson": base, "model, Wilson": base,
+             "model, confusion": dataclasses.replace(base, confusion=confusion)}
     cases: list[tuple[str, dict[str, float], float, str | None]] = [
         ("healthy", HEALTHY, 0.0, None),
         ("healthy (five renormalised)", RENORMALISED, 0.0, None),
@@ -135,50 +242,68 @@ def main(argv: list[str] | None = None) -> int:
         ("erythroblasts 3 per 100 WBC", HEALTHY, 3.0, "circulating erythroblasts"),
     ]
     start = time.monotonic()
-    rows, results = [], []
-    for label, profile, erb, expected in cases:
-        for n in CELLS:
-            rng = np.random.default_rng([args.seed, n, len(results)])
-            counts = simulate(profile, erb, n, args.trials, rng)
-            old, new = old_flags(counts), new_flags(counts, rules)
-            if expected is None:  # healthy: any flag at all is a false flag
-                old_rate, new_rate = (float(np.mean(np.any(list(f.values()), axis=0))) for f in (old, new))
-                target = "<= 5 %" if n in (100, 200) else ""
-                which = {k: round(float(np.mean(v)), 4) for k, v in old.items() if np.mean(v) > 0}
-                which_new = {k: round(float(np.mean(v)), 4) for k, v in new.items() if np.mean(v) > 0}
-            else:
-                old_rate, new_rate = float(np.mean(old[expected])), float(np.mean(new[expected]))
-                target = ">= 90 %" if n == 200 and expected in (
-                    "neutrophilia", "lymphocytosis", "eosinophilia", "monocytosis") else ""
-                which, which_new = {}, {}
-            results.append({"profile": label, "differential_pct": {k: round(v, 4) for k, v in profile.items()},
-                            "erythroblasts_per_100_wbc": erb, "white_cells": n, "flag": expected or "any flag",
-                            "old_rate": old_rate, "new_rate": new_rate, "target": target,
-                            "old_flag_rates": which, "new_flag_rates": which_new})
-            rows.append([label, n, expected or "any flag", f"{100 * old_rate:.1f} %", f"{100 * new_rate:.1f} %",
-                         target])
+    rows, results = run_cases(cases, CELLS, pools, rules, args.trials, args.seed)
+    # Diagnostic, not the headline: the same rule with a confusion measured on cells like the sampled ones
+    # (one half of test gives the confusion, the other half the cells), to separate the method from val's estimate.
+    half_a, half_b = test_halves(pred["test_label"])
+    held_out = ModelConfusion.from_counts(confusion_counts(pred["test_label"][half_a], pred["test_pred"][half_a]))
+    pools_b = Pools(pred["test_label"][half_b], pred["test_pred"][half_b], pred["test_unidentified"][half_b])
+    diag_rules = dict(rules, **{"model, confusion": dataclasses.replace(base, confusion=held_out)})
+    diag_cases = [c for c in cases if c[3] is None or c[3] in RANGE_TARGETS + ("immature granulocytes",)]
+    diag_rows, diag_results = run_cases(diag_cases, (100, 200), pools_b, diag_rules, args.trials, args.seed)
     elapsed = time.monotonic() - start
+    test_acc = float(np.mean(pred["test_label"] == pred["test_pred"]))
+    val_acc = float(np.mean(pred["val_label"] == pred["val_pred"]))
     result: dict[str, Any] = {
-        "trials": args.trials, "seed": args.seed, "seconds": round(elapsed, 1), "cases": results,
-        "rules_new": {"confidence": rules.confidence, "erythroblast_per_100_wbc": rules.erythroblast_per_100_wbc,
-                      "ig_percent": rules.ig_percent, "interval": "Wilson score"},
+        "trials": args.trials, "seed": args.seed, "confidence": args.confidence, "seconds_simulation": round(elapsed, 1),
+        "seconds_classification": round(float(pred["seconds"]), 1), "prediction_cache": str(pred["cache"]),
+        "checkpoint": str(pred["checkpoint_uri"]), "checkpoint_id": str(pred["checkpoint_id"]),
+        "precision": pred.get("precision"), "val_cells": int(len(pred["val_label"])),
+        "test_cells": int(len(pred["test_label"])), "val_accuracy": round(val_acc, 4),
+        "test_accuracy": round(test_acc, 4),
+        "test_unidentified_share": round(float(np.mean(pred["test_unidentified"])), 4),
+        "confusion_source": source, "val_confusion": counts_val.tolist(), "classes": list(CLASS_NAMES),
+        "cases": results, "diagnostic_held_out_test_confusion": {
+            "note": "confusion from one half of the test cells, samples from the other half; not the headline",
+            "val_confusion_not_used": True, "confusion": held_out.counts, "cases": diag_results},
         "run": run_facts(),
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "platform": platform.platform()},
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
     }
     healthy100 = next(r for r in results if r["profile"] == "healthy" and r["white_cells"] == 100)
-    md = ("# Flags under counting error (perfect classifier simulated)\n\n"
-          f"- command: `{result['run']['command']}`; {args.trials} samples per row, seed {args.seed}; "
-          f"{elapsed:.1f} s\n- date: {result['run']['date']}; git commit: `{result['run']['git_commit']}`\n\n"
-          "Share of simulated samples flagged (healthy rows: any flag; other rows: the profile's own flag).\n\n"
-          + table(["profile", "white cells", "flag", "old rules", "new rules", "target"], rows)
-          + "\nWhich flags fire on `healthy` at 100 cells, old rules: "
-          + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(healthy100["old_flag_rates"].items(),
-                                                                  key=lambda kv: -kv[1]))
-          + "; new rules: "
-          + (", ".join(f"{k} {100 * v:.2f} %" for k, v in healthy100["new_flag_rates"].items()) or "none")
-          + ".\n")
-    js, mdp = save("flags", result, md)
+    def off_diagonal(m: np.ndarray) -> str:
+        return ", ".join(f"{CLASS_NAMES[i]}->{CLASS_NAMES[j]} {m[i, j]}/{m[i].sum()}" for i in range(len(m))
+                         for j in range(len(m)) if i != j and m[i, j])
+
+    counts_test = confusion_counts(pred["test_label"], pred["test_pred"])
+    result["test_confusion_for_comparison_only"] = counts_test.tolist()
+    md = ("# Flags on real PBC test cells classified by a real model\n\n"
+          f"- command: `{result['run']['command']}`; {args.trials} samples per row, seed {args.seed}, "
+          f"flags.confidence {args.confidence}; "
+          f"simulation {elapsed:.1f} s (classification {result['seconds_classification']:.0f} s, 0 = cached)\n"
+          f"- date: {result['run']['date']}; git commit: `{result['run']['git_commit']}`\n"
+          f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), shared with other sessions; load average at start "
+          f"{result['machine']['load_average_at_start']}\n"
+          f"- model: `{result['checkpoint_id']}` ({result['checkpoint']}), {result['precision']} (as a run would); "
+          f"PBC val {result['val_cells']} cells, accuracy {val_acc:.3f}; test {result['test_cells']} cells, "
+          f"accuracy {test_acc:.3f}, {100 * result['test_unidentified_share']:.1f} % unidentified (not counted)\n"
+          f"- confusion the flags use: {source}; off-diagonal (true->predicted, val cells): "
+          f"{off_diagonal(counts_val)}\n"
+          f"- for comparison only (never used by the flags), the same on the test cells the samples are drawn "
+          f"from: {off_diagonal(counts_test)}\n\n"
+          "Share of simulated samples flagged (healthy rows: any flag; other rows: the profile's own flag). "
+          "`perfect, Wilson`: true classes, counting-error rule; `model, Wilson` (before): the model's classes, "
+          "counting-error rule; `model, confusion` (after): the model's classes, flags with its val confusion.\n\n"
+          + table(["profile", "white cells", "flag", *WAYS, "target"], rows)
+          + "\nWhich flags fire on `healthy` at 100 cells: "
+          + "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
+              healthy100["flag_rates"][way].items(), key=lambda kv: -kv[1])) or "none") for way in WAYS)
+          + ".\n\n## Diagnostic: the same rule with a confusion measured on held-out test cells\n\n"
+          "Not the headline figure (the flags must use val's confusion): one half of the test cells (every class "
+          "split alternately) gives the confusion, samples are drawn from the other half. It separates what the "
+          "rule does with a representative confusion from how well val's confusion represents the model.\n\n"
+          + table(["profile", "white cells", "flag", *WAYS, "target"], diag_rows))
+    js, mdp = save(args.name, result, md)
     print(md)
     print(f"wrote {js} and {mdp}")
     return 0

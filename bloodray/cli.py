@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 # Only light imports here: --help, --version and query must not wait for torch
 # (bloodray.checkpoint, bloodray.models and bloodray.data.labelled import it).
-from bloodray.cli_common import add_storage_arguments, storage_options
+from bloodray.cli_common import add_storage_arguments, run_date_argument, storage_options
 from bloodray import exit_codes
 from bloodray.cli_docs import add_docs_parsers
 from bloodray.cli_outputs import add_output_root_parsers
@@ -219,9 +219,9 @@ def cmd_classify(args) -> int:
                                              cfg.output.uri if cfg else None)))
         return code
     print(json.dumps(run_summary(result)) if getattr(args, "json", False) else result.describe())
-    warning = result.shift_warning()
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in (result.flags_warning(), result.shift_warning()):
+        if warning:
+            print(warning, file=sys.stderr)
     return exit_codes.for_run(result)
 
 
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="HTML report with plots for a run date")
     p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: latest)")
+    p.add_argument("--date", default=None, type=run_date_argument, help="run date YYYY-MM-DD (default: latest)")
     p.add_argument("--dest", default=None, help="where to write the report (default: <output>/reports/...)")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bloodray.cli_common import add_storage_arguments, storage_options
+from bloodray.cli_common import add_storage_arguments, run_date_argument, storage_options
 
 
 def add_output_root_parsers(sub) -> None:
@@ -89,7 +89,7 @@ def add_review_parser(sub) -> None:
     p = rsub.add_parser("export", help="write the interactive review page review.html (every cell of the date; "
                                           "no server needed) and review.csv (the cells to review)")
     p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--date", required=True, help="run date YYYY-MM-DD")
+    p.add_argument("--date", required=True, type=run_date_argument, help="run date YYYY-MM-DD")
     p.add_argument("--dest", required=True, help="folder (or s3:// prefix) for review.html and review.csv")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_export)
@@ -97,7 +97,8 @@ def add_review_parser(sub) -> None:
                                        "to the reviews and signoffs tables; refreshes verified_differentials")
     p.add_argument("file", help="decisions-<date>.json from the review page, or the filled review.csv")
     p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--date", required=True, help="run date YYYY-MM-DD the review list was exported for")
+    p.add_argument("--date", required=True, type=run_date_argument,
+                   help="run date YYYY-MM-DD the review list was exported for")
     p.add_argument("--reviewer", default=None, help="review.csv only: reviewer name for rows whose reviewer column "
                                                      "is empty")
     add_storage_arguments(p)
@@ -106,7 +107,8 @@ def add_review_parser(sub) -> None:
                                         "imports and runs do this themselves, this fills dates classified before "
                                         "the table existed")
     p.add_argument("--output", required=True, help="output root of the classify job")
-    p.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: every date with a committed run)")
+    p.add_argument("--date", default=None, type=run_date_argument,
+                   help="run date YYYY-MM-DD (default: every date with a committed run)")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_review_refresh)
     p = rsub.add_parser("labels", help="export reviewed cells as a labelled <class>/<file> folder for training")

@@ -97,7 +97,8 @@ class DemoResult:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run the whole demo and print what it did; returns where everything is."""
     from bloodray.data import synth as synth
-    from bloodray.nightly.pipeline import ClassifyConfig, run_classification
+    from bloodray.nightly.config import ClassifyConfig
+    from bloodray.nightly_job import classify
     from bloodray.config import from_dict, validate_tree
     from bloodray.analysis.query import run_query, format_table
     from bloodray.analysis.report import write_report
@@ -152,9 +153,10 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         "model": {"checkpoint": trained.run_uri},
         "run": {"date": date},
         "inference": {"num_gpus": 0, "concurrency": 1, "decode_cpus": 0.5},
+        "report": {"enabled": False},  # written below, once the differential is printed
     })
     validate_tree(classify_cfg)
-    result = run_classification(classify_cfg)
+    result = classify(classify_cfg)
     print(f"[demo] classified {result.n_inputs} images: {result.n_predictions} predictions, "
           f"{result.n_errors} errors, {result.n_review} for review")
     print(result.shift_warning() or f"[demo] domain-shift alarm: none ({result.n_unidentified} cell(s) unidentified, "

@@ -2,11 +2,13 @@
 
 :func:`classify` is the one library function the command calls:
 :func:`bloodray.nightly.pipeline.run_classification` (plan, Ray stages,
-commit), then, with ``report.enabled``, the date's report
-(:func:`bloodray.analysis.report.write_report`). It lives above both packages:
-the report reads the committed tables through :mod:`bloodray.analysis`, which
-itself reads :mod:`bloodray.nightly`, so the nightly package never imports the
-analysis one.
+commit; once committed and still under the date's lease, the date's reviews
+applied to the new run: :func:`bloodray.review.records.refresh_after_commit`
+commits ``verified_differentials``), then, with ``report.enabled``, the date's
+report (:func:`bloodray.analysis.report.write_report`). It lives above the
+three packages: the report reads the committed tables through
+:mod:`bloodray.analysis`, and the reviews are :mod:`bloodray.review`'s, both of
+which read :mod:`bloodray.nightly`, so the nightly package imports neither.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bloodray.analysis.report import write_report
 from bloodray.nightly.config import ClassifyConfig
 from bloodray.nightly.pipeline import run_classification
 from bloodray.nightly.plan import RunResult
+from bloodray.review.records import refresh_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +29,12 @@ log = logging.getLogger(__name__)
 def classify(cfg: ClassifyConfig) -> RunResult:
     """Run the nightly classification of ``cfg`` and, with ``report.enabled``, write the date's report.
 
-    Raises what :func:`~bloodray.nightly.pipeline.run_classification` raises;
+    The date's reviews are applied to the committed run (``verified_differentials``), then the report
+    written. Raises what :func:`~bloodray.nightly.pipeline.run_classification` raises;
     once the run is committed nothing fails it (a report that cannot be
     written is logged and named in ``result.report_error``).
     """
-    result = run_classification(cfg)
+    result = run_classification(cfg, after_commit=refresh_after_commit)
     if cfg.report.enabled:
         write_run_report(result, cfg.storage.storage_options())
     return result

@@ -34,6 +34,21 @@ Kolmogorov--Smirnov test of the scores against the validation quantiles. Each
 fires only when it is significant (``alpha``) *and* the effect is at least
 ``min_effect`` (excess unidentified share, or KS distance), so a small normal
 sample with two or three odd cells never raises the alarm.
+
+The reference is kept **per predicted class** (:class:`ClassReference`: the
+validation score quantiles and unidentified share of the validation cells the
+model assigns to each class). The score distribution differs between classes
+(an immature granulocyte lies further from its class mean, and its early
+features further from the pooled Gaussian, than a lymphocyte), so one pooled
+distribution mistakes a sample dominated by one class -- a left shift, an
+eosinophilia -- for images from another laboratory. Each cell is therefore
+compared with its own predicted class's validation distribution (the KS test
+runs on these per-class probability-integral transforms, uniform under "same
+laboratory" whatever the class mix) and the expected unidentified share is the
+mix-weighted mean of the per-class shares. A class with fewer than
+:data:`MIN_CLASS_CELLS` validation cells falls back to the pooled reference. A
+reference fitted before the per-class format (no ``per_class`` entry) still
+loads and is tested pooled; :func:`pooled_reference_note` says how to refit it.
 """
 
 from __future__ import annotations
@@ -54,8 +69,12 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Har
 DEFAULT_QUANTILE = 0.995
 #: Number of validation score quantiles stored for the KS test (0 %, 1 %, ..., 100 %).
 N_REFERENCE_QUANTILES = 101
-#: Flag a sample under the domain-shift alarm gets instead of its other flags.
+#: Flag a sample under the domain-shift alarm gets in front of its other flags (which it keeps, marked unverified).
 SHIFT_FLAG = "results unreliable: images unlike the training data"
+#: Fewest validation cells of a predicted class for its own reference; smaller classes use the pooled one.
+MIN_CLASS_CELLS = 30
+#: How to refit an OOD reference in the per-class format (named by :func:`pooled_reference_note`).
+REFIT_COMMAND = "python jobs/fit_ood_packaged.py --data <labelled folder> --checkpoint {checkpoint}"
 _TENSORS = ("pen_means", "pen_precision", "early_mean", "early_precision")
 
 
@@ -140,6 +159,52 @@ def _min_sq_distance(x: np.ndarray, means: np.ndarray, precision: np.ndarray) ->
     return np.einsum("nkd,de,nke->nk", diff, precision, diff).min(axis=1)
 
 
+@dataclass(frozen=True)
+class ClassReference:
+    """The validation reference of the cells the model assigns to one class."""
+
+    n_val: int
+    #: their score quantiles at 0, 1, ..., 100 %.
+    val_quantiles: list[float]
+    #: their share above the (pooled) unidentified threshold.
+    val_unidentified_share: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON values for the checkpoint metadata."""
+        return {"n_val": int(self.n_val), "val_quantiles": [float(v) for v in self.val_quantiles],
+                "val_unidentified_share": float(self.val_unidentified_share)}
+
+
+def class_references(scores: np.ndarray, classes: np.ndarray, threshold: float) -> dict[str, ClassReference]:
+    """Per predicted class (named by ``str``) of the validation cells: their :class:`ClassReference`."""
+    scores, classes = np.asarray(scores, dtype=np.float64), np.asarray(classes).astype(str)
+    out = {}
+    for name in np.unique(classes):
+        own = scores[classes == name]
+        out[str(name)] = ClassReference(
+            len(own), np.quantile(own, np.linspace(0, 1, N_REFERENCE_QUANTILES)).tolist(),
+            float(np.mean(own > threshold)))
+    return out
+
+
+def per_class_of(meta: Mapping[str, Any]) -> dict[str, ClassReference] | None:
+    """The per-class references of a checkpoint's ``ood`` metadata entry (None: a pooled-only reference)."""
+    raw = meta.get("per_class")
+    if not raw:
+        return None
+    return {str(k): ClassReference(int(v["n_val"]), [float(x) for x in v["val_quantiles"]],
+                                   float(v["val_unidentified_share"])) for k, v in raw.items()}
+
+
+def pooled_reference_note(meta: Mapping[str, Any] | None, checkpoint: str) -> str | None:
+    """One line for a checkpoint whose OOD reference predates the per-class format; None otherwise."""
+    if not meta or meta.get("per_class"):
+        return None
+    return (f"{checkpoint}: its OOD reference is pooled over all classes (fitted before the per-class format), so a "
+            f"sample dominated by one class can raise the domain-shift alarm; refit it with "
+            f"`{REFIT_COMMAND.format(checkpoint=checkpoint)}`")
+
+
 @dataclass
 class OodReference:
     """A fitted OOD score: Gaussians, standardisation, threshold and the validation reference.
@@ -165,6 +230,8 @@ class OodReference:
     quantile: float = DEFAULT_QUANTILE
     n_train: int = 0
     n_val: int = 0
+    #: per predicted class: the validation reference of its cells (None: fitted before the per-class format).
+    per_class: dict[str, ClassReference] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def score(self, pen: np.ndarray, early: np.ndarray) -> np.ndarray:
@@ -186,7 +253,9 @@ class OodReference:
                 "early_scale": [float(v) for v in self.early_scale], "threshold": float(self.threshold),
                 "quantile": float(self.quantile), "val_quantiles": [float(v) for v in self.val_quantiles],
                 "val_unidentified_share": float(self.val_unidentified_share), "n_train": int(self.n_train),
-                "n_val": int(self.n_val), **self.extra}
+                "n_val": int(self.n_val), **self.extra,
+                **({"per_class": {k: v.to_json() for k, v in sorted(self.per_class.items())}}
+                   if self.per_class else {})}
 
     @classmethod
     def from_parts(cls, meta: Mapping[str, Any], blob: bytes, where: str) -> "OodReference":
@@ -200,14 +269,15 @@ class OodReference:
         if missing:
             raise OodError(f"{where}: the OOD file lacks {', '.join(missing)}")
         known = {"file_sha256", "rule", "early_layer", "early_call", "pen_scale", "early_scale", "threshold",
-                 "quantile", "val_quantiles", "val_unidentified_share", "n_train", "n_val"}
+                 "quantile", "val_quantiles", "val_unidentified_share", "n_train", "n_val", "per_class"}
         return cls(**{k: arrays[k] for k in _TENSORS}, early_layer=str(meta["early_layer"]),
                    early_call=int(meta["early_call"]), pen_scale=tuple(meta["pen_scale"]),
                    early_scale=tuple(meta["early_scale"]), threshold=float(meta["threshold"]),
                    val_quantiles=list(meta["val_quantiles"]),
                    val_unidentified_share=float(meta["val_unidentified_share"]),
                    quantile=float(meta.get("quantile", DEFAULT_QUANTILE)), n_train=int(meta.get("n_train", 0)),
-                   n_val=int(meta.get("n_val", 0)), extra={k: v for k, v in meta.items() if k not in known})
+                   n_val=int(meta.get("n_val", 0)), per_class=per_class_of(meta),
+                   extra={k: v for k, v in meta.items() if k not in known})
 
 
 def _log_scale(values: np.ndarray) -> tuple[float, float]:
@@ -216,8 +286,14 @@ def _log_scale(values: np.ndarray) -> tuple[float, float]:
 
 
 def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.ndarray, val_pen: np.ndarray,
-            val_early: np.ndarray, early: tuple[str, int], quantile: float = DEFAULT_QUANTILE) -> OodReference:
-    """Fit the OOD score on training features and labels; standardise it and set its threshold on validation."""
+            val_early: np.ndarray, early: tuple[str, int], quantile: float = DEFAULT_QUANTILE,
+            val_classes: np.ndarray | None = None) -> OodReference:
+    """Fit the OOD score on training features and labels; standardise it and set its threshold on validation.
+
+    ``val_classes``: the class the model predicts for each validation cell
+    (names), for the per-class references (:func:`class_references`); without
+    them the reference is pooled only.
+    """
     from sklearn.covariance import LedoitWolf
 
     train_labels = np.asarray(train_labels)
@@ -239,6 +315,10 @@ def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.nda
     ref.threshold = float(np.quantile(val_scores, quantile))
     ref.val_quantiles = np.quantile(val_scores, np.linspace(0, 1, N_REFERENCE_QUANTILES)).tolist()
     ref.val_unidentified_share = float(np.mean(val_scores > ref.threshold))
+    if val_classes is not None:
+        if len(val_classes) != len(val_scores):
+            raise OodError(f"{len(val_classes)} validation classes for {len(val_scores)} validation cells")
+        ref.per_class = class_references(val_scores, val_classes, ref.threshold)
     return ref
 
 
@@ -247,38 +327,89 @@ def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.nda
 class ShiftRule:
     """When a group of cells counts as shifted: significant at ``alpha`` and at least ``min_effect``."""
 
-    alpha: float = 0.001
+    alpha: float = 0.0001
     min_effect: float = 0.25
 
 
+def _cell_references(scores: np.ndarray, classes: np.ndarray | None, per_class: Mapping[str, ClassReference] | None,
+                     val_quantiles: list[float], val_share: float,
+                     n_val: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per cell: its score's quantile in its reference distribution and that reference's unidentified share; and
+    the effective size of the mixture of references.
+
+    The reference is the cell's predicted class's when there is one with at
+    least :data:`MIN_CLASS_CELLS` validation cells, else the pooled one. Shares
+    are floored at 1 / (validation cells of the reference), so a clean
+    validation set does not make one odd cell significant. A mixture with
+    weights ``w`` of references of ``m`` cells is itself known to within the
+    error of ``1 / sum(w**2 / m)`` cells.
+    """
+    grid = np.asarray(val_quantiles, dtype=np.float64)
+    u = np.interp(scores, grid, np.linspace(0.0, 1.0, len(grid)))
+    p = np.full(len(scores), min(max(float(val_share), 1.0 / max(n_val, 1)), 1.0))
+    pooled = np.ones(len(scores), dtype=bool)
+    weights = []
+    if classes is not None and per_class:
+        classes = np.asarray(classes).astype(str)
+        for name, ref in per_class.items():
+            mask = classes == name
+            if ref.n_val < MIN_CLASS_CELLS or not mask.any():
+                continue
+            own = np.asarray(ref.val_quantiles, dtype=np.float64)
+            u[mask] = np.interp(scores[mask], own, np.linspace(0.0, 1.0, len(own)))
+            p[mask] = min(max(ref.val_unidentified_share, 1.0 / ref.n_val), 1.0)
+            pooled &= ~mask
+            weights.append((mask.mean(), ref.n_val))
+    if pooled.any():
+        weights.append((pooled.mean(), max(n_val, 1)))
+    return u, p, 1.0 / sum(w * w / m for w, m in weights)
+
+
 def shift_statistics(scores: np.ndarray, threshold: float, val_quantiles: list[float], val_share: float,
-                     rule: ShiftRule = ShiftRule(), n_val: int = 1000) -> dict[str, Any]:
+                     rule: ShiftRule = ShiftRule(), n_val: int = 1000, classes: np.ndarray | None = None,
+                     per_class: Mapping[str, ClassReference] | None = None) -> dict[str, Any]:
     """Domain-shift statistics of one group of OOD scores against the validation reference.
 
     Returns ``n_unidentified``, ``share_unidentified``, ``unidentified_p_value``
-    (one-sided binomial: more unidentified cells than the validation share
-    predicts; that share is floored at 1 / ``n_val`` so a clean validation set
-    does not make one odd cell significant), ``ood_ks`` and ``ood_ks_p_value``
-    (one-sided Kolmogorov--Smirnov: scores larger than the validation
-    distribution, read from its quantiles) and ``domain_shift``. An empty
-    group has null statistics and no alarm.
+    (one-sided binomial: more unidentified cells than the reference share
+    predicts), ``ood_ks`` and ``ood_ks_p_value`` (one-sided
+    Kolmogorov--Smirnov: scores larger than the reference distribution, read
+    from its quantiles) and ``domain_shift``. An empty group has null
+    statistics and no alarm.
+
+    With ``classes`` (each cell's predicted class) and ``per_class`` (the
+    checkpoint's :class:`ClassReference` by class name), each cell is compared
+    with its own class's validation distribution: the KS test runs on the
+    cells' quantiles in their class's distribution (uniform for cells of the
+    training laboratory, whatever the class mix), and the expected
+    unidentified share is the mean of the cells' class shares. Without them
+    (or for classes with under :data:`MIN_CLASS_CELLS` validation cells) the
+    pooled ``val_quantiles``/``val_share`` are the reference. The KS
+    p-value accounts for the reference's own sampling error (a two-sample
+    test at the effective sizes), so a reference of a hundred validation cells
+    per class does not make small samples alarm more often than ``alpha``.
     """
     from scipy import stats
 
     scores = np.asarray(scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
+    finite = np.isfinite(scores)
+    scores = scores[finite]
+    if classes is not None:
+        classes = np.asarray(classes)[finite]
     n = len(scores)
     if n == 0:
         return {"n_unidentified": 0, "share_unidentified": None, "unidentified_p_value": None, "ood_ks": None,
                 "ood_ks_p_value": None, "domain_shift": False}
+    u, p, m = _cell_references(scores, classes, per_class, val_quantiles, val_share, n_val)
     k = int((scores > threshold).sum())
-    p0 = min(max(float(val_share), 1.0 / max(n_val, 1)), 1.0)
-    share = k / n
+    p0, share = float(p.mean()), k / n
+    # A binomial at the mean share: the count is Poisson-binomial, whose variance is at most this one's, so the
+    # p-value errs on the side of no alarm.
     p_binom = float(stats.binom.sf(k - 1, n, p0))
-    grid = np.asarray(val_quantiles, dtype=np.float64)
-    probs = np.linspace(0.0, 1.0, len(grid))
-    ks = stats.kstest(scores, lambda x: np.interp(x, grid, probs), alternative="less")
-    d, p_ks = float(ks.statistic), float(ks.pvalue)
+    d = float(stats.kstest(u, "uniform", alternative="less").statistic)
+    # The reference is itself a sample (a hundred-odd validation cells per class): the p-value is that of the
+    # two-sample test, at the effective size n*m/(n+m) (rounded down, so it errs towards no alarm).
+    p_ks = float(stats.ksone.sf(d, max(int(n * m / (n + m)), 1)))
     shifted = ((p_binom < rule.alpha and share - p0 >= rule.min_effect)
                or (p_ks < rule.alpha and d >= rule.min_effect))
     return {"n_unidentified": k, "share_unidentified": share, "unidentified_p_value": p_binom, "ood_ks": d,

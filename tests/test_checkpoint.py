@@ -228,7 +228,11 @@ def test_packaged_default_is_sealed_and_loads():
     # Its hash is pinned like the weights': replacing the batch changes the checkpoint id on purpose.
     assert meta.selfcheck == {"file_sha256": "14df89918e1a2f9b11bfc4a742165e0ed0809a8fdd585cc088ff1ace3ad0947c",
                               "images": 32}
-    assert meta.checkpoint_id == "bloodnet-fca405ea321f"
+    # Its OOD reference is per predicted class (issue 21: refitted by jobs/fit_ood_packaged.py), each class with
+    # enough val cells for its own reference.
+    assert set(meta.ood["per_class"]) == set(CLASS_NAMES) and loaded.ood.per_class is not None
+    assert all(ref["n_val"] >= 100 for ref in meta.ood["per_class"].values())
+    assert meta.checkpoint_id == "bloodnet-0f8924d91e18"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

@@ -202,7 +202,7 @@ def test_analyst_queries_over_every_view_still_work(committed_root):
             "WITH p AS (SELECT run_date, run_id, sample_id, confidence FROM predictions WHERE confidence < 0.85) "
             "SELECT r.run_date, count(*), max(p.confidence) FROM p JOIN runs r USING (run_date, run_id) "
             "GROUP BY 1 ORDER BY 1").fetchall()
-        assert [r[0] for r in rows] == ["2024-03-01", "2024-03-02"]
+        assert [r[0].isoformat() for r in rows] == ["2024-03-01", "2024-03-02"]  # run_date: a DATE
         ranked = con.execute("SELECT sample_id, row_number() OVER (PARTITION BY run_date ORDER BY sample_id) "
                              "FROM differentials ORDER BY run_date, 2").fetchall()
         assert len(ranked) == 5
@@ -232,8 +232,9 @@ def test_query_command_exports_and_renders(tmp_path):
         assert proc.stdout == "" and f"wrote 18 row(s) to exports/result.{fmt}" in proc.stderr
     table = pq.read_table(tmp_path / "exports" / "result.parquet")
     assert table.num_rows == 18
-    assert table.schema.field("confidence").type == pa.float32() and table.schema.field("run_date").type == pa.string()
-    assert len(json.loads((tmp_path / "exports" / "result.json").read_text())) == 18
+    assert table.schema.field("confidence").type == pa.float32() and table.schema.field("run_date").type == pa.date32()
+    exported = json.loads((tmp_path / "exports" / "result.json").read_text())
+    assert len(exported) == 18 and exported[0]["run_date"] == "2024-03-01"  # a DATE, written as ISO text
     assert (tmp_path / "exports" / "result.csv").read_text().splitlines()[0] == \
         "run_date,image_uri,confidence,needs_review"
 

@@ -35,6 +35,7 @@ DUCKDB_TYPE = {
     pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE",
     pa.list_(pa.string()): "VARCHAR[]",
     pa.binary(): "BLOB",
+    pa.date32(): "DATE",  # run_date where readers see it (stored as text)
 }
 DATE = "2024-05-01"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from bloodray.demo import load_demo_config, run_demo
@@ -19,6 +21,6 @@ def test_demo_runs_end_to_end(tmp_path, ray_cluster, capsys):
     assert "Per-sample differential" in out and "S0001" in out and "S0002" in out
     assert result.report.endswith("report.html")
     runs = run_query(result.output_uri, "SELECT run_date, n_predictions, n_errors FROM runs").to_pylist()
-    assert runs == [{"run_date": "2026-01-02", "n_predictions": 40, "n_errors": 0}]
+    assert runs == [{"run_date": dt.date(2026, 1, 2), "n_predictions": 40, "n_errors": 0}]
     samples = run_query(result.output_uri, "SELECT sample_id, n_images FROM differentials ORDER BY 1").to_pylist()
     assert samples == [{"sample_id": "S0001", "n_images": 20}, {"sample_id": "S0002", "n_images": 20}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 from bloodray.checkpoint import (OOD_FILE, CheckpointError, CheckpointMetadata, export_checkpoint, load_checkpoint,
                                  read_metadata, write_checkpoint)
 from bloodray.classes import CLASS_NAMES
-from bloodray.ood import SHIFT_FLAG, ShiftRule, early_layer, fit_ood, shift_statistics
+from bloodray.ood import (MIN_CLASS_CELLS, SHIFT_FLAG, OodReference, ShiftRule, early_layer, fit_ood,
+                          pooled_reference_note, shift_statistics)
 from bloodray.models import create_model
 from bloodray.nightly.differential import compute_differentials, count_columns, flag_columns
+from bloodray.nightly.contract import FLAGS_UNVERIFIED
 from bloodray.nightly.shift import apply_shift
 from bloodray.predict import CellPredictor
 
@@ -29,12 +32,18 @@ def _features(rng, n, shift=0.0):
     return pen, labels, early
 
 
+def _fitted(features, seed: int, n_val: int, per_class: bool):
+    """A reference fitted on 3000 training and ``n_val`` validation cells of ``features`` (classes a, b, c)."""
+    rng = np.random.default_rng(seed)
+    train_pen, train_y, train_early = features(rng, 3000)
+    val_pen, val_y, val_early = features(rng, n_val)
+    return fit_ood(train_pen, train_y, train_early, val_pen, val_early, ("features.7", 0),
+                   val_classes=np.array(["a", "b", "c"])[val_y] if per_class else None)
+
+
 @pytest.fixture(scope="module")
 def reference():
-    rng = np.random.default_rng(0)
-    train_pen, train_y, train_early = _features(rng, 3000)
-    val_pen, _, val_early = _features(rng, 2000)
-    return fit_ood(train_pen, train_y, train_early, val_pen, val_early, ("features.7", 0))
+    return _fitted(_features, 0, 2000, per_class=False)
 
 
 def test_ood_score_is_low_in_distribution_and_high_for_shifted_cells(reference):
@@ -90,7 +99,7 @@ def _counts(rows):
     return pa.table(cols)
 
 
-def test_a_sample_under_the_alarm_gets_one_flag_and_its_others_withheld(reference):
+def test_a_sample_under_the_alarm_keeps_its_flags_marked_unverified(reference):
     abnormal = {"neutrophil": 160, "lymphocyte": 20, "monocyte": 10, "eosinophil": 10}
     diffs = compute_differentials(_counts([("a", abnormal), ("b", abnormal)]))
     assert all(diffs.column("any_flag").to_pylist()) and "neutrophilia" in diffs.column("flags")[0].as_py()
@@ -101,15 +110,94 @@ def test_a_sample_under_the_alarm_gets_one_flag_and_its_others_withheld(referenc
     out, run = apply_shift(diffs, {"a": normal, "b": shifted},
                            {"a": int((normal > reference.threshold).sum()), "b": 190}, meta)
     rows = out.to_pylist()
-    assert not rows[0]["domain_shift"] and "neutrophilia" in rows[0]["flags"]
-    assert rows[1]["domain_shift"] and rows[1]["flags"] == [SHIFT_FLAG] and rows[1]["any_flag"]
-    assert not any(rows[1][c] for c in flag_columns())
+    assert not rows[0]["domain_shift"] and "neutrophilia" in rows[0]["flags"] and not rows[0][FLAGS_UNVERIFIED]
+    # Under the alarm: the alarm's flag first, then every flag the sample had, their columns still set.
+    assert rows[1]["domain_shift"] and rows[1]["any_flag"] and rows[1][FLAGS_UNVERIFIED]
+    assert rows[1]["flags"] == [SHIFT_FLAG, *rows[0]["flags"]]
+    assert all(rows[1][c] == rows[0][c] for c in flag_columns()) and rows[1]["flag_neutrophil_high"]
     assert rows[1]["n_unidentified"] == 190
     assert run["domain_shift"] and run["n_samples_shifted"] == 1
     # Without an OOD reference: null statistics, no alarm, flags untouched.
     plain, run = apply_shift(diffs, {}, {"a": 0, "b": 0}, None)
     assert plain.column("flags").to_pylist() == diffs.column("flags").to_pylist()
     assert plain.column("ood_ks").null_count == 2 and not run["domain_shift"]
+    assert plain.column(FLAGS_UNVERIFIED).to_pylist() == [False, False]
+
+
+# --------------------------------------------------------------------------- the per-class reference
+#: Per class: spread of the penultimate features and offset of the early ones. Class 2 (think immature
+#: granulocytes) lies further from its mean and its early statistics differ, so its scores run higher.
+_SPREAD, _EARLY = np.array([0.8, 1.0, 1.7]), np.array([0.0, 0.3, 1.2])
+
+
+def _skewed(rng, n, mix=(1 / 3, 1 / 3, 1 / 3), shift=0.0):
+    """Cells of one laboratory whose score distribution differs by class, in class proportions ``mix``."""
+    labels = rng.choice(3, n, p=mix)
+    pen = np.eye(3, 12)[labels] * 8.0 + rng.normal(size=(n, 12)) * _SPREAD[labels, None]
+    early = rng.normal(size=(n, 6)) + _EARLY[labels, None] + shift
+    return pen, labels, early
+
+
+@pytest.fixture(scope="module")
+def skewed_reference():
+    return _fitted(_skewed, 10, 1500, per_class=True)
+
+
+def _alarm(ref, pen, classes, early, per_class=True):
+    names = np.array(["a", "b", "c"])[classes]
+    return shift_statistics(ref.score(pen, early), ref.threshold, ref.val_quantiles, ref.val_unidentified_share,
+                            n_val=ref.n_val, classes=names if per_class else None,
+                            per_class=ref.per_class if per_class else None)
+
+
+def test_the_per_class_reference_is_fitted_on_the_predicted_classes_and_stored(skewed_reference):
+    ref = skewed_reference
+    assert sorted(ref.per_class) == ["a", "b", "c"] and sum(r.n_val for r in ref.per_class.values()) == ref.n_val
+    assert all(len(r.val_quantiles) == 101 for r in ref.per_class.values())
+    # The class whose cells score higher has its own, higher, reference.
+    assert ref.per_class["c"].val_quantiles[50] > ref.per_class["a"].val_quantiles[50] + 1.0
+    # Round trip through the checkpoint metadata; a reference from before the per-class format loads pooled.
+    blob = ref.tensors_bytes()
+    meta = ref.metadata(hashlib.sha256(blob).hexdigest())
+    back = OodReference.from_parts(json.loads(json.dumps(meta)), blob, "ck/ood.safetensors")
+    assert back.per_class == ref.per_class and "per_class" not in back.extra
+    old = {k: v for k, v in meta.items() if k != "per_class"}
+    assert OodReference.from_parts(old, blob, "ck/ood.safetensors").per_class is None
+    note = pooled_reference_note(old, "s3://lab/models/ck")
+    assert "s3://lab/models/ck" in note and "jobs/fit_ood_packaged.py --data" in note
+    assert "--checkpoint s3://lab/models/ck" in note
+    assert pooled_reference_note(meta, "ck") is None and pooled_reference_note(None, "ck") is None
+
+
+@pytest.mark.parametrize("mix", [(0.05, 0.05, 0.9), (0.9, 0.05, 0.05), (0.0, 0.0, 1.0), (0.5, 0.0, 0.5)])
+def test_skewed_class_mixes_of_the_same_laboratory_raise_no_alarm(skewed_reference, mix):
+    rng = np.random.default_rng(11)
+    # 100 cells: the minimum effect binds, never an alarm. 50 cells: the significance binds, so about alpha
+    # (0.1 %) of any sample of the laboratory -- skewed or not -- raises it: at most 2 of 300 here.
+    for n, most in ((100, 0), (50, 2)):
+        alarms = [_alarm(skewed_reference, *_skewed(rng, n, mix))["domain_shift"] for _ in range(300)]
+        assert sum(alarms) <= most, (mix, n, sum(alarms))
+
+
+def test_the_pooled_reference_mistook_a_skewed_mix_for_a_shift_and_the_per_class_one_still_sees_one(
+        skewed_reference):
+    rng = np.random.default_rng(12)
+    # What the pooled reference did with the same cells: a sample of the high-scoring class raises the alarm.
+    pooled = [_alarm(skewed_reference, *_skewed(rng, 100, (0.05, 0.05, 0.9)), per_class=False) for _ in range(20)]
+    assert np.mean([s["domain_shift"] for s in pooled]) > 0.5
+    # Another laboratory's cells, whatever their mix, all raise it under the per-class reference.
+    for mix in ((1 / 3, 1 / 3, 1 / 3), (0.05, 0.05, 0.9), (0.9, 0.05, 0.05)):
+        for n in (50, 100):
+            stats = _alarm(skewed_reference, *_skewed(rng, n, mix, shift=3.0))
+            assert stats["domain_shift"] and stats["ood_ks"] > 0.5, (mix, n)
+    # A class with too few validation cells for its own reference is compared with the pooled one.
+    few = {"a": dataclasses.replace(skewed_reference.per_class["a"], n_val=MIN_CLASS_CELLS - 1,
+                                    val_quantiles=[100.0] * 101)}
+    pen, labels, early = _skewed(rng, 100, (1.0, 0.0, 0.0), shift=3.0)
+    stats = shift_statistics(skewed_reference.score(pen, early), skewed_reference.threshold,
+                             skewed_reference.val_quantiles, skewed_reference.val_unidentified_share,
+                             classes=np.array(["a"] * 100), per_class=few)
+    assert stats["domain_shift"]
 
 
 def _tiny_checkpoint(tmp_path: Path) -> str:

@@ -26,6 +26,8 @@ from bloodray.classes import CLASS_NAMES, DIFFERENTIAL_CLASSES, reference_ranges
 from bloodray.nightly import tables
 
 D1, D2 = "2024-03-01", "2024-03-02"
+#: The same dates as the views show them: ``run_date`` is a DATE where readers see it (stored as text).
+DAY1, DAY2 = dt.date.fromisoformat(D1), dt.date.fromisoformat(D2)
 OLD, NEW, UNCOMMITTED, D2_RUN = "run-d1-old", "run-d1-new", "run-d1-uncommitted", "run-d2"
 FLAGGED_SAMPLE = "S-high&neut"  # "&" checks HTML escaping
 
@@ -182,13 +184,13 @@ def test_views_show_only_visible_runs(output_root):
     con = query.connect(uri, opts)
     try:
         runs = con.execute("SELECT run_date, run_id FROM runs ORDER BY run_date").fetchall()
-        assert runs == [(D1, NEW), (D2, D2_RUN)]
+        assert runs == [(DAY1, NEW), (DAY2, D2_RUN)]
         all_runs = con.execute("SELECT run_id FROM all_runs ORDER BY committed_at").fetchall()
         assert [r[0] for r in all_runs] == [OLD, NEW, D2_RUN]
 
         for table, per_date in expected.items():
             got = dict(con.execute(f"SELECT run_date, count(*) FROM {table} GROUP BY 1").fetchall())
-            assert got == {d: n for d, n in per_date.items() if n}, table
+            assert got == {dt.date.fromisoformat(d): n for d, n in per_date.items() if n}, table
             ids = {r[0] for r in con.execute(f"SELECT DISTINCT run_id FROM {table}").fetchall()}
             assert ids <= {NEW, D2_RUN}, table
         # Counts agree with the manifests of the visible runs.
@@ -197,7 +199,7 @@ def test_views_show_only_visible_runs(output_root):
         # union_by_name: the part file without image_sha256 reads as NULLs.
         assert con.execute("SELECT count(*) FROM predictions WHERE image_sha256 IS NULL").fetchone()[0] == 7
         types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE predictions)").fetchall())
-        assert types["run_date"] == "VARCHAR" and types["confidence"] == "FLOAT"
+        assert types["run_date"] == "DATE" and types["confidence"] == "FLOAT"
         flagged = con.execute("SELECT sample_id, flags FROM differentials WHERE any_flag ORDER BY 1").fetchall()
         assert flagged == [(FLAGGED_SAMPLE, ["neutrophil_high", "lymphocyte_low"]), ("S3", ["low_wbc_count"])]
         # Views join on run_date/run_id like any tables.
@@ -216,7 +218,8 @@ def test_run_query_read_table_and_formats(output_root):
     assert table.to_pylist() == [{"error_type": "OSError", "n": 2}, {"error_type": "ValueError", "n": 1}]
 
     diffs = query.read_table(uri, "differentials", opts, run_date=D2)
-    assert diffs.num_rows == 2 and set(diffs.column("run_date").to_pylist()) == {D2}
+    assert diffs.num_rows == 2 and set(diffs.column("run_date").to_pylist()) == {DAY2}
+    assert diffs.schema.field("run_date").type == pa.date32()
     preds = query.read_table(uri, "predictions", opts)
     assert preds.num_rows == 18 and "run_date" in preds.column_names
     assert query.read_table(uri, "errors", opts, run_date=D2).num_rows == 0
@@ -317,7 +320,7 @@ def test_torn_uncommitted_manifest_is_invisible(tmp_path):
     torn = tmp_path / "out" / "runs" / f"run_date={D1}" / f"{UNCOMMITTED}.parquet"
     torn.write_bytes(b"PAR1 not really parquet")
     table = query.run_query(uri, "SELECT run_date, run_id FROM runs ORDER BY run_date")
-    assert table.to_pylist() == [{"run_date": D1, "run_id": NEW}, {"run_date": D2, "run_id": D2_RUN}]
+    assert table.to_pylist() == [{"run_date": DAY1, "run_id": NEW}, {"run_date": DAY2, "run_id": D2_RUN}]
 
 
 def test_views_list_no_internal_objects_and_carry_the_clearer_names(tmp_path):
@@ -355,3 +358,67 @@ def test_views_list_no_internal_objects_and_carry_the_clearer_names(tmp_path):
                                                                                     "pct_unidentified"}
     finally:
         con.close()
+
+
+def test_run_date_is_a_date_for_readers_and_old_string_comparisons_still_work(tmp_path):
+    """Issue 24: every view shows ``run_date`` as a DATE (stored as text, the Delta partition value), so date
+    arithmetic works; queries written when it was text keep working where they compare with a string; a filter on
+    the date still reads only that date's files."""
+    from deltalake import DeltaTable
+
+    uri = str(tmp_path / "out")
+    build_tree(uri)
+    # Stored as before (text), so tables written by any bloodray need no rewrite.
+    stored = DeltaTable(f"{uri}/predictions").schema().to_arrow()
+    assert pa.schema(stored).field("run_date").type in (pa.string(), pa.large_string(), pa.string_view())
+    con = query.connect(uri)
+    try:
+        for view in query.VIEWS:
+            types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {view})").fetchall())
+            assert types["run_date"] == "DATE", view
+        next_days = con.execute("SELECT run_date + 1 FROM runs ORDER BY 1").fetchall()
+        assert next_days == [(DAY2,), (DAY2 + dt.timedelta(days=1),)]
+        assert con.execute("SELECT max(run_date) - min(run_date) FROM predictions").fetchone()[0] == 1
+        # Written against text: a string literal or parameter compared with a DATE is cast to a date.
+        old_style = {
+            f"run_date = '{D2}'": 6, f"run_date <> '{D2}'": 12, f"run_date >= '{D2}'": 6,
+            f"run_date IN ('{D1}', '{D2}')": 18, f"run_date BETWEEN '{D1}' AND '{D1}'": 12,
+            f"run_date = DATE '{D1}'": 12, f"run_date::VARCHAR LIKE '2024-03-0%'": 18,
+            f"strftime(run_date, '%Y-%m') = '2024-03'": 18, "run_date = current_date": 0}
+        for where, n in old_style.items():
+            assert con.execute(f"SELECT count(*) FROM predictions WHERE {where}").fetchone()[0] == n, where
+        assert con.execute("SELECT count(*) FROM predictions WHERE run_date = ?", [D1]).fetchone()[0] == 12
+        # A string function on the date needs the cast written out (the guide says so).
+        with pytest.raises(Exception, match="(?i)LIKE|~~|no function matches"):
+            con.execute("SELECT count(*) FROM predictions WHERE run_date LIKE '2024-03-0%'").fetchall()
+    finally:
+        con.close()
+    assert query.run_query(uri, f"SELECT n_predictions FROM runs WHERE run_date = '{D2}'").to_pylist() == [
+        {"n_predictions": 6}]
+    # The partition values are read typed, so the date filter still prunes: with D1's files gone, D2 reads fine.
+    for path in (tmp_path / "out" / "predictions" / f"run_date={D1}").rglob("*.parquet"):
+        path.unlink()
+    assert query.run_query(uri, f"SELECT count(*) AS n FROM predictions WHERE run_date = '{D2}'").to_pylist() == [
+        {"n": 6}]
+    with pytest.raises(query.QueryError, match="missing"):
+        query.run_query(uri, "SELECT count(*) FROM predictions")
+
+
+def test_date_options_are_checked_as_dates(tmp_path, capsys):
+    """``--date`` of ``report`` and ``review`` is a date (the views' ``run_date`` is one): a word is refused by the
+    parser with one line naming the option, before anything is read; ``write_report`` refuses it the same way."""
+    from bloodray import cli
+
+    uri = str(tmp_path / "out")
+    build_tree(uri)
+    for argv in (["report", "--output", uri, "--date", "yesterday"],
+                 ["review", "export", "--output", uri, "--date", "2024-13-01", "--dest", str(tmp_path / "r")],
+                 ["review", "refresh", "--output", uri, "--date", "last-night"]):
+        with pytest.raises(SystemExit) as info:
+            cli.run(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and "argument --date" in err[-1] and "give YYYY-MM-DD" in err[-1], argv
+    with pytest.raises(report.ReportError, match="not a date"):
+        report.write_report(uri, run_date="yesterday")
+    # A date object is as good as its text.
+    assert report.write_report(uri, run_date=DAY2, dest=str(tmp_path / "rep")).endswith("report.html")

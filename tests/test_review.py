@@ -161,7 +161,7 @@ def test_review_round_trip(tmp_path, ray_cluster, capsys):
             "SELECT image_uri, sample_id, predicted_class FROM predictions").fetchall()}
     finally:
         con.close()
-    assert len(reviews) == 3 and {r[3] for r in reviews} == {"dr x"} and {r[4] for r in reviews} == {DATE}
+    assert len(reviews) == 3 and {r[3] for r in reviews} == {"dr x"} and {str(r[4]) for r in reviews} == {DATE}
     assert {r[0]: r[2] for r in reviews} == {filled[i]["image_uri"]: filled[i]["verified_class"] for i in range(3)}
 
     # The verified view equals the job's own differential code run on the verified classes.

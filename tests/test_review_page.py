@@ -20,15 +20,16 @@ import pyarrow as pa
 import pytest
 
 from bloodray.classes import CLASS_NAMES, ReferenceRange
-from bloodray.nightly.shift import SHIFT_FLAG
+from bloodray.nightly.contract import FLAGS_UNVERIFIED
+from bloodray.nightly.shift import SHIFT_FLAG, mark_unverified
 from bloodray.nightly.differential import (
     FlagRules,
+    ModelConfusion,
     compute_differentials,
     count_columns,
     differential_fields,
     rules_data,
 )
-from bloodray.nightly.shift import withhold_flags
 from bloodray.review import page
 from helpers_browser import CHROMIUM, Browser
 from helpers_review import classify_synthetic, run_cli
@@ -60,7 +61,7 @@ def _python(cases: list[dict], rules: FlagRules) -> list[dict]:
                                            for name, col in zip(CLASS_NAMES, count_columns())}})
     meta = pa.table({"sample_id": ids, "wbc_count_10e9_per_l": pa.array([c["wbc"] for c in cases], pa.float64())})
     diffs = compute_differentials(table, rules, meta)
-    return withhold_flags(diffs, np.array([c["shifted"] for c in cases])).to_pylist()
+    return mark_unverified(diffs, np.array([c["shifted"] for c in cases])).to_pylist()
 
 
 def _same(a, b) -> bool:
@@ -82,6 +83,12 @@ RULES = {
     "absolute ranges only for two classes": FlagRules(
         absolute_ranges={"neutrophil": ReferenceRange(1.8, 7.0), "monocyte": ReferenceRange(0.1, 0.9)},
         confidence=0.99),
+    # The model's val confusion (issue 21): counts corrected, intervals widened by its errors.
+    "with the model's confusion": FlagRules(confusion=ModelConfusion.from_counts(
+        np.diag([120, 125, 113, 124, 119, 125, 125, 124]) + np.array(
+            [[0, 0, 0, 1, 0, 0, 0, 0], [0] * 8, [1, 0, 0, 0, 1, 4, 2, 4], [0, 0, 0, 0, 0, 0, 1, 0],
+             [0, 0, 0, 0, 0, 2, 0, 0], [0, 0, 0, 3, 0, 0, 0, 0], [0, 0, 0, 4, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]])),
+        absolute_ranges={"neutrophil": ReferenceRange(1.8, 7.0)}),
 }
 
 
@@ -89,7 +96,7 @@ def test_page_differential_agrees_with_the_python_differential(tmp_path):
     cases = _cases()
     html = tmp_path / "review.html"
     html.write_text(page.render(_page_data([])))
-    fields = [name for name, _ in differential_fields()]
+    fields = [name for name, _ in differential_fields()] + [FLAGS_UNVERIFIED]
     with Browser() as browser:
         browser.open(html)
         for label, rules in RULES.items():
@@ -315,7 +322,7 @@ def test_review_page_in_chromium_through_to_an_import(tmp_path, ray_cluster, cap
                         .to_arrow_table().to_pylist()}
         finally:
             con.close()
-        fields = [name for name, _ in differential_fields()]
+        fields = [name for name, _ in differential_fields()] + [FLAGS_UNVERIFIED]
         for sid, (diff, counts) in zip(samples, live):
             row = verified[sid]
             assert row["n_verified"] == sum(predictions[u][0] == sid for u in want), sid

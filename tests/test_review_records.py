@@ -26,7 +26,7 @@ from bloodray.config import load_config
 from bloodray.data import synth
 from bloodray.nightly import contract
 from bloodray.nightly.config import ClassifyConfig
-from bloodray.nightly.pipeline import run_classification
+from bloodray.nightly_job import classify as run_job
 from bloodray.review import decisions as dec
 
 DATE = "2024-06-03"
@@ -35,7 +35,8 @@ DATE = "2024-06-03"
 def _config(archive: Path, out: str, checkpoint: str, *extra: str) -> ClassifyConfig:
     return load_config(ClassifyConfig, None, [f"input.uri={archive}", f"output.uri={out}", f"run.date={DATE}",
                                               f"model.checkpoint={checkpoint}", "inference.batch_size=8",
-                                              "inference.num_gpus=0", "review.threshold=0.99", *extra])
+                                              "inference.num_gpus=0", "review.threshold=0.99", "report.enabled=false",
+                                              *extra])
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -58,6 +59,11 @@ def _delta_verified(out: str) -> list[dict]:
 
     rows = DeltaTable(str(Path(out) / "verified_differentials")).to_pyarrow_table().to_pylist()
     return sorted(rows, key=lambda r: (r["run_date"], r["sample_id"]))
+
+
+def _stored(row: dict, names) -> dict:
+    """A view row as the Delta table stores it: the views show ``run_date`` as a date, the table holds the text."""
+    return {k: row[k].isoformat() if k == contract.RUN_DATE else row[k] for k in names}
 
 
 def _report(capsys, out: str, dest: Path) -> str:
@@ -103,7 +109,7 @@ def _check_verified(out: str, verdicts: dict[str, str]) -> list[dict]:
     view = _rows(out, "SELECT * FROM verified_differentials ORDER BY run_date, sample_id")
     table = _delta_verified(out)
     # The Delta table is exactly the view (which adds the clearer alias names of some columns).
-    assert table == [{k: r[k] for k in table[0]} for r in view]
+    assert table == [_stored(r, table[0]) for r in view]
     expected = _expected_counts(out, verdicts)
     for row in table:
         assert {c: row[f"count_{c}"] for c in CLASS_NAMES} == expected[row["sample_id"]], row["sample_id"]
@@ -117,13 +123,14 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     synth.write_archive(str(day), synth.default_samples(2, 6, seed=21), size=64, seed=21)
     # The packaged model without its OOD reference (these synthetic cells are not PBC cells).
     checkpoint = export_checkpoint("default", str(tmp_path / "ckpt-a"), ood={})
-    first = run_classification(_config(archive, out, checkpoint))
+    first = run_job(_config(archive, out, checkpoint))
     assert first.n_predictions == 12
-    # The nightly run itself commits verified_differentials: any Delta reader has the machine's differential.
+    # The nightly job (as `bloodray classify` runs it) itself commits verified_differentials: any Delta reader has
+    # the machine's differential.
     machine = _rows(out, "SELECT * FROM differentials ORDER BY sample_id")
     assert [r["n_verified"] for r in _delta_verified(out)] == [0, 0]
     stored = contract.differentials_schema().names + [contract.RUN_DATE]  # the view adds alias names
-    assert [{k: r[k] for k in stored} for r in _delta_verified(out)] == [{k: r[k] for k in stored} for r in machine]
+    assert [{k: r[k] for k in stored} for r in _delta_verified(out)] == [_stored(r, stored) for r in machine]
 
     # A reviewer's decisions from the page, imported.
     run = _rows(out, "SELECT run_id, output_uri FROM runs")[0]
@@ -156,7 +163,7 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     late = day / "S0001" / "late.jpg"
     synth.write_archive(str(tmp_path / "extra"), [synth.SampleSpec("S0001", {"lymphocyte": 1})], size=64, seed=99)
     shutil.copy(next((tmp_path / "extra" / "S0001").glob("*.jpg")), late)
-    second = run_classification(_config(archive, out, checkpoint, "run.incremental=true"))
+    second = run_job(_config(archive, out, checkpoint, "run.incremental=true"))
     assert second.n_inputs == 1 and second.n_predictions == 13
     table = _check_verified(out, verdicts)
     assert [(r["n_verified"], r["signoff_status"], r["signoff_outdated"]) for r in table] == [
@@ -168,7 +175,7 @@ def test_reviews_and_signoffs_survive_reruns_and_vacuum(tmp_path, ray_cluster, c
     changed.write_bytes(late.read_bytes())
     new_checkpoint = export_checkpoint("default", str(tmp_path / "ckpt-b"), ood={}, temperature=1.5)
     with caplog.at_level(logging.WARNING, logger="bloodray"):
-        third = run_classification(_config(archive, out, new_checkpoint))
+        third = run_job(_config(archive, out, new_checkpoint))
     assert third.checkpoint_id != first.checkpoint_id and third.n_inputs == 13
     # The changed image's review no longer matches: reported on the console, in reviews and in the table.
     assert any("1 review(s) of 2024-06-03 no longer match an image" in r.getMessage() for r in caplog.records)

@@ -3,7 +3,8 @@
 A BloodNet trained on synthetic cells gets an OOD reference fitted on other
 synthetic cells; an archive like its training cells runs without alarm, one
 whose colours and scale differ trips it (and with ``shift.on_alarm=fail``
-publishes nothing).
+publishes nothing). A sample under the alarm keeps its flags, marked
+unverified, in the table and the report.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from bloodray.config import load_config
 from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
 from bloodray.evaluation.evaluate import fit_ood_reference
-from bloodray.ood import SHIFT_FLAG
+from bloodray.ood import MIN_CLASS_CELLS, SHIFT_FLAG
+from bloodray.analysis.report_figures import UNVERIFIED_MARK
+from bloodray.checkpoint import read_metadata
+from bloodray.nightly.differential import flag_labels
+from bloodray.nightly.shift import group_statistics
 from bloodray.nightly import contract, tables
 from bloodray.nightly.config import ClassifyConfig, ClassifyError
 from bloodray.nightly.differential import count_columns
@@ -37,7 +42,8 @@ def ood_checkpoint(tmp_path_factory, ray_cluster):
     base = tmp_path_factory.mktemp("shift")
     plain = train_quick_checkpoint(base / "checkpoint", size=SIZE)
     cells = base / "cells"
-    synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=7)
+    # 64 cells per class, half of them val: enough val cells per predicted class for its own reference.
+    synth.write_labelled_dataset(str(cells), 64, size=SIZE, seed=7)
     rows = [{"uri": uri, "label": CLASS_TO_INDEX[name]} for uri, name in list_labelled_images(str(cells))]
     ref, _ = fit_ood_reference(plain, rows[0::2], rows[1::2])
     blob = ref.tensors_bytes()
@@ -70,7 +76,9 @@ def _tables(out: Path):
 def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint, capsys):
     samples = synth.default_samples(2, 60, seed=1)
     normal, shifted = tmp_path / "normal", tmp_path / "shifted"
-    synth.write_archive(str(normal), samples, size=SIZE, seed=11)
+    # A third sample of the training laboratory dominated by one class (a left shift): no alarm either.
+    skewed = synth.SampleSpec("S0003", {"ig": 45, "neutrophil": 10, "lymphocyte": 5})
+    synth.write_archive(str(normal), [*samples, skewed], size=SIZE, seed=11)
     synth.write_archive(str(shifted), samples, size=SIZE, seed=12)
     _shift_images(shifted)
 
@@ -80,7 +88,15 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     assert not result.domain_shift and result.shift_warning() is None
     assert all(r["ood_score"] is not None for r in preds)
     assert np.mean([r["status"] == contract.UNIDENTIFIED for r in preds]) < 0.1
-    assert not any(d["domain_shift"] for d in diffs)
+    assert not any(d["domain_shift"] or d[contract.FLAGS_UNVERIFIED] for d in diffs) and len(diffs) == 3
+    # The job compared each cell with its own predicted class's reference (the checkpoint's per-class one).
+    ood = read_metadata(ood_checkpoint).ood
+    assert sum(ref["n_val"] >= MIN_CLASS_CELLS for ref in ood["per_class"].values()) >= 2
+    for d in diffs:
+        own = [r for r in preds if r["sample_id"] == d["sample_id"]]
+        stats = group_statistics(np.array([r["ood_score"] for r in own]),
+                                 np.array([r["predicted_class"] for r in own]), ood)
+        assert d["ood_ks"] == pytest.approx(stats["ood_ks"])
 
     # Another lab's cells: unidentified, not counted, every sample under the alarm with the one flag.
     result = run_classification(_config(shifted, tmp_path / "out-shifted", ood_checkpoint))
@@ -89,8 +105,11 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     assert len(unidentified) > 0.5 * len(preds)
     # They keep their predicted class and confidence, and are not sent to review for their class.
     assert all(r["predicted_class"] and r["confidence"] is not None and not r["needs_review"] for r in unidentified)
+    labels = flag_labels()
     for d in diffs:
-        assert d["domain_shift"] and d["flags"] == [SHIFT_FLAG] and d["any_flag"]
+        # Under the alarm: its flag first, then every flag the sample's counts raised, kept and marked unverified.
+        assert d["domain_shift"] and d["flags"][0] == SHIFT_FLAG and d["any_flag"] and d[contract.FLAGS_UNVERIFIED]
+        assert d["flags"][1:] == [label for col, label in labels.items() if d[col]] and len(d["flags"]) > 1
         assert d["n_unidentified"] == sum(r["status"] == contract.UNIDENTIFIED for r in preds
                                           if r["sample_id"] == d["sample_id"])
         assert sum(d[c] for c in count_columns()) == d["n_classified"] - d["n_unidentified"]
@@ -106,6 +125,7 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
 
     html = Path(write_report(str(tmp_path / "out-shifted"), dest=str(tmp_path / "report"))).read_text()
     assert "Domain-shift alarm" in html and html.index("Domain-shift alarm") < html.index("<section")
+    assert "kept but unverified" in html and diffs[0]["flags"][1] + UNVERIFIED_MARK in html
 
     # shift.on_alarm=fail: the run fails and publishes nothing.
     with pytest.raises(ClassifyError, match="domain-shift alarm.*nothing was published"):
@@ -123,3 +143,36 @@ def test_unidentified_cells_and_the_domain_shift_alarm(tmp_path, ood_checkpoint,
     run_id = tables.visible_runs(str(tmp_path / "out-cli")).column("run_id")[0].as_py()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "domain-shift alarm" in line]
     assert len(warnings) == 1 and run_id in warnings[0] and "2 of 2 sample(s) (100%)" in warnings[0]
+
+
+def _refit_job():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "fit_ood_packaged.py"
+    spec = importlib.util.spec_from_file_location("fit_ood_packaged", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_checkpoint):
+    from bloodray.checkpoint import load_checkpoint
+    from bloodray.ood import pooled_reference_note
+
+    # A checkpoint whose reference predates the per-class format: it loads, pooled, and is named for a refit.
+    meta = read_metadata(ood_checkpoint)
+    blob = (Path(ood_checkpoint) / "ood.safetensors").read_bytes()
+    old = export_checkpoint(ood_checkpoint, str(tmp_path / "old"),
+                            ood={k: v for k, v in meta.ood.items() if k != "per_class"}, ood_file=blob)
+    assert load_checkpoint(old).ood.per_class is None and old in pooled_reference_note(read_metadata(old).ood, old)
+    cells = tmp_path / "cells"
+    synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=8)
+    # Into a copy, then in place: weights, temperature and review threshold stay; the reference is per class.
+    assert _refit_job()(["--data", str(cells), "--checkpoint", old, "--dest", str(tmp_path / "copy")]) == 0
+    assert _refit_job()(["--data", str(cells), "--checkpoint", old]) == 0
+    for refitted in (str(tmp_path / "copy"), old):
+        new = read_metadata(refitted)
+        assert new.ood["per_class"] and pooled_reference_note(new.ood, refitted) is None
+        assert (new.weights_sha256, new.temperature, new.review_threshold) == (
+            meta.weights_sha256, meta.temperature, meta.review_threshold)
+        assert load_checkpoint(refitted).ood.per_class

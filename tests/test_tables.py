@@ -248,8 +248,9 @@ def test_a_pre_delta_output_root_is_refused_then_upgraded_in_place(tmp_path, cap
     assert tables.visible_runs(out).column("run_id").to_pylist() == [NEW, D2_RUN]
     assert sorted(tables.committed_runs(out).column("run_id").to_pylist()) == sorted([OLD, NEW, D2_RUN])
     preds = query.read_table(out, "predictions")
-    assert {d: preds.filter(pa.compute.equal(preds.column("run_date"), d)).num_rows for d in (D1, D2)} == \
-        expected["predictions"]
+    # The views' run_date is a date (stored as text).
+    assert {d: preds.filter(pa.compute.equal(preds.column("run_date"), dt.date.fromisoformat(d))).num_rows
+            for d in (D1, D2)} == expected["predictions"]
     assert set(_standard_runs(out, None, "predictions")) == {NEW, D2_RUN}
     # Idempotent: a second upgrade commits nothing.
     from bloodray.nightly.legacy import upgrade_output

@@ -13,12 +13,17 @@ every committed run. :func:`connect` returns a DuckDB connection with these view
 ``differentials``  idem
 ``errors``         idem
 ``thumbnails``     idem: a small JPEG (``jpeg`` BLOB) per classified image
-``reviews``        every reviewer's correction, with ``review_status`` (:mod:`bloodray.review.verified`)
+``reviews``        every reviewer's correction, with ``review_status`` (:mod:`bloodray.analysis.review_views`)
 ``signoffs``       every sign-off (or reopening) of a sample
 ``verified_differentials``  differentials counted from verified classes where reviewed
 
-Every view has ``run_date`` as ``VARCHAR`` (``'YYYY-MM-DD'``), the Delta
-partition value; cast with ``run_date::DATE`` for date arithmetic.
+Every view has ``run_date`` as a ``DATE`` (:data:`~bloodray.nightly.contract.RUN_DATE_TYPE`), so
+``run_date + 1``, ``run_date >= current_date - 7`` and ``date_trunc('month', run_date)`` work. The tables store
+it as text (the Delta partition value, ``'YYYY-MM-DD'``); the partition values are read typed, so a filter on
+``run_date`` still reads only that date's files. Queries written when the views showed text keep working where
+they compare with a string: DuckDB casts a string literal (or a ``?`` parameter) compared with a ``DATE`` to a
+date (``run_date = '2026-11-30'``, ``IN ('...', '...')``, ``BETWEEN``). String functions need an explicit
+cast: ``run_date::VARCHAR LIKE '2026-11-%'`` (or ``strftime(run_date, '%Y-%m')``).
 
 The views read what a Delta reader reads: files of uncommitted or superseded
 runs, and anything under ``_staging/``, never show. They are a snapshot of
@@ -52,6 +57,7 @@ import pyarrow as pa
 
 from bloodray import storage
 from bloodray.analysis.formats import DEFAULT_MAX_ROWS, EXPORT_FORMATS, FORMATS, format_table, write_export
+from bloodray.analysis.review_views import create_views as create_review_views
 from bloodray.nightly import contract, dictionary, tables
 from bloodray.nightly.legacy import refuse_legacy
 from bloodray.nightly.pending import pending_commits
@@ -160,9 +166,11 @@ def create_view(con: duckdb.DuckDBPyConnection, name: str, data: Any, where: str
     :data:`bloodray.nightly.dictionary.ALIASES` beside the stored ones.
 
     The view scans ``data`` directly (a relation, not a registered name), so no internal ``_*_files`` object shows
-    beside the public views in ``SHOW TABLES``.
+    beside the public views in ``SHOW TABLES``. A table's ``run_date`` becomes a date
+    (:func:`~bloodray.nightly.contract.dated`); a dataset brings its own (:func:`~bloodray.nightly.tables.dataset`
+    with ``dated=True``).
     """
-    rel = con.from_arrow(data)
+    rel = con.from_arrow(contract.dated(data) if isinstance(data, pa.Table) else data)
     if where:
         rel = rel.filter(where)
     if order:
@@ -190,7 +198,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, output_uri: str, storage_optio
     for table in DATA_TABLES:
         # The Delta log picks the files (the current version holds the latest committed run of each date);
         # pyarrow reads them lazily, with DuckDB's projection and filter pushdown.
-        create_view(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of))
+        create_view(con, table, tables.dataset(output_uri, table, storage_options, as_of=as_of, dated=True))
 
 
 def _warn_pending(output_uri: str, storage_options: Mapping[str, Any] | None) -> None:
@@ -262,8 +270,6 @@ def connect(output_uri: str, storage_options: Mapping[str, Any] | None = None,
     try:
         _configure(con)
         _create_views(con, output_uri, storage_options, when)
-        from bloodray.review.verified import create_views as create_review_views
-
         create_review_views(con, output_uri, storage_options, when)
         _lock(con)
     except duckdb.Error as exc:
@@ -393,7 +399,7 @@ def read_table(output_uri: str, name: str, storage_options: Mapping[str, Any] | 
         run_date: keep only rows of this date (``YYYY-MM-DD`` or a date).
 
     Returns:
-        A pyarrow Table with the view's rows, ``run_date`` included.
+        A pyarrow Table with the view's rows, ``run_date`` included (a ``date32``, as in the views).
     """
     if name not in VIEWS:
         raise ValueError(f"unknown table {name!r}; expected one of {', '.join(VIEWS)}")

@@ -34,8 +34,9 @@ from bloodray.analysis import gallery, query
 from bloodray.analysis import report_figures as rfig
 from bloodray.analysis import report_verified as rver
 from bloodray.analysis.report_figures import TOP_N
+from bloodray.analysis.review_views import APPLIED_REVIEWS_SQL
 from bloodray.classes import DIFFERENTIAL_CLASSES, reference_ranges
-from bloodray.nightly.contract import RUN_DATE_PREFIX
+from bloodray.nightly.contract import RUN_DATE_PREFIX, run_day
 from bloodray.nightly.pending import pending_commits
 
 REPORT_FILE = "report.html"
@@ -75,16 +76,25 @@ def _columns(con: Any, view: str) -> set[str]:
     return {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
 
 
-def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, Any] | None) -> _Page:
+def _day(run_date: str | _dt.date) -> _dt.date:
+    """``run_date`` (``YYYY-MM-DD`` or a date) as a date, as the views hold it."""
+    try:
+        return run_day(run_date)
+    except ValueError as exc:
+        raise ReportError(f"run_date {exc}") from None
+
+
+def _load(output_uri: str, run_date: _dt.date | None, storage_options: Mapping[str, Any] | None) -> _Page:
     con = query.connect(output_uri, storage_options)
     try:
+        # Dates, as the views' run_date: the SQL below compares date with date.
         dates = [r[0] for r in con.execute("SELECT run_date FROM runs ORDER BY run_date").fetchall()]
         if not dates:
             raise ReportError(f"{output_uri}: no committed run to report on (no manifest under runs/)")
         if run_date is None:
             run_date = dates[-1]
         elif run_date not in dates:
-            recent = ", ".join(dates[-5:])
+            recent = ", ".join(d.isoformat() for d in dates[-5:])
             raise ReportError(f"{output_uri}: no committed run for run_date={run_date} (latest dates: {recent})")
         run = _rows(con, "SELECT * FROM runs WHERE run_date = ?", [run_date])[0]
         superseded = _rows(
@@ -92,7 +102,8 @@ def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, A
             "ORDER BY committed_at DESC", [run_date, run["run_id"]])
         samples = _rows(con, "SELECT * FROM differentials WHERE run_date = ? ORDER BY sample_id", [run_date])
         page = _Page(run=run, samples=samples, superseded=superseded, verified=rver.load(con, run_date),
-                     commits=[c.describe() for c in pending_commits(output_uri, storage_options, run_date)])
+                     commits=[c.describe() for c in pending_commits(output_uri, storage_options,
+                                                                    run_date.isoformat())])
         for line in page.commits:
             log.warning("%s: report of %s: %s", output_uri, run_date, line)
 
@@ -120,7 +131,7 @@ def _load(output_uri: str, run_date: str | None, storage_options: Mapping[str, A
         con.close()
 
 
-def _load_cells(con: Any, page: _Page, run_date: str, pred_cols: set[str]) -> None:
+def _load_cells(con: Any, page: _Page, run_date: _dt.date, pred_cols: set[str]) -> None:
     """Gallery cells: every review/unidentified cell, the least confident few others per sample and class."""
     needed = {"sample_id", "image_uri", "predicted_class", "confidence", "needs_review"}
     if not needed <= pred_cols:
@@ -134,8 +145,6 @@ def _load_cells(con: Any, page: _Page, run_date: str, pred_cols: set[str]) -> No
               f"<= {gallery.CONFIDENT_PER_CLASS}")
     verified = {}
     if page.verified.active:
-        from bloodray.review.verified import APPLIED_REVIEWS_SQL
-
         verified = dict(con.execute(f"SELECT image_uri, new_class FROM ({APPLIED_REVIEWS_SQL}) WHERE run_date = ?",
                                     [run_date]).fetchall())
     for cell in _rows(con, picked + " ORDER BY sample_id, image_uri", [run_date]):
@@ -218,12 +227,12 @@ def _flagged_html(page: _Page) -> str:
         pairs = [(page.verified.samples.get(str(s.get("sample_id")), s), s) for s in page.samples]
         flagged = [(v, s) for v, s in pairs if rfig.flagged(v)]
         header, rows = ("sample_id", "flags after review", "machine flags", "n_wbc"), [
-            (v.get("sample_id"), ", ".join(rfig.flags_of(v)), ", ".join(rfig.flags_of(s)), v.get("n_wbc"))
+            (v.get("sample_id"), rfig.flag_text(v), rfig.flag_text(s), v.get("n_wbc"))
             for v, s in flagged]
     else:
         flagged = [(s, s) for s in page.samples if rfig.flagged(s)]
         header, rows = ("sample_id", "flags", "n_wbc"), [
-            (s.get("sample_id"), ", ".join(rfig.flags_of(s)), s.get("n_wbc")) for s, _ in flagged]
+            (s.get("sample_id"), rfig.flag_text(s), s.get("n_wbc")) for s, _ in flagged]
     parts = [f"<h2>Flagged samples ({len(flagged)} of {len(page.samples)})</h2>"]
     if not flagged:
         return parts[0] + "<p>No sample is flagged.</p>"
@@ -259,7 +268,7 @@ def _samples_html(page: _Page) -> str:
             raised = bool(s.get(flag))
             cells.append((_fmt(rfig.num(s.get(col))) + (" ↑" if raised else ""), True, raised))
         cells.append((s.get("platelet_count"), True, False))
-        cells.append((", ".join(rfig.flags_of(s)), False, False))
+        cells.append((rfig.flag_text(s), False, False))
         tds = "".join(f"<td{_td_class(num, flag)}>{_e(_fmt(v))}</td>" for v, num, flag in cells)
         rows.append(f"<tr{' class=flagged' if rfig.flagged(s) else ''}>{tds}</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
@@ -308,7 +317,7 @@ def _shift_banner(page: _Page) -> str:
     shifted = [str(s.get("sample_id")) for s in page.samples if s.get("domain_shift")]
     return (f"<div class=alarm><strong>Domain-shift alarm: images unlike the training data.</strong> "
             f"{len(shifted)} of {len(page.samples)} sample(s) affected, {_e(page.run.get('n_unidentified'))} "
-            f"cell(s) unidentified; their differentials are unreliable and their flags are withheld. "
+            f"cell(s) unidentified; their differentials are unreliable and their flags are kept but unverified. "
             f"Samples: {_e(', '.join(shifted[:TOP_N]))}{' ...' if len(shifted) > TOP_N else ''}</div>")
 
 
@@ -336,7 +345,7 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
     """One sample: flags, its differential with intervals against the reference ranges, then its gallery."""
     ref = reference_ranges()
     sid = str(s.get("sample_id"))
-    flags = rfig.flags_of(s)
+    flags = rfig.flag_text(s)
     rows = []
     for c in DIFFERENTIAL_CLASSES:
         sd = rfig.side(s, c)
@@ -351,7 +360,7 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("class", "%", "95 % interval", "reference", "cells"))
     counts = (f"{_fmt(s.get('n_wbc'))} white cells, {_fmt(s.get('n_classified'))} classified, "
               f"{_fmt(s.get('n_review'))} to review, {_fmt(s.get('n_errors'))} unreadable")
-    flag_line = (f"<p class=flags>Flags: {_e(', '.join(flags))}</p>" if flags else "<p>No flags.</p>")
+    flag_line = (f"<p class=flags>Flags: {_e(flags)}</p>" if flags else "<p>No flags.</p>")
     cells = page.cells.get(sid, [])
     differential = (flag_line + gallery.scroll(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
                     if not page.verified.active else rver.sample_block(s, page.verified.samples.get(sid)))
@@ -394,9 +403,9 @@ def write_report(output_uri: str, run_date: str | _dt.date | None = None, dest: 
 
     Raises:
         storage.StorageError: the root or ``dest`` cannot be read or written.
-        ReportError: no committed run (for that date).
+        ReportError: no committed run (for that date), or ``run_date`` is not a date.
     """
-    page = _load(output_uri, None if run_date is None else str(run_date), storage_options)
+    page = _load(output_uri, None if run_date is None else _day(run_date), storage_options)
     rfig.render_figures(page)
     document = _html(page, output_uri)
 

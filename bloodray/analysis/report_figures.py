@@ -7,6 +7,8 @@ from typing import Any, Mapping, Sequence
 
 from bloodray.analysis.gallery import num
 from bloodray.classes import DIFFERENTIAL_CLASSES, cell_class, reference_ranges
+from bloodray.nightly.contract import FLAGS_UNVERIFIED
+from bloodray.ood import SHIFT_FLAG
 
 #: Samples per differential figure; more make rows too thin to read.
 SAMPLES_PER_FIGURE = 40
@@ -39,6 +41,18 @@ def flags_of(sample: Mapping[str, Any]) -> list[str]:
     out = [f"{c}_{s}" for c in DIFFERENTIAL_CLASSES if (s := side(sample, c))]
     out += [name for name in ("erythroblasts", "ig", "low_wbc_count") if sample.get(f"flag_{name}")]
     return out
+
+
+#: What the report writes after each flag a sample under the domain-shift alarm keeps.
+UNVERIFIED_MARK = " (unverified: domain shift)"
+
+
+def flag_text(sample: Mapping[str, Any], empty: str = "") -> str:
+    """The sample's flags for reading: comma-separated, each one kept under the domain-shift alarm marked unverified."""
+    flags = flags_of(sample)
+    if sample.get(FLAGS_UNVERIFIED):
+        flags = [f if f == SHIFT_FLAG else f + UNVERIFIED_MARK for f in flags]
+    return ", ".join(flags) or empty
 
 
 def flagged(sample: Mapping[str, Any]) -> bool:

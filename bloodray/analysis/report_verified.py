@@ -1,7 +1,7 @@
 """The reviewers' part of the nightly report: the verified differential beside the machine's, and who signed off.
 
 Read from the ``verified_differentials``, ``reviews`` and ``signoffs`` views
-(:mod:`bloodray.review.verified`) of the date. A date nobody reviewed or
+(:mod:`bloodray.analysis.review_views`) of the date. A date nobody reviewed or
 signed off shows the machine's results alone, as before; once a review or a
 sign-off exists, every sample shows machine and verified values side by side,
 the headline counts are the verified ones, and reviews that no longer match
@@ -35,7 +35,7 @@ class Verified:
         return bool(self.status_counts) or self.n_signoffs > 0
 
 
-def load(con: Any, run_date: str) -> Verified:
+def load(con: Any, run_date: _dt.date | str) -> Verified:
     """The date's verified differentials, review counts by status, and unmatched reviews."""
     def rows(sql: str) -> list[dict[str, Any]]:
         rel = con.sql(sql, params=[run_date])
@@ -137,7 +137,7 @@ def sample_block(machine: Mapping[str, Any], v: Mapping[str, Any] | None) -> str
                     + _td(_interval(v, col)) + "<td></td><td></td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("class", "machine %", "machine 95 % interval", "verified %",
                                              "verified 95 % interval", "reference", "cells machine / verified"))
-    m_flags, v_flags = ", ".join(rfig.flags_of(machine)) or "none", ", ".join(rfig.flags_of(v)) if v else "–"
+    m_flags, v_flags = rfig.flag_text(machine, "none"), rfig.flag_text(v) if v else "–"
     changed = v is not None and m_flags != (v_flags or "none")
     flag_line = (f"<p{' class=flags' if rfig.flagged(v or machine) else ''}>Flags after review: {e(v_flags or 'none')}"
                  f"{'' if not changed else f' (machine: {e(m_flags)})'}</p>")
@@ -159,8 +159,8 @@ def section(samples: list[Mapping[str, Any]], verified: Verified) -> str:
     for s in samples:
         v = verified.samples.get(str(s.get("sample_id")))
         body.append("<tr>" + _td(s.get("sample_id"), numeric=False)
-                    + _td(", ".join(rfig.flags_of(s)), numeric=False)
-                    + _td(", ".join(rfig.flags_of(v)) if v else "–", numeric=False, flag=bool(v and rfig.flagged(v)))
+                    + _td(rfig.flag_text(s), numeric=False)
+                    + _td(rfig.flag_text(v) if v else "–", numeric=False, flag=bool(v and rfig.flagged(v)))
                     + _td(v.get("n_verified") if v else 0) + _td(v.get("n_review") if v else "–")
                     + _td((v or {}).get("reviewers") or "", numeric=False)
                     + _td(signoff_text(v), numeric=False, flag=bool(v and v.get("signoff_outdated"))) + "</tr>")

@@ -202,15 +202,24 @@ def evaluate_folder(data_root: str, checkpoint: str | None, output_uri: str, spl
     split fractions and seed (unless ``seed`` is given), so the test images of
     a model trained on the same folder are exactly the ones it never saw.
     """
-    from bloodray.checkpoint import read_metadata, resolve_checkpoint
-    from bloodray.data.labelled import SplitFractions, build_split, rows_of
+    from bloodray.checkpoint import resolve_checkpoint
+    from bloodray.data.labelled import rows_of
 
     checkpoint = resolve_checkpoint(checkpoint, storage_options)
+    rows = rows_of(checkpoint_split(data_root, checkpoint, seed, storage_options), None if split == "all" else split)
+    return evaluate_rows(rows, checkpoint, output_uri, split=split, storage_options=storage_options, tta=tta)
+
+
+def checkpoint_split(data_root: str, checkpoint: str, seed: int | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The split table of a labelled folder under a checkpoint's own split fractions and seed (unless ``seed``)."""
+    from bloodray.checkpoint import read_metadata
+    from bloodray.data.labelled import SplitFractions, build_split
+
     split_cfg = (read_metadata(checkpoint, storage_options).config.get("data", {}) or {}).get("split", {})
     fractions = SplitFractions(split_cfg.get("train", 0.7), split_cfg.get("val", 0.1), split_cfg.get("test", 0.2))
     table, _ = build_split(data_root, fractions, split_cfg.get("seed", 0) if seed is None else seed, storage_options)
-    rows = rows_of(table, None if split == "all" else split)
-    return evaluate_rows(rows, checkpoint, output_uri, split=split, storage_options=storage_options, tta=tta)
+    return table
 
 
 #: Training cells the OOD Gaussians are fitted on (a fixed random subset: more adds little, costs inference).
@@ -230,8 +239,9 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
 
     Features come from the same Ray Data pipeline as every prediction
     (:func:`predict_rows`); training rows are subsampled to ``train_cells``
-    (seed 0). Returns the reference and the val prediction table (logits,
-    labels), so a calibration needs no second pass over val.
+    (seed 0). The per-class references are those of the classes the model
+    predicts for the val cells. Returns the reference and the val prediction
+    table (logits, labels), so a calibration needs no second pass over val.
     """
     from bloodray.checkpoint import load_checkpoint
     from bloodray.ood import early_layer, fit_ood
@@ -245,9 +255,35 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
 
     train = features(_subset(train_rows, train_cells))
     val = features(val_rows)
+    predicted = np.asarray(loaded.metadata.classes)[_matrix(val, "logits").argmax(axis=1)]
     ref = fit_ood(_matrix(train, "ood_pen"), np.asarray(train.column("label").to_pylist()),
-                  _matrix(train, "ood_early"), _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early)
+                  _matrix(train, "ood_early"), _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early,
+                  val_classes=predicted)
     return ref, val
+
+
+def refit_ood(checkpoint: str | None, data_root: str, dest: str | None = None,
+              storage_options: Mapping[str, Any] | None = None, train_cells: int | None = OOD_TRAIN_CELLS):
+    """Refit a checkpoint's OOD reference (per-class format) on a labelled folder and re-seal it at ``dest``.
+
+    The split is the checkpoint's own (its recorded fractions and seed), so
+    the Gaussians are fitted on its training cells and the threshold and
+    per-class references are set on validation cells it never trained on.
+    Weights, temperature, review threshold and calibration stay as they are.
+    ``dest`` defaults to the checkpoint itself. Returns ``(dest, reference)``.
+    """
+    from bloodray.checkpoint import export_checkpoint, resolve_checkpoint
+    from bloodray.data.labelled import rows_of
+
+    source = resolve_checkpoint(checkpoint, storage_options)
+    table = checkpoint_split(data_root, source, storage_options=storage_options)
+    ref, _val = fit_ood_reference(source, rows_of(table, "train"), rows_of(table, "val"), storage_options,
+                                  train_cells=train_cells)
+    blob = ref.tensors_bytes()
+    dest = dest or source
+    export_checkpoint(source, dest, storage_options, ood=ref.metadata(hashlib.sha256(blob).hexdigest()),
+                      ood_file=blob)
+    return dest, ref
 
 
 def ood_test_report(ref, table: pa.Table, review_threshold: float, temperature: float) -> dict[str, Any]:

@@ -32,13 +32,23 @@ from bloodray.nightly.resume import staged_result_files
 from bloodray.nightly.shift import apply_shift
 
 
-def sample_scores(con) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Per sample of the staged predictions (``p``): its cells' OOD scores, and its unidentified count."""
-    rows = con.sql(f"""SELECT sample_id, list(ood_score) FILTER (WHERE ood_score IS NOT NULL),
-                              count(*) FILTER (WHERE status = '{contract.UNIDENTIFIED}')
-                       FROM p GROUP BY sample_id""").fetchall()
-    scores = {sid: np.asarray(v or [], dtype=np.float64) for sid, v, _ in rows}
-    return scores, {sid: int(k) for sid, _, k in rows}
+def sample_scores(con) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, np.ndarray]]:
+    """Per sample of the staged predictions (``p``): its cells' OOD scores, its unidentified count, and the
+    cells' predicted classes (in the order of the scores)."""
+    counts = con.sql(f"""SELECT sample_id, count(*) FILTER (WHERE status = '{contract.UNIDENTIFIED}')
+                         FROM p GROUP BY sample_id""").fetchall()
+    cells = con.sql("""SELECT sample_id, ood_score, predicted_class FROM p WHERE ood_score IS NOT NULL
+                       ORDER BY sample_id""").to_arrow_table()
+    ids = np.asarray(cells.column("sample_id").to_pylist(), dtype=object)
+    values = cells.column("ood_score").to_numpy(zero_copy_only=False).astype(np.float64)
+    names = np.asarray(cells.column("predicted_class").to_pylist(), dtype=object)
+    scores, classes = {sid: np.zeros(0) for sid, _ in counts}, {sid: np.zeros(0, dtype=object) for sid, _ in counts}
+    # Rows are sorted by sample: each sample is one slice.
+    bounds = np.flatnonzero(ids[1:] != ids[:-1]) + 1 if len(ids) else np.zeros(0, dtype=int)
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(ids)]):
+        if hi > lo:
+            scores[ids[lo]], classes[ids[lo]] = values[lo:hi], names[lo:hi]
+    return scores, {sid: int(k) for sid, k in counts}, classes
 
 
 def write_table(reader: pa.RecordBatchReader, schema: pa.Schema, fs, directory: str, rows_per_file: int) -> int:
@@ -167,7 +177,8 @@ def write_differentials(plan: RunPlan, con) -> None:
         FROM rows GROUP BY sample_id ORDER BY sample_id""").to_arrow_table()
     diffs = compute_differentials(counts, plan.rules, plan.sample_metadata)
     diffs = diffs.add_column(0, "run_id", pa.array([plan.run_id] * diffs.num_rows, pa.string()))
-    diffs, plan.run_shift = apply_shift(diffs, *sample_scores(con), plan.ood, plan.shift_rule)
+    scores, unidentified, classes = sample_scores(con)
+    diffs, plan.run_shift = apply_shift(diffs, scores, unidentified, plan.ood, plan.shift_rule, classes)
     plan.stats.update(domain_shift=plan.run_shift["domain_shift"],
                       n_samples_shifted=plan.run_shift["n_samples_shifted"])
     schema = contract.differentials_schema()

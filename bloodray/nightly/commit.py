@@ -27,7 +27,7 @@ import json
 import logging
 import posixpath
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 
@@ -107,10 +107,18 @@ def _manifest(plan: RunPlan, committed_at: dt.datetime) -> dict[str, Any]:
         "incremental_skipped_samples": len(plan.skip_samples), "carried_from_run_id": plan.carried_from,
         **plan.run_shift,
         **{key: ",".join(sorted(values)) or None for key, values in plan.inference_paths.items()},
+        "flag_confusion_json": None if plan.rules.confusion is None else json.dumps(plan.rules.confusion.counts),
     }
 
 
-def commit_run(plan: RunPlan) -> RunResult:
+#: What a caller runs once a run is committed, still under the run's lease: ``(output_uri, run_date, run_id,
+#: storage_options)``. The job passes the review package's refresh of ``verified_differentials``
+#: (:func:`bloodray.review.records.refresh_after_commit`, wired by :func:`bloodray.nightly_job.classify`), so the
+#: nightly package needs nothing of the review one.
+AfterCommit = Callable[[str, str, str, "Mapping[str, Any] | None"], None]
+
+
+def commit_run(plan: RunPlan, after_commit: AfterCommit | None = None) -> RunResult:
     """Publish a staged run: check it, put its files in place, then commit every table, the manifest LAST.
 
     Refuses (:class:`ClassifyError`, nothing published, the run discarded)
@@ -122,7 +130,8 @@ def commit_run(plan: RunPlan) -> RunResult:
     and a failure discards it; from then on it is committed, and if this
     process stops before every table has it the next run of the date
     completes it (module docstring). Afterwards stale staging and files of
-    runs that never committed are deleted (best effort, see :func:`cleanup_runs`).
+    runs that never committed are deleted (best effort, see :func:`cleanup_runs`). Then ``after_commit``
+    runs, before the lease is released; it cannot fail the committed run (a failure is logged).
     """
     timer = time.monotonic()
     fs, root = contract.output_root(plan.output_uri, plan.storage_options)
@@ -162,8 +171,13 @@ def commit_run(plan: RunPlan) -> RunResult:
     except Exception as exc:  # noqa: BLE001 - the run is committed; readers keep warning about the old intent
         log.warning("run %s: could not remove superseded commit intents (%s)", plan.run_id, exc)
     cleanup_runs(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
-    # Still under the lease: no other run of the date can commit while the reviews are applied to this one.
-    refresh_verified_after_commit(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
+    if after_commit is not None:
+        # Still under the lease: no other run of the date can commit while e.g. the reviews are applied to this one.
+        try:
+            after_commit(plan.output_uri, plan.run_date, plan.run_id, plan.storage_options)
+        except Exception as exc:  # noqa: BLE001 - the run is committed either way
+            log.warning("run %s of %s is committed; what follows the commit failed: %s", plan.run_id,
+                        plan.run_date, exc)
     if plan.lease is not None:
         plan.lease.release()
     return RunResult(run_id=plan.run_id, run_date=plan.run_date, output_uri=plan.output_uri,
@@ -173,32 +187,8 @@ def commit_run(plan: RunPlan) -> RunResult:
                      n_review=plan.stats["n_review"], incremental_skipped_samples=len(plan.skip_samples),
                      n_resumed=len(plan.resumed_images),
                      timings=timings, n_unidentified=plan.run_shift["n_unidentified"],
-                     domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"])
-
-
-def refresh_verified_after_commit(output_uri: str, run_date: str, run_id: str,
-                                  storage_options: Mapping[str, Any] | None = None) -> None:
-    """Apply the date's reviews and sign-offs to the run just committed: refresh ``verified_differentials``.
-
-    Best effort, as the run is committed: on failure the ``verified_differentials``
-    query view is still current, and the next import or run of the date
-    commits the table. Reviews that no longer match an image of the run
-    (changed or removed) are reported, never dropped.
-    """
-    from bloodray.review.records import UNMATCHED_QUERY, refresh_verified
-
-    try:
-        refreshed = refresh_verified(output_uri, run_date, storage_options)
-    except Exception as exc:  # noqa: BLE001 - the run is committed either way
-        log.warning("run %s: verified_differentials of %s not refreshed (%s); the query view is current and the "
-                    "next review import or run of the date refreshes the table", run_id, run_date, exc)
-        return
-    if refreshed.n_verified:
-        log.info("run %s: %d reviewed cell(s) of %s applied to it", run_id, refreshed.n_verified, run_date)
-    if refreshed.n_reviews_unmatched:
-        log.warning("run %s: %d review(s) of %s no longer match an image of this run (changed or removed since "
-                    "they were made); they are kept: bloodray query \"%s\" --output %s", run_id,
-                    refreshed.n_reviews_unmatched, run_date, UNMATCHED_QUERY, output_uri)
+                     domain_shift=plan.run_shift["domain_shift"], n_samples_shifted=plan.run_shift["n_samples_shifted"],
+                     flags_uncorrected=plan.flags_uncorrected)
 
 
 def run_marker(fs, root: str, run_id: str) -> dict[str, Any] | None:

@@ -153,7 +153,8 @@ class FlagsConfig:
     min_wbc: int = DEFAULT_MIN_WBC_FOR_DIFFERENTIAL
     #: erythroblasts per 100 white cells above which (whole interval above) a sample is flagged.
     erythroblast_per_100_wbc: float = 1.0
-    #: confidence level of the counting-error intervals a flag must clear (Wilson score interval).
+    #: confidence level of the intervals a flag must clear (Wilson score interval; with the model's val confusion, the
+    #: score interval of the misclassification-corrected rate: docs/guides/analyst.md).
     confidence: float = 0.95
     #: optional table (CSV or Parquet, local or S3) of ``sample_id, wbc_count_10e9_per_l``; samples it lists
     #: are flagged on absolute reference ranges (10^9/L).
@@ -261,7 +262,7 @@ class ShiftConfig:
     #: (exit status 6) and publishes nothing.
     on_alarm: Literal["commit", "fail"] = "commit"
     #: significance level of the binomial and KS tests.
-    alpha: float = 0.001
+    alpha: float = 0.0001
     #: smallest effect that can raise the alarm: excess unidentified share, or KS distance.
     min_effect: float = 0.25
 

@@ -36,7 +36,7 @@ included), and the *visible* run of a date is the one with the latest
 only ever appended to by ``bloodray review import``, never replaced by a run
 and never vacuumed. A review names the cell's image content
 (``sample_id``, ``image_sha256``), so it applies to that image in whichever
-run of the date is visible (:mod:`bloodray.review.verified`).
+run of the date is visible (:mod:`bloodray.analysis.review_views`).
 ``verified_differentials`` is derived from them and the visible run: each
 review import and each run of a date replaces that date's rows.
 
@@ -49,13 +49,15 @@ also see files no version lists. Use a Delta reader
 This module is the one owner of that contract: one pyarrow schema per table
 (:data:`SCHEMAS`); the staged per-image rows of a run (:func:`staged_schema`),
 the SQL select lists that fill the tables (:func:`select_list`), the DuckDB
-column types of the query views (:func:`duckdb_columns`), the Delta table
-schemas (:func:`with_run_date`) and the visible-run rule
+column types of the query views (:func:`duckdb_columns`; ``run_date`` a
+DATE there, :data:`RUN_DATE_TYPE`), the Delta table schemas
+(:func:`with_run_date`; ``run_date`` stored as text) and the visible-run rule
 (:func:`visible_runs_sql`) are derived from it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import posixpath
 from typing import Any, Mapping
 
@@ -94,10 +96,18 @@ COMMITTED = "committed"
 #: Hive partition column of every table; it lives in the paths, never inside the files.
 RUN_DATE = "run_date"
 RUN_DATE_PREFIX = RUN_DATE + "="
+#: Type of ``run_date`` where readers see it (the query views, reports, ``read_table``): a date, so ``run_date + 1``
+#: and date comparisons work. Stored as text (``'YYYY-MM-DD'``: the Delta partition value and the ``run_date=``
+#: folder names), so tables written by any bloodray stay readable and need no rewrite (issue 24).
+RUN_DATE_TYPE = pa.date32()
 
 PARTITIONING = ds.partitioning(pa.schema([(RUN_DATE, pa.string())]), flavor="hive")
 
 _TS = pa.timestamp("us", tz="UTC")
+
+#: Column of ``differentials``: the sample's flags were counted from cells under the domain-shift alarm, so they
+#: are kept but unverified (:mod:`bloodray.nightly.shift`).
+FLAGS_UNVERIFIED = "flags_unverified"
 
 
 def prob_columns() -> list[str]:
@@ -127,7 +137,7 @@ def differentials_schema() -> pa.Schema:
               ("n_classified", pa.int64()), ("n_errors", pa.int64()), ("n_review", pa.int64())]
     fields += [(c, pa.int64()) for c in count_columns()]
     fields += differential_fields()
-    fields += shift_fields()
+    fields += shift_fields() + [(FLAGS_UNVERIFIED, pa.bool_())]
     return pa.schema(fields)
 
 
@@ -142,6 +152,8 @@ def runs_schema() -> pa.Schema:
     staging write included), ``write`` (predictions and errors tables),
     ``aggregate`` (differentials) and ``commit`` (checks, files into place and the
     manifest file; the Delta log commits that follow are not in it).
+    ``flag_confusion_json``: the val confusion counts the run's flags were corrected with (JSON, 8 x 8, rows true,
+    columns predicted; null: the flags assume a perfect classifier), so that reviews recompute them alike.
     ``precision`` and ``device`` say how the model actors ran (e.g. ``bf16`` on ``cpu``; values of several
     actors joined by ``,``; null when the run classified nothing itself): :mod:`bloodray.inference_precision`.
     """
@@ -153,7 +165,8 @@ def runs_schema() -> pa.Schema:
         ("n_errors", pa.int64()), ("n_samples", pa.int64()), ("n_review", pa.int64()),
         ("timings_json", pa.string()), ("incremental_skipped_samples", pa.int64()),
         ("carried_from_run_id", pa.string()),
-    ] + shift_fields() + [("n_samples_shifted", pa.int64()), ("precision", pa.string()), ("device", pa.string())])
+    ] + shift_fields() + [("n_samples_shifted", pa.int64()), ("precision", pa.string()), ("device", pa.string()),
+                          ("flag_confusion_json", pa.string())])
 
 
 #: Status of a classified cell: counted in the differential, or out of distribution and not counted.
@@ -279,6 +292,32 @@ def with_run_date(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field(RUN_DATE, pa.string()))
 
 
+def run_day(value: str | dt.date) -> dt.date:
+    """A run date (``YYYY-MM-DD`` text, as stored, or a date) as a date, as readers see ``run_date``.
+
+    Raises ValueError naming the value.
+    """
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a date; give YYYY-MM-DD") from None
+
+
+def dated(data: pa.Schema | pa.Table) -> pa.Schema | pa.Table:
+    """A schema or table with ``run_date`` as readers see it (:data:`RUN_DATE_TYPE`) instead of the stored text.
+
+    Anything without a ``run_date`` column is returned as it is.
+    """
+    schema = data if isinstance(data, pa.Schema) else data.schema
+    at = schema.get_field_index(RUN_DATE)
+    if at < 0 or schema.field(at).type == RUN_DATE_TYPE:
+        return data
+    typed = schema.set(at, schema.field(at).with_type(RUN_DATE_TYPE))
+    return typed if isinstance(data, pa.Schema) else data.cast(typed)
+
+
 def select_list(table: str, exprs: Mapping[str, str] | None = None) -> str:
     """SQL select list producing ``table``'s columns in schema order.
 
@@ -294,11 +333,12 @@ def select_list(table: str, exprs: Mapping[str, str] | None = None) -> str:
 
 
 def view_schema(view: str) -> pa.Schema:
-    """Arrow schema of a query view (``runs``, ``all_runs`` or a table), ``run_date`` included.
+    """Arrow schema of a query view (``runs``, ``all_runs`` or a table), ``run_date`` included as a date.
 
+    ``run_date`` has the readers' type :data:`RUN_DATE_TYPE` here, not the stored text of :func:`with_run_date`.
     The ``reviews`` view adds :data:`REVIEW_STATUS` after ``run_date``.
     """
-    schema = with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]())
+    schema = dated(with_run_date(SCHEMAS[RUNS if view in (RUNS, "all_runs") else view]()))
     return schema.append(pa.field(REVIEW_STATUS, pa.string())) if view == REVIEWS else schema
 
 

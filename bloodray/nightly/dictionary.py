@@ -40,7 +40,9 @@ _RATE = "per 100 white cells"
 
 #: column -> (unit, meaning), for every table that has the column; ``(table, column)`` keys override.
 COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
-    "run_date": ("date (YYYY-MM-DD text)", "the night the run classified (Delta partition column; UTC)"),
+    "run_date": ("date", "the night the run classified (UTC): a DATE in the query views, so `run_date + 1` and "
+                         "`run_date >= '2026-11-01'` work; stored as `YYYY-MM-DD` text, the Delta partition value "
+                         "(other Delta readers see the text)"),
     "run_id": ("", "the run that wrote the row: `<UTC start>-<random>` or `run.run_id`"),
     "sample_id": ("", "the sample (slide) the image belongs to, from its path (`input.sample_id_from`)"),
     "image_uri": ("URI", "the image file, or `<shard>#<member>` for a tar member; unique within a run"),
@@ -78,6 +80,11 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "wbc_count_10e9_per_l": ("10^9/L", "the sample's white cell count from `flags.sample_metadata`; null when not "
                                        "given"),
     "flag_basis": ("", "which ranges judged the sample: `absolute` (WBC count given) or `percent`"),
+    "flags_confusion_corrected": ("", "the intervals and flags account for the model's own errors (its confusion "
+                                      "on val, sealed by `bloodray calibrate`): counts corrected for "
+                                      "misclassification, intervals widened by the confusion's uncertainty; false: "
+                                      "the checkpoint has no confusion matrix and the flags assume a perfect "
+                                      "classifier; null: a run before this column"),
     "flag_erythroblasts": ("", "erythroblasts per 100 WBC: whole interval above `flags.erythroblast_per_100_wbc`"),
     "flag_ig": ("", "immature granulocytes per 100 WBC: whole interval above `flags.ig_percent`"),
     "flag_low_wbc_count": ("", "fewer than `flags.min_wbc` white cells were counted: the differential is unreliable"),
@@ -86,11 +93,17 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "n_unidentified": ("cells", "cells above the OOD threshold (`status = 'unidentified'`), not counted"),
     "share_unidentified": ("0-1 (fraction, not %)", "n_unidentified / cells classified"),
     "unidentified_p_value": ("", "one-sided binomial test of the unidentified share against the checkpoint's "
-                                 "validation share; null without an OOD reference"),
-    "ood_ks": ("0-1", "Kolmogorov-Smirnov distance of the OOD scores from the validation distribution"),
-    "ood_ks_p_value": ("", "one-sided KS test of the OOD scores against the validation distribution"),
+                                 "validation share for the sample's class mix; null without an OOD reference"),
+    "ood_ks": ("0-1", "Kolmogorov-Smirnov distance of the OOD scores from the validation distribution of "
+                      "each cell's predicted class (the pooled one for a checkpoint fitted before the per-class "
+                      "reference)"),
+    "ood_ks_p_value": ("", "one-sided KS test of the OOD scores against the validation distribution of each "
+                           "cell's predicted class"),
     "domain_shift": ("", "under the domain-shift alarm: significant at `shift.alpha` and an effect of at least "
-                         "`shift.min_effect`; a sample under it has its other flags withheld"),
+                         "`shift.min_effect`, each cell compared with its own predicted class's validation "
+                         "reference; a sample under it keeps its flags, marked `flags_unverified`"),
+    "flags_unverified": ("", "the sample is under the domain-shift alarm: its flags (other than the alarm's) were "
+                             "counted from cells the model may not recognise and are kept unverified"),
     ("runs", "domain_shift"): ("", "the run is under the domain-shift alarm (its pooled cells or any sample)"),
     "n_verified": ("cells", "cells of the sample a reviewer verified"),
     "started_at": ("timestamp, UTC", "when the run started"),
@@ -100,6 +113,9 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "input_uri": ("URI", "the archive folder the run listed"),
     "output_uri": ("URI", "the output root the run wrote"),
     "config_yaml": ("YAML text", "the run's final config (secrets redacted)"),
+    "flag_confusion_json": ("JSON, cells", "the checkpoint's val confusion counts the run's flags were corrected "
+                                           "with (8 x 8, rows true class, columns predicted, classes in the order "
+                                           "of `bloodray classes`); null: flags not corrected (no matrix)"),
     "n_inputs": ("inputs", "inputs the run read itself (images, tar members, broken shards)"),
     "n_predictions": ("images", "rows of the run in `predictions` (carried-over rows included)"),
     "n_samples": ("samples", "rows of the run in `differentials`"),
@@ -141,8 +157,10 @@ PATTERNS: list[tuple[str, str, str]] = [
     (rf"prob_({_CLASS})", "0-1", "the calibrated probability of class {0}"),
     (rf"count_({_CLASS})", "cells", "cells classified as {0} (unidentified cells are not counted)"),
     (rf"pct_({_CLASS})", _PCT, "{0}s as a percentage of white cells (immature granulocytes in the denominator)"),
-    (r"(.+)_lo", "as the value", "lower bound of the 95 % Wilson interval (`flags.confidence`) of `{0}`"),
-    (r"(.+)_hi", "as the value", "upper bound of the 95 % Wilson interval (`flags.confidence`) of `{0}`"),
+    (r"(.+)_lo", "as the value", "lower bound of the 95 % interval (`flags.confidence`) of `{0}`: of the true rate, "
+                                 "corrected for the model's confusion, where `flags_confusion_corrected`, else the "
+                                 "Wilson interval of the counted cells"),
+    (r"(.+)_hi", "as the value", "upper bound of the 95 % interval (`flags.confidence`) of `{0}`, as `{0}_lo`"),
     (rf"abs_({_CLASS})", "10^9/L", "absolute {0} count: WBC count x fraction; null without a WBC count"),
     (rf"flag_({_CLASS})_low", "", "{0}s below the reference range: the whole interval under the low limit"),
     (rf"flag_({_CLASS})_high", "", "{0}s above the reference range: the whole interval over the high limit"),

@@ -33,6 +33,12 @@ Definitions (adult peripheral blood):
 * ``flag_low_wbc_count``: fewer than ``min_wbc`` white cells were classified.
 * Samples without white cells have null percentages and intervals and raise
   no range, ig or erythroblast flag.
+
+The classifier's own errors (issue 21): with :attr:`FlagRules.confusion`
+(the checkpoint's val confusion) the intervals behind the flags are those of
+the sample's true rates, corrected for misclassification
+(:mod:`bloodray.nightly.intervals` says how and why); without one the flags
+keep the counting-error rule and ``flags_confusion_corrected`` is false.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ from bloodray.classes import (
     absolute_reference_ranges,
     reference_ranges,
 )
+from bloodray.nightly.intervals import (ConfusionError, ModelConfusion, checkpoint_confusion, share_bounds,
+                                        wilson_interval)
 from bloodray.nightly.sample_metadata import (
     SAMPLE_ID_COLUMN,
     WBC_COLUMN,
@@ -70,8 +78,9 @@ from bloodray.nightly.sample_metadata import (
 )
 
 __all__ = [
-    "ERYTHROBLAST_FLAG", "IG_FLAG", "LOW_WBC_FLAG", "RANGE_FLAG_NAMES", "FlagRules", "FlagRulesError",
-    "ReferenceRangeError", "SampleMetadataError", "absolute_columns", "compute_differentials", "count_columns",
+    "ConfusionError", "ERYTHROBLAST_FLAG", "IG_FLAG", "LOW_WBC_FLAG", "RANGE_FLAG_NAMES", "FlagRules",
+    "FlagRulesError", "ModelConfusion", "ReferenceRangeError", "SampleMetadataError", "absolute_columns", "checkpoint_confusion",
+    "compute_differentials", "count_columns",
     "differential", "differential_fields", "flag_columns", "flag_labels", "interval_columns", "load_absolute_ranges",
     "load_flag_rules", "load_reference_ranges", "load_sample_metadata", "parse_absolute_ranges",
     "parse_reference_ranges", "rules_data", "wilson_interval",
@@ -125,6 +134,9 @@ class FlagRules:
         confidence: level of the intervals, in (0, 1).
         absolute_ranges: reference range (10^9/L) per mature leukocyte, used
             for samples whose WBC count is known; empty = always percentages.
+        confusion: the model's measured confusion (not a config key: the
+            nightly job takes it from the checkpoint); None = intervals on the
+            counted cells as if every cell were classified right.
     """
 
     ranges: Mapping[str, ReferenceRange] = field(default_factory=reference_ranges)
@@ -133,6 +145,7 @@ class FlagRules:
     erythroblast_per_100_wbc: float = DEFAULT_ERYTHROBLAST_FLAG_PER_100_WBC
     confidence: float = DEFAULT_FLAG_CONFIDENCE
     absolute_ranges: Mapping[str, ReferenceRange] = field(default_factory=absolute_reference_ranges)
+    confusion: ModelConfusion | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.ig_percent) or not 0.0 <= self.ig_percent <= 100.0:
@@ -152,6 +165,8 @@ class FlagRules:
                 if not isinstance(rng, ReferenceRange) or rng.low > rng.high:
                     raise FlagRulesError(f"flags.{key}.{name}: expected a ReferenceRange with low <= high, "
                                          f"got {rng!r}")
+        if self.confusion is not None and not isinstance(self.confusion, ModelConfusion):
+            raise FlagRulesError(f"confusion: expected a ModelConfusion or None, got {type(self.confusion).__name__}")
 
 
 # --------------------------------------------------------------------------- reference-range file
@@ -288,8 +303,10 @@ def rules_data(rules: FlagRules) -> dict[str, Any]:
     """``rules`` and the class facts :func:`compute_differentials` reads, as JSON-ready data.
 
     For code outside Python that recomputes differentials (the review page's
-    live differential): it gets every threshold from here, and the interval's
-    ``z`` as this module computes it, so nothing is copied by hand.
+    live differential): it gets every threshold from here, the interval's
+    ``z`` as this module computes it and the model's confusion (rates, the
+    inverse of their transpose, val cells per class; null without one), so
+    nothing is copied by hand.
     """
     def ranges(section: Mapping[str, ReferenceRange]) -> dict[str, dict[str, Any]]:
         return {n: {"low": r.low, "high": r.high, "flag_low": r.flag_low} for n, r in section.items()}
@@ -299,7 +316,9 @@ def rules_data(rules: FlagRules) -> dict[str, Any]:
             "z": NormalDist().inv_cdf(0.5 + rules.confidence / 2.0), "ranges": ranges(rules.ranges),
             "absolute_ranges": ranges(rules.absolute_ranges), "ig_percent": rules.ig_percent,
             "erythroblast_per_100_wbc": rules.erythroblast_per_100_wbc, "min_wbc": rules.min_wbc,
-            "flag_labels": flag_labels()}
+            "flag_labels": flag_labels(), "confusion": None if rules.confusion is None else {
+                "rates": rules.confusion.rates.tolist(), "inverse_t": rules.confusion.inverse_t.tolist(),
+                "row_totals": rules.confusion.row_totals.tolist()}}
 
 
 def interval_columns() -> list[str]:
@@ -319,28 +338,9 @@ def differential_fields() -> list[tuple[str, pa.DataType]]:
     return ([("n_wbc", pa.int64())] + [(f"pct_{n}", f64) for n in DIFFERENTIAL_CLASSES]
             + [(c, f64) for c in RATE_COLUMNS] + [("platelet_count", pa.int64())]
             + [(c, f64) for c in interval_columns()] + [(c, f64) for c in absolute_columns()]
-            + [("flag_basis", pa.string())] + [(c, pa.bool_()) for c in flag_columns()]
+            + [("flag_basis", pa.string()), ("flags_confusion_corrected", pa.bool_())]
+            + [(c, pa.bool_()) for c in flag_columns()]
             + [("flags", pa.list_(pa.string())), ("any_flag", pa.bool_())])
-
-
-# --------------------------------------------------------------------------- intervals
-def wilson_interval(k: Any, n: Any, confidence: float = DEFAULT_FLAG_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval (no continuity correction) of the proportion ``k / n``.
-
-    Element-wise over arrays; bounds are fractions in [0, 1], NaN where ``n`` is 0.
-    ``k = 0`` gives a lower bound of exactly 0 and ``k = n`` an upper bound of exactly 1.
-    """
-    k = np.asarray(k, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    z2 = z * z
-    with np.errstate(divide="ignore", invalid="ignore"):
-        centre = (k + z2 / 2.0) / (n + z2)
-        half = z / (n + z2) * np.sqrt(np.maximum(k * (n - k) / n, 0.0) + z2 / 4.0)
-        lo = np.where(k <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
-        hi = np.where(k >= n, 1.0, np.clip(centre + half, 0.0, 1.0))
-    empty = n <= 0
-    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
 
 
 # --------------------------------------------------------------------------- differentials
@@ -384,14 +384,18 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
     wbc_count = _metadata_wbc(counts, sample_metadata)
     cols: dict[str, np.ndarray] = {"n_wbc": n_wbc}
     bounds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    matrix = np.stack([c[name] for name in CLASS_NAMES], axis=1).astype(np.float64).reshape(n, len(CLASS_NAMES))
+    wbc = np.array([name in WBC_CLASSES for name in CLASS_NAMES])
     with np.errstate(divide="ignore", invalid="ignore"):
         for name in DIFFERENTIAL_CLASSES + ("ig",):
             col = f"pct_{name}" if name != "ig" else "ig_per_100_wbc"
             cols[col] = np.where(n_wbc > 0, c[name] * 100.0 / np.maximum(n_wbc, 1), np.nan)
-            bounds[name] = wilson_interval(c[name], n_wbc, rules.confidence)  # fractions
+            bounds[name] = share_bounds(matrix, CLASS_NAMES.index(name), wbc, rules.confusion, rules.confidence)  # fractions
         erb = c["erythroblast"]
         cols["erythroblast_per_100_wbc"] = np.where(n_wbc > 0, erb * 100.0 / np.maximum(n_wbc, 1), np.nan)
-        q_lo, q_hi = wilson_interval(erb, n_wbc + erb, rules.confidence)  # of (WBC + erythroblasts)
+        erb_index = CLASS_NAMES.index("erythroblast")
+        with_erb = wbc | (np.arange(len(CLASS_NAMES)) == erb_index)
+        q_lo, q_hi = share_bounds(matrix, erb_index, with_erb, rules.confusion, rules.confidence)  # of (WBC + erythroblasts)
         erb_bounds = tuple(np.where(n_wbc > 0, q / (1.0 - q), np.nan) for q in (q_lo, q_hi))
     cols["platelet_count"] = c["platelet"]
     for name in DIFFERENTIAL_CLASSES:
@@ -405,6 +409,7 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
         cols[f"abs_{name}_lo"], cols[f"abs_{name}_hi"] = (wbc_count * b for b in bounds[name])
     use_abs = ~np.isnan(wbc_count) & (n_wbc > 0) & bool(rules.absolute_ranges)
     cols["flag_basis"] = np.where(use_abs, "absolute", "percent")
+    cols["flags_confusion_corrected"] = np.full(n, rules.confusion is not None)
 
     flags: dict[str, np.ndarray] = {}
     for name in DIFFERENTIAL_CLASSES:

@@ -67,7 +67,7 @@ from bloodray.data.stages import (
 )
 from bloodray.nightly import contract
 from bloodray.nightly.aggregate import staging_connection, write_differentials, write_image_tables
-from bloodray.nightly.commit import cleanup_runs, commit_run, discard_run, publish_files
+from bloodray.nightly.commit import AfterCommit, cleanup_runs, commit_run, discard_run, publish_files
 from bloodray.nightly.config import ClassifyConfig, ClassifyError, ShiftAlarmError
 from bloodray.nightly.listing import InputListing, list_inputs
 from bloodray.nightly.plan import RunPlan, RunResult, actor_pool, gpus_per_actor, plan_run
@@ -275,7 +275,7 @@ def require_device(device: str) -> None:
             raise ClassifyError("model.device=mps: this machine has no Apple MPS device; use model.device=auto or cpu")
 
 
-def run_classification(cfg: ClassifyConfig) -> RunResult:
+def run_classification(cfg: ClassifyConfig, after_commit: AfterCommit | None = None) -> RunResult:
     """Classify an archive and commit the results; the one entry point of the nightly job.
 
     Re-running a date replaces that date's visible results; with
@@ -286,7 +286,9 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     :class:`~bloodray.storage.StorageError`,
     :class:`~bloodray.checkpoint.CheckpointError` or :class:`ClassifyError`
     for problems with the run as a whole; bad images never raise. The job as the command runs it, with the
-    date's report after the commit (``report.enabled``), is :func:`bloodray.nightly_job.classify`.
+    date's report after the commit (``report.enabled``), is :func:`bloodray.nightly_job.classify`; it passes
+    ``after_commit`` (run under the lease once the run is committed, see
+    :func:`~bloodray.nightly.commit.commit_run`) to refresh the date's ``verified_differentials``.
     """
     plan = plan_run(cfg)
     try:
@@ -298,7 +300,7 @@ def run_classification(cfg: ClassifyConfig) -> RunResult:
     except BaseException:
         discard_run(plan)  # a failed run leaves no staging and holds no lease
         raise
-    result = commit_run(plan)
+    result = commit_run(plan, after_commit)
     # Committed: from here nothing fails the run. The summary's details are read back from the committed
     # tables; a failure is logged and leaves them None.
     add_details(result, plan.storage_options)

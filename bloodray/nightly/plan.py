@@ -29,11 +29,12 @@ from bloodray.nightly import contract, resume, tables
 from bloodray.nightly.config import (ClassifyConfig, ClassifyError, ClusterResourcesError, InferenceConfig,
                                      NothingToClassify, effective_threshold)
 from bloodray.nightly.differential import (FlagRules, FlagRulesError, ReferenceRangeError, SampleMetadataError,
-                                           load_flag_rules, load_sample_metadata)
+                                           checkpoint_confusion, load_flag_rules, load_sample_metadata)
 from bloodray.nightly.lease import Lease, acquire_lease
 from bloodray.nightly.legacy import refuse_legacy
 from bloodray.nightly.listing import ArchiveNotFoundError, InputListing, date_folders, list_inputs
 from bloodray.nightly.shift import ShiftRule, no_shift
+from bloodray.ood import pooled_reference_note
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class RunPlan:
     sample_metadata: pa.Table | None = None
     #: the checkpoint's OOD reference metadata (threshold, validation quantiles...); None = no OOD score, no alarm.
     ood: dict[str, Any] | None = None
+    #: why the flags do not account for the model's errors (no val confusion matrix); None = they do.
+    flags_uncorrected: str | None = None
     #: the alarm's tests (``shift.alpha``, ``shift.min_effect``).
     shift_rule: ShiftRule = ShiftRule()
     #: run-level shift columns of the manifest, set by the aggregation.
@@ -122,6 +125,8 @@ class RunResult:
     #: the date's report (``report.enabled``), or why it was not written.
     report_uri: str | None = None
     report_error: str | None = None
+    #: why the flags do not account for the model's errors (``flags_confusion_corrected`` false); None = they do.
+    flags_uncorrected: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
@@ -145,10 +150,24 @@ class RunResult:
                 f"  {self.n_inputs} input(s) read{carried}: {self.n_predictions} predictions "
                 f"({self.n_review} for review), {self.n_samples} samples{flagged}\n"
                 f"  bad inputs: {self.n_errors}{f' ({kinds})' if kinds else ''} (errors table)\n"
+                f"  flags: {self.flags_note()}\n"
                 f"  domain-shift alarm: {alarm}\n"
                 f"  report: {report}\n"
                 f"  manifest: {self.manifest_uri}\n"
                 f"  timings: {timings}")
+
+    def flags_note(self) -> str:
+        """Whether the flags account for the model's measured confusion, in words."""
+        if self.flags_uncorrected:
+            return f"NOT corrected for the model's errors ({self.flags_uncorrected})"
+        return "corrected for the model's confusion measured on val (flags_confusion_corrected)"
+
+    def flags_warning(self) -> str | None:
+        """The warning line of a run whose flags assume a perfect classifier; None when they carry its confusion."""
+        if not self.flags_uncorrected:
+            return None
+        return f"WARNING: run {self.run_id} ({self.run_date}): flags do not account for the model's errors: " \
+               f"{self.flags_uncorrected}"
 
     def shift_warning(self) -> str | None:
         """The one warning line of a run under the domain-shift alarm; None when there is no alarm."""
@@ -249,6 +268,11 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
         raise ConfigError(f"flags.reference_ranges: {exc}") from exc
     except FlagRulesError as exc:
         raise ConfigError(str(exc)) from exc
+    # The flags carry the model's measured confusion when the checkpoint has it; when not, the run says so.
+    confusion, flags_uncorrected = checkpoint_confusion(meta.val_confusion(), checkpoint_uri)
+    if flags_uncorrected:
+        log.warning("flags do not account for the model's errors: %s", flags_uncorrected)
+    rules = dataclasses.replace(rules, confusion=confusion)
     sample_metadata = None
     if flags.sample_metadata:
         try:
@@ -261,6 +285,9 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
     if cfg.run.incremental:
         carried_from, previous = previous_predictions(output_uri, run_date, meta.checkpoint_id, so)
 
+    note = pooled_reference_note(meta.ood, checkpoint_uri)
+    if note:
+        log.warning("%s", note)
     log.info("run %s (date %s): listing %s", run_id, run_date, input_uri)
     listing = _list(cfg, input_uri, so)
     carried, skip = reconcile(listing, previous)
@@ -274,7 +301,8 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
                    review_threshold=effective_threshold(cfg, meta.review_threshold), rules=rules, sample_metadata=sample_metadata,
                    started_at=started, listing=listing, skip_samples=skip, carried_images=carried,
                    carried_from=carried_from if carried else None, lease=lease,
-                   ood=dict(meta.ood) or None, shift_rule=ShiftRule(cfg.shift.alpha, cfg.shift.min_effect))
+                   ood=dict(meta.ood) or None, shift_rule=ShiftRule(cfg.shift.alpha, cfg.shift.min_effect),
+                   flags_uncorrected=flags_uncorrected)
     marker = {"run_id": run_id, "run_date": run_date, "started_at": started.isoformat(),
               "checkpoint_id": meta.checkpoint_id, "resume_key": resume.resume_key(cfg, meta.checkpoint_id)}
     try:

@@ -1,17 +1,22 @@
 """The domain-shift alarm of a nightly run: per-sample and per-run tests against the checkpoint's reference.
 
 The checkpoint's OOD reference (:mod:`bloodray.ood`, stored by
-``bloodray calibrate``) carries the validation OOD-score quantiles and the
-validation share of unidentified cells. Each sample's scores, and all the
-run's scores together, are tested against them
-(:func:`bloodray.ood.shift_statistics`: a binomial test of the
-unidentified share and a one-sided KS test of the scores, each needing
+``bloodray calibrate`` or refitted by ``jobs/fit_ood_packaged.py``) carries,
+per predicted class, the validation OOD-score quantiles and the validation
+share of unidentified cells. Each sample's cells, and all the run's cells
+together, are tested against them, each cell against its own predicted
+class's reference (:func:`bloodray.ood.shift_statistics`: a binomial test of
+the unidentified share and a one-sided KS test of the scores, each needing
 significance at ``shift.alpha`` and an effect of at least
-``shift.min_effect``). A sample under the alarm gets the single flag
-:data:`~bloodray.ood.SHIFT_FLAG`; its other flags are withheld
-(their columns false), because a differential of cells the model does not
-recognise says nothing clinical. The run is under the alarm when its pooled
-test fires or any of its samples is.
+``shift.min_effect``), so a sample dominated by one class of the training
+laboratory (a left shift, an eosinophilia) does not raise it.
+
+A sample under the alarm gets the flag :data:`~bloodray.ood.SHIFT_FLAG` in
+front of its other flags, which it keeps -- a real left shift seen through a
+new camera must not lose its IG flag -- marked unverified
+(:data:`~bloodray.nightly.contract.FLAGS_UNVERIFIED` true): they were counted
+from cells the model may not recognise. The run is under the alarm when its
+pooled test fires or any of its samples is.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-from bloodray.ood import SHIFT_FLAG, ShiftRule, shift_statistics
-from bloodray.nightly.differential import flag_columns
+from bloodray.ood import SHIFT_FLAG, ShiftRule, per_class_of, shift_statistics
+from bloodray.nightly.contract import FLAGS_UNVERIFIED
 
-__all__ = ["SHIFT_FLAG", "SHIFT_COLUMNS", "ShiftRule", "apply_shift", "no_shift", "withhold_flags"]
+__all__ = ["SHIFT_FLAG", "SHIFT_COLUMNS", "ShiftRule", "apply_shift", "group_statistics", "mark_unverified",
+           "no_shift"]
 
 #: Per-sample columns of the alarm in differentials (the run-level ones add n_samples_shifted).
 SHIFT_COLUMNS = ("n_unidentified", "share_unidentified", "unidentified_p_value", "ood_ks", "ood_ks_p_value",
@@ -37,38 +43,51 @@ def no_shift() -> dict[str, Any]:
             "ood_ks_p_value": None, "domain_shift": False, "n_samples_shifted": 0}
 
 
-def _stats(scores: np.ndarray, ood: Mapping[str, Any], rule: ShiftRule) -> dict[str, Any]:
+def group_statistics(scores: np.ndarray, classes: np.ndarray | None, ood: Mapping[str, Any],
+                     rule: ShiftRule = ShiftRule()) -> dict[str, Any]:
+    """The alarm's statistics of one group of cells (their OOD scores and predicted classes) against the
+    checkpoint's ``ood`` metadata entry; ``classes`` None tests against the pooled reference."""
     return shift_statistics(scores, float(ood["threshold"]), list(ood["val_quantiles"]),
-                            float(ood["val_unidentified_share"]), rule, int(ood.get("n_val") or 1000))
+                            float(ood["val_unidentified_share"]), rule, int(ood.get("n_val") or 1000),
+                            classes=classes, per_class=per_class_of(ood))
 
 
-def withhold_flags(diffs: pa.Table, shifted: np.ndarray) -> pa.Table:
-    """Samples under the alarm keep only the flag :data:`SHIFT_FLAG`; their other ``flag_*`` columns are false."""
-    if not shifted.any():
-        return diffs
-    for col in flag_columns():
-        diffs = diffs.set_column(diffs.schema.get_field_index(col), col,
-                                 pa.array(np.asarray(diffs.column(col).to_pylist(), dtype=bool) & ~shifted))
-    flags = [[SHIFT_FLAG] if s else f for s, f in zip(shifted, diffs.column("flags").to_pylist())]
-    diffs = diffs.set_column(diffs.schema.get_field_index("flags"), "flags",
-                             pa.array(flags, diffs.schema.field("flags").type))
-    return diffs.set_column(diffs.schema.get_field_index("any_flag"), "any_flag",
-                            pa.array(np.asarray(diffs.column("any_flag").to_pylist(), dtype=bool) | shifted))
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.schema.names:
+        return table.set_column(table.schema.get_field_index(name), name, values)
+    return table.append_column(name, values)
+
+
+def mark_unverified(diffs: pa.Table, shifted: np.ndarray) -> pa.Table:
+    """Samples under the alarm: :data:`SHIFT_FLAG` in front of the flags they keep, and those marked unverified.
+
+    Sets ``any_flag`` and :data:`~bloodray.nightly.contract.FLAGS_UNVERIFIED`
+    (appended when absent) of those samples; their ``flag_*`` columns keep
+    their values.
+    """
+    shifted = np.asarray(shifted, dtype=bool)
+    flags = [[SHIFT_FLAG, *f] if s else f for s, f in zip(shifted, diffs.column("flags").to_pylist())]
+    diffs = _set(diffs, "flags", pa.array(flags, diffs.schema.field("flags").type))
+    diffs = _set(diffs, "any_flag", pa.array(np.asarray(diffs.column("any_flag").to_pylist(), dtype=bool) | shifted))
+    return _set(diffs, FLAGS_UNVERIFIED, pa.array(shifted, pa.bool_()))
 
 
 def apply_shift(diffs: pa.Table, scores: Mapping[str, np.ndarray], unidentified: Mapping[str, int],
-                ood: Mapping[str, Any] | None, rule: ShiftRule = ShiftRule()) -> tuple[pa.Table, dict[str, Any]]:
-    """Add the shift columns to a differentials table and withhold the flags of samples under the alarm.
+                ood: Mapping[str, Any] | None, rule: ShiftRule = ShiftRule(),
+                classes: Mapping[str, np.ndarray] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Add the shift columns to a differentials table and mark the flags of samples under the alarm unverified.
 
-    ``scores`` maps sample ids to their cells' OOD scores, ``unidentified`` to
-    their count of unidentified cells (used as is when there is no reference,
-    e.g. carried rows). Returns the table and the run-level columns of the
-    manifest (:func:`no_shift` shape).
+    ``scores`` maps sample ids to their cells' OOD scores, ``classes`` to the
+    cells' predicted classes in the same order (None: the pooled reference),
+    ``unidentified`` to their count of unidentified cells (used as is when
+    there is no reference, e.g. carried rows). Returns the table and the
+    run-level columns of the manifest (:func:`no_shift` shape).
     """
+    classes = classes or {}
     ids = diffs.column("sample_id").to_pylist()
     rows = []
     for sid in ids:
-        row = _stats(scores.get(sid, np.zeros(0)), ood, rule) if ood else no_shift()
+        row = group_statistics(scores.get(sid, np.zeros(0)), classes.get(sid), ood, rule) if ood else no_shift()
         # The count of the status column itself, so the table always agrees with predictions.
         row["n_unidentified"] = int(unidentified.get(sid, 0))
         rows.append(row)
@@ -77,11 +96,14 @@ def apply_shift(diffs: pa.Table, scores: Mapping[str, np.ndarray], unidentified:
         values = [r[name] for r in rows]
         diffs = diffs.append_column(name, pa.array(values, diffs.schema.field(name).type
                                                    if name in diffs.schema.names else None))
-    diffs = withhold_flags(diffs, shifted)
+    diffs = mark_unverified(diffs, shifted)
     run = no_shift()
     if ood:
-        pooled = np.concatenate([np.asarray(v, dtype=np.float64) for v in scores.values()]) if scores else np.zeros(0)
-        run.update(_stats(pooled, ood, rule))
+        def pooled(parts: Mapping[str, np.ndarray], dtype) -> np.ndarray:
+            return np.concatenate([np.asarray(parts[s], dtype=dtype) for s in scores]) if scores else np.zeros(0)
+
+        run_classes = pooled(classes, str) if scores and all(s in classes for s in scores) else None
+        run.update(group_statistics(pooled(scores, np.float64), run_classes, ood, rule))
     run["n_unidentified"] = int(sum(unidentified.values()))
     run["n_samples_shifted"] = int(shifted.sum())
     run["domain_shift"] = bool(run["domain_shift"] or shifted.any())

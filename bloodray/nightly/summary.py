@@ -73,6 +73,8 @@ def run_summary(result: RunResult) -> dict[str, Any]:
         "alarm": {"domain_shift": result.domain_shift, "samples_shifted": result.n_samples_shifted,
                   "samples": result.n_samples, "unidentified_cells": result.n_unidentified},
         "flagged_samples": result.flagged_samples,
+        "flags": {"confusion_corrected": not result.flags_uncorrected,
+                  "note": result.flags_uncorrected},
         "report": {"uri": result.report_uri, "error": result.report_error},
         "timings_s": dict(result.timings),
     }

@@ -278,14 +278,17 @@ def arrow_subtree(fs, path: str) -> pafs.FileSystem:
 
 
 def dataset(output_uri: str, table: str, storage_options: Mapping[str, Any] | None = None, *,
-            run_dates: Iterable[str] | None = None, as_of: dt.datetime | None = None) -> ds.Dataset:
+            run_dates: Iterable[str] | None = None, as_of: dt.datetime | None = None,
+            dated: bool = False) -> ds.Dataset:
     """A pyarrow dataset over the committed rows of ``table`` (``run_date`` included), lazy.
 
     The Delta log picks the files; pyarrow reads them through bloodray's
     fsspec filesystem. Empty, with the contract's columns, when the table has
     no commit (or had none at ``as_of``). ``run_dates`` prunes to those dates.
+    ``dated``: ``run_date`` as readers see it, a date (:func:`bloodray.nightly.contract.dated`) rather than the
+    stored text; the partition values are typed, so a filter on ``run_date`` still prunes files.
     """
-    schema = _schema(table)
+    schema = contract.dated(_schema(table)) if dated else _schema(table)
     delta = open_table(output_uri, table, storage_options, as_of)
     if delta is None:
         return ds.dataset(schema.empty_table())

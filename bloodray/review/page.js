@@ -20,6 +20,46 @@
     return [k <= 0 ? 0.0 : clip01(centre - half), k >= n ? 1.0 : clip01(centre + half)];
   }
 
+  // Interval (fractions) of class k's share of the classes in `members`, as _share_bounds of
+  // bloodray/nightly/differential.py: Wilson on the counts, or, with rules.confusion, on the
+  // misclassification-corrected share with its extra variance. Same operations, same order.
+  function shareBounds(cv, k, members, rules) {
+    const K = cv.length;
+    let nMembers = 0;
+    for (let j = 0; j < K; j++) if (members[j]) nMembers += cv[j];
+    const conf = rules.confusion;
+    if (!conf) return wilson(cv[k], nMembers, rules.z);
+    const m = conf.inverse_t, rates = conf.rates, nVal = conf.row_totals;
+    const total = cv.reduce((s, x) => s + x, 0);
+    const q = cv.map((x) => x / total);
+    let p = m.map((row) => Math.max(row.reduce((s, mij, j) => s + q[j] * mij, 0), 0));
+    const pSum = p.reduce((s, x) => s + x, 0);
+    p = p.map((x) => x / pSum);
+    let shareOf = 0;
+    for (let j = 0; j < K; j++) if (members[j]) shareOf += p[j];
+    const f = p[k] / shareOf;
+    const grad = p.map((_, j) => ((j === k ? 1 : 0) - f * (members[j] ? 1 : 0)) / shareOf);
+    const u = q.map((_, j) => grad.reduce((s, gi, i) => s + gi * m[i][j], 0));
+    const dot = (a, b) => a.reduce((s, x, j) => s + x * b[j], 0);
+    const uu = u.map((x) => x * x);
+    const varCounts = (dot(uu, q) - dot(u, q) ** 2) / total;
+    let varConfusion = 0;
+    for (let i = 0; i < K; i++) varConfusion += p[i] * p[i] * (dot(uu, rates[i]) - dot(u, rates[i]) ** 2) / nVal[i];
+    const nCells = shareOf * total;
+    const extra = Math.max(varCounts + varConfusion - f * (1.0 - f) / nCells, 0.0);
+    if (!(nMembers > 0) || !(shareOf > 0)) return [NaN, NaN];
+    return scoreInterval(f, nCells, extra, rules.z);
+  }
+
+  // As _score_interval: Wilson's score interval of a share f of n cells with `extra` variance besides the binomial.
+  function scoreInterval(f, n, extra, z) {
+    const z2 = z * z;
+    const scale = 1.0 + z2 / n;
+    const centre = (f + z2 / (2.0 * n)) / scale;
+    const half = z / scale * Math.sqrt(f * (1.0 - f) / n + z2 / (4.0 * n * n) + scale * extra);
+    return [f <= 0 ? 0.0 : clip01(centre - half), f >= 1 ? 1.0 : clip01(centre + half)];
+  }
+
   function rangeFlags(lo, hi, rng) {
     if (!rng) return [false, false];
     return [rng.flag_low ? hi < rng.low : false, lo > rng.high];  // NaN compares false: no flag
@@ -34,15 +74,19 @@
     const out = {n_wbc: nWbc};
     const bounds = {};
     const pct = (k) => (nWbc > 0 ? k * 100.0 / Math.max(nWbc, 1) : NaN);
+    const cv = rules.classes.map((name) => c[name]);
+    const wbcMembers = rules.classes.map((name) => rules.wbc_classes.includes(name));
+    const index = (name) => rules.classes.indexOf(name);
     for (const name of rules.differential_classes) {
       out["pct_" + name] = pct(c[name]);
-      bounds[name] = wilson(c[name], nWbc, z);
+      bounds[name] = shareBounds(cv, index(name), wbcMembers, rules);
     }
     out.ig_per_100_wbc = pct(c.ig);
-    bounds.ig = wilson(c.ig, nWbc, z);
+    bounds.ig = shareBounds(cv, index("ig"), wbcMembers, rules);
     const erb = c.erythroblast;
     out.erythroblast_per_100_wbc = pct(erb);
-    const q = wilson(erb, nWbc + erb, z);
+    const q = shareBounds(cv, index("erythroblast"), wbcMembers.map((w, j) => w || j === index("erythroblast")),
+                          rules);
     const erbBounds = q.map((v) => (nWbc > 0 ? v / (1.0 - v) : NaN));
     out.platelet_count = c.platelet;
     for (const name of rules.differential_classes) {
@@ -62,6 +106,7 @@
     }
     const useAbs = !isNaN(wbc) && nWbc > 0 && Object.keys(rules.absolute_ranges).length > 0;
     out.flag_basis = useAbs ? "absolute" : "percent";
+    out.flags_confusion_corrected = !!rules.confusion;
     for (const name of rules.differential_classes) {
       const p = rangeFlags(out["pct_" + name + "_lo"], out["pct_" + name + "_hi"], rules.ranges[name]);
       const absRng = rules.absolute_ranges[name];
@@ -74,15 +119,12 @@
     out.flag_ig = out.ig_per_100_wbc_lo > rules.ig_percent;
     out.flag_low_wbc_count = nWbc < rules.min_wbc;
     const cols = Object.keys(rules.flag_labels);
-    if (shifted) {
-      // As bloodray.nightly.shift.withhold_flags: a sample under the alarm keeps only the alarm's flag.
-      for (const col of cols) out[col] = false;
-      out.flags = [shiftFlag];
-      out.any_flag = true;
-    } else {
-      out.flags = cols.filter((col) => out[col]).map((col) => rules.flag_labels[col]);
-      out.any_flag = out.flags.length > 0;
-    }
+    out.flags = cols.filter((col) => out[col]).map((col) => rules.flag_labels[col]);
+    // As bloodray.nightly.shift.mark_unverified: a sample under the alarm keeps its flags, behind the alarm's,
+    // marked unverified.
+    if (shifted) out.flags.unshift(shiftFlag);
+    out.any_flag = out.flags.length > 0;
+    out.flags_unverified = !!shifted;
     return out;
   }
 
@@ -344,13 +386,14 @@
       h("tr", null, h("th", null, "class"), h("th", null, "machine"), h("th", null, "now"), h("th", null, "now %"),
         h("th", null, Math.round(R.confidence * 100) + " % interval"), h("th", null, "reference")), rows);
     const mFlags = s.machine ? s.machine.flags : [];
+    const shown = (f) => (s.domain_shift && f !== D.shift_flag ? f + " (unverified: domain shift)" : f);
     const flagList = h("ul", {id: "live-flags"},
-      live.flags.map((f) => h("li", {class: "flag" + (mFlags.includes(f) ? "" : " new")}, f)),
-      mFlags.filter((f) => !live.flags.includes(f)).map((f) => h("li", {class: "flag gone"}, f)));
+      live.flags.map((f) => h("li", {class: "flag" + (mFlags.includes(f) ? "" : " new")}, shown(f))),
+      mFlags.filter((f) => !live.flags.includes(f)).map((f) => h("li", {class: "flag gone"}, shown(f))));
     return h("div", {class: "diffwrap"}, h("div", {class: "scroll"}, table),
       h("div", {class: "flags"}, h("b", null, "Flags now"), live.flags.length || mFlags.length ? flagList :
         h("p", {class: "muted", id: "live-flags"}, "none"),
-        s.domain_shift ? h("p", {class: "alarm"}, "Domain-shift alarm: the other flags are withheld.") : null));
+        s.domain_shift ? h("p", {class: "alarm"}, "Domain-shift alarm: the flags are kept but unverified (images unlike the training data).") : null));
   }
 
   function signoffBar(s) {

@@ -13,7 +13,7 @@ The sample's differential and flags update live. The page computes them in
 JavaScript (``page.js``) from rule data this module exports from Python
 (:func:`bloodray.nightly.differential.rules_data` of the run's own flag rules,
 the sample metadata's WBC counts, the run's domain-shift alarm), so the page
-and :mod:`bloodray.review.verified` agree (``tests/test_review_page.py``
+and :mod:`bloodray.analysis.review_views` agree (``tests/test_review_page.py``
 checks them against each other in Chromium).
 
 Data flow: :func:`page_data` reads the run from the output root, :func:`render`
@@ -36,7 +36,7 @@ from bloodray.nightly import contract
 from bloodray.nightly.differential import count_columns, rules_data
 from bloodray.nightly.sample_metadata import SAMPLE_ID_COLUMN, WBC_COLUMN
 from bloodray.review import decisions
-from bloodray.review.verified import APPLIED_REVIEWS_SQL, run_flag_rules
+from bloodray.analysis.review_views import APPLIED_REVIEWS_SQL, confusion_column, run_flag_rules
 
 #: ``format`` of the page's embedded data (bumped when page.js reads it differently).
 PAGE_FORMAT = "bloodray-review-page/1"
@@ -72,10 +72,11 @@ def page_data(output_uri: str, run_date: str, storage_options: Mapping[str, Any]
     """
     con = query.connect(output_uri, storage_options)
     try:
-        found = con.execute("SELECT run_id, config_yaml FROM runs WHERE run_date = ?", [str(run_date)]).fetchall()
+        found = con.execute(f"SELECT run_id, config_yaml, {confusion_column(con)} FROM runs WHERE run_date = ?",
+                            [str(run_date)]).fetchall()
         if not found:
             raise PageError(f"{output_uri}: no committed run for run_date={run_date}")
-        run_id, config_yaml = found[0]
+        run_id, config_yaml, confusion_json = found[0]
         have = _columns(con, "predictions")
         # Reviews already imported (of this run or an earlier one of the date) show as the cells' verified class.
         cells = con.execute(f"""
@@ -96,7 +97,7 @@ def page_data(output_uri: str, run_date: str, storage_options: Mapping[str, Any]
             "WHERE run_id = ?", [run_id]).fetchall()}
     finally:
         con.close()
-    rules, metadata = run_flag_rules(config_yaml, storage_options)
+    rules, metadata = run_flag_rules(config_yaml, storage_options, confusion_json)
     wbc = {}
     if metadata is not None:
         wbc = {s: gallery.num(c) for s, c in zip(metadata.column(SAMPLE_ID_COLUMN).to_pylist(),

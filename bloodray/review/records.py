@@ -5,7 +5,7 @@
 runs, and appends the reviews and sign-offs to the ``reviews`` and
 ``signoffs`` Delta tables, one whole file and one commit per table. Each
 review is stored with the cell's image content and sample, so it applies to
-the same image in every later run of the date (:mod:`bloodray.review.verified`).
+the same image in every later run of the date (:mod:`bloodray.analysis.review_views`).
 Then :func:`refresh_verified` commits the date's verified differentials.
 
 Checking an entry against the date: a file exported from the date's visible
@@ -34,6 +34,7 @@ import pyarrow as pa
 from bloodray import storage
 from bloodray.bounded_read import InputReadError, read_file
 from bloodray.analysis import query
+from bloodray.analysis.review_views import verified_rows
 from bloodray.nightly import contract, tables
 from bloodray.nightly.pending import refuse_pending
 from bloodray.review.decisions import Decisions, ReviewError, parse_decisions
@@ -226,8 +227,6 @@ def import_decisions(output_uri: str, run_date: str, review_file: str, reviewer:
 def _fill_digests(output_uri: str, run_date: str, visible: str, signoffs: list[dict[str, Any]],
                   storage_options: Mapping[str, Any] | None) -> None:
     """Record what each sign-off of the visible run signs: the fingerprint of the sample's verified cells now."""
-    from bloodray.review.verified import verified_rows
-
     con = query.connect(output_uri, storage_options)
     try:
         rows = verified_rows(con, [run_date], storage_options, digests=True)
@@ -288,6 +287,30 @@ def refresh_verified(output_uri: str, run_date: str,
     return VerifiedRefresh(uri=storage.full_uri(fs, path), run_date=run_date, n_samples=data.num_rows,
                            n_verified=sum(v or 0 for v in data.column("n_verified").to_pylist()),
                            n_reviews_unmatched=n_unmatched)
+
+
+def refresh_after_commit(output_uri: str, run_date: str, run_id: str,
+                         storage_options: Mapping[str, Any] | None = None) -> None:
+    """Apply the date's reviews and sign-offs to the run just committed: refresh ``verified_differentials``.
+
+    The nightly job's ``after_commit`` (:func:`bloodray.nightly.commit.commit_run`, wired by
+    :func:`bloodray.nightly_job.classify`). Best effort, as the run is committed: on failure the
+    ``verified_differentials`` query view is still current, and the next import or run of the date
+    commits the table. Reviews that no longer match an image of the run (changed or removed) are
+    reported, never dropped.
+    """
+    try:
+        refreshed = refresh_verified(output_uri, run_date, storage_options)
+    except Exception as exc:  # noqa: BLE001 - the run is committed either way
+        log.warning("run %s: verified_differentials of %s not refreshed (%s); the query view is current and the "
+                    "next review import or run of the date refreshes the table", run_id, run_date, exc)
+        return
+    if refreshed.n_verified:
+        log.info("run %s: %d reviewed cell(s) of %s applied to it", run_id, refreshed.n_verified, run_date)
+    if refreshed.n_reviews_unmatched:
+        log.warning("run %s: %d review(s) of %s no longer match an image of this run (changed or removed since "
+                    "they were made); they are kept: bloodray query \"%s\" --output %s", run_id,
+                    refreshed.n_reviews_unmatched, run_date, UNMATCHED_QUERY, output_uri)
 
 
 def refresh_dates(output_uri: str, run_date: str | None = None,

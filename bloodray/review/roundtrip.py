@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from bloodray import csv_io, storage
 from bloodray.analysis import gallery, query
+from bloodray.analysis.review_views import APPLIED_REVIEWS_SQL
 from bloodray.review.decisions import CSV_COLUMNS, ReviewError
 from bloodray.data.stages import name_kind, read_many
 from bloodray.nightly import contract
@@ -185,8 +186,6 @@ def export_labels(output_uri: str, dest: str, storage_options: Mapping[str, Any]
     """
     con = query.connect(output_uri, storage_options)
     try:
-        from bloodray.review.verified import APPLIED_REVIEWS_SQL
-
         # Every review that applies to a cell of a visible run, by the cell's current file; cells a reviewer
         # called unidentified are no class to train on.
         rows = con.execute(f"""WITH r AS ({APPLIED_REVIEWS_SQL})

@@ -27,6 +27,9 @@ any Delta reader gets them.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import json
 import warnings
 from typing import Any
 
@@ -39,9 +42,10 @@ from bloodray.config import from_dict, load_yaml_text
 from bloodray.nightly import contract, tables
 from bloodray.nightly.dictionary import alias_select
 from bloodray.nightly.config import FlagsConfig
-from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, load_flag_rules
+from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials, count_columns,
+                                           load_flag_rules)
 from bloodray.nightly.sample_metadata import load_sample_metadata
-from bloodray.nightly.shift import SHIFT_COLUMNS, withhold_flags
+from bloodray.nightly.shift import SHIFT_COLUMNS, mark_unverified
 
 #: SQL of the review that applies to each cell of the visible runs: ``run_date``, ``image_uri`` (of the cell now),
 #: ``new_class``, ``reviewer``, ``reviewed_at``, ``review_image_uri`` (the file the reviewer saw).
@@ -54,17 +58,31 @@ def _cols(view: str, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     return [(n, t) for n, t in contract.duckdb_columns(view) if n not in skip]
 
 
-def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tuple[FlagRules, pa.Table | None]:
-    """The flag rules and sample metadata a run used, from its saved config.
+def run_flag_rules(config_yaml: str | None, storage_options: Any = None,
+                   confusion_json: str | None = None) -> tuple[FlagRules, pa.Table | None]:
+    """The flag rules and sample metadata a run used, from its saved config and ``runs.flag_confusion_json``.
 
     A reference-range or sample-metadata file that can no longer be read is
-    reported with a warning naming it, and the packaged defaults are used.
+    reported with a warning naming it, and the packaged defaults are used. The
+    confusion the run's flags were corrected with (None: they were not) comes
+    with the rules, so verified flags are decided the way the run's were.
     """
+    confusion = None
+    if confusion_json:
+        try:
+            confusion = ModelConfusion.from_counts(json.loads(confusion_json), "runs.flag_confusion_json")
+        except ValueError as exc:  # not JSON, or a ConfusionError
+            warnings.warn(f"{exc}; verified flags assume a perfect classifier", stacklevel=3)
+    rules, meta = _run_rules(config_yaml, storage_options)
+    return dataclasses.replace(rules, confusion=confusion), meta
+
+
+def _run_rules(config_yaml: str | None, storage_options: Any) -> tuple[FlagRules, pa.Table | None]:
     try:
         data = load_yaml_text(config_yaml or "") or {}
         flags = from_dict(FlagsConfig, data.get("flags") or {}, "flags")
     except Exception as exc:  # noqa: BLE001 - an old or foreign manifest
-        warnings.warn(f"run config unreadable ({exc}); verified flags use the packaged defaults", stacklevel=3)
+        warnings.warn(f"run config unreadable ({exc}); verified flags use the packaged defaults", stacklevel=4)
         return FlagRules(), None
     try:
         rules = load_flag_rules(flags.reference_ranges, storage_options, ig_percent=flags.ig_percent,
@@ -84,11 +102,21 @@ def run_flag_rules(config_yaml: str | None, storage_options: Any = None) -> tupl
     return rules, meta
 
 
-def _dates_sql(dates: list[str]) -> str:
-    return ", ".join("'" + d.replace("'", "''") + "'" for d in dates)
+def confusion_column(con) -> str:
+    """``flag_confusion_json`` of the ``runs`` view, or NULL for outputs written before it existed."""
+    have = {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    return "flag_confusion_json" if "flag_confusion_json" in have else "CAST(NULL AS VARCHAR) AS flag_confusion_json"
 
 
-def _register_matches(con, dates: list[str]) -> None:
+def _run_days(dates: list[Any]) -> list[dt.date]:
+    return [contract.run_day(d) for d in dates]
+
+
+def _dates_sql(dates: list[dt.date]) -> str:
+    return ", ".join(f"DATE '{d.isoformat()}'" for d in dates)
+
+
+def _register_matches(con, dates: list[dt.date]) -> None:
     """``_review_matches``: each review paired with the cells of its date's visible run it names.
 
     By content (sample and SHA-256), or by file for reviews written before
@@ -97,7 +125,7 @@ def _register_matches(con, dates: list[str]) -> None:
     """
     if not dates:
         _keep(con, "_review_matches", pa.table({
-            "_row": pa.array([], pa.int64()), "run_date": pa.array([], pa.string()),
+            "_row": pa.array([], pa.int64()), "run_date": pa.array([], contract.RUN_DATE_TYPE),
             "image_uri": pa.array([], pa.string()), "chosen": pa.array([], pa.bool_())}))
         return
     # Two equality joins rather than one join on an OR: DuckDB hashes both, a night of a million cells included.
@@ -116,8 +144,10 @@ def _register_matches(con, dates: list[str]) -> None:
     _keep(con, "_review_matches", matches)
 
 
-def verified_rows(con, run_dates: list[str], storage_options: Any = None, digests: bool = False) -> pa.Table:
-    """Verified differentials of the visible runs of ``run_dates``, in the view's column order.
+def verified_rows(con, run_dates: list[str | dt.date], storage_options: Any = None,
+                  digests: bool = False) -> pa.Table:
+    """Verified differentials of the visible runs of ``run_dates`` (``YYYY-MM-DD`` or dates), in the view's column
+    order (``run_date`` a date, as in the views).
 
     Needs the connection's ``_reviews_all``, ``_signoffs_all`` and
     ``_review_matches`` (:func:`create_views`). ``digests``: add
@@ -127,6 +157,7 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
     names = [n for n, _ in _cols(contract.VERIFIED_DIFFERENTIALS)]
     if not run_dates:
         return contract.view_schema(contract.VERIFIED_DIFFERENTIALS).empty_table()
+    run_dates = _run_days(run_dates)
     dates = _dates_sql(run_dates)
     # As in the job: unidentified cells are not counted, unless a reviewer gave them a class.
     per_class = ", ".join(f"count(*) FILTER (WHERE cls = '{c}' AND counted) AS {col}"
@@ -165,17 +196,20 @@ def verified_rows(con, run_dates: list[str], storage_options: Any = None, digest
         FROM v LEFT JOIN unmatched u USING (run_date, sample_id) LEFT JOIN s USING (run_date, sample_id)
         ORDER BY v.run_date, v.sample_id""").to_arrow_table()
     runs = dict(con.execute(f"SELECT run_date, run_id FROM runs WHERE run_date IN ({dates})").fetchall())
-    configs = dict(con.execute(f"SELECT run_id, config_yaml FROM runs WHERE run_date IN ({dates})").fetchall())
+    confusion = confusion_column(con)
+    configs = {row[0]: row[1:] for row in con.execute(
+        f"SELECT run_id, config_yaml, {confusion} FROM runs WHERE run_date IN ({dates})").fetchall()}
     parts = []
     for run_date in run_dates:
         run_id = runs.get(run_date)
-        mask = pc.equal(counts.column("run_date"), run_date)
+        mask = pc.equal(counts.column("run_date"), pa.scalar(run_date, contract.RUN_DATE_TYPE))
         if run_id is None or not pc.any(mask).as_py():
             continue
-        rules, meta = run_flag_rules(configs.get(run_id), storage_options)
+        config_yaml, confusion_json = configs.get(run_id, (None, None))
+        rules, meta = run_flag_rules(config_yaml, storage_options, confusion_json)
         diffs = compute_differentials(counts.filter(mask), rules, meta)
         shifted = np.asarray(diffs.column("domain_shift").fill_null(False).to_pylist(), dtype=bool)
-        parts.append(withhold_flags(diffs, shifted))
+        parts.append(mark_unverified(diffs, shifted))
     schema = contract.view_schema(contract.VERIFIED_DIFFERENTIALS)
     if digests:
         names, schema = names + ["verified_digest"], schema.append(pa.field("verified_digest", pa.string()))
@@ -204,10 +238,11 @@ def create_views(con, output_uri: str, storage_options: Any = None, as_of: Any =
     reviews = tables.read(output_uri, contract.REVIEWS, storage_options, as_of=as_of)
     reviews = reviews.append_column("_row", pa.array(np.arange(reviews.num_rows), pa.int64()))
     signoffs = tables.read(output_uri, contract.SIGNOFFS, storage_options, as_of=as_of)
-    _keep(con, "_reviews_all", reviews)
-    _keep(con, "_signoffs_all", signoffs)
-    dates = sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
-                   | {d for d in signoffs.column(contract.RUN_DATE).to_pylist() if d})
+    # run_date a date, as in every view (stored as text).
+    _keep(con, "_reviews_all", contract.dated(reviews))
+    _keep(con, "_signoffs_all", contract.dated(signoffs))
+    dates = _run_days(sorted({d for d in reviews.column(contract.RUN_DATE).to_pylist() if d}
+                         | {d for d in signoffs.column(contract.RUN_DATE).to_pylist() if d}))
     _register_matches(con, dates)
     review_cols = ", ".join(f'r."{n}"' for n, _ in _cols(contract.REVIEWS) if n != contract.REVIEW_STATUS)
     con.execute(f"""CREATE VIEW {contract.REVIEWS} AS SELECT {review_cols},

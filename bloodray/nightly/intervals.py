@@ -1,0 +1,195 @@
+"""Intervals behind the clinical flags (:mod:`bloodray.nightly.differential`): counting error and the model's errors.
+
+Without a confusion matrix every rate carries the Wilson score interval of
+its counted cells (:func:`wilson_interval`). That assumes every cell was
+classified right (issue 21: the shipped model calls 7 of 250 neutrophils
+"ig", so a healthy 100-cell sample got the ig flag about 31 % of the time). When the checkpoint carries
+its confusion on the validation split (sealed by ``bloodray calibrate``;
+:meth:`bloodray.checkpoint.CheckpointMetadata.val_confusion`), the nightly job
+puts it into ``FlagRules.confusion`` (a :class:`ModelConfusion`) and the
+intervals behind the flags become intervals of the sample's TRUE rates:
+
+* the counts are corrected for misclassification: the observed class shares
+  ``q`` are what the true shares ``p`` look like through the model,
+  ``q = C^T p`` with ``C[i, j]`` = P(predicted j | true i) from val, so
+  ``p = (C^T)^-1 q`` (negative shares set to 0, then rescaled to sum 1);
+* each rate's variance adds the confusion estimate's own uncertainty to the
+  counting error (delta method: the observed shares are multinomial over the
+  sample's counted cells, each row of ``C`` multinomial over its val cells);
+* the interval is Wilson's score interval of the corrected rate on the
+  corrected number of cells, with the variance the binomial term does not
+  hold (the misclassified cells' own counting error, the confusion's
+  estimation error) added as a constant: it solves
+  ``(rate - x)^2 = z^2 (x (1 - x) / n + extra)``; ``extra = 0`` is exactly
+  the Wilson interval. The flag rules (whole interval outside the range)
+  then apply unchanged.
+
+So a sample whose only "immature granulocytes" are the few the model makes of
+neutrophils and monocytes is no longer flagged, while a truly left-shifted one
+still is. Why this and not a fixed, raised threshold: the spurious share of a
+class depends on the sample's own mix (7 in 250 neutrophils become "ig": a
+neutrophil-rich sample gets more), and the correction uses that mix; a raised
+threshold would have to assume the worst in-range mix and lose the flag on
+real left shifts. With a perfect confusion (identity counts) the corrected
+intervals are exactly the Wilson intervals. Without a matrix (a checkpoint
+calibrated before issue 21) the flags keep the counting-error rule and the
+column ``flags_confusion_corrected`` is false, so nobody reads them as more
+than that.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from bloodray.classes import CLASS_NAMES, DEFAULT_FLAG_CONFIDENCE
+
+__all__ = ["ConfusionError", "ModelConfusion", "checkpoint_confusion", "score_interval", "share_bounds",
+           "wilson_interval"]
+
+
+class ConfusionError(ValueError):
+    """A confusion matrix that cannot correct counts; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class ModelConfusion:
+    """A classifier's measured confusion: counts of val cells, rows = true class, columns = predicted class.
+
+    Class order is :data:`bloodray.classes.CLASS_NAMES`. Build it with
+    :meth:`from_counts`, which refuses a matrix that cannot correct counts (wrong
+    shape, negative or non-integer counts, a class with no val cells, a
+    singular matrix). See the module docstring for how flags use it.
+    """
+
+    counts: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_counts(cls, counts: Any, where: str = "confusion matrix") -> "ModelConfusion":
+        """Validate ``counts`` (8 x 8 non-negative integers, every row with cells); errors name ``where``."""
+        k = len(CLASS_NAMES)
+        try:
+            arr = np.asarray(counts, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ConfusionError(f"{where}: expected {k} x {k} counts, got {counts!r}") from exc
+        if arr.shape != (k, k):
+            raise ConfusionError(f"{where}: expected {k} x {k} counts (rows true, columns predicted, "
+                                 f"classes {', '.join(CLASS_NAMES)}), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr != np.round(arr)):
+            raise ConfusionError(f"{where}: counts must be integers >= 0")
+        empty = [CLASS_NAMES[i] for i in np.flatnonzero(arr.sum(axis=1) == 0)]
+        if empty:
+            raise ConfusionError(f"{where}: no val cells of {', '.join(empty)}; the model's errors on them are unknown")
+        out = cls(tuple(tuple(int(x) for x in row) for row in arr))
+        if not np.all(np.isfinite(out.inverse_t)):
+            raise ConfusionError(f"{where}: the confusion matrix is singular; counts cannot be corrected with it")
+        return out
+
+    @functools.cached_property
+    def row_totals(self) -> np.ndarray:
+        """Val cells per true class."""
+        return np.asarray(self.counts, dtype=np.float64).sum(axis=1)
+
+    @functools.cached_property
+    def rates(self) -> np.ndarray:
+        """``C[i, j]`` = P(predicted j | true i), each row summing to 1."""
+        return np.asarray(self.counts, dtype=np.float64) / self.row_totals[:, None]
+
+    @functools.cached_property
+    def inverse_t(self) -> np.ndarray:
+        """``(C^T)^-1``: true class shares from observed ones (NaN when ``C`` is singular)."""
+        try:
+            inv = np.linalg.inv(self.rates.T)
+        except np.linalg.LinAlgError:
+            return np.full(self.rates.shape, np.nan)
+        return inv if np.linalg.cond(self.rates) < 1e8 else np.full(self.rates.shape, np.nan)
+
+
+def checkpoint_confusion(counts: Any, where: str) -> tuple[ModelConfusion | None, str | None]:
+    """The confusion the flags use from a checkpoint's sealed val confusion counts (None: it has none).
+
+    Returns ``(confusion, None)``, or ``(None, why)`` when the flags cannot
+    account for the model's errors (no matrix, or one that cannot correct
+    counts): the caller must say so (``why`` is one line naming ``where``).
+    """
+    if counts is None or (hasattr(counts, "__len__") and len(counts) == 0):
+        return None, (f"{where}: the checkpoint carries no val confusion matrix (calibrated before issue 21, or "
+                      "never): flags assume every cell is classified right; re-run `bloodray calibrate` on it")
+    try:
+        return ModelConfusion.from_counts(counts, f"{where}: val confusion"), None
+    except ConfusionError as exc:
+        return None, f"{exc}: flags assume every cell is classified right"
+
+
+def wilson_interval(k: Any, n: Any, confidence: float = DEFAULT_FLAG_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (no continuity correction) of the proportion ``k / n``.
+
+    Element-wise over arrays; bounds are fractions in [0, 1], NaN where ``n`` is 0.
+    ``k = 0`` gives a lower bound of exactly 0 and ``k = n`` an upper bound of exactly 1.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    z2 = z * z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        centre = (k + z2 / 2.0) / (n + z2)
+        half = z / (n + z2) * np.sqrt(np.maximum(k * (n - k) / n, 0.0) + z2 / 4.0)
+        lo = np.where(k <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+        hi = np.where(k >= n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    empty = n <= 0
+    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+
+
+def share_bounds(c: np.ndarray, k: int, members: np.ndarray, confusion: ModelConfusion | None,
+                 confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Interval (fractions) of class ``k``'s share of the classes in ``members``, per sample (module docstring).
+
+    ``c``: counted cells per sample (rows) and class (columns, :data:`CLASS_NAMES` order). Without
+    ``confusion``: the Wilson interval of the counts. With it: the score interval of the
+    misclassification-corrected share with the extra variance (module docstring). NaN where ``members`` has no cells.
+    """
+    n_members = c[:, members].sum(axis=1)
+    if confusion is None:
+        return wilson_interval(c[:, k], n_members, confidence)
+    m, rates, n_val = confusion.inverse_t, confusion.rates, confusion.row_totals
+    inside = members.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = c.sum(axis=1)
+        q = c / total[:, None]
+        p = np.clip(q @ m.T, 0.0, None)  # true shares: p = (C^T)^-1 q, negatives set to 0 ...
+        p = p / p.sum(axis=1, keepdims=True)  # ... and rescaled (the raw p sums to 1 already)
+        share_of = p @ inside
+        f = p[:, k] / share_of
+        # d f / d p, then through p = M q: u = M^T (d f / d p), per sample.
+        grad = (np.eye(len(CLASS_NAMES))[k][None, :] - f[:, None] * inside[None, :]) / share_of[:, None]
+        u = grad @ m
+        var_counts = ((u * u * q).sum(axis=1) - (u * q).sum(axis=1) ** 2) / total
+        # each val row of C is multinomial over its cells; its error moves p by -M (p_i dC_i).
+        spread = (u * u) @ rates.T - (u @ rates.T) ** 2
+        var_confusion = (p * p * spread / n_val[None, :]).sum(axis=1)
+        n_cells = share_of * total
+        # What the binomial term of the score interval does not already hold: the misclassified cells' own
+        # counting error and the confusion estimate's error, added as a constant (the score interval solves
+        # (f - x)^2 = z^2 (x (1 - x) / n + extra) for x; extra = 0 is exactly the Wilson interval).
+        extra = np.maximum(var_counts + var_confusion - f * (1.0 - f) / n_cells, 0.0)
+        lo, hi = score_interval(f, n_cells, extra, confidence)
+    empty = (n_members <= 0) | ~(share_of > 0)
+    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+
+
+def score_interval(f: np.ndarray, n: np.ndarray, extra: np.ndarray,
+                   confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson's score interval of a share ``f`` of ``n`` cells whose estimate has ``extra`` variance besides the
+    binomial; ``f = 0`` gives a lower bound of exactly 0 and ``f = 1`` an upper bound of exactly 1."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    z2 = z * z
+    scale = 1.0 + z2 / n
+    centre = (f + z2 / (2.0 * n)) / scale
+    half = z / scale * np.sqrt(f * (1.0 - f) / n + z2 / (4.0 * n * n) + scale * extra)
+    lo = np.where(f <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    hi = np.where(f >= 1, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return lo, hi
