@@ -1,6 +1,7 @@
 """CPU inference routes side by side on the packaged model: torch fp32 and bf16 (as :class:`CellPredictor` runs
 them), int8 through PT2E (torchao's X86InductorQuantizer, eager and compiled by inductor), ONNX Runtime (fp32 and
-its static int8 quantization) and OpenVINO (fp32, bf16 hint, and the same int8 QDQ model).
+its static int8 quantization) and OpenVINO (fp32, bf16 hint, the same int8 QDQ model, and the predictor's own
+``runtime="openvino"`` path, OOD features included).
 
 Issue 20 item 1: a route is kept only if it is faster than torch bf16 where measured AND passes the checkpoint's
 sealed self-check (:func:`bloodray.inference_precision.compare`) AND gives the fp32 class on >= 99.9 % of the PBC
@@ -32,19 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import decode, pbc_split_rows  # noqa: E402
 
+from bloodray.openvino_runtime import explicit_padding  # noqa: E402
+
 CHUNK = 32  # images per call of the non-torch routes (torch routes use CellPredictor's own micro-batch)
-
-
-def explicit_padding(model):
-    """A copy of ``model`` whose ``padding='same'`` convolutions have the equivalent numbers: PT2E's x86 quantizer
-    only matches ``aten.conv2d.default`` (it refuses the ``padding='same'`` overload)."""
-    import torch
-
-    model = copy.deepcopy(model).eval()
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Conv2d) and mod.padding == "same":
-            mod.padding = tuple((k - 1) // 2 * d for k, d in zip(mod.kernel_size, mod.dilation))
-    return model
 
 
 def chunked(fn: Callable, x, step: int = CHUNK) -> np.ndarray:
@@ -177,6 +168,11 @@ def main() -> None:
     routes: dict[str, tuple[str, dict[int, Callable]]] = {}  # name -> (input kind, threads -> runner)
     notes: dict[str, str] = {}
     setup_s: dict[str, float] = {}
+    only = [w.lower() for w in args.only.split(",") if w]
+
+    def wanted(name: str) -> bool:
+        return not only or any(w in name.lower() for w in only)
+
     routes["torch fp32 (CellPredictor)"] = ("torch", {t: torch_route(fp32) for t in threads})
     routes[f"torch {bf16.precision} autocast (CellPredictor)"] = ("torch_cl", {t: torch_route(bf16) for t in threads})
     # The torch routes run with the OOD feature hooks, as the job does; the other routes do not compute those
@@ -186,13 +182,14 @@ def main() -> None:
         bare.tap.close()
     routes[f"torch {bare.precision} autocast, no OOD hooks"] = ("torch_cl", {t: torch_route(bare) for t in threads})
     result["bf16_resolved_to"], result["bf16_refused"] = bf16.precision, bf16.refused
+    if wanted("CellPredictor runtime openvino"):
+        # What `inference.runtime: openvino` runs: the predictor's own OpenVINO path, OOD features included.
+        ovp = CellPredictor(None, device="cpu", precision="bf16", runtime="openvino")
+        routes[f"OpenVINO {ovp.precision} (CellPredictor runtime openvino)"] = (
+            "torch", {t: torch_route(ovp) for t in threads})
+        result["openvino_predictor"] = {"runtime": ovp.runtime, "precision": ovp.precision, "refused": ovp.refused}
     result["micro_batch"] = {"fp32": fp32.micro_batch, "bf16": bf16.micro_batch}
     example = calib[:CHUNK]
-    only = [w.lower() for w in args.only.split(",") if w]
-
-    def wanted(name: str) -> bool:
-        return not only or any(w in name.lower() for w in only)
-
     try:
         if not wanted("int8 PT2E"):
             raise LookupError("not asked for (--only)")
