@@ -21,7 +21,8 @@ Never trusted blindly: a checkpoint carries a self-check batch (:class:`SelfChec
 unfolded model and the float stain transform. At load the predictor runs those images through the chosen path
 (its whole preprocessing included) and keeps it only when every image gets the same class and no calibrated
 class probability moves by more than :data:`PROB_TOLERANCE`; otherwise it logs why and tries the next safer path
-(``int8`` -> ``bf16`` -> ``fp32``). A checkpoint without a self-check batch runs in ``fp32``. Measured agreement
+(``int8`` -> ``bf16`` -> ``fp32``). A checkpoint without a self-check batch runs in ``fp32``. The same holds
+for the OpenVINO runtime (``inference.runtime``, :mod:`bloodray.openvino_runtime`). Measured agreement
 with fp32 on the PBC test split and chula: BENCHMARKS.md (``bench/precision.py``).
 """
 

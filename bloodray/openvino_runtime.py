@@ -1,11 +1,11 @@
 """OpenVINO as the CPU runtime of :class:`bloodray.predict.CellPredictor` (``inference.runtime: openvino``).
 
-Measured on the packaged model (``bench/runtimes.py``, BENCHMARKS.md; AMD EPYC, one thread, forward only):
-OpenVINO with its bf16 hint ran at 1.16x and 1.30x torch's bf16 autocast (two runs, interleaved, loaded
-machine), with the same self-check result and fp32's class on 99.95 % of the PBC test split, like torch bf16.
-The model is converted once per process (a second or two) with the OOD features as extra outputs, so the
-predictor's OOD score needs no torch forward pass; the chosen precision still passes the checkpoint's
-self-check before it is used (:mod:`bloodray.inference_precision`).
+Measured on the packaged model (``bench/runtimes.py``, BENCHMARKS.md; AMD EPYC, one thread, forward only,
+interleaved, loaded machine): through the predictor, OOD features included, OpenVINO bf16 ran at 1.29x torch's
+bf16 autocast as the job runs it, with fp32's class on 99.95 % of the PBC test split, like torch bf16. The model
+is converted once per process (7-9 s under load) with the OOD features as extra outputs, so the OOD score needs
+no torch forward pass; the chosen precision still passes the checkpoint's self-check before it is used
+(:mod:`bloodray.inference_precision`).
 """
 
 from __future__ import annotations
