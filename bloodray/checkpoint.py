@@ -53,7 +53,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from bloodray import __version__, rundir, storage
+from bloodray import __version__, packaged, rundir, storage
 from bloodray.bounded_read import MAX_WEIGHTS_BYTES, InputReadError, read_path
 from bloodray.classes import CLASS_NAMES
 from bloodray.models import create_model, get_model_info
@@ -70,8 +70,8 @@ TRAIN_STATE_FILE = "train_state.pt"
 OOD_FILE = "ood.safetensors"
 #: The precision self-check batch (images and their fp32 logits); its hash is in the metadata's ``selfcheck``.
 SELFCHECK_FILE = "selfcheck.safetensors"
-#: Where the packaged default model lives inside the installed package.
-PACKAGED_CHECKPOINT = Path(__file__).parent / "assets" / "default_checkpoint"
+#: Where the packaged default model lives inside the installed package (the others: :mod:`bloodray.packaged`).
+PACKAGED_CHECKPOINT = packaged.DEFAULT_FOLDER
 #: Input sizes a checkpoint may declare (pixels per side).
 INPUT_SIZE_RANGE = (8, 4096)
 #: Fields that only the writer sets.
@@ -140,7 +140,9 @@ class CheckpointMetadata:
 
     def sealed(self, weights_sha256: str) -> "CheckpointMetadata":
         """A copy for weights with hash ``weights_sha256``, in this format, with its seal."""
-        meta = dataclasses.replace(self.normalized(), weights_sha256=weights_sha256, format=FORMAT, seal_sha256="")
+        # Sealed metadata carries no local machine paths (data roots, output folders, init checkpoints...).
+        portable = CheckpointMetadata(**without_local_paths(self.to_json_dict()))
+        meta = dataclasses.replace(portable, weights_sha256=weights_sha256, format=FORMAT, seal_sha256="")
         return dataclasses.replace(meta, seal_sha256=meta.compute_seal())
 
     def validate(self, where: str) -> None:
@@ -232,6 +234,21 @@ class CheckpointMetadata:
         return meta
 
 
+_LOCAL_PATH = re.compile(r"^(file://|~/|/(?=[^/\s])|[A-Za-z]:[\\/])")
+
+
+def without_local_paths(value: Any) -> Any:
+    """``value`` (JSON data) with every local absolute path (``/data/pbc``, ``file://...``, ``~/x``, ``C:\\x``)
+    reduced to ``<local>/`` and its last component: object-store URIs and relative paths stay."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    if isinstance(value, str) and _LOCAL_PATH.match(value):
+        return "<local>/" + re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+    return value
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -309,16 +326,17 @@ def check_weights(blob: bytes, meta: CheckpointMetadata, uri: str) -> None:
 
 
 def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Turn a checkpoint dir, a training run dir, or ``None`` (packaged default) into a checkpoint dir.
+    """Turn a checkpoint dir, a training run dir, ``packaged:<name>`` or ``None`` / ``default`` (the packaged
+    default, :mod:`bloodray.packaged`) into a checkpoint dir.
 
     In a run directory, its calibrated checkpoint wins if ``bloodray calibrate``
-    made one; otherwise the checkpoint with the highest ``val_macro_f1``
-    (ties: the later epoch).
+    made one; otherwise :func:`best_run_checkpoint`.
     """
-    if uri is None or uri in ("", "default"):
-        if (PACKAGED_CHECKPOINT / METADATA_FILE).exists():
-            return str(PACKAGED_CHECKPOINT)
-        raise CheckpointError("no checkpoint given (model.checkpoint) and this installation has no packaged default model")
+    if uri is None or uri in ("", "default") or uri.startswith(packaged.SCHEME):
+        try:
+            return str(packaged.folder(uri))
+        except packaged.PackagedModelError as exc:
+            raise CheckpointError(str(exc)) from exc
     fs, path = storage.filesystem(uri, storage_options)
     try:
         if fs.exists(posixpath.join(path, METADATA_FILE)):
@@ -326,9 +344,15 @@ def resolve_checkpoint(uri: str | None, storage_options: Mapping[str, Any] | Non
         # `bloodray calibrate` leaves the best checkpoint with its calibration here.
         if fs.exists(posixpath.join(path, rundir.CALIBRATED_DIR, METADATA_FILE)):
             return rundir.calibrated_dir(uri)
+    except Exception as exc:  # noqa: BLE001
+        raise storage.describe_storage_error(uri, exc) from exc
+    return best_run_checkpoint(uri, storage_options)
+
+
+def best_run_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The checkpoint of training run ``uri`` with the highest ``val_macro_f1`` (ties: the later epoch)."""
+    try:
         candidates = run_checkpoints(uri, storage_options)
-    except CheckpointError:
-        raise
     except Exception as exc:  # noqa: BLE001
         raise storage.describe_storage_error(uri, exc) from exc
     if not candidates:

@@ -54,7 +54,8 @@ EXPECTED_ERRORS: tuple[tuple[str, str], ...] = (
     ("bloodray.models", "UnknownModelError"), ("bloodray.nightly.config", "ClassifyError"),
     ("bloodray.analysis.query", "QueryError"), ("bloodray.analysis.report", "ReportError"),
     ("bloodray.review.decisions", "ReviewError"), ("bloodray.train.pack", "PackError"),
-    ("bloodray.nightly.tables", "TableError"), ("bloodray.bounded_read", "InputReadError"))
+    ("bloodray.nightly.tables", "TableError"), ("bloodray.bounded_read", "InputReadError"),
+    ("bloodray.quality_gate", "QualityGateError"))
 
 
 def _handled_errors() -> tuple[type[BaseException], ...]:
@@ -122,7 +123,12 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from bloodray.evaluation.evaluate import calibrate_run
 
-    result = calibrate_run(args.run, storage_options(args), args.max_review_share, checkpoint=args.checkpoint)
+    result = calibrate_run(args.run, storage_options(args), args.max_review_share, checkpoint=args.checkpoint,
+                           force=args.force)
+    gate = result["gate"]
+    print(f"val: {result['val_size']} cells, accuracy {result['val_accuracy']:.4f}, lowest class recall "
+          f"{min((r for r in result['val_recall'].values() if r is not None), default=float('nan')):.4f}; quality gate "
+          + ("passed" if gate["passed"] else f"FAILED, sealed anyway (--force): {'; '.join(gate['failures'])}"))
     test = result["test"]
     print(f"temperature {result['temperature']:.3f}; review threshold {result['review_threshold']:.3f} "
           f"(chosen on val for <= {args.max_review_share:.0%} flagged)")
@@ -149,12 +155,19 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from bloodray import packaged
     from bloodray.models import model_table
 
     rows = model_table()
+    print("architectures (model.name):")
     print(f"{'name':<16}{'input':>7}{'params':>15}  imagenet weights")
     for row in rows:
         print(f"{row['name']:<16}{row['input_size']:>5}px{row['params']:>15,}  {row['imagenet_weights'] or '-'}")
+    print("\npackaged models (model.checkpoint=packaged:<name>; the default also as null or default):")
+    for model in packaged.describe():
+        figures = ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in model["figures"].items())
+        print(f"{model['selector'] + (' (default)' if model['default'] else ''):<30}{model['checkpoint_id']}  "
+              f"{model['summary']}\n{'':<30}{figures} ({model['figures_source']})")
     return 0
 
 
@@ -333,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="training run dir (<storage_path>/<name>)")
     p.add_argument("--checkpoint", help="checkpoint to calibrate (default: the run's best)")
     p.add_argument("--max-review-share", type=float, default=0.05, help="review budget: share of cells flagged")
+    p.add_argument("--force", action="store_true",
+                   help="seal a checkpoint that misses the quality gate's minimums anyway (recorded as forced; "
+                        "classify still refuses it)")
     add_storage_arguments(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -345,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_arguments(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("models", help="list registered models with input size and parameter count")
+    p = sub.add_parser("models", help="list registered architectures (input size, parameters) and the packaged "
+                                      "models by short name with their model-card figures")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("synth", help="write synthetic labelled cells or a synthetic slide archive")

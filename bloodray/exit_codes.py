@@ -20,6 +20,10 @@ code   status                    meaning
                                  published; running again later may succeed
 6      ``alarm_not_published``   ``classify``: the domain-shift alarm with ``shift.on_alarm: fail``: nothing
                                  was published
+7      ``quality_gate``          the checkpoint fails the quality gate (:mod:`bloodray.quality_gate`): ``classify``
+                                 was given a checkpoint never sealed by ``bloodray calibrate`` or whose val
+                                 metrics miss the minimums; ``calibrate`` refused to seal one (without
+                                 ``--force``). Nothing was published or sealed; use a better model
 =====  ========================  ===========================================================================
 
 Interrupted runs keep the usual Unix statuses (130 for Ctrl-C, 143 for SIGTERM,
@@ -39,12 +43,13 @@ NOTHING_TO_DO = 3
 COMMITTED_WITH_ALARM = 4
 INFRASTRUCTURE = 5
 ALARM_NOT_PUBLISHED = 6
+QUALITY_GATE = 7
 
 #: ``status`` of each code in ``--json`` summaries.
 STATUS: dict[int, str] = {
     COMMITTED: "committed", CRASHED: "crashed", REFUSED: "refused", NOTHING_TO_DO: "nothing_to_do",
     COMMITTED_WITH_ALARM: "committed_with_alarm", INFRASTRUCTURE: "infrastructure",
-    ALARM_NOT_PUBLISHED: "alarm_not_published",
+    ALARM_NOT_PUBLISHED: "alarm_not_published", QUALITY_GATE: "quality_gate",
 }
 
 #: Errors with a code of their own, checked in order (module, class, code); every other expected error is
@@ -52,6 +57,7 @@ STATUS: dict[int, str] = {
 SPECIFIC_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("bloodray.nightly.config", "NothingToClassify", NOTHING_TO_DO),
     ("bloodray.nightly.config", "ShiftAlarmError", ALARM_NOT_PUBLISHED),
+    ("bloodray.quality_gate", "QualityGateError", QUALITY_GATE),
     ("bloodray.nightly.config", "ClusterResourcesError", INFRASTRUCTURE),
     ("bloodray.logs", "RayStartError", INFRASTRUCTURE),
     ("ray.exceptions", "RayError", INFRASTRUCTURE),

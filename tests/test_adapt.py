@@ -5,6 +5,7 @@ and test-time batch statistics."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,9 @@ def test_init_checkpoint_sets_the_architecture_and_refuses_conflicts(tmp_path):
     cfg = load_train_config("configs/train/adapt.yaml", ["data.root=/tmp/x", f"model.init_checkpoint={uri}"])
     adopted = with_init_checkpoint(cfg)
     assert adopted.model.input_size == SIZE and adopted.model.kwargs == SMALL
+    relative = os.path.relpath(uri)  # the Ray Train workers have another working directory
+    assert with_init_checkpoint(load_train_config("configs/train/adapt.yaml", [
+        "data.root=/tmp/x", f"model.init_checkpoint={relative}"])).model.init_checkpoint == os.path.abspath(relative)
     default = with_init_checkpoint(load_train_config("configs/train/adapt.yaml", ["data.root=/tmp/x"]))
     assert default.model.init_checkpoint == "default" and default.model.input_size == load_checkpoint(None).metadata.input_size
     with pytest.raises(ConfigError, match="model.kwargs"):

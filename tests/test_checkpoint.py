@@ -232,7 +232,9 @@ def test_packaged_default_is_sealed_and_loads():
     # enough val cells for its own reference.
     assert set(meta.ood["per_class"]) == set(CLASS_NAMES) and loaded.ood.per_class is not None
     assert all(ref["n_val"] >= 100 for ref in meta.ood["per_class"].values())
-    assert meta.checkpoint_id == "bloodnet-0f8924d91e18"
+    # bloodnet-fca405ea321f until issue 21 re-calibrated it (val metrics, confusion matrix, quality gate) and refitted
+    # its OOD reference per class: the id is the manifest's, which tests/test_packaged_model.py checks.
+    assert meta.checkpoint_id == "bloodnet-827d4c18af8b"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

@@ -311,3 +311,31 @@ def test_classify_query_report_from_outside_the_repo(tmp_path):
     proc = bloodray("query", "SELECT (SELECT count(*) FROM runs) AS visible, (SELECT count(*) FROM all_runs) AS runs",
                     "--output", "out", "--format", "csv", cwd=tmp_path, env=env)
     assert proc.stdout.splitlines() == ["visible,runs", "1,2"]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_packaged_model_and_stays_under_30_mb(tmp_path):
+    """Builds the wheel as a user's pip would (no network: the venv's setuptools) and reads its listing."""
+    import zipfile
+
+    from bloodray import packaged
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    # From a copy of what the sdist holds, so the build leaves no build/ or egg-info in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(root / "bloodray", src / "bloodray", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("bloodray-*.whl")
+    print(f"wheel: {wheel.stat().st_size / 1e6:.1f} MB")
+    assert wheel.stat().st_size < 30 * 1000 * 1000, wheel.stat().st_size
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "bloodray/assets/models.json" in names
+    for model in packaged.models():
+        for item in model.path.iterdir():
+            assert f"bloodray/assets/{model.folder}/{item.name}" in names

@@ -73,8 +73,10 @@ def _train_config(data_root: str, storage_path: str, name: str, endpoint: str | 
 
 
 def _classify_config(archive: str, out: str, checkpoint: str, endpoint: str | None = None, *extra: str):
+    # The 4-epoch model on 12 cells per class stands in for any model here; its quality is not what these
+    # tests are about, so they opt out of the quality gate explicitly.
     overrides = [f"input.uri={archive}", f"output.uri={out}", f"model.checkpoint={checkpoint}",
-                 "inference.batch_size=8", f"run.date={DATE}"]
+                 "model.quality_gate=false", "inference.batch_size=8", f"run.date={DATE}"]
     if endpoint:
         overrides.append(f"storage.endpoint_url={endpoint}")
     return load_config(ClassifyConfig, None, overrides + list(extra))

@@ -161,6 +161,7 @@ def test_the_review_path_gets_the_runs_confusion():
 @pytest.mark.slow
 def test_nightly_runs_say_whether_their_flags_carry_the_models_confusion(tmp_path, ray_cluster):
     from bloodray.analysis.query import read_table
+    from bloodray.analysis.report import write_report
     from bloodray.checkpoint import export_checkpoint, read_metadata
     from bloodray.config import load_config
     from bloodray.data import synth
@@ -169,9 +170,12 @@ def test_nightly_runs_say_whether_their_flags_carry_the_models_confusion(tmp_pat
     from bloodray.nightly.pipeline import run_classification
     from helpers_model import train_quick_checkpoint
 
-    plain = train_quick_checkpoint(tmp_path / "checkpoint", size=64)
-    meta = read_metadata(plain)
-    sealed = export_checkpoint(plain, str(tmp_path / "calibrated"),
+    trained = train_quick_checkpoint(tmp_path / "checkpoint", size=64)
+    meta = read_metadata(trained)
+    # The helper seals a val calibration with its own matrix: "plain" is one calibrated before the matrix existed.
+    plain = export_checkpoint(trained, str(tmp_path / "plain"), calibration={
+        k: v for k, v in meta.calibration.items() if not k.startswith("val_confusion")})
+    sealed = export_checkpoint(trained, str(tmp_path / "calibrated"),
                                calibration={**meta.calibration, "val_confusion": _confusion_counts().tolist()})
     archive = tmp_path / "archive"
     synth.write_archive(str(archive), synth.default_samples(2, 40, seed=1), size=64, seed=3)
@@ -189,6 +193,30 @@ def test_nightly_runs_say_whether_their_flags_carry_the_models_confusion(tmp_pat
         else:
             assert "no val confusion matrix" in result.flags_warning() and run["flag_confusion_json"] is None
             assert "NOT corrected" in result.describe()
+        # The night's report says which kind of intervals its samples show.
+        html = open(write_report(str(out), dest=str(tmp_path / f"report-{corrected}"))).read()
+        assert ("corrected for the model's confusion on val" in html) is corrected
+        assert ("assume every cell was classified right" in html) is not corrected
         # The verified differential (no reviews yet) recomputes the flags with the run's own confusion.
         verified = read_table(str(out), "verified_differentials").to_pylist()
         assert [v["flags"] for v in verified] == [d["flags"] for d in sorted(diffs, key=lambda d: d["sample_id"])]
+
+
+def test_cells_a_reviewer_verified_are_not_corrected():
+    # 5 "ig" of 100 that a reviewer confirmed are immature granulocytes: the flag stands; unreviewed, it does not.
+    counts = {"neutrophil": 56, "lymphocyte": 33, "monocyte": 4, "eosinophil": 2, "ig": 5}
+    table = pa.table({**{col: [counts.get(n, 0)] * 2 for n, col in zip(CLASS_NAMES, count_columns())},
+                      **{f"verified_{col}": [0, counts.get(n, 0) if n == "ig" else 0]
+                         for n, col in zip(CLASS_NAMES, count_columns())}})
+    rows = compute_differentials(table, AWARE).to_pylist()
+    assert rows[0]["flags"] == [] and rows[1]["flags"] == ["immature granulocytes"]
+    # Every cell verified: the plain counting-error interval.
+    all_verified = pa.table({**{col: [counts.get(n, 0)] for n, col in zip(CLASS_NAMES, count_columns())},
+                             **{f"verified_{col}": [counts.get(n, 0)] for n, col in zip(CLASS_NAMES, count_columns())}})
+    got = compute_differentials(all_verified, AWARE).to_pylist()[0]
+    want = differential(counts, PLAIN)
+    for col in interval_columns():
+        assert got[col] == pytest.approx(want[col], rel=1e-9, abs=1e-12), col
+    with pytest.raises(ValueError, match="verified_count"):
+        compute_differentials(pa.table({**{c: [1] for c in count_columns()},
+                                        **{f"verified_{c}": [2] for c in count_columns()}}), AWARE)

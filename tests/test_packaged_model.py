@@ -35,3 +35,51 @@ def test_default_checkpoint_classifies_synthetic_images():
     assert np.allclose(out["probs"].sum(axis=1), 1.0, atol=1e-4)
     assert set(out["predicted_class"]) <= set(CLASS_NAMES)
     assert np.all((out["confidence"] > 0) & (out["confidence"] <= 1))
+
+
+def test_packaged_models_by_short_name():
+    import pytest
+
+    from bloodray import packaged
+    from bloodray.checkpoint import CheckpointError
+
+    names = [m.name for m in packaged.models()]
+    assert {"pbc-only", "robust-v1"} <= set(names) and packaged.models()[0].default
+    for alias in (None, "", "default", "packaged:default", f"packaged:{names[0]}"):
+        assert resolve_checkpoint(alias) == str(PACKAGED_CHECKPOINT)
+    pbc_only = load_checkpoint("packaged:pbc-only")
+    assert pbc_only.uri == str(packaged.ASSETS / "packaged" / "pbc-only") and not pbc_only.metadata.stain_norm
+    with pytest.raises(CheckpointError, match=r"'packaged:nope': no packaged model of that name \(packaged models: "
+                                              r"packaged:default, packaged:robust-v1, packaged:pbc-only"):
+        resolve_checkpoint("packaged:nope")
+    # Every command that takes a checkpoint takes the short name: prediction, and adaptation's starting point.
+    assert CellPredictor("packaged:pbc-only").meta.checkpoint_id == pbc_only.metadata.checkpoint_id
+
+
+def test_manifest_facts_match_the_checkpoints_and_the_results_doc():
+    """The manifest is the one place of the packaged models' facts; what can be derived is checked here."""
+    from pathlib import Path
+
+    from bloodray import packaged
+    from bloodray.checkpoint import read_metadata
+
+    results = (Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md").read_text()
+    for model in packaged.models():
+        meta = read_metadata(str(model.path))
+        assert meta.checkpoint_id == model.checkpoint_id, model.name
+        # The PBC figures are the ones its calibration sealed (val) and measured on the test split.
+        assert model.figures["pbc_val_accuracy"] == round(meta.calibration["val_accuracy"], 4), model.name
+        assert model.figures["pbc_test_accuracy"] == round(meta.calibration["test"]["accuracy"], 4), model.name
+        # The chula figures (a development set, not in the repo) are the ones docs/RESULTS.md gives with commands.
+        for key in ("chula_zero_shot_accuracy", "chula_k20_adaptation_accuracy"):
+            assert f"{model.figures[key]:.3f}" in results, (model.name, key)
+        assert not (model.path / "train_state.pt").exists()
+
+
+def test_package_data_stays_under_the_wheel_limit():
+    """The wheel must stay under 30 MB: the package files it ships (code, defaults, every packaged model)."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "bloodray"
+    total = sum(p.stat().st_size for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert total < 25 * 1024 * 1024, f"{total / 2**20:.1f} MiB of package files (wheel limit 30 MB, compressed)"

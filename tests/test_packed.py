@@ -161,3 +161,67 @@ def test_pack_trainer_fits_a_stain_reference_and_fine_tunes_keep_it(pack, tmp_pa
     assert load_checkpoint(str(tmp_path / "ft" / "checkpoint")).metadata.stain_norm == first.stain_norm
     with pytest.raises(ConfigError, match="^stain_norm: must be one of"):
         load_config(PackedTrainConfig, overrides=["pack=x.parquet", "stain_norm=macenko"])
+
+
+def test_a_killed_pack_run_resumes_from_its_last_epoch_and_ends_as_an_uninterrupted_one(pack, tmp_path, capsys):
+    """Same output folder = same run: a process killed mid-run continues from its last saved epoch."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from bloodray import cli
+
+    _, path, _ = pack
+    settings = {"model": "bloodnet", "model_kwargs": json.dumps({"batch_norm": True}), "epochs": 5, "batch_size": 16,
+                "warmup_epochs": 1, "precise_bn_batches": 2, "ema_decay": 0.9, "device": "cpu",
+                "robust.noise_std": 4.0, "robust.jpeg_prob": 0.5}
+
+    def argv(out, **extra):
+        return ["-q", "train-packed", "--set", f"pack={path}", "--set", f"output={out}",
+                *sum((["--set", f"{k}={v}"] for k, v in {**settings, **extra}.items()), [])]
+
+    def result(out):
+        return json.loads((out / "result.json").read_text())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed process: the same arithmetic, so the same numbers
+    try:
+        assert cli.run(argv(tmp_path / "straight")) == 0
+        straight = result(tmp_path / "straight")
+        out = tmp_path / "killed"
+        proc = subprocess.Popen([sys.executable, "-m", "bloodray", *argv(out)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for line in proc.stdout:
+            if line.startswith("{") and json.loads(line).get("epoch") == 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+        assert proc.returncode == -signal.SIGKILL and not (out / "checkpoint").exists()
+        capsys.readouterr()
+        assert cli.run(argv(out)) == 0
+        started = json.loads(next(line for line in capsys.readouterr().out.splitlines() if "resumed_from" in line))
+        resumed = result(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert 2 <= started["resumed_from_epoch"] < 5
+    assert load_checkpoint(str(out / "last_epoch")).metadata.epoch == resumed["epochs_run"] == 5
+    # Epochs before the kill were not trained again, and the data order, augmentation draws, optimizer, EMA and
+    # best-so-far continued where they stopped: the run ends as the uninterrupted one did.
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed["history"], straight["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4) and a["lr"] == pytest.approx(b["lr"])
+        assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"], abs=1e-6)
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    assert resumed["val"]["accuracy"] == pytest.approx(straight["val"]["accuracy"])
+
+    # Another run in the same folder is refused by field name; without its resume state it starts over.
+    cfg = load_config(PackedTrainConfig, "configs/train_packed.yaml",
+                      [f"pack={path}", f"output={out}", "model_kwargs={\"batch_norm\": true}", "batch_size=8",
+                       "device=cpu", "epochs=1", "warmup_epochs=0"])
+    with pytest.raises(ConfigError, match="^output: .* holds the resume state of another run"):
+        train_packed(cfg)
+    shutil.rmtree(out / "last_epoch")
+    fresh = train_packed(cfg)
+    assert fresh["epochs_run"] == 1 and [h["epoch"] for h in fresh["history"]] == [1]

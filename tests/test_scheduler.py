@@ -18,10 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bloodray import cli, exit_codes
-from bloodray.checkpoint import PACKAGED_CHECKPOINT, export_checkpoint
+from bloodray.checkpoint import PACKAGED_CHECKPOINT, export_checkpoint, read_metadata
 from bloodray.config import ConfigError, load_config
 from bloodray.data import synth
 from bloodray.nightly import contract, tables
@@ -38,8 +39,17 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def clean_checkpoint(tmp_path_factory):
-    """The packaged model without its OOD reference: no domain-shift alarm, so a run can be clean."""
-    return export_checkpoint(str(PACKAGED_CHECKPOINT), str(tmp_path_factory.mktemp("model") / "no-ood"), ood={})
+    """The packaged model without its OOD reference: no domain-shift alarm, so a run can be clean.
+
+    A run is clean only when its flags carry the model's val confusion (else it warns that they do not);
+    a packaged model sealed before ``calibrate`` recorded one gets a perfect one here (identity counts).
+    """
+    meta = read_metadata(str(PACKAGED_CHECKPOINT))
+    confusion = meta.val_confusion()
+    if confusion is None:
+        confusion = np.diag(np.full(len(meta.classes), 100))
+    return export_checkpoint(str(PACKAGED_CHECKPOINT), str(tmp_path_factory.mktemp("model") / "no-ood"), ood={},
+                             calibration={**meta.calibration, "val_confusion": confusion.tolist()})
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +87,14 @@ def test_exit_statuses_are_distinct_and_mapped_from_errors():
     import ray.exceptions
 
     codes = [code for code, _status in exit_codes.table()]
-    assert codes == [0, 1, 2, 3, 4, 5, 6] and len(set(exit_codes.STATUS.values())) == len(codes)
+    assert codes == [0, 1, 2, 3, 4, 5, 6, 7] and len(set(exit_codes.STATUS.values())) == len(codes)
     assert exit_codes.REFUSED == 2  # the existing convention: a problem with the input, config or storage
     assert exit_codes.for_exception(ConfigError("run.date: bad")) == exit_codes.REFUSED
     assert exit_codes.for_exception(NothingToClassify("x")) == exit_codes.NOTHING_TO_DO
     assert exit_codes.for_exception(ShiftAlarmError("x")) == exit_codes.ALARM_NOT_PUBLISHED
+    from bloodray.quality_gate import QualityGateError
+
+    assert exit_codes.for_exception(QualityGateError("x")) == exit_codes.QUALITY_GATE
     assert exit_codes.for_exception(ClusterResourcesError("x")) == exit_codes.INFRASTRUCTURE
     assert exit_codes.for_exception(ray.exceptions.ActorDiedError()) == exit_codes.INFRASTRUCTURE
     assert ray.exceptions.RayError in exit_codes.infrastructure_errors()

@@ -361,6 +361,11 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
     counts = (f"{_fmt(s.get('n_wbc'))} white cells, {_fmt(s.get('n_classified'))} classified, "
               f"{_fmt(s.get('n_review'))} to review, {_fmt(s.get('n_errors'))} unreadable")
     flag_line = (f"<p class=flags>Flags: {_e(flags)}</p>" if flags else "<p>No flags.</p>")
+    corrected = s.get("flags_confusion_corrected")
+    if corrected is not None:  # null: a run from before the column
+        flag_line += ("<p class=muted>Intervals: of the true rates, corrected for the model's confusion on val.</p>"
+                      if corrected else "<p class=muted>Intervals and flags assume every cell was classified right "
+                      "(the checkpoint carries no val confusion matrix).</p>")
     cells = page.cells.get(sid, [])
     differential = (flag_line + gallery.scroll(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
                     if not page.verified.active else rver.sample_block(s, page.verified.samples.get(sid)))

@@ -20,7 +20,9 @@ review applies, the predicted class elsewhere; ``unidentified`` cells are not
 counted), and percentages, intervals and flags come from the same
 :func:`bloodray.nightly.differential.compute_differentials` the nightly job
 uses, with the flag rules saved in the run's config (``flags.*`` of
-``runs.config_yaml``). The same rows are committed as the
+``runs.config_yaml``) and the confusion its flags were corrected with
+(``runs.flag_confusion_json``), which corrects only the cells no reviewer
+verified. The same rows are committed as the
 ``verified_differentials`` Delta table (:mod:`bloodray.review.records`), so
 any Delta reader gets them.
 """
@@ -43,7 +45,7 @@ from bloodray.nightly import contract, tables
 from bloodray.nightly.dictionary import alias_select
 from bloodray.nightly.config import FlagsConfig
 from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials, count_columns,
-                                           load_flag_rules)
+                                           load_flag_rules, verified_count_columns)
 from bloodray.nightly.sample_metadata import load_sample_metadata
 from bloodray.nightly.shift import SHIFT_COLUMNS, mark_unverified
 
@@ -162,6 +164,9 @@ def verified_rows(con, run_dates: list[str | dt.date], storage_options: Any = No
     # As in the job: unidentified cells are not counted, unless a reviewer gave them a class.
     per_class = ", ".join(f"count(*) FILTER (WHERE cls = '{c}' AND counted) AS {col}"
                           for c, col in zip(CLASS_NAMES, count_columns()))
+    # The reviewed part of each count: no model error there, so the confusion correction leaves it alone.
+    per_class += ", " + ", ".join(f"count(*) FILTER (WHERE cls = '{c}' AND counted AND verified) AS {col}"
+                                  for c, col in zip(CLASS_NAMES, verified_count_columns()))
     # The alarm's statistics describe the images, not their classes: they stay as the run computed them.
     shift = ", ".join(f"any_value(d.{col}) AS {col}" for col in SHIFT_COLUMNS)
     unid = contract.UNIDENTIFIED

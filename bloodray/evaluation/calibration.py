@@ -172,12 +172,13 @@ def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 def evaluate_calibration(logits: np.ndarray, labels: np.ndarray, temperature: float,
                          threshold: float) -> dict[str, Any]:
-    """ECE before/after and the review trade-off on a held-out set (the test split)."""
+    """Accuracy, ECE before/after and the review trade-off on a held-out set (the test split)."""
     labels = np.asarray(labels, dtype=np.int64)
     after = softmax(logits, temperature)
     confidence = after.max(axis=1)
     correct = after.argmax(axis=1) == labels
     return {
+        "accuracy": float(correct.mean()) if len(labels) else 0.0,
         "ece_before": expected_calibration_error(softmax(logits), labels),
         "ece_after": expected_calibration_error(after, labels),
         "review": dataclasses.asdict(review_tradeoff(confidence, correct, threshold)),

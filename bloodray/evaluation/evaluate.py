@@ -299,7 +299,8 @@ def ood_test_report(ref, table: pa.Table, review_threshold: float, temperature: 
 
 
 def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None,
-                  max_flagged_share: float = 0.05, checkpoint: str | None = None) -> dict[str, Any]:
+                  max_flagged_share: float = 0.05, checkpoint: str | None = None,
+                  force: bool = False) -> dict[str, Any]:
     """Fit temperature, review threshold and the OOD reference on the run's splits, report them on its test split.
 
     Works on the predictor's raw ``logits``, so the temperature already in the
@@ -310,18 +311,19 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     up to :data:`OOD_TRAIN_CELLS` training cells and standardised and
     thresholded on val), which :func:`~bloodray.checkpoint.resolve_checkpoint`
     then prefers for the run, and the precision self-check batch (:mod:`bloodray.inference_precision`).
+
+    The quality gate (:mod:`bloodray.quality_gate`) checks the val metrics first: a checkpoint that misses its
+    minimums is refused (:class:`~bloodray.quality_gate.QualityGateError`, nothing written, an earlier
+    calibration kept) unless ``force``; the sealed ``calibration`` carries the val metrics and the ``gate`` record.
     """
-    from bloodray.checkpoint import export_checkpoint, resolve_checkpoint
+    from bloodray import quality_gate
+    from bloodray.checkpoint import best_run_checkpoint, export_checkpoint, read_metadata
     from bloodray.data.labelled import read_parquet, rows_of
     from bloodray.evaluation.calibration import calibrate, evaluate_calibration
     from bloodray.inference_precision import selfcheck_from_files, selfcheck_sample
 
-    if checkpoint is None:
-        fs, path = storage.filesystem(rundir.calibrated_dir(run_uri), storage_options)
-        # Re-calibrate from the raw best checkpoint, never from an earlier calibration.
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        checkpoint = resolve_checkpoint(run_uri, storage_options)
+    # Re-calibrate from the raw best checkpoint, never from an earlier calibration.
+    checkpoint = checkpoint or best_run_checkpoint(run_uri, storage_options)
     manifest = read_parquet(rundir.split_manifest(run_uri), storage_options)
 
     def rows(split: str) -> list[dict[str, Any]]:
@@ -333,13 +335,19 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     ref, val = fit_ood_reference(checkpoint, rows("train"), rows("val"), storage_options)
     val_logits, val_labels = _matrix(val, "logits"), np.asarray(val.column("label").to_pylist())
     report = calibrate(val_logits, val_labels, max_flagged_share)
+    gate = quality_gate.check_calibration(report.to_dict(), checkpoint, force)
     test = predict_rows(rows("test"), checkpoint, storage_options, return_features=True)
     test = test.filter(pa.array(_decoded(test)))
     test_logits, test_labels = _matrix(test, "logits"), np.asarray(test.column("label").to_pylist())
     on_test = evaluate_calibration(test_logits, test_labels, report.temperature, report.review_threshold)
     on_test["ood"] = ood_test_report(ref, test, report.review_threshold, report.temperature)
-    calibration = report.to_dict() | {"test": on_test, "source_checkpoint": checkpoint, "ece_bins": 15}
+    # The source by its id, not its path: metadata carries no local machine paths.
+    calibration = report.to_dict() | {"test": on_test, "ece_bins": 15, "gate": gate,
+                                      "source_checkpoint_id": read_metadata(checkpoint, storage_options).checkpoint_id}
     dest = rundir.calibrated_dir(run_uri)
+    fs, path = storage.filesystem(dest, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
     blob = ref.tensors_bytes()
     # The precision self-check batch: val cells spread over the classes, with their fp32 logits.
     val_rows = rows("val")

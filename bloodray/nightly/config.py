@@ -88,6 +88,9 @@ class ModelConfig:
     device: str = "auto"
     #: average over the 8 dihedral views (8x the compute).
     tta: bool = False
+    #: refuse a checkpoint that ``bloodray calibrate`` did not seal with val metrics meeting the quality gate's
+    #: minimums (:mod:`bloodray.quality_gate`); false classifies with it anyway, with a warning (experiments only).
+    quality_gate: bool = True
 
     def validate(self, prefix: str) -> None:
         if not _DEVICE_RE.match(self.device):

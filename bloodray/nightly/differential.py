@@ -80,7 +80,7 @@ from bloodray.nightly.sample_metadata import (
 __all__ = [
     "ConfusionError", "ERYTHROBLAST_FLAG", "IG_FLAG", "LOW_WBC_FLAG", "RANGE_FLAG_NAMES", "FlagRules",
     "FlagRulesError", "ModelConfusion", "ReferenceRangeError", "SampleMetadataError", "absolute_columns", "checkpoint_confusion",
-    "compute_differentials", "count_columns",
+    "compute_differentials", "count_columns", "verified_count_columns",
     "differential", "differential_fields", "flag_columns", "flag_labels", "interval_columns", "load_absolute_ranges",
     "load_flag_rules", "load_reference_ranges", "load_sample_metadata", "parse_absolute_ranges",
     "parse_reference_ranges", "rules_data", "wilson_interval",
@@ -364,6 +364,22 @@ def _range_flags(lo: np.ndarray, hi: np.ndarray, rng: ReferenceRange | None) -> 
     return low, lo > rng.high
 
 
+def verified_count_columns() -> list[str]:
+    """``verified_count_<class>``: the part of ``count_<class>`` a reviewer gave that class (optional input)."""
+    return [f"verified_{col}" for col in count_columns()]
+
+
+def _verified_matrix(counts: pa.Table, matrix: np.ndarray) -> np.ndarray | None:
+    """Counts of reviewer-verified cells per sample and class when ``counts`` has them (else None)."""
+    if not all(col in counts.column_names for col in verified_count_columns()):
+        return None
+    known = np.stack([counts.column(col).fill_null(0).to_numpy(zero_copy_only=False)
+                      for col in verified_count_columns()], axis=1).astype(np.float64)
+    if np.any(known < 0) or np.any(known > matrix):
+        raise ValueError("verified_count_<class> must lie between 0 and count_<class>")
+    return known.reshape(matrix.shape)
+
+
 def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
                           sample_metadata: pa.Table | None = None) -> pa.Table:
     """Add WBC count, percentages, their intervals and flags to a table of per-sample counts.
@@ -372,6 +388,9 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
     columns, such as ``sample_id``, are kept in front). ``sample_metadata``
     (``sample_id, wbc_count_10e9_per_l``, see :func:`load_sample_metadata`)
     is optional; samples it lists with a count are flagged on absolute ranges.
+    With the model's confusion (``rules.confusion``), optional
+    :func:`verified_count_columns` say how many of each count a reviewer
+    verified: those cells are no model error and are not corrected.
     The added columns are :func:`differential_fields`, in that order.
     """
     missing = [c for c in count_columns() if c not in counts.column_names]
@@ -385,17 +404,22 @@ def compute_differentials(counts: pa.Table, rules: FlagRules = FlagRules(),
     cols: dict[str, np.ndarray] = {"n_wbc": n_wbc}
     bounds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     matrix = np.stack([c[name] for name in CLASS_NAMES], axis=1).astype(np.float64).reshape(n, len(CLASS_NAMES))
+    known = _verified_matrix(counts, matrix)
+
+    def bounds_of(index: int, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fractions
+        return share_bounds(matrix, index, members, rules.confusion, rules.confidence, known)
+
     wbc = np.array([name in WBC_CLASSES for name in CLASS_NAMES])
     with np.errstate(divide="ignore", invalid="ignore"):
         for name in DIFFERENTIAL_CLASSES + ("ig",):
             col = f"pct_{name}" if name != "ig" else "ig_per_100_wbc"
             cols[col] = np.where(n_wbc > 0, c[name] * 100.0 / np.maximum(n_wbc, 1), np.nan)
-            bounds[name] = share_bounds(matrix, CLASS_NAMES.index(name), wbc, rules.confusion, rules.confidence)  # fractions
+            bounds[name] = bounds_of(CLASS_NAMES.index(name), wbc)
         erb = c["erythroblast"]
         cols["erythroblast_per_100_wbc"] = np.where(n_wbc > 0, erb * 100.0 / np.maximum(n_wbc, 1), np.nan)
         erb_index = CLASS_NAMES.index("erythroblast")
         with_erb = wbc | (np.arange(len(CLASS_NAMES)) == erb_index)
-        q_lo, q_hi = share_bounds(matrix, erb_index, with_erb, rules.confusion, rules.confidence)  # of (WBC + erythroblasts)
+        q_lo, q_hi = bounds_of(erb_index, with_erb)  # of (WBC + erythroblasts)
         erb_bounds = tuple(np.where(n_wbc > 0, q / (1.0 - q), np.nan) for q in (q_lo, q_hi))
     cols["platelet_count"] = c["platelet"]
     for name in DIFFERENTIAL_CLASSES:

@@ -145,32 +145,38 @@ def wilson_interval(k: Any, n: Any, confidence: float = DEFAULT_FLAG_CONFIDENCE)
 
 
 def share_bounds(c: np.ndarray, k: int, members: np.ndarray, confusion: ModelConfusion | None,
-                 confidence: float) -> tuple[np.ndarray, np.ndarray]:
+                 confidence: float, known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Interval (fractions) of class ``k``'s share of the classes in ``members``, per sample (module docstring).
 
     ``c``: counted cells per sample (rows) and class (columns, :data:`CLASS_NAMES` order). Without
     ``confusion``: the Wilson interval of the counts. With it: the score interval of the
     misclassification-corrected share with the extra variance (module docstring). NaN where ``members`` has no cells.
+    ``known``: the part of ``c`` a reviewer verified (same shape): taken as true, only the rest is corrected.
     """
     n_members = c[:, members].sum(axis=1)
     if confusion is None:
         return wilson_interval(c[:, k], n_members, confidence)
     m, rates, n_val = confusion.inverse_t, confusion.rates, confusion.row_totals
     inside = members.astype(np.float64)
+    known = np.zeros_like(c) if known is None else known
+    machine = c - known
     with np.errstate(divide="ignore", invalid="ignore"):
         total = c.sum(axis=1)
-        q = c / total[:, None]
-        p = np.clip(q @ m.T, 0.0, None)  # true shares: p = (C^T)^-1 q, negatives set to 0 ...
-        p = p / p.sum(axis=1, keepdims=True)  # ... and rescaled (the raw p sums to 1 already)
+        n_machine = machine.sum(axis=1)
+        q = np.nan_to_num(machine / n_machine[:, None])  # the machine-called cells' shares (0 if none)
+        p_machine = np.clip(q @ m.T, 0.0, None)  # their true shares: (C^T)^-1 q, negatives set to 0 ...
+        p_machine = np.nan_to_num(p_machine / p_machine.sum(axis=1, keepdims=True))  # ... rescaled to sum 1
+        weight = n_machine / total  # share of the sample's cells the model called
+        p = known / total[:, None] + weight[:, None] * p_machine
         share_of = p @ inside
         f = p[:, k] / share_of
-        # d f / d p, then through p = M q: u = M^T (d f / d p), per sample.
+        # d f / d p, then through p = known + w M q: u = w M^T (d f / d p), per sample.
         grad = (np.eye(len(CLASS_NAMES))[k][None, :] - f[:, None] * inside[None, :]) / share_of[:, None]
-        u = grad @ m
-        var_counts = ((u * u * q).sum(axis=1) - (u * q).sum(axis=1) ** 2) / total
-        # each val row of C is multinomial over its cells; its error moves p by -M (p_i dC_i).
+        u = weight[:, None] * (grad @ m)
+        var_counts = np.nan_to_num(((u * u * q).sum(axis=1) - (u * q).sum(axis=1) ** 2) / n_machine)
+        # each val row of C is multinomial over its cells; its error moves p_machine by -M (p_i dC_i).
         spread = (u * u) @ rates.T - (u @ rates.T) ** 2
-        var_confusion = (p * p * spread / n_val[None, :]).sum(axis=1)
+        var_confusion = (p_machine * p_machine * spread / n_val[None, :]).sum(axis=1)
         n_cells = share_of * total
         # What the binomial term of the score interval does not already hold: the misclassified cells' own
         # counting error and the confusion estimate's error, added as a constant (the score interval solves

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from bloodray import storage
+from bloodray import quality_gate, storage
 from bloodray.checkpoint import load_checkpoint, resolve_checkpoint
 from bloodray.config import ConfigError
 from bloodray.data.preset import EvalPreset
@@ -259,6 +259,12 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
     # architecture) is verified by loading it once on the driver's CPU.
     checkpoint_uri = resolve_checkpoint(cfg.model.checkpoint, so)
     meta = load_checkpoint(checkpoint_uri, so, device="cpu").metadata
+    try:
+        quality_gate.check_checkpoint(meta, checkpoint_uri)
+    except quality_gate.QualityGateError as exc:
+        if cfg.model.quality_gate:
+            raise
+        log.warning("model.quality_gate is false: classifying anyway with %s", exc)
     flags = cfg.flags
     try:
         rules = load_flag_rules(flags.reference_ranges, so, ig_percent=flags.ig_percent, min_wbc=flags.min_wbc,

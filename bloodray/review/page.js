@@ -23,28 +23,34 @@
   // Interval (fractions) of class k's share of the classes in `members`, as _share_bounds of
   // bloodray/nightly/differential.py: Wilson on the counts, or, with rules.confusion, on the
   // misclassification-corrected share with its extra variance. Same operations, same order.
-  function shareBounds(cv, k, members, rules) {
+  // kv: the part of cv a reviewer verified (taken as true, not corrected).
+  function shareBounds(cv, k, members, rules, kv) {
     const K = cv.length;
     let nMembers = 0;
     for (let j = 0; j < K; j++) if (members[j]) nMembers += cv[j];
     const conf = rules.confusion;
     if (!conf) return wilson(cv[k], nMembers, rules.z);
+    const finite = (x) => (isNaN(x) ? 0 : x);  // numpy's nan_to_num for the NaNs met here
     const m = conf.inverse_t, rates = conf.rates, nVal = conf.row_totals;
+    const machine = cv.map((x, j) => x - kv[j]);
     const total = cv.reduce((s, x) => s + x, 0);
-    const q = cv.map((x) => x / total);
-    let p = m.map((row) => Math.max(row.reduce((s, mij, j) => s + q[j] * mij, 0), 0));
-    const pSum = p.reduce((s, x) => s + x, 0);
-    p = p.map((x) => x / pSum);
+    const nMachine = machine.reduce((s, x) => s + x, 0);
+    const q = machine.map((x) => finite(x / nMachine));
+    let pm = m.map((row) => Math.max(row.reduce((s, mij, j) => s + q[j] * mij, 0), 0));
+    const pSum = pm.reduce((s, x) => s + x, 0);
+    pm = pm.map((x) => finite(x / pSum));
+    const weight = nMachine / total;
+    const p = pm.map((x, j) => kv[j] / total + weight * x);
     let shareOf = 0;
     for (let j = 0; j < K; j++) if (members[j]) shareOf += p[j];
     const f = p[k] / shareOf;
     const grad = p.map((_, j) => ((j === k ? 1 : 0) - f * (members[j] ? 1 : 0)) / shareOf);
-    const u = q.map((_, j) => grad.reduce((s, gi, i) => s + gi * m[i][j], 0));
+    const u = q.map((_, j) => weight * grad.reduce((s, gi, i) => s + gi * m[i][j], 0));
     const dot = (a, b) => a.reduce((s, x, j) => s + x * b[j], 0);
     const uu = u.map((x) => x * x);
-    const varCounts = (dot(uu, q) - dot(u, q) ** 2) / total;
+    const varCounts = finite((dot(uu, q) - dot(u, q) ** 2) / nMachine);
     let varConfusion = 0;
-    for (let i = 0; i < K; i++) varConfusion += p[i] * p[i] * (dot(uu, rates[i]) - dot(u, rates[i]) ** 2) / nVal[i];
+    for (let i = 0; i < K; i++) varConfusion += pm[i] * pm[i] * (dot(uu, rates[i]) - dot(u, rates[i]) ** 2) / nVal[i];
     const nCells = shareOf * total;
     const extra = Math.max(varCounts + varConfusion - f * (1.0 - f) / nCells, 0.0);
     if (!(nMembers > 0) || !(shareOf > 0)) return [NaN, NaN];
@@ -65,10 +71,12 @@
     return [rng.flag_low ? hi < rng.low : false, lo > rng.high];  // NaN compares false: no flag
   }
 
-  // counts: {class: n}; wbcCount: 10^9/L or null; shifted: the run's domain-shift alarm for the sample.
-  function differential(counts, rules, wbcCount, shifted, shiftFlag) {
+  // counts: {class: n}; wbcCount: 10^9/L or null; shifted: the run's domain-shift alarm for the sample;
+  // verified: {class: n} of those counts a reviewer gave (optional; with the model's confusion they are not corrected).
+  function differential(counts, rules, wbcCount, shifted, shiftFlag, verified) {
     const c = {};
     for (const name of rules.classes) c[name] = counts[name] || 0;
+    const kv = rules.classes.map((name) => (verified && verified[name]) || 0);
     const nWbc = rules.wbc_classes.reduce((s, name) => s + c[name], 0);
     const z = rules.z;
     const out = {n_wbc: nWbc};
@@ -79,14 +87,14 @@
     const index = (name) => rules.classes.indexOf(name);
     for (const name of rules.differential_classes) {
       out["pct_" + name] = pct(c[name]);
-      bounds[name] = shareBounds(cv, index(name), wbcMembers, rules);
+      bounds[name] = shareBounds(cv, index(name), wbcMembers, rules, kv);
     }
     out.ig_per_100_wbc = pct(c.ig);
-    bounds.ig = shareBounds(cv, index("ig"), wbcMembers, rules);
+    bounds.ig = shareBounds(cv, index("ig"), wbcMembers, rules, kv);
     const erb = c.erythroblast;
     out.erythroblast_per_100_wbc = pct(erb);
     const q = shareBounds(cv, index("erythroblast"), wbcMembers.map((w, j) => w || j === index("erythroblast")),
-                          rules);
+                          rules, kv);
     const erbBounds = q.map((v) => (nWbc > 0 ? v / (1.0 - v) : NaN));
     out.platelet_count = c.platelet;
     for (const name of rules.differential_classes) {
@@ -176,20 +184,21 @@
     return {cls: c.cls, source: "machine"};
   }
 
-  function sampleCounts(s) {
+  // {class: n} counted now, and of those the ones a reviewer gave (verified: no model error to correct).
+  function sampleCounts(s, verifiedOnly) {
     const counts = {};
     for (const name of R.classes) counts[name] = 0;
     for (const c of s.cells) {
       const v = verdict(c);
       // As in the job and the verified view: unidentified cells count only once a reviewer gave them a class.
-      if (v.source === "machine" && c.status === UNID) continue;
+      if (v.source === "machine" && (c.status === UNID || verifiedOnly)) continue;
       if (v.cls in counts) counts[v.cls] += 1;
     }
     return counts;
   }
 
   function liveDifferential(s) {
-    return differential(sampleCounts(s), R, s.wbc_count, s.domain_shift, D.shift_flag);
+    return differential(sampleCounts(s), R, s.wbc_count, s.domain_shift, D.shift_flag, sampleCounts(s, true));
   }
 
   function signoff(s) {

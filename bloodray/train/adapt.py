@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from torch import nn
 
+from bloodray import storage
 from bloodray.config import ConfigError
 from bloodray.train.config import DataSection, TrainConfig
 
@@ -60,7 +62,10 @@ def with_init_checkpoint(cfg: TrainConfig) -> TrainConfig:
     if cfg.model.pretrained:
         raise ConfigError("model.pretrained: cannot be combined with model.init_checkpoint")
     trained_with = meta.stain_norm.get("method", "none") if meta.stain_norm else "none"
-    model = dataclasses.replace(cfg.model, kwargs=kwargs, input_size=meta.input_size,
+    if storage.protocol_of(uri) == "file" and os.path.exists(uri) and not os.path.isabs(uri):
+        # The Ray Train workers run in another working directory: a relative folder would not be found there.
+        uri = os.path.abspath(uri)
+    model = dataclasses.replace(cfg.model, kwargs=kwargs, input_size=meta.input_size, init_checkpoint=uri,
                                 stain_norm=cfg.model.stain_norm or trained_with)
     return dataclasses.replace(cfg, model=model)
 

@@ -343,12 +343,13 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     The optimizer, schedule, loss, weight average and precise BN are the shared recipe
     (:mod:`bloodray.train.recipe`). Model selection uses the val split only (best val macro-F1 of the raw or
     averaged weights over the evaluations); the test split, when the pack has one, is scored once at the end with
-    the selected weights.
+    the selected weights. A run with the same ``output`` continues exactly from its last epoch (``output/last_epoch``).
     """
     import torch
 
     from bloodray.evaluation.metrics import classification_metrics
     from bloodray.models import count_parameters, get_model_info
+    from bloodray.train.resume_state import restore_pack_run, save_pack_run
 
     cfg.validate()
     info = get_model_info(cfg.model)  # unknown names fail before any data is read
@@ -389,12 +390,15 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     robust_rng = np.random.default_rng(cfg.seed)
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"macro_f1": -1.0}
-    best_state = None
-    trained_images, steady_time, train_time = 0, 0.0, 0.0
-    epoch = 0
-    stopped_early = False
+    key = json.dumps({"pack": pack.meta, "model": cfg.model, "kwargs": kwargs, "batch_size": cfg.batch_size,
+                      "seed": cfg.seed}, sort_keys=True, default=str)
+    progress, best_state = restore_pack_run(cfg.output, key, state, generator, robust_rng,
+                                            cfg.epochs)
+    if progress["epoch"]:
+        print(json.dumps({"model": cfg.model, "resumed_from_epoch": progress["epoch"], "output": cfg.output}),
+              flush=True)
+    history, best, epoch, trained_images, steady_time, train_time, stopped_early = (progress[k] for k in (
+        "history", "best", "epoch", "trained_images", "steady_time", "train_time", "stopped_early"))
     while epoch < state.schedule.epochs:
         model.train()
         _sync(device)
@@ -435,13 +439,18 @@ def train_packed(cfg: PackedTrainConfig) -> dict[str, Any]:
                     best = {"epoch": epoch, "weights": which, "macro_f1": val["macro_f1"], "accuracy": val["accuracy"]}
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         history.append(record)
-        print(json.dumps({"model": cfg.model, **record}), flush=True)
         if cfg.time_budget_s and epoch == 2 and epoch < state.schedule.epochs:
             fits = int((cfg.time_budget_s - train_time) / max(epoch_s, 1e-6)) + epoch
             if fits < state.schedule.epochs:
                 # Shorten the cosine so the run still ends at a low learning rate.
                 state.schedule.epochs = max(epoch + 1, fits)
                 stopped_early = True
+        progress = dict(epoch=epoch, history=history, best=best, trained_images=trained_images, steady_time=steady_time,
+                        train_time=train_time, stopped_early=stopped_early, planned_epochs=cfg.epochs,
+                        schedule_epochs=state.schedule.epochs)
+        save_pack_run(cfg.output, key, state, generator, robust_rng, progress, best_state, cfg.model, kwargs, preset)
+        # Printed once saved: an epoch on the console is an epoch a killed run will not train again.
+        print(json.dumps({"model": cfg.model, **record}), flush=True)
 
     if robust_batches is not None:
         robust_batches.close()
