@@ -14,7 +14,9 @@ the effect).
 
 The arithmetic (``precision``: fp32, bf16...) is chosen per machine and kept
 only after it passes the checkpoint's self-check (:mod:`bloodray.inference_precision`);
-the micro-batch is sized for the chosen precision's activations.
+the micro-batch is sized for the chosen precision's activations. ``runtime="openvino"``
+runs the CPU forward pass in OpenVINO instead of torch (:mod:`bloodray.openvino_runtime`),
+under the same self-check; if OpenVINO cannot run or no precision passes, torch runs.
 
 When the checkpoint carries an OOD reference (:mod:`bloodray.ood`),
 forward hooks collect the head's input and an early activation in the same
@@ -37,6 +39,7 @@ from bloodray.checkpoint import LoadedCheckpoint, load_checkpoint
 from bloodray.ood import FeatureTap, early_layer
 from bloodray.models import get_model_info
 from bloodray.inference_precision import PROB_TOLERANCE, candidates, compare, load_selfcheck
+from bloodray.openvino_runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 CPU_ACTIVATION_BUDGET = 12 * 2**20
 #: Most images per CPU model batch (larger batches only cost cache misses).
 MAX_CPU_MICRO_BATCH = 64
+#: Images per OpenVINO call (the batch ``bench/runtimes.py`` measured it with).
+OPENVINO_MICRO_BATCH = 32
 
 
 def ray_assigned_cpus() -> float | None:
@@ -144,7 +149,9 @@ class CellPredictor:
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  device: str = "auto", tta: bool = False, loaded: LoadedCheckpoint | None = None,
                  micro_batch: int | None = None, return_features: bool = False, precision: str = "auto",
-                 self_check_tolerance: float = PROB_TOLERANCE):
+                 self_check_tolerance: float = PROB_TOLERANCE, runtime: str = "torch"):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self.device = pick_device(device)
         self.loaded = loaded or load_checkpoint(checkpoint, storage_options, device=self.device)
         self.model = self.loaded.model.to(self.device).eval()
@@ -168,15 +175,41 @@ class CellPredictor:
         #: the precision in use (``fp32``, ``bf16``) and why faster ones were refused (path -> reason).
         self.precision = "fp32"
         self.refused: dict[str, str] = {}
-        self._choose_precision(precision, self_check_tolerance, storage_options)
+        #: the runtime of the forward pass (``torch``, or ``openvino`` where asked for and it passed).
+        self.runtime = "torch"
+        self._openvino: Any = None
         #: the OOD reference (None: no ood_score unless features are asked for).
         self.ood = self.loaded.ood
         self.return_features = return_features
+        self._features = None
         self.tap: FeatureTap | None = None
         if self.ood is not None or return_features:
             early = ((self.ood.early_layer, self.ood.early_call) if self.ood is not None
                      else early_layer(self.model, self.preset.input_size))
-            self.tap = FeatureTap(self.forward_model, get_model_info(self.meta.model_name).head_paths[0], *early)
+            self._features = (get_model_info(self.meta.model_name).head_paths[0], *early)
+        if runtime == "openvino" and self.device.type == "cpu":
+            self._choose_precision(precision, self_check_tolerance, storage_options, runtime="openvino")
+        elif runtime == "openvino":
+            log.info("runtime openvino is for CPUs; %s runs torch", self.device)
+        if self.runtime == "torch":
+            self._choose_precision(precision, self_check_tolerance, storage_options)
+        if self._features is not None:
+            # On OpenVINO the hooks never fire: the features come out of its model into the same tap.
+            self.tap = FeatureTap(self.forward_model, *self._features)
+
+    def _use_openvino(self, precision: str) -> None:
+        """Set the forward path up for ``precision`` in OpenVINO (ValueError/ImportError etc. when it cannot)."""
+        from bloodray.openvino_runtime import OpenVinoForward
+
+        self._openvino = None  # a failed conversion must not leave the previous precision's model in use
+        features = self._features or (get_model_info(self.meta.model_name).head_paths[0],
+                                      *early_layer(self.model, self.preset.input_size))
+        self._openvino = OpenVinoForward(self.model, self.preset.input_size, precision, torch.get_num_threads(),
+                                         features)
+        self.channels_last, self.autocast = False, contextlib.nullcontext()
+        if self._fixed_micro_batch is None:
+            self.micro_batch = OPENVINO_MICRO_BATCH
+        self.precision = precision
 
     def _use(self, precision: str) -> None:
         """Set the forward path up for ``precision`` (autocast, memory format, micro-batch)."""
@@ -193,8 +226,11 @@ class CellPredictor:
                                                autocast=self.autocast, channels_last=self.channels_last)
         self.precision = precision
 
-    def _choose_precision(self, requested: str, tolerance: float, storage_options: Mapping[str, Any] | None) -> None:
-        """The fastest of ``requested``'s paths that passes the checkpoint's self-check (module docstring)."""
+    def _choose_precision(self, requested: str, tolerance: float, storage_options: Mapping[str, Any] | None,
+                          runtime: str = "torch") -> None:
+        """The fastest of ``requested``'s paths that passes the checkpoint's self-check (module docstring).
+        ``runtime="openvino"``: its fp32 and bf16 only; when none passes (or it cannot run), ``self.runtime`` stays
+        ``torch`` and the caller tries torch's paths."""
         paths = candidates(requested, self.device)
         check = load_selfcheck(self.loaded.uri, self.meta, storage_options) if self.loaded.uri else None
         if check is None:
@@ -202,6 +238,9 @@ class CellPredictor:
                 log.info("precision %s: checkpoint %s has no self-check batch, so only fp32 is trusted",
                          requested, self.loaded.uri or "(in memory)")
             paths = ["fp32"]
+        if runtime == "openvino":
+            self._choose_openvino(paths, check, tolerance)
+            return
         for i, path in enumerate(paths):
             self._use(path)
             if check is None:
@@ -224,8 +263,34 @@ class CellPredictor:
         log.error("precision fp32 on %s failed the checkpoint's self-check (%s); running fp32 anyway",
                   self.device, self.refused.get("fp32"))
 
+    def _choose_openvino(self, paths: list[str], check, tolerance: float) -> None:
+        for path in paths:
+            try:
+                self._use_openvino(path)
+            except Exception as exc:  # noqa: BLE001 - not installed, or a model it cannot convert: torch runs
+                log.warning("runtime openvino: cannot run the model in %s (%s: %s); using torch", path,
+                            type(exc).__name__, exc)
+                return
+            tta, self.tta = self.tta, False
+            try:
+                reason = None if check is None else compare(self.logits(check.images).cpu().numpy(),
+                                                            check.logits, self.temperature, tolerance)
+            finally:
+                self.tta = tta
+            if reason is None:
+                log.info("runtime openvino, precision %s: self-check %s", path,
+                         "passed" if check is not None else "absent (fp32 only)")
+                self.runtime = "openvino"
+                return
+            self.refused[f"openvino {path}"] = reason
+            log.warning("runtime openvino, precision %s failed the self-check (%s)", path, reason)
+        self._openvino = None
+        log.warning("runtime openvino: no precision passed the self-check; using torch")
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self.micro_batch or len(x)
+        if self._openvino is not None:
+            return torch.cat([self._openvino(x[i:i + step], self.tap) for i in range(0, len(x), step)])
         if len(x) <= step:
             return self.forward_model(x).float()
         return torch.cat([self.forward_model(x[i:i + step]).float() for i in range(0, len(x), step)])

@@ -191,6 +191,9 @@ class InferenceConfig:
     #: arithmetic of the model actors: ``auto`` (fastest that passes the checkpoint's self-check), ``fp32``,
     #: ``bf16`` or ``int8`` (:mod:`bloodray.inference_precision`); a failed self-check falls back towards fp32.
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    #: the CPU model actors' runtime: ``torch``, or ``openvino`` (measured faster on the forward pass in
+    #: BENCHMARKS.md; the same precision self-check; torch runs where it cannot or nothing passes; GPUs run torch).
+    runtime: Literal["torch", "openvino"] = "torch"
 
     def validate(self, prefix: str) -> None:
         for name in ("num_gpus", "decode_cpus") if self.num_gpus != "auto" else ("decode_cpus",):

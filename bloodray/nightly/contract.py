@@ -154,7 +154,8 @@ def runs_schema() -> pa.Schema:
     manifest file; the Delta log commits that follow are not in it).
     ``flag_confusion_json``: the val confusion counts the run's flags were corrected with (JSON, 8 x 8, rows true,
     columns predicted; null: the flags assume a perfect classifier), so that reviews recompute them alike.
-    ``precision`` and ``device`` say how the model actors ran (e.g. ``bf16`` on ``cpu``; values of several
+    ``precision`` and ``device`` say how the model actors ran (e.g. ``bf16`` on ``cpu``; ``bf16 (openvino)`` with
+    ``inference.runtime: openvino``; values of several
     actors joined by ``,``; null when the run classified nothing itself): :mod:`bloodray.inference_precision`.
     """
     return pa.schema([

@@ -153,7 +153,8 @@ class CellPredictorResults(CellPredictor):
             batch = {**batch, "image": on_device}
         out = super().__call__(batch)
         # How this actor ran, for the runs table: schema metadata costs no column and no bytes per row.
-        return to_staged_rows(out).replace_schema_metadata({PATH_METADATA["precision"]: self.precision,
+        precision = self.precision if self.runtime == "torch" else f"{self.precision} ({self.runtime})"
+        return to_staged_rows(out).replace_schema_metadata({PATH_METADATA["precision"]: precision,
                                                             PATH_METADATA["device"]: str(self.device)})
 
 
@@ -199,7 +200,7 @@ def build_dataset(plan: RunPlan):
         compute=actor_pool(cfg.inference, fused=len(parts) == 1, work_blocks=work_blocks),
         fn_constructor_kwargs={"checkpoint": plan.checkpoint_uri, "storage_options": plan.storage_options,
                                "device": cfg.model.device, "tta": cfg.model.tta,
-                               "precision": cfg.inference.precision,
+                               "precision": cfg.inference.precision, "runtime": cfg.inference.runtime,
                                "cell_limits": cfg.limits.read_limits().cell if device_decode else None},
         **gpu_args)
 
