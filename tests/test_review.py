@@ -19,7 +19,9 @@ from bloodray.classes import CLASS_NAMES
 from bloodray.data.labelled import list_labelled_images
 from bloodray.data.stages import THUMBNAIL_SIZE, thumbnail_jpeg
 from bloodray.nightly import contract
-from bloodray.nightly.differential import compute_differentials, count_columns
+from bloodray.checkpoint import load_checkpoint
+from bloodray.nightly.differential import FlagRules, compute_differentials, count_columns, verified_count_columns
+from bloodray.nightly.intervals import ModelConfusion
 from bloodray.review import page as review_page
 from bloodray.review import roundtrip
 from helpers_review import classify_synthetic, run_cli
@@ -172,9 +174,17 @@ def test_review_round_trip(tmp_path, ray_cluster, capsys):
         counts[sample][verified_class[uri]] += 1
     import pyarrow as pa
 
+    # As the run flagged them: with the checkpoint's val confusion, the reviewer's cells taken as true.
+    verified_counts = {s: {c: 0 for c in CLASS_NAMES} for s in counts}
+    for uri, cls in {r[0]: r[2] for r in reviews}.items():
+        verified_counts[predictions[uri][0]][cls] += 1
     table = pa.table({"sample_id": list(counts), **{col: [counts[s][c] for s in counts]
-                                                      for c, col in zip(CLASS_NAMES, count_columns())}})
-    expected = compute_differentials(table).to_pylist()
+                                                      for c, col in zip(CLASS_NAMES, count_columns())},
+                      **{col: [verified_counts[s][c] for s in counts]
+                         for c, col in zip(CLASS_NAMES, verified_count_columns())}})
+    matrix = load_checkpoint("default").metadata.val_confusion()
+    rules = FlagRules(confusion=None if matrix is None else ModelConfusion.from_counts(matrix))
+    expected = compute_differentials(table, rules).to_pylist()
     got = verified.to_pylist()
     for want, row in zip(expected, got):
         for key in ("n_wbc", "pct_neutrophil", "pct_basophil", "pct_eosinophil", "pct_monocyte_hi", "flags"):
