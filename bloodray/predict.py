@@ -245,11 +245,7 @@ class CellPredictor:
             self._use(path)
             if check is None:
                 return
-            tta, self.tta = self.tta, False
-            try:
-                reason = compare(self.logits(check.images).cpu().numpy(), check.logits, self.temperature, tolerance)
-            finally:
-                self.tta = tta
+            reason = self._self_check(check, tolerance)
             if reason is None:
                 log.info("precision %s on %s: self-check passed (%d reference cells)", path, self.device,
                          len(check.images))
@@ -263,6 +259,14 @@ class CellPredictor:
         log.error("precision fp32 on %s failed the checkpoint's self-check (%s); running fp32 anyway",
                   self.device, self.refused.get("fp32"))
 
+    def _self_check(self, check, tolerance: float) -> str | None:
+        """Why the current forward path fails the sealed self-check batch (None: it passes); TTA off for it."""
+        tta, self.tta = self.tta, False
+        try:
+            return compare(self.logits(check.images).cpu().numpy(), check.logits, self.temperature, tolerance)
+        finally:
+            self.tta = tta
+
     def _choose_openvino(self, paths: list[str], check, tolerance: float) -> None:
         for path in paths:
             try:
@@ -271,12 +275,7 @@ class CellPredictor:
                 log.warning("runtime openvino: cannot run the model in %s (%s: %s); using torch", path,
                             type(exc).__name__, exc)
                 return
-            tta, self.tta = self.tta, False
-            try:
-                reason = None if check is None else compare(self.logits(check.images).cpu().numpy(),
-                                                            check.logits, self.temperature, tolerance)
-            finally:
-                self.tta = tta
+            reason = None if check is None else self._self_check(check, tolerance)
             if reason is None:
                 log.info("runtime openvino, precision %s: self-check %s", path,
                          "passed" if check is not None else "absent (fp32 only)")
