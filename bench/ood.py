@@ -23,10 +23,13 @@ erythroblasts, 90 % neutrophils, 70 % platelets, 40 % monocytes; the rest
 drawn from the other test cells), ``--draws`` samples of 50 and of 100 cells
 each, tested by the nightly job's own function
 (:func:`bloodray.nightly.shift.group_statistics`) against the checkpoint's
-per-class reference and, side by side, against its pooled one (what the alarm
-compared with before; same test otherwise), plus a control row of cells drawn
-from the whole test split. Targets: no skewed sample under the per-class
-alarm, every chula series under it.
+per-class reference of the arithmetic the run's actors used (the runs table's
+``precision``, :func:`bloodray.nightly.shift.reference_for_run`: what the job
+compares with) and, side by side and on the same cells, against the per-class
+fp32 reference (what the job compared bf16 cells with before the reference was
+kept per arithmetic) and the pooled one (before the per-class format), plus a
+control row of cells drawn from the whole test split. Targets: no skewed
+sample under the alarm, every chula series under it.
 
 The committed cells of the two runs are cached under
 ``~/.cache/bloodray-bench/`` (by checkpoint id), so a rerun only simulates;
@@ -100,7 +103,8 @@ def classify(archive: Path, out: Path, checkpoint: str | None):
 def tables(out: Path):
     from bloodray.analysis.query import read_table
 
-    return read_table(str(out), "predictions").to_pylist(), read_table(str(out), "differentials").to_pylist()
+    return (read_table(str(out), "predictions").to_pylist(), read_table(str(out), "differentials").to_pylist(),
+            read_table(str(out), "runs").column("precision").to_pylist()[-1])
 
 
 def classified(name: str, layout, checkpoint: str | None, checkpoint_id: str, fresh: bool) -> dict:
@@ -113,9 +117,9 @@ def classified(name: str, layout, checkpoint: str | None, checkpoint_id: str, fr
         archive = link_archive(Path(tmp) / name, [(rel, src) for rel, src, _ in layout])
         truth = {str(archive / rel): cls for rel, _, cls in layout}
         run, seconds = classify(archive, Path(tmp) / f"out-{name}", checkpoint)
-        preds, diffs = tables(Path(tmp) / f"out-{name}")
+        preds, diffs, precision = tables(Path(tmp) / f"out-{name}")
     cells = [{**{k: r[k] for k in CELL_COLUMNS}, "truth": truth[r["image_uri"]]} for r in preds]
-    out = {"cells": cells, "seconds": round(seconds, 1), "run_domain_shift": run.domain_shift,
+    out = {"cells": cells, "seconds": round(seconds, 1), "run_domain_shift": run.domain_shift, "precision": precision,
            "samples_shifted": run.n_samples_shifted,
            "samples": [{k: d[k] for k in ("sample_id", "n_classified", "n_unidentified", "share_unidentified",
                                           "ood_ks", "domain_shift", "flags_unverified")} for d in diffs]}
@@ -126,9 +130,13 @@ def classified(name: str, layout, checkpoint: str | None, checkpoint_id: str, fr
     return out
 
 
-def simulate(cells: list[dict], ood: dict, draws: int, rule, seed: int = 0) -> list[dict]:
-    """Alarm rates of the extreme class mixes (and the control), per-class reference vs pooled, ``draws`` samples
-    per mix and size."""
+#: The references the simulation compares side by side: name -> (which ``ood`` entry, per-class or pooled).
+REFERENCES = {"per_class": ("run", True), "per_class_fp32": ("fp32", True), "pooled": ("run", False)}
+
+
+def simulate(cells: list[dict], oods: dict, draws: int, rule, seed: int = 0) -> list[dict]:
+    """Alarm rates of the extreme class mixes (and the control) against each of :data:`REFERENCES` (``oods``:
+    ``run``/``fp32`` -> ``ood`` entry), ``draws`` samples per mix and size."""
     import numpy as np
 
     from bloodray.nightly.shift import group_statistics
@@ -142,39 +150,38 @@ def simulate(cells: list[dict], ood: dict, draws: int, rule, seed: int = 0) -> l
         own, rest = np.flatnonzero(truth == cls), np.flatnonzero(truth != cls)
         for n in SIZES:
             k = int(round(share * n))
-            alarms = {"per_class": 0, "pooled": 0}
-            ks = {"per_class": [], "pooled": []}
+            alarms = {ref: 0 for ref in REFERENCES}
+            ks = {ref: [] for ref in REFERENCES}
             for _ in range(draws):
                 pick = np.r_[rng.choice(own, k, replace=False), rng.choice(rest, n - k, replace=False)]
-                for ref, classes in (("per_class", predicted[pick]), ("pooled", None)):
-                    stats = group_statistics(scores[pick], classes, ood, rule)
+                for ref, (entry, per_class) in REFERENCES.items():
+                    stats = group_statistics(scores[pick], predicted[pick] if per_class else None, oods[entry], rule)
                     alarms[ref] += stats["domain_shift"]
                     ks[ref].append(stats["ood_ks"])
             rows.append({"mix": f"{share:.0%} {cls}" if share else cls, "control": not share, "cells": n, "draws": draws,
-                         "alarms_per_class": alarms["per_class"], "alarms_pooled": alarms["pooled"],
-                         "median_ks_per_class": float(np.median(ks["per_class"])),
-                         "median_ks_pooled": float(np.median(ks["pooled"])),
+                         **{f"alarms_{ref}": alarms[ref] for ref in REFERENCES},
+                         **{f"median_ks_{ref}": float(np.median(ks[ref])) for ref in REFERENCES},
                          "max_ks_per_class": float(np.max(ks["per_class"]))})
             print(f"{share:.0%} {cls}, {n} cells: {alarms['per_class']} of {draws} under the per-class alarm "
-                  f"({alarms['pooled']} pooled)", flush=True)
+                  f"({alarms['per_class_fp32']} with the fp32 reference, {alarms['pooled']} pooled)", flush=True)
     return rows
 
 
-def series_alarms(cells: list[dict], ood: dict, rule) -> dict[str, int]:
-    """Chula series under the alarm, per-class reference vs pooled (the same function, one sample per series)."""
+def series_alarms(cells: list[dict], oods: dict, rule) -> dict[str, int]:
+    """Chula series under the alarm against each of :data:`REFERENCES` (the same function, one sample per series)."""
     import numpy as np
 
     from bloodray.nightly.shift import group_statistics
 
-    out = {"per_class": 0, "pooled": 0, "series": 0, "smallest": None}
+    out = {**{ref: 0 for ref in REFERENCES}, "series": 0, "smallest": None}
     for sid in sorted({c["sample_id"] for c in cells}):
         own = [c for c in cells if c["sample_id"] == sid]
         scores = np.array([c["ood_score"] for c in own], dtype=float)
         out["series"] += 1
         out["smallest"] = min(out["smallest"] or len(own), len(own))
         classes = np.array([c["predicted_class"] for c in own])
-        out["per_class"] += group_statistics(scores, classes, ood, rule)["domain_shift"]
-        out["pooled"] += group_statistics(scores, None, ood, rule)["domain_shift"]
+        for ref, (entry, per_class) in REFERENCES.items():
+            out[ref] += group_statistics(scores, classes if per_class else None, oods[entry], rule)["domain_shift"]
     return out
 
 
@@ -184,7 +191,8 @@ def main(argv=None) -> int:
 
     from bloodray.checkpoint import read_metadata, resolve_checkpoint
     from bloodray.nightly.config import ShiftConfig
-    from bloodray.ood import ShiftRule
+    from bloodray.nightly.shift import reference_for_run
+    from bloodray.ood import ShiftRule, for_precision, precisions_of
 
     p = argparse.ArgumentParser(description="OOD score and domain-shift alarm: PBC test split vs chula_wbc")
     p.add_argument("--checkpoint", default=None, help="checkpoint with an OOD reference (default: packaged)")
@@ -215,12 +223,16 @@ def main(argv=None) -> int:
             "unidentified_or_review_share": float(np.mean([c["status"] == "unidentified" or c["needs_review"]
                                                            for c in cells])),
             "accuracy": float(np.mean([c["predicted_class"] == c["truth"] for c in cells])),
-            "samples": got["samples"],
+            "samples": got["samples"], "precision": got.get("precision"),
         }
     pbc, chula = per["pbc"], per["chula"]
     timer = time.monotonic()
-    result["simulation"] = simulate(pbc, dict(meta.ood), args.draws, rule)
-    result["chula_series"] = series_alarms(chula, dict(meta.ood), rule)
+    # The job's reference: the arithmetic its actors ran (both runs ran on this machine, in the same one).
+    run_ood = reference_for_run(dict(meta.ood), {result["pbc"]["precision"] or ""})
+    oods = {"run": run_ood, "fp32": for_precision(dict(meta.ood), "fp32")}
+    result["reference_precision"], result["run_precision"] = run_ood["precision"], result["pbc"]["precision"]
+    result["simulation"] = simulate(pbc, oods, args.draws, rule)
+    result["chula_series"] = series_alarms(chula, oods, rule)
     result["simulation_seconds"] = round(time.monotonic() - timer, 1)
     y = np.r_[np.zeros(len(pbc)), np.ones(len(chula))]
     ood = np.r_[[c["ood_score"] for c in pbc], [c["ood_score"] for c in chula]].astype(float)
@@ -237,7 +249,9 @@ def main(argv=None) -> int:
     total = sum(r["draws"] for r in skewed)
     series = result["chula_series"]
     md = ["# OOD score and domain-shift alarm (bench/ood.py)\n", facts_markdown(result),
-          f"- checkpoint `{meta.checkpoint_id}`, per-class reference: {result['per_class_reference']}\n",
+          f"- checkpoint `{meta.checkpoint_id}`, per-class reference: {result['per_class_reference']}; the runs' "
+          f"arithmetic {result['run_precision']}, the reference compared with: {result['reference_precision']} "
+          f"(the checkpoint has {', '.join(precisions_of(meta.ood))})\n",
           table(["figure", "value", "target"], [
               ["AUROC ood_score, PBC test vs chula", round(result["auroc_ood_score"], 4), ">= 0.95"],
               ["AUROC 1 - confidence (MSP), same cells", round(result["auroc_msp"], 4), "(comparison)"],
@@ -252,23 +266,26 @@ def main(argv=None) -> int:
                f"{result['pbc']['samples_shifted']} of {result['pbc']['n_samples']}", "none"],
               ["run alarm (chula / PBC)", f"{result['chula']['run_domain_shift']} / {result['pbc']['run_domain_shift']}",
                "True / False"],
-              ["skewed-mix samples under the alarm, per-class reference",
+              ["skewed-mix samples under the alarm, per-class reference of the run's arithmetic (the job's)",
                f"{sum(r['alarms_per_class'] for r in skewed)} of {total}", "0"],
+              ["skewed-mix samples under the alarm, per-class fp32 reference (as before, same test)",
+               f"{sum(r['alarms_per_class_fp32'] for r in skewed)} of {total}", "(comparison)"],
               ["skewed-mix samples under the alarm, pooled reference (as before, same test)",
                f"{sum(r['alarms_pooled'] for r in skewed)} of {total}", "(comparison)"],
-              ["chula series under the alarm, per-class / pooled (same function)",
-               f"{series['per_class']} / {series['pooled']} of {series['series']} (smallest {series['smallest']} "
-               "cells)", "all"],
+              ["chula series under the alarm, per-class / per-class fp32 / pooled (same function)",
+               f"{series['per_class']} / {series['per_class_fp32']} / {series['pooled']} of {series['series']} "
+               f"(smallest {series['smallest']} cells)", "all"],
           ]),
           "\nChula samples not under the alarm: "
           + (", ".join(f"{s['sample_id']} ({s['n_classified']} cells)" for s in small) or "none") + "\n",
           f"\n## Extreme class mixes of PBC test cells ({args.draws} samples per row; shift.alpha {rule.alpha:g}, "
           f"shift.min_effect {rule.min_effect:g})\n",
-          table(["mix (true class)", "cells", "under the alarm, per-class", "under the alarm, pooled reference",
-                 "median KS per-class / pooled", "largest KS per-class"],
+          table(["mix (true class)", "cells", "under the alarm, per-class", "per-class fp32 reference (before)",
+                 "pooled reference", "median KS per-class / per-class fp32 / pooled", "largest KS per-class"],
                 [[r["mix"], r["cells"], f"{r['alarms_per_class']} of {r['draws']}",
-                  f"{r['alarms_pooled']} of {r['draws']}",
-                  f"{r['median_ks_per_class']:.3f} / {r['median_ks_pooled']:.3f}", f"{r['max_ks_per_class']:.3f}"]
+                  f"{r['alarms_per_class_fp32']} of {r['draws']}", f"{r['alarms_pooled']} of {r['draws']}",
+                  f"{r['median_ks_per_class']:.3f} / {r['median_ks_per_class_fp32']:.3f} / "
+                  f"{r['median_ks_pooled']:.3f}", f"{r['max_ks_per_class']:.3f}"]
                  for r in sim])]
     js, mdp = save(args.name, result, "\n".join(md))
     print("\n".join(md))

@@ -49,6 +49,14 @@ mix-weighted mean of the per-class shares. A class with fewer than
 :data:`MIN_CLASS_CELLS` validation cells falls back to the pooled reference. A
 reference fitted before the per-class format (no ``per_class`` entry) still
 loads and is tested pooled; :func:`pooled_reference_note` says how to refit it.
+
+The reference is kept **per arithmetic** too: bf16 rounding raises the score
+(robust-v2's PBC val cells: each class's median 0.12-0.26 higher than in fp32,
+docs/RESULTS.md), so bf16 cells of the training laboratory read as shifted
+against an fp32 reference. The Gaussians and standardisation (fp32) define one
+score; its validation reference (:data:`PRECISION_FIELDS`) is stored for each
+arithmetic it was measured in (``precision``: the entry's own; ``by_precision``:
+the others), and :func:`for_precision` picks the one the cells were scored in.
 """
 
 from __future__ import annotations
@@ -75,6 +83,10 @@ SHIFT_FLAG = "results unreliable: images unlike the training data"
 MIN_CLASS_CELLS = 30
 #: How to refit an OOD reference in the per-class format (named by :func:`pooled_reference_note`).
 REFIT_COMMAND = "python jobs/fit_ood_packaged.py --data <labelled folder> --checkpoint {checkpoint}"
+#: The arithmetic of a reference that does not name one (fitted before references recorded it: fp32 only then).
+LEGACY_PRECISION = "fp32"
+#: Entries of the reference that depend on the arithmetic the cells are scored in (kept per precision).
+PRECISION_FIELDS = ("threshold", "val_quantiles", "val_unidentified_share", "n_val", "per_class")
 _TENSORS = ("pen_means", "pen_precision", "early_mean", "early_precision")
 
 
@@ -205,6 +217,34 @@ def pooled_reference_note(meta: Mapping[str, Any] | None, checkpoint: str) -> st
             f"`{REFIT_COMMAND.format(checkpoint=checkpoint)}`")
 
 
+def precision_of(path: str | None) -> str | None:
+    """The arithmetic of a predictor path as the runs table names it (``"bf16 (openvino)"`` -> ``"bf16"``)."""
+    return path.strip().split(" ", 1)[0] if path and path.strip() else None
+
+
+def precisions_of(meta: Mapping[str, Any]) -> list[str]:
+    """The arithmetics an ``ood`` entry has a validation reference for (its own first; fp32 if it names none)."""
+    return [str(meta.get("precision") or LEGACY_PRECISION), *sorted(meta.get("by_precision") or {})]
+
+
+def for_precision(meta: Mapping[str, Any], precision: str | None) -> dict[str, Any]:
+    """The ``ood`` metadata entry with the validation reference of cells scored in ``precision``.
+
+    ``precision`` is ``fp32``, ``bf16`` (an OpenVINO path's name counts as its
+    arithmetic, :func:`precision_of`). The entry's own reference is returned
+    (a copy) when ``precision`` is None or has no reference of its own; the
+    result's ``precision`` says which one it is, so callers can warn.
+    """
+    out = {k: v for k, v in meta.items() if k != "by_precision"}
+    out["precision"] = str(meta.get("precision") or LEGACY_PRECISION)
+    other = (meta.get("by_precision") or {}).get(precision_of(precision) or "")
+    if other and precision_of(precision) != out["precision"]:
+        out.update({k: other[k] for k in PRECISION_FIELDS if k in other}, precision=precision_of(precision))
+        if "per_class" not in other:
+            out.pop("per_class", None)
+    return out
+
+
 @dataclass
 class OodReference:
     """A fitted OOD score: Gaussians, standardisation, threshold and the validation reference.
@@ -232,7 +272,26 @@ class OodReference:
     n_val: int = 0
     #: per predicted class: the validation reference of its cells (None: fitted before the per-class format).
     per_class: dict[str, ClassReference] | None = None
+    #: the arithmetic the validation features above were computed in.
+    precision: str = LEGACY_PRECISION
+    #: the validation reference of the same score in other arithmetics (metadata form: :data:`PRECISION_FIELDS`).
+    by_precision: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def for_precision(self, precision: str | None) -> "OodReference":
+        """This reference with the validation reference of cells scored in ``precision`` (:func:`for_precision`)."""
+        import dataclasses
+
+        meta = for_precision(self.metadata(""), precision)
+        if meta["precision"] == self.precision:
+            return self
+        own = {k: v for k, v in self.metadata("").items() if k in PRECISION_FIELDS}
+        return dataclasses.replace(
+            self, threshold=float(meta["threshold"]), val_quantiles=list(meta["val_quantiles"]),
+            val_unidentified_share=float(meta["val_unidentified_share"]), n_val=int(meta["n_val"]),
+            per_class=per_class_of(meta), precision=meta["precision"],
+            by_precision={**{k: v for k, v in self.by_precision.items() if k != meta["precision"]},
+                          self.precision: own})
 
     def score(self, pen: np.ndarray, early: np.ndarray) -> np.ndarray:
         """The OOD score of cells given their penultimate and early features (higher = less like training)."""
@@ -255,7 +314,10 @@ class OodReference:
                 "val_unidentified_share": float(self.val_unidentified_share), "n_train": int(self.n_train),
                 "n_val": int(self.n_val), **self.extra,
                 **({"per_class": {k: v.to_json() for k, v in sorted(self.per_class.items())}}
-                   if self.per_class else {})}
+                   if self.per_class else {}),
+                "precision": self.precision,
+                **({"by_precision": {k: dict(v) for k, v in sorted(self.by_precision.items())}}
+                   if self.by_precision else {})}
 
     @classmethod
     def from_parts(cls, meta: Mapping[str, Any], blob: bytes, where: str) -> "OodReference":
@@ -269,7 +331,8 @@ class OodReference:
         if missing:
             raise OodError(f"{where}: the OOD file lacks {', '.join(missing)}")
         known = {"file_sha256", "rule", "early_layer", "early_call", "pen_scale", "early_scale", "threshold",
-                 "quantile", "val_quantiles", "val_unidentified_share", "n_train", "n_val", "per_class"}
+                 "quantile", "val_quantiles", "val_unidentified_share", "n_train", "n_val", "per_class", "precision",
+                 "by_precision"}
         return cls(**{k: arrays[k] for k in _TENSORS}, early_layer=str(meta["early_layer"]),
                    early_call=int(meta["early_call"]), pen_scale=tuple(meta["pen_scale"]),
                    early_scale=tuple(meta["early_scale"]), threshold=float(meta["threshold"]),
@@ -277,6 +340,8 @@ class OodReference:
                    val_unidentified_share=float(meta["val_unidentified_share"]),
                    quantile=float(meta.get("quantile", DEFAULT_QUANTILE)), n_train=int(meta.get("n_train", 0)),
                    n_val=int(meta.get("n_val", 0)), per_class=per_class_of(meta),
+                   precision=str(meta.get("precision") or LEGACY_PRECISION),
+                   by_precision={str(k): dict(v) for k, v in (meta.get("by_precision") or {}).items()},
                    extra={k: v for k, v in meta.items() if k not in known})
 
 
@@ -285,14 +350,32 @@ def _log_scale(values: np.ndarray) -> tuple[float, float]:
     return float(np.median(logs)), float(max(np.std(logs), 1e-6))
 
 
+def _val_entry(scores: np.ndarray, classes: np.ndarray | None, quantile: float) -> dict[str, Any]:
+    """The validation reference (:data:`PRECISION_FIELDS`, metadata form) of one arithmetic's validation scores."""
+    threshold = float(np.quantile(scores, quantile))
+    entry = {"threshold": threshold,
+             "val_quantiles": np.quantile(scores, np.linspace(0, 1, N_REFERENCE_QUANTILES)).tolist(),
+             "val_unidentified_share": float(np.mean(scores > threshold)), "n_val": int(len(scores))}
+    if classes is not None:
+        if len(classes) != len(scores):
+            raise OodError(f"{len(classes)} validation classes for {len(scores)} validation cells")
+        entry["per_class"] = {k: v.to_json() for k, v in sorted(class_references(scores, classes, threshold).items())}
+    return entry
+
+
 def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.ndarray, val_pen: np.ndarray,
             val_early: np.ndarray, early: tuple[str, int], quantile: float = DEFAULT_QUANTILE,
-            val_classes: np.ndarray | None = None) -> OodReference:
+            val_classes: np.ndarray | None = None, precision: str = LEGACY_PRECISION,
+            other_val: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None = None) -> OodReference:
     """Fit the OOD score on training features and labels; standardise it and set its threshold on validation.
 
     ``val_classes``: the class the model predicts for each validation cell
     (names), for the per-class references (:func:`class_references`); without
-    them the reference is pooled only.
+    them the reference is pooled only. ``precision``: the arithmetic all these
+    features were computed in. ``other_val``: per other arithmetic (``bf16``),
+    the validation cells' ``(penultimate, early, predicted classes)`` computed
+    in it; each gets its own validation reference of the same score
+    (``by_precision``, module docstring).
     """
     from sklearn.covariance import LedoitWolf
 
@@ -311,14 +394,13 @@ def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.nda
                        val_unidentified_share=0.0, quantile=quantile, n_train=len(train_pen), n_val=len(val_pen))
     ref.pen_scale = _log_scale(_min_sq_distance(val_pen, means, pen_precision))
     ref.early_scale = _log_scale(_min_sq_distance(val_early, ref.early_mean[None], ref.early_precision))
-    val_scores = ref.score(val_pen, val_early)
-    ref.threshold = float(np.quantile(val_scores, quantile))
-    ref.val_quantiles = np.quantile(val_scores, np.linspace(0, 1, N_REFERENCE_QUANTILES)).tolist()
-    ref.val_unidentified_share = float(np.mean(val_scores > ref.threshold))
-    if val_classes is not None:
-        if len(val_classes) != len(val_scores):
-            raise OodError(f"{len(val_classes)} validation classes for {len(val_scores)} validation cells")
-        ref.per_class = class_references(val_scores, val_classes, ref.threshold)
+    own = _val_entry(ref.score(val_pen, val_early), val_classes, quantile)
+    ref.threshold, ref.val_quantiles = own["threshold"], own["val_quantiles"]
+    ref.val_unidentified_share, ref.per_class = own["val_unidentified_share"], per_class_of(own)
+    ref.precision = precision
+    for name, (pen, early_feats, classes_) in sorted((other_val or {}).items()):
+        if name != precision:
+            ref.by_precision[name] = _val_entry(ref.score(pen, early_feats), classes_, quantile)
     return ref
 
 

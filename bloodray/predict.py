@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bloodray.checkpoint import LoadedCheckpoint, load_checkpoint
-from bloodray.ood import FeatureTap, early_layer
+from bloodray.ood import REFIT_COMMAND, FeatureTap, early_layer
 from bloodray.models import get_model_info
 from bloodray.inference_precision import PROB_TOLERANCE, candidates, compare, load_selfcheck
 from bloodray.openvino_runtime import RUNTIMES
@@ -144,12 +144,18 @@ class CellPredictor:
     logits and probabilities, so callers can route them to the errors table.
     ``return_features=True`` adds the raw OOD features ``ood_pen`` and
     ``ood_early`` (what :func:`bloodray.ood.fit_ood` fits on).
+    The OOD reference in use is the checkpoint's for the chosen arithmetic
+    (:meth:`bloodray.ood.OodReference.for_precision`).
+    ``unchecked_precision=True`` runs an explicitly asked ``precision``
+    without the self-check (fitting references per arithmetic before the
+    checkpoint is sealed; never for classifying).
     """
 
     def __init__(self, checkpoint: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  device: str = "auto", tta: bool = False, loaded: LoadedCheckpoint | None = None,
                  micro_batch: int | None = None, return_features: bool = False, precision: str = "auto",
-                 self_check_tolerance: float = PROB_TOLERANCE, runtime: str = "torch"):
+                 self_check_tolerance: float = PROB_TOLERANCE, runtime: str = "torch",
+                 unchecked_precision: bool = False):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self.device = pick_device(device)
@@ -159,6 +165,7 @@ class CellPredictor:
         self.preset = self.meta.preset()
         self.classes = np.array(self.meta.classes, dtype=object)
         self.tta = tta
+        self.unchecked_precision = unchecked_precision
         self.channels_last = False
         self.autocast: Any = contextlib.nullcontext()
         #: the module that runs batches (on CPU: BatchNorm folded into the convolutions).
@@ -193,6 +200,16 @@ class CellPredictor:
             log.info("runtime openvino is for CPUs; %s runs torch", self.device)
         if self.runtime == "torch":
             self._choose_precision(precision, self_check_tolerance, storage_options)
+        if self.ood is not None:
+            # The reference of the arithmetic chosen above: bf16 rounding raises the score of every cell
+            # (bloodray.ood), so an fp32 reference would put bf16 cells of the training lab above it. Load time
+            # only: the per-image score is the same function.
+            self.ood = self.ood.for_precision(self.precision)
+            if self.ood.precision != self.precision and not self.unchecked_precision:
+                log.warning("checkpoint %s: its OOD reference was fitted in %s, this predictor runs %s; the "
+                            "unidentified threshold and the domain-shift reference may not match its scores "
+                            "(refit: %s)", self.loaded.uri or "(in memory)", self.ood.precision, self.precision,
+                            REFIT_COMMAND.format(checkpoint=self.loaded.uri or "<checkpoint>"))
         if self._features is not None:
             # On OpenVINO the hooks never fire: the features come out of its model into the same tap.
             self.tap = FeatureTap(self.forward_model, *self._features)
@@ -232,6 +249,11 @@ class CellPredictor:
         ``runtime="openvino"``: its fp32 and bf16 only; when none passes (or it cannot run), ``self.runtime`` stays
         ``torch`` and the caller tries torch's paths."""
         paths = candidates(requested, self.device)
+        if self.unchecked_precision and requested != "auto":
+            # Fitting an OOD reference per arithmetic on a checkpoint not yet sealed (calibrate): the features of
+            # the asked path are what is measured, whether or not a self-check could vouch for its class calls.
+            self._use(paths[0])
+            return
         check = load_selfcheck(self.loaded.uri, self.meta, storage_options) if self.loaded.uri else None
         if check is None:
             if paths != ["fp32"]:

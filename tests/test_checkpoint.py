@@ -234,7 +234,11 @@ def test_packaged_default_is_sealed_and_loads():
     assert all(ref["n_val"] >= 100 for ref in meta.ood["per_class"].values())
     # Calibrated by issue 21's calibrate (val metrics, confusion matrix, quality gate, per-class OOD reference): the
     # id is the manifest's, which tests/test_packaged_model.py checks.
-    assert meta.checkpoint_id == "bloodnet-614c8a6681e6"
+    # Its OOD reference has a validation reference per arithmetic (fp32, bf16): the job compares bf16 cells with the
+    # bf16 one (bloodray.ood).
+    assert meta.ood["precision"] == "fp32" and set(meta.ood["by_precision"]) == {"bf16"}
+    assert loaded.ood.for_precision("bf16").per_class is not None
+    assert meta.checkpoint_id == "bloodnet-ab526560ca01"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

@@ -14,12 +14,13 @@ import pytest
 from bloodray.checkpoint import (OOD_FILE, CheckpointError, CheckpointMetadata, export_checkpoint, load_checkpoint,
                                  read_metadata, write_checkpoint)
 from bloodray.classes import CLASS_NAMES
-from bloodray.ood import (MIN_CLASS_CELLS, SHIFT_FLAG, OodReference, ShiftRule, early_layer, fit_ood,
-                          pooled_reference_note, shift_statistics)
+from bloodray.ood import (LEGACY_PRECISION, MIN_CLASS_CELLS, SHIFT_FLAG, OodReference, ShiftRule, early_layer,
+                          fit_ood, for_precision, pooled_reference_note, precision_of, precisions_of,
+                          shift_statistics)
 from bloodray.models import create_model
 from bloodray.nightly.differential import compute_differentials, count_columns, flag_columns
 from bloodray.nightly.contract import FLAGS_UNVERIFIED
-from bloodray.nightly.shift import apply_shift
+from bloodray.nightly.shift import apply_shift, group_statistics, reference_for_run
 from bloodray.predict import CellPredictor
 
 
@@ -200,6 +201,88 @@ def test_the_pooled_reference_mistook_a_skewed_mix_for_a_shift_and_the_per_class
     assert stats["domain_shift"]
 
 
+# --------------------------------------------------------------------------- the reference per arithmetic
+def _rounded(pen, early, rng, noise=0.7):
+    """The same cells' features as a lower precision computes them: rounding noise, which lengthens every distance
+    (what bf16 does to the packaged model's features: docs/RESULTS.md)."""
+    return pen + rng.normal(size=pen.shape) * noise, early + rng.normal(size=early.shape) * noise
+
+
+@pytest.fixture(scope="module")
+def two_arithmetics():
+    """A per-class reference fitted in fp32 with a bf16 validation reference of the same cells beside it."""
+    rng = np.random.default_rng(20)
+    train_pen, train_y, train_early = _skewed(rng, 3000)
+    val_pen, val_y, val_early = _skewed(rng, 1500)
+    names = np.array(["a", "b", "c"])
+    bf16 = (*_rounded(val_pen, val_early, rng), names[val_y])
+    return fit_ood(train_pen, train_y, train_early, val_pen, val_early, ("features.7", 0), val_classes=names[val_y],
+                   precision="fp32", other_val={"bf16": bf16})
+
+
+def test_the_reference_is_kept_per_arithmetic_and_a_skewed_mix_is_compared_with_its_own(two_arithmetics):
+    ref = two_arithmetics
+    blob = ref.tensors_bytes()
+    meta = json.loads(json.dumps(ref.metadata(hashlib.sha256(blob).hexdigest())))
+    assert meta["precision"] == "fp32" and set(meta["by_precision"]) == {"bf16"}
+    assert set(meta["by_precision"]["bf16"]["per_class"]) == {"a", "b", "c"}
+    back = OodReference.from_parts(meta, blob, "ck/ood.safetensors")
+    assert back.by_precision == ref.by_precision and "by_precision" not in back.extra
+    # Rounding lengthens the distances: the bf16 reference of the same cells sits higher, class by class.
+    bf16 = back.for_precision("bf16")
+    assert bf16.precision == "bf16" and bf16.threshold > ref.threshold
+    for name in "abc":
+        assert bf16.per_class[name].val_quantiles[50] > ref.per_class[name].val_quantiles[50]
+    # The metadata form agrees with the object form (the job reads the one, the predictor the other), and the way
+    # back gives the fp32 reference again.
+    as_meta = for_precision(meta, "bf16")
+    assert as_meta["threshold"] == bf16.threshold and as_meta["val_quantiles"] == bf16.val_quantiles
+    assert "by_precision" not in as_meta and bf16.for_precision("fp32").threshold == ref.threshold
+    # An OpenVINO path counts as its arithmetic; one without a reference, or none, gets the entry's own.
+    assert precision_of("bf16 (openvino)") == "bf16" and precision_of("") is None
+    assert for_precision(meta, "bf16 (openvino)")["precision"] == "bf16"
+    assert for_precision(meta, "int8")["precision"] == "fp32" and for_precision(meta, None)["precision"] == "fp32"
+    # A reference from before this format is fp32 (the only arithmetic then) and has nothing else.
+    legacy = {k: v for k, v in meta.items() if k not in ("precision", "by_precision")}
+    assert precisions_of(legacy) == [LEGACY_PRECISION] and for_precision(legacy, "bf16")["precision"] == "fp32"
+    assert OodReference.from_parts(legacy, blob, "ck").precision == LEGACY_PRECISION
+    assert precisions_of(meta) == ["fp32", "bf16"]
+
+    # Skewed mixes of the training laboratory scored in bf16: against the fp32 reference they read as another
+    # laboratory; against the bf16 one (what the job compares with) they raise no alarm. Another laboratory's
+    # cells still do.
+    rng = np.random.default_rng(21)
+    names = np.array(["a", "b", "c"])
+    wrong = right = 0
+    for mix in ((0.05, 0.05, 0.9), (0.9, 0.05, 0.05), (1 / 3, 1 / 3, 1 / 3)):
+        for _ in range(60):
+            pen, labels, early = _skewed(rng, 100, mix)
+            scores = ref.score(*_rounded(pen, early, rng))
+            wrong += group_statistics(scores, names[labels], for_precision(meta, "fp32"))["domain_shift"]
+            right += group_statistics(scores, names[labels], for_precision(meta, "bf16"))["domain_shift"]
+        pen, labels, early = _skewed(rng, 50, mix, shift=3.0)
+        assert group_statistics(ref.score(*_rounded(pen, early, rng)), names[labels],
+                                for_precision(meta, "bf16"))["domain_shift"]
+    assert right == 0 and wrong > 150, (right, wrong)  # of 180
+
+
+def test_the_run_compares_with_the_reference_of_its_actors_arithmetic(two_arithmetics, caplog):
+    meta = two_arithmetics.metadata("0" * 64)
+    assert reference_for_run(None, {"bf16"}) is None
+    assert reference_for_run(meta, {"bf16"})["precision"] == "bf16"
+    assert reference_for_run(meta, {"bf16 (openvino)"})["precision"] == "bf16"
+    assert reference_for_run(meta, {"fp32"})["precision"] == "fp32"
+    # Every row resumed (no actor ran): the entry's own, silently.
+    assert reference_for_run(meta, set())["precision"] == "fp32" and not caplog.records
+    # Actors of several arithmetics (a mixed cluster): the entry's own, said aloud.
+    assert reference_for_run(meta, {"bf16", "fp32"})["precision"] == "fp32"
+    assert "fp32" in caplog.text and "bf16" in caplog.text
+    caplog.clear()
+    # A reference with no bf16 part (fitted before the format): fp32, and the warning names the refit.
+    legacy = {k: v for k, v in meta.items() if k not in ("precision", "by_precision")}
+    assert reference_for_run(legacy, {"bf16"})["precision"] == "fp32" and "fit_ood_packaged" in caplog.text
+
+
 def _tiny_checkpoint(tmp_path: Path) -> str:
     model = create_model("bloodnet", len(CLASS_NAMES), pretrained=False, filters=(8, 8, 8, 8, 8, 8, 8),
                          batch_norm=True, input_size=32)
@@ -236,6 +319,21 @@ def test_the_checkpoint_seal_covers_the_ood_file(tmp_path, reference):
     # A re-export (e.g. a new temperature) carries the OOD file along.
     again = export_checkpoint(dest, str(tmp_path / "again"), temperature=2.0)
     assert load_checkpoint(again).ood.threshold == pytest.approx(ref.threshold)
+
+    # The predictor scores against the reference of the arithmetic it chose (load time): here a reference whose own
+    # part is bf16 with an fp32 part beside it, and a checkpoint without a self-check, so fp32 runs.
+    val_pen, val_early = feats["ood_pen"][30:].astype(float), feats["ood_early"][30:].astype(float)
+    two = fit_ood(feats["ood_pen"][:30].astype(float), labels[:30], feats["ood_early"][:30].astype(float),
+                  val_pen + 0.5, val_early + 0.5, early_layer(loaded.model, 32), precision="bf16",
+                  other_val={"fp32": (val_pen, val_early, None)})
+    blob2 = two.tensors_bytes()
+    both = export_checkpoint(plain, str(tmp_path / "both"), ood=two.metadata(hashlib.sha256(blob2).hexdigest()),
+                             ood_file=blob2)
+    predictor = CellPredictor(both, device="cpu")
+    assert predictor.precision == "fp32" and predictor.ood.precision == "fp32"
+    assert predictor.ood.threshold == pytest.approx(two.by_precision["fp32"]["threshold"]) != two.threshold
+    out = predictor({"image": images})
+    assert (out["unidentified"] == (out["ood_score"] > two.by_precision["fp32"]["threshold"])).all()
 
     # Tampering with the OOD file, or with its metadata, is refused.
     (Path(again) / OOD_FILE).write_bytes(blob[:-8] + b"\0" * 8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -28,6 +29,8 @@ from bloodray import rundir, storage
 from bloodray.classes import CLASS_NAMES, NUM_CLASSES
 from bloodray.evaluation.metrics import classification_metrics, table2_markdown
 from bloodray.evaluation.plots import confusion_matrix_png, training_curves_png
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +57,8 @@ class EvaluationResult:
 
 def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: Mapping[str, Any] | None = None,
                  *, batch_size: int = 64, tta: bool = False, concurrency: int | None = None,
-                 decode_cpus: float = 1.0, return_features: bool = False) -> pa.Table:
+                 decode_cpus: float = 1.0, return_features: bool = False, precision: str = "auto",
+                 unchecked_precision: bool = False) -> pa.Table:
     """Run the read+decode stage and :class:`CellPredictor` over rows with ``uri`` (and ``label``) on Ray Data.
 
     The stage is :func:`bloodray.data.stages.read_decode_files`, as in the
@@ -65,6 +69,7 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
     with one actor per such share of the cluster (at most one per input block).
     ``concurrency`` fixes the number of actors. ``return_features`` adds the
     OOD features (``ood_pen``, ``ood_early``) the OOD reference is fitted on.
+    ``precision``/``unchecked_precision``: the predictor's (:class:`~bloodray.predict.CellPredictor`).
     """
     import ray
 
@@ -87,7 +92,8 @@ def predict_rows(rows: list[dict[str, Any]], checkpoint: str, storage_options: M
                         fn_kwargs={"preset": meta.preset(), "storage_options": opts})
     ds = ds.map_batches(CellPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs={"checkpoint": checkpoint, "storage_options": opts, "tta": tta,
-                                               "return_features": return_features},
+                                               "return_features": return_features, "precision": precision,
+                                               "unchecked_precision": unchecked_precision},
                         **model_resources)
     # Streamed rather than collected with to_arrow_refs() so the bar moves;
     # blocks arrive as they finish, so the rows are put back in input order.
@@ -222,6 +228,8 @@ def checkpoint_split(data_root: str, checkpoint: str, seed: int | None = None,
     return table
 
 
+#: Arithmetics besides fp32 whose validation reference is fitted too (those the predictor may choose on a CPU).
+REFERENCE_PRECISIONS = ("bf16",)
 #: Training cells the OOD Gaussians are fitted on (a fixed random subset: more adds little, costs inference).
 OOD_TRAIN_CELLS = 3000
 
@@ -240,25 +248,44 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
     Features come from the same Ray Data pipeline as every prediction
     (:func:`predict_rows`); training rows are subsampled to ``train_cells``
     (seed 0). The per-class references are those of the classes the model
-    predicts for the val cells. Returns the reference and the val prediction
-    table (logits, labels), so a calibration needs no second pass over val.
+    predicts for the val cells. The features are fp32 (the reference
+    arithmetic, as the self-check's logits); the val cells are scored again in
+    each faster arithmetic the predictor may choose on this machine
+    (:data:`REFERENCE_PRECISIONS` it supports: bf16), each giving the
+    validation reference of cells scored that way (:mod:`bloodray.ood`).
+    Returns the reference and the fp32 val prediction table (logits, labels),
+    so a calibration needs no second pass over val.
     """
+    import torch
+
     from bloodray.checkpoint import load_checkpoint
+    from bloodray.inference_precision import bf16_supported
     from bloodray.ood import early_layer, fit_ood
 
     loaded = load_checkpoint(checkpoint, storage_options)
     early = early_layer(loaded.model, loaded.metadata.input_size)
+    classes = np.asarray(loaded.metadata.classes)
 
-    def features(rows):
-        table = predict_rows(rows, checkpoint, storage_options, return_features=True)
+    def features(rows, precision="fp32"):
+        table = predict_rows(rows, checkpoint, storage_options, return_features=True, precision=precision,
+                             unchecked_precision=True)
         return table.filter(pa.array(_decoded(table)))
 
     train = features(_subset(train_rows, train_cells))
     val = features(val_rows)
-    predicted = np.asarray(loaded.metadata.classes)[_matrix(val, "logits").argmax(axis=1)]
+    predicted = classes[_matrix(val, "logits").argmax(axis=1)]
+    other = {}
+    for precision in REFERENCE_PRECISIONS:
+        if precision == "bf16" and not bf16_supported(torch.device("cpu")):
+            log.warning("this machine has no fast bf16: the OOD reference gets no bf16 validation reference, so "
+                        "a bf16 predictor compares its cells with the fp32 one; refit on a machine with bf16")
+            continue
+        table = features(val_rows, precision)
+        other[precision] = (_matrix(table, "ood_pen"), _matrix(table, "ood_early"),
+                            classes[_matrix(table, "logits").argmax(axis=1)])
     ref = fit_ood(_matrix(train, "ood_pen"), np.asarray(train.column("label").to_pylist()),
                   _matrix(train, "ood_early"), _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early,
-                  val_classes=predicted)
+                  val_classes=predicted, precision="fp32", other_val=other)
     return ref, val
 
 

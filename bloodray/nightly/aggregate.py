@@ -29,7 +29,7 @@ from bloodray.nightly.config import ClassifyError
 from bloodray.nightly.differential import compute_differentials, count_columns
 from bloodray.nightly.plan import RunPlan
 from bloodray.nightly.resume import staged_result_files
-from bloodray.nightly.shift import apply_shift
+from bloodray.nightly.shift import apply_shift, reference_for_run
 
 
 def sample_scores(con) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, np.ndarray]]:
@@ -178,7 +178,8 @@ def write_differentials(plan: RunPlan, con) -> None:
     diffs = compute_differentials(counts, plan.rules, plan.sample_metadata)
     diffs = diffs.add_column(0, "run_id", pa.array([plan.run_id] * diffs.num_rows, pa.string()))
     scores, unidentified, classes = sample_scores(con)
-    diffs, plan.run_shift = apply_shift(diffs, scores, unidentified, plan.ood, plan.shift_rule, classes)
+    ood = reference_for_run(plan.ood, plan.inference_paths["precision"])
+    diffs, plan.run_shift = apply_shift(diffs, scores, unidentified, ood, plan.shift_rule, classes)
     plan.stats.update(domain_shift=plan.run_shift["domain_shift"],
                       n_samples_shifted=plan.run_shift["n_samples_shifted"])
     schema = contract.differentials_schema()

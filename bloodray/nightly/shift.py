@@ -17,20 +17,28 @@ new camera must not lose its IG flag -- marked unverified
 (:data:`~bloodray.nightly.contract.FLAGS_UNVERIFIED` true): they were counted
 from cells the model may not recognise. The run is under the alarm when its
 pooled test fires or any of its samples is.
+
+The reference is the one of the arithmetic the run's model actors scored the
+cells in (:func:`reference_for_run`; the runs table's ``precision``): bf16
+scores sit above fp32 ones (:mod:`bloodray.ood`), so an fp32 reference alarms
+on bf16 cells of the training laboratory.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import logging
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from bloodray.ood import SHIFT_FLAG, ShiftRule, per_class_of, shift_statistics
+from bloodray.ood import SHIFT_FLAG, ShiftRule, for_precision, per_class_of, precision_of, shift_statistics
 from bloodray.nightly.contract import FLAGS_UNVERIFIED
 
 __all__ = ["SHIFT_FLAG", "SHIFT_COLUMNS", "ShiftRule", "apply_shift", "group_statistics", "mark_unverified",
-           "no_shift"]
+           "no_shift", "reference_for_run"]
+
+log = logging.getLogger(__name__)
 
 #: Per-sample columns of the alarm in differentials (the run-level ones add n_samples_shifted).
 SHIFT_COLUMNS = ("n_unidentified", "share_unidentified", "unidentified_p_value", "ood_ks", "ood_ks_p_value",
@@ -41,6 +49,27 @@ def no_shift() -> dict[str, Any]:
     """The run-level shift columns of a run without OOD scores (null statistics, no alarm)."""
     return {"n_unidentified": 0, "share_unidentified": None, "unidentified_p_value": None, "ood_ks": None,
             "ood_ks_p_value": None, "domain_shift": False, "n_samples_shifted": 0}
+
+
+def reference_for_run(ood: Mapping[str, Any] | None, paths: Collection[str]) -> dict[str, Any] | None:
+    """The checkpoint's ``ood`` entry with the validation reference of the arithmetic the run's actors used.
+
+    ``paths``: the runs table's precisions of the run (``bf16``, ``fp32 (openvino)``...). One arithmetic: its
+    reference (:func:`bloodray.ood.for_precision`); none known (every row resumed) or several (a mixed cluster):
+    the entry's own, with a warning when that may not match.
+    """
+    if not ood:
+        return None
+    used = {p for p in (precision_of(path) for path in paths) if p}
+    if len(used) > 1:
+        log.warning("the run's model actors used %s: the domain-shift alarm compares every cell with the %s "
+                    "reference", ", ".join(sorted(used)), ood.get("precision") or "fp32")
+    ref = for_precision(ood, next(iter(used)) if len(used) == 1 else None)
+    if len(used) == 1 and ref["precision"] not in used:
+        log.warning("the checkpoint's OOD reference has no %s validation reference (only %s): the domain-shift alarm "
+                    "may fire on cells of the training laboratory; refit it (jobs/fit_ood_packaged.py)",
+                    next(iter(used)), ref["precision"])
+    return ref
 
 
 def group_statistics(scores: np.ndarray, classes: np.ndarray | None, ood: Mapping[str, Any],
