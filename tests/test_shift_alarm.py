@@ -156,7 +156,10 @@ def _refit_job():
 
 
 def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_checkpoint):
+    import torch
+
     from bloodray.checkpoint import load_checkpoint
+    from bloodray.inference_precision import bf16_supported
     from bloodray.ood import pooled_reference_note
 
     # A checkpoint whose reference predates the per-class format: it loads, pooled, and is named for a refit.
@@ -173,6 +176,9 @@ def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_
     for refitted in (str(tmp_path / "copy"), old):
         new = read_metadata(refitted)
         assert new.ood["per_class"] and pooled_reference_note(new.ood, refitted) is None
+        # Fitted in fp32, with the val cells scored again in bf16 where this CPU has it (bloodray.ood).
+        assert new.ood["precision"] == "fp32"
+        assert set(new.ood.get("by_precision", {})) == ({"bf16"} if bf16_supported(torch.device("cpu")) else set())
         assert (new.weights_sha256, new.temperature, new.review_threshold) == (
             meta.weights_sha256, meta.temperature, meta.review_threshold)
         assert load_checkpoint(refitted).ood.per_class

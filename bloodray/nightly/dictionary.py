@@ -95,8 +95,8 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "unidentified_p_value": ("", "one-sided binomial test of the unidentified share against the checkpoint's "
                                  "validation share for the sample's class mix; null without an OOD reference"),
     "ood_ks": ("0-1", "Kolmogorov-Smirnov distance of the OOD scores from the validation distribution of "
-                      "each cell's predicted class (the pooled one for a checkpoint fitted before the per-class "
-                      "reference)"),
+                      "each cell's predicted class, scored in the arithmetic the run's actors used (`precision`; "
+                      "the pooled one for a checkpoint fitted before the per-class reference)"),
     "ood_ks_p_value": ("", "one-sided KS test of the OOD scores against the validation distribution of each "
                            "cell's predicted class"),
     "domain_shift": ("", "under the domain-shift alarm: significant at `shift.alpha` and an effect of at least "
