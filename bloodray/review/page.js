@@ -18,7 +18,7 @@
     return scoreInterval(k / n, n, 0.0, z);
   }
 
-  // Interval (fractions) of class k's share of the classes in `members`, as _share_bounds of
+  // Interval (fractions) of class k's share of the classes in `members`, as share_bounds of
   // bloodray/nightly/intervals.py (share_bounds): Wilson on the counts, or, with rules.confusion, on the
   // misclassification-corrected share with its extra variance. Same operations, same order.
   // kv: the part of cv a reviewer verified (taken as true, not corrected).
