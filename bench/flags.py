@@ -5,6 +5,7 @@ Run from the repository root (a few minutes the first time, to classify the val 
     PYTHONPATH=$PWD python bench/flags.py                          # the packaged default model
     PYTHONPATH=$PWD python bench/flags.py --checkpoint PATH_OR_NAME --name flags_new
     PYTHONPATH=$PWD python bench/flags.py --trials 2000            # quicker
+    PYTHONPATH=$PWD python bench/flags.py --variants               # also the interval variants side by side
 
 Writes ``bench/results/<name>.json`` and ``.md`` (``--name``, default ``flags``).
 
@@ -19,7 +20,7 @@ which are not white cells, come as a negative-binomial count (those met
 before the ``n``-th white cell). Each sample is flagged three ways:
 
 * ``perfect, Wilson``: the true classes counted, the counting-error rule
-  (what the README's "4.9 % of healthy samples flagged" simulated);
+  (Wilson's interval with Newcombe's continuity correction, as the flags use it);
 * ``model, Wilson`` (before): the model's classes, the counting-error rule
   (:func:`bloodray.nightly.differential.compute_differentials` without a
   confusion: what a checkpoint without a val confusion matrix gets);
@@ -42,7 +43,9 @@ cells (the four range profiles, as issue 11 set them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -56,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, cpu_model, pbc_split_rows, run_facts, save, table  # noqa: E402
 
 from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX  # noqa: E402
+from bloodray.nightly import differential as _differential, intervals as _intervals  # noqa: E402
 from bloodray.nightly.differential import (FlagRules, ModelConfusion, compute_differentials,  # noqa: E402
                                            count_columns, flag_labels)
 
@@ -67,6 +71,19 @@ RENORMALISED = dict({k: v * 100.0 / sum(MIDDLE.values()) for k, v in MIDDLE.item
 HEALTHY_IG = dict(HEALTHY, neutrophil=HEALTHY["neutrophil"] - 0.3, ig=0.3)
 RANGE_TARGETS = ("neutrophilia", "lymphocytosis", "eosinophilia", "monocytosis")
 WAYS = ("perfect, Wilson", "model, Wilson", "model, confusion")
+#: ``--variants``: the interval rules compared side by side (issue 21): (true classes?, continuity correction?,
+#: Dirichlet prior of the confusion's rows or None = no confusion, correct with the posterior mean too?). The rule the
+#: flags use is "model, cc, Jeffreys (rule)"; the last, which also corrects with the posterior mean rates, is
+#: measured only to show why it is not the rule (bloodray/nightly/intervals.py says why).
+VARIANTS = {
+    "perfect, plain Wilson": (True, False, None, False),
+    "perfect, Wilson cc": (True, True, None, False),
+    "model, plain, multinomial (v2)": (False, False, 0.0, False),
+    "model, plain, Jeffreys": (False, False, 0.5, False),
+    "model, cc, multinomial": (False, True, 0.0, False),
+    "model, cc, Jeffreys (rule)": (False, True, 0.5, False),
+    "model, cc, Jeffreys, posterior-mean correction (rejected)": (False, True, 0.5, True),
+}
 
 
 #: Predictions per checkpoint id (git-ignored): a re-run of the bench takes seconds.
@@ -158,10 +175,31 @@ def simulate(profile: dict[str, float], erythroblasts_per_100: float, n: int, tr
     return _counts(true, sample, trials), _counts(pools.classify(true, rng), sample, trials)
 
 
-def flag_rates(counts: pa.Table, rules: FlagRules) -> dict[str, np.ndarray]:
-    out = compute_differentials(counts, rules)
+def flag_rates(counts: pa.Table, rules: FlagRules, continuity: bool = True) -> dict[str, np.ndarray]:
+    """Every flag of every sample; ``continuity=False``: the rule without Newcombe's correction (comparison only)."""
+    with contextlib.ExitStack() as stack:
+        if not continuity:  # the bench's only way to the uncorrected interval: the product has one rule
+            stack.enter_context(_patched_share_bounds())
+        out = compute_differentials(counts, rules)
     return {label: out.column(col).to_numpy(zero_copy_only=False)
             for col, label in flag_labels().items() if col != "flag_low_wbc_count"}
+
+
+def _posterior_mean_correction(confusion: ModelConfusion) -> ModelConfusion:
+    """The rejected variant (bench only): the counts corrected with the rows' posterior mean rates, not the raw ones."""
+    out = dataclasses.replace(confusion)
+    out.__dict__.update(rates=out.posterior_rates, inverse_t=np.linalg.inv(out.posterior_rates.T))
+    return out
+
+
+@contextlib.contextmanager
+def _patched_share_bounds():
+    original = _differential.share_bounds
+    _differential.share_bounds = functools.partial(_intervals.share_bounds, continuity=False)
+    try:
+        yield
+    finally:
+        _differential.share_bounds = original
 
 
 def test_halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,15 +227,19 @@ def val_confusion(pred: dict[str, Any], checkpoint_uri: str) -> tuple[np.ndarray
 
 
 def run_cases(cases, cells, pools: Pools, rules: dict[str, FlagRules], trials: int,
-              seed: int) -> tuple[list[list[Any]], list[dict[str, Any]]]:
-    """Flag rates of every case and cell count, the three ways: (markdown rows, JSON records)."""
+              seed: int, continuity: dict[str, bool] | None = None) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Flag rates of every case and cell count, each way of ``rules`` (a way named "perfect..." counts the true
+    classes; ``continuity``: per way, False = without the continuity correction): (markdown rows, JSON records)."""
     rows, results = [], []
+    ways = tuple(rules)
+    continuity = continuity or {}
     for label, profile, erb, expected in cases:
         for n in cells:
             rng = np.random.default_rng([seed, n, len(results)])
             true_counts, model_counts = simulate(profile, erb, n, trials, pools, rng)
-            flags = {way: flag_rates(true_counts if way.startswith("perfect") else model_counts, rules[way])
-                     for way in WAYS}
+            flags = {way: flag_rates(true_counts if way.startswith("perfect") else model_counts, rules[way],
+                                     continuity.get(way, True))
+                     for way in ways}
             if expected is None:  # healthy: any flag at all is a false flag
                 rate = {way: float(np.mean(np.any(list(f.values()), axis=0))) for way, f in flags.items()}
                 target = "<= 5 %" if n == 100 else ""
@@ -210,7 +252,7 @@ def run_cases(cases, cells, pools: Pools, rules: dict[str, FlagRules], trials: i
             results.append({"profile": label, "differential_pct": {k: round(v, 4) for k, v in profile.items()},
                             "erythroblasts_per_100_wbc": erb, "white_cells": n, "flag": expected or "any flag",
                             "rates": rate, "target": target, "flag_rates": which})
-            rows.append([label, n, expected or "any flag", *(f"{100 * rate[w]:.1f} %" for w in WAYS), target])
+            rows.append([label, n, expected or "any flag", *(f"{100 * rate[w]:.1f} %" for w in ways), target])
     return rows, results
 
 
@@ -222,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the one-off classification")
     ap.add_argument("--name", default="flags", help="results file name under bench/results/")
     ap.add_argument("--confidence", type=float, default=0.95, help="flags.confidence of all three rules")
+    ap.add_argument("--variants", action="store_true",
+                    help="also compare the interval variants (VARIANTS) on the same samples: healthy rows and "
+                         "the four range profiles at 200 cells")
     args = ap.parse_args(argv)
     pred = predictions(args.checkpoint, threads=args.threads)
     counts_val, source = val_confusion(pred, str(pred["checkpoint_uri"]))
@@ -251,6 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     diag_rules = dict(rules, **{"model, confusion": dataclasses.replace(base, confusion=held_out)})
     diag_cases = [c for c in cases if c[3] is None or c[3] in RANGE_TARGETS + ("immature granulocytes",)]
     diag_rows, diag_results = run_cases(diag_cases, (100, 200), pools_b, diag_rules, args.trials, args.seed)
+    variant_rows: list[list[Any]] = []
+    variant_results: list[dict[str, Any]] = []
+    if args.variants:
+        def variant_confusion(prior: float, shrunk: bool) -> ModelConfusion:
+            out = dataclasses.replace(confusion, prior=prior)
+            return _posterior_mean_correction(out) if shrunk else out
+
+        v_rules = {name: base if prior is None else dataclasses.replace(base, confusion=variant_confusion(
+            prior, shrunk)) for name, (_true, _cc, prior, shrunk) in VARIANTS.items()}
+        v_cc = {name: cc for name, (_true, cc, _prior, _shrunk) in VARIANTS.items()}
+        for v_cases, v_cells in ((cases[:3], CELLS), (cases[3:], (200,))):
+            r, res = run_cases(v_cases, v_cells, pools, v_rules, args.trials, args.seed, v_cc)
+            variant_rows += r
+            variant_results += res
     elapsed = time.monotonic() - start
     test_acc = float(np.mean(pred["test_label"] == pred["test_pred"]))
     val_acc = float(np.mean(pred["val_label"] == pred["val_pred"]))
@@ -266,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         "cases": results, "diagnostic_held_out_test_confusion": {
             "note": "confusion from one half of the test cells, samples from the other half; not the headline",
             "val_confusion_not_used": True, "confusion": held_out.counts, "cases": diag_results},
+        "variants": {"ways": {k: {"true_classes": t, "continuity": cc, "prior": pr, "posterior_mean_correction": sh}
+                              for k, (t, cc, pr, sh) in VARIANTS.items()}, "cases": variant_results} if args.variants
+        else None,
         "run": run_facts(),
         "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
@@ -293,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
           f"from: {off_diagonal(counts_test)}\n\n"
           "Share of simulated samples flagged (healthy rows: any flag; other rows: the profile's own flag). "
           "`perfect, Wilson`: true classes, counting-error rule; `model, Wilson` (before): the model's classes, "
-          "counting-error rule; `model, confusion` (after): the model's classes, flags with its val confusion.\n\n"
+          "counting-error rule; `model, confusion` (after): the model's classes, flags with its val confusion. "
+          "Every interval is the flags' rule: continuity-corrected (bloodray/nightly/intervals.py); "
+          "`--variants` compares it with the others.\n\n"
           + table(["profile", "white cells", "flag", *WAYS, "target"], rows)
           + "\nWhich flags fire on `healthy` at 100 cells: "
           + "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
@@ -303,6 +367,20 @@ def main(argv: list[str] | None = None) -> int:
           "split alternately) gives the confusion, samples are drawn from the other half. It separates what the "
           "rule does with a representative confusion from how well val's confusion represents the model.\n\n"
           + table(["profile", "white cells", "flag", *WAYS, "target"], diag_rows))
+    if args.variants:
+        md += ("\n## Interval variants side by side (`--variants`)\n\n"
+               "The same simulated samples flagged with each variant of the interval (val's confusion): `plain` = "
+               "Wilson's score interval, `cc` = with Newcombe's continuity correction; `multinomial` = the "
+               "confusion's uncertainty from its raw val rates (Dirichlet prior 0), `Jeffreys` = from the "
+               "posterior of each val row under a Dirichlet(1/2) prior. `model, plain, multinomial (v2)` is the "
+               "rule before (flags_robust_v2); `model, cc, Jeffreys (rule)` the one the flags use; the last also corrects "
+               "the counts with the posterior mean rates (rejected: it subtracts half a pseudo-cell per val row from "
+               "every class, so rare classes are biased low: bloodray/nightly/intervals.py).\n\n"
+               + table(["profile", "white cells", "flag", *VARIANTS, "target"], variant_rows)
+               + "\nWhich flags fire on `healthy` at 100 cells: "
+               + "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
+                   variant_results[0]["flag_rates"][way].items(), key=lambda kv: -kv[1])) or "none")
+                   for way in VARIANTS) + ".\n")
     js, mdp = save(args.name, result, md)
     print(md)
     print(f"wrote {js} and {mdp}")

@@ -188,16 +188,33 @@ def test_missing_range_file_names_the_path(tmp_path):
 # --------------------------------------------------------------------------- intervals
 def test_wilson_interval_closed_forms_and_scipy():
     z2 = 1.959963984540054 ** 2
-    lo, hi = wilson_interval([0, 100, 55], [100, 100, 100])
+    lo, hi = wilson_interval([0, 100, 55], [100, 100, 100], continuity=False)
     assert lo[0] == 0.0 and hi[0] == pytest.approx(z2 / (100 + z2), rel=1e-12)
     assert hi[1] == 1.0 and lo[1] == pytest.approx(100 / (100 + z2), rel=1e-12)
     stats = pytest.importorskip("scipy.stats")
-    for k, n, conf in [(55, 100, 0.95), (1, 200, 0.95), (37, 90, 0.9), (3, 7, 0.99)]:
-        ci = stats.binomtest(k, n).proportion_ci(confidence_level=conf, method="wilson")
-        got = wilson_interval(k, n, conf)
-        assert (float(got[0]), float(got[1])) == pytest.approx((ci.low, ci.high), rel=1e-12)
+    # The flags' rule is Newcombe's continuity-corrected Wilson interval (scipy's "wilsoncc"); plain Wilson on request.
+    for k, n, conf in [(55, 100, 0.95), (1, 200, 0.95), (37, 90, 0.9), (3, 7, 0.99), (0, 100, 0.95),
+                       (100, 100, 0.95), (3, 100, 0.95), (1, 1, 0.95)]:
+        for continuity, method in ((True, "wilsoncc"), (False, "wilson")):
+            ci = stats.binomtest(k, n).proportion_ci(confidence_level=conf, method=method)
+            got = wilson_interval(k, n, conf, continuity=continuity)
+            assert (float(got[0]), float(got[1])) == pytest.approx((ci.low, ci.high), rel=1e-12, abs=1e-15), (
+                k, n, conf, method)
     lo, hi = wilson_interval([0, 3], [0, 0])
     assert np.isnan(lo).all() and np.isnan(hi).all()
+
+
+def test_three_basophils_of_100_are_no_basophilia_four_are():
+    # The healthy middle is 0.75 % basophils (range 0.5-1.0 %): 3 of 100 is well within a healthy sample's counting
+    # error (plain Wilson's lower bound 1.03 % flagged 4 % of healthy samples with a perfect classifier); the
+    # continuity-corrected bound is 0.78 %. 4 of 100 (bound 1.29 %) still flags.
+    assert float(wilson_interval(3, 100, continuity=False)[0]) == pytest.approx(0.010255, abs=1e-6)
+    assert float(wilson_interval(3, 100)[0]) == pytest.approx(0.007780, abs=1e-6)
+    assert float(wilson_interval(4, 100)[0]) == pytest.approx(0.012891, abs=1e-6)
+    rules = FlagRules(min_wbc=0)
+    assert differential(dict(NORMAL, neutrophil=NORMAL["neutrophil"] - 2, basophil=3), rules)["flags"] == []
+    assert differential(dict(NORMAL, neutrophil=NORMAL["neutrophil"] - 3, basophil=4), rules)["flags"] == [
+        "basophilia"]
 
 
 def _edge_rules(name: str, rng: ReferenceRange, **kw) -> FlagRules:
@@ -229,8 +246,8 @@ def test_low_flag_at_the_range_edge(shift, flagged):
 
 
 def test_classes_without_low_limit_are_not_flagged_low_by_default():
-    # 400 white cells, no monocyte, eosinophil or basophil at all: intervals entirely below 2, 1 and 0.5 %.
-    counts = {"neutrophil": 240, "lymphocyte": 160}
+    # 800 white cells, no monocyte, eosinophil or basophil at all: intervals entirely below 2 and 1 %.
+    counts = {"neutrophil": 480, "lymphocyte": 320}
     row = differential(counts, NO_LOW_WBC)
     assert row["pct_monocyte_hi"] < 1.0 and row["pct_basophil_hi"] < 1.0
     assert row["flags"] == []

@@ -76,6 +76,22 @@ def test_manifest_facts_match_the_checkpoints_and_the_results_doc():
         assert not (model.path / "train_state.pt").exists()
 
 
+def test_ml_engineer_guide_table_is_the_manifest():
+    """The guide's table of packaged models repeats the manifest's figures; a copy that drifts fails here."""
+    from pathlib import Path
+
+    from bloodray import packaged
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "ml-engineer.md").read_text()
+    for model in packaged.models():
+        rows = [line for line in guide.splitlines() if line.startswith(f"| `packaged:{model.name}`")]
+        assert len(rows) == 1, (model.name, rows)
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        expected = [f"{model.figures[k]:.3f}" for k in
+                    ("pbc_test_accuracy", "chula_zero_shot_accuracy", "chula_k20_adaptation_accuracy")]
+        assert cells[-3:] == expected, (model.name, cells[-3:], expected)
+
+
 def test_package_data_stays_under_the_wheel_limit():
     """The wheel must stay under 30 MB: the package files it ships (code, defaults, every packaged model)."""
     from pathlib import Path

@@ -305,7 +305,8 @@ def rules_data(rules: FlagRules) -> dict[str, Any]:
     For code outside Python that recomputes differentials (the review page's
     live differential): it gets every threshold from here, the interval's
     ``z`` as this module computes it and the model's confusion (rates, the
-    inverse of their transpose, val cells per class; null without one), so
+    inverse of their transpose, val cells per class, the rows' posterior rates
+    and (co)variance divisors; null without one), so
     nothing is copied by hand.
     """
     def ranges(section: Mapping[str, ReferenceRange]) -> dict[str, dict[str, Any]]:
@@ -318,7 +319,9 @@ def rules_data(rules: FlagRules) -> dict[str, Any]:
             "erythroblast_per_100_wbc": rules.erythroblast_per_100_wbc, "min_wbc": rules.min_wbc,
             "flag_labels": flag_labels(), "confusion": None if rules.confusion is None else {
                 "rates": rules.confusion.rates.tolist(), "inverse_t": rules.confusion.inverse_t.tolist(),
-                "row_totals": rules.confusion.row_totals.tolist()}}
+                "row_totals": rules.confusion.row_totals.tolist(),
+                "posterior_rates": rules.confusion.posterior_rates.tolist(),
+                "posterior_cells": rules.confusion.posterior_cells.tolist()}}
 
 
 def interval_columns() -> list[str]:

@@ -12,16 +12,14 @@
   // bloodray.nightly.differential.compute_differentials for one sample; thresholds come from D.rules)
   function clip01(x) { return Math.min(Math.max(x, 0), 1); }
 
+  // As wilson_interval of bloodray/nightly/intervals.py: Wilson's score interval with Newcombe's continuity correction.
   function wilson(k, n, z) {
     if (!(n > 0)) return [NaN, NaN];
-    const z2 = z * z;
-    const centre = (k + z2 / 2.0) / (n + z2);
-    const half = z / (n + z2) * Math.sqrt(Math.max(k * (n - k) / n, 0.0) + z2 / 4.0);
-    return [k <= 0 ? 0.0 : clip01(centre - half), k >= n ? 1.0 : clip01(centre + half)];
+    return scoreInterval(k / n, n, 0.0, z);
   }
 
-  // Interval (fractions) of class k's share of the classes in `members`, as _share_bounds of
-  // bloodray/nightly/differential.py: Wilson on the counts, or, with rules.confusion, on the
+  // Interval (fractions) of class k's share of the classes in `members`, as share_bounds of
+  // bloodray/nightly/intervals.py (share_bounds): Wilson on the counts, or, with rules.confusion, on the
   // misclassification-corrected share with its extra variance. Same operations, same order.
   // kv: the part of cv a reviewer verified (taken as true, not corrected).
   function shareBounds(cv, k, members, rules, kv) {
@@ -31,7 +29,7 @@
     const conf = rules.confusion;
     if (!conf) return wilson(cv[k], nMembers, rules.z);
     const finite = (x) => (isNaN(x) ? 0 : x);  // numpy's nan_to_num for the NaNs met here
-    const m = conf.inverse_t, rates = conf.rates, nVal = conf.row_totals;
+    const m = conf.inverse_t, rates = conf.posterior_rates, nPost = conf.posterior_cells;
     const machine = cv.map((x, j) => x - kv[j]);
     const total = cv.reduce((s, x) => s + x, 0);
     const nMachine = machine.reduce((s, x) => s + x, 0);
@@ -50,20 +48,26 @@
     const uu = u.map((x) => x * x);
     const varCounts = finite((dot(uu, q) - dot(u, q) ** 2) / nMachine);
     let varConfusion = 0;
-    for (let i = 0; i < K; i++) varConfusion += pm[i] * pm[i] * (dot(uu, rates[i]) - dot(u, rates[i]) ** 2) / nVal[i];
+    for (let i = 0; i < K; i++) varConfusion += pm[i] * pm[i] * (dot(uu, rates[i]) - dot(u, rates[i]) ** 2) / nPost[i];
     const nCells = shareOf * total;
     const extra = Math.max(varCounts + varConfusion - f * (1.0 - f) / nCells, 0.0);
     if (!(nMembers > 0) || !(shareOf > 0)) return [NaN, NaN];
     return scoreInterval(f, nCells, extra, rules.z);
   }
 
-  // As _score_interval: Wilson's score interval of a share f of n cells with `extra` variance besides the binomial.
+  // As score_interval of bloodray/nightly/intervals.py: the score interval of a share f of n cells with `extra`
+  // variance besides the binomial and Newcombe's continuity correction h = 1/(2n): the lower bound is the plain one
+  // of f - h, the upper the plain one of f + h.
   function scoreInterval(f, n, extra, z) {
     const z2 = z * z;
     const scale = 1.0 + z2 / n;
-    const centre = (f + z2 / (2.0 * n)) / scale;
-    const half = z / scale * Math.sqrt(f * (1.0 - f) / n + z2 / (4.0 * n * n) + scale * extra);
-    return [f <= 0 ? 0.0 : clip01(centre - half), f >= 1 ? 1.0 : clip01(centre + half)];
+    const h = 0.5 / n;
+    const fLo = f - h, fHi = f + h;
+    const lo = fLo <= 0 ? 0.0 : clip01((fLo + z2 / (2.0 * n)) / scale
+      - z / scale * Math.sqrt(fLo * (1.0 - fLo) / n + z2 / (4.0 * n * n) + scale * extra));
+    const hi = fHi >= 1 ? 1.0 : clip01((fHi + z2 / (2.0 * n)) / scale
+      + z / scale * Math.sqrt(fHi * (1.0 - fHi) / n + z2 / (4.0 * n * n) + scale * extra));
+    return [lo, hi];
   }
 
   function rangeFlags(lo, hi, rng) {
