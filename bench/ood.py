@@ -25,9 +25,11 @@ each, tested by the nightly job's own function
 (:func:`bloodray.nightly.shift.group_statistics`) against the checkpoint's
 per-class reference of the arithmetic the run's actors used (the runs table's
 ``precision``, :func:`bloodray.nightly.shift.reference_for_run`: what the job
-compares with) and, side by side and on the same cells, against the per-class
-fp32 reference (what the job compared bf16 cells with before the reference was
-kept per arithmetic) and the pooled one (before the per-class format), plus a
+compares with) and, side by side and on the same cells, against a reference
+from before (``--before CK``: an earlier seal of the same model, as the job
+used it; default: the per-class fp32 reference, what the job compared bf16
+cells with before the reference was kept per arithmetic) and the pooled one
+(before the per-class format), plus a
 control row of cells drawn from the whole test split. Targets: no skewed
 sample under the alarm, every chula series under it.
 
@@ -37,7 +39,7 @@ The committed cells of the two runs are cached under
 
 Usage::
 
-    python bench/ood.py [--checkpoint CK] [--per-sample 100] [--draws 500] [--alpha A] [--fresh]
+    python bench/ood.py [--checkpoint CK] [--before CK] [--per-sample 100] [--draws 500] [--alpha A] [--fresh]
 
 Writes bench/results/ood.json and ood.md (``--name`` to change).
 """
@@ -131,12 +133,12 @@ def classified(name: str, layout, checkpoint: str | None, checkpoint_id: str, fr
 
 
 #: The references the simulation compares side by side: name -> (which ``ood`` entry, per-class or pooled).
-REFERENCES = {"per_class": ("run", True), "per_class_fp32": ("fp32", True), "pooled": ("run", False)}
+REFERENCES = {"per_class": ("run", True), "before": ("before", True), "pooled": ("run", False)}
 
 
 def simulate(cells: list[dict], oods: dict, draws: int, rule, seed: int = 0) -> list[dict]:
     """Alarm rates of the extreme class mixes (and the control) against each of :data:`REFERENCES` (``oods``:
-    ``run``/``fp32`` -> ``ood`` entry), ``draws`` samples per mix and size."""
+    ``run``/``before`` -> ``ood`` entry), ``draws`` samples per mix and size."""
     import numpy as np
 
     from bloodray.nightly.shift import group_statistics
@@ -163,7 +165,7 @@ def simulate(cells: list[dict], oods: dict, draws: int, rule, seed: int = 0) -> 
                          **{f"median_ks_{ref}": float(np.median(ks[ref])) for ref in REFERENCES},
                          "max_ks_per_class": float(np.max(ks["per_class"]))})
             print(f"{share:.0%} {cls}, {n} cells: {alarms['per_class']} of {draws} under the per-class alarm "
-                  f"({alarms['per_class_fp32']} with the fp32 reference, {alarms['pooled']} pooled)", flush=True)
+                  f"({alarms['before']} with the reference before, {alarms['pooled']} pooled)", flush=True)
     return rows
 
 
@@ -202,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=None,
                    help="shift.alpha of the simulation (default: the job's); the two runs always use the job's")
     p.add_argument("--name", default="ood", help="results file name under bench/results/")
+    p.add_argument("--before", default=None,
+                   help="an earlier seal of the same model (same weights and OOD score) whose reference is compared "
+                        "side by side, as the job used it (default: this checkpoint's fp32 reference)")
     args = p.parse_args(argv)
     meta = read_metadata(resolve_checkpoint(args.checkpoint))
     if not meta.ood:
@@ -229,7 +234,19 @@ def main(argv=None) -> int:
     timer = time.monotonic()
     # The job's reference: the arithmetic its actors ran (both runs ran on this machine, in the same one).
     run_ood = reference_for_run(dict(meta.ood), {result["pbc"]["precision"] or ""})
-    oods = {"run": run_ood, "fp32": for_precision(dict(meta.ood), "fp32")}
+    if args.before:
+        # The previous seal of the same model, as the job used it: the same OOD tensors and standardisation, so the
+        # same scores, against its own validation reference.
+        before = read_metadata(resolve_checkpoint(args.before))
+        same = all(before.ood.get(k) == meta.ood.get(k) for k in ("file_sha256", "pen_scale", "early_scale"))
+        if not same or before.weights_sha256 != meta.weights_sha256:
+            raise SystemExit(f"{args.before}: not the same weights and OOD score as {meta.checkpoint_id}")
+        before_ood, before_label = reference_for_run(dict(before.ood), {result["pbc"]["precision"] or ""}), (
+            f"`{before.checkpoint_id}`'s reference as the job used it")
+    else:
+        before_ood, before_label = for_precision(dict(meta.ood), "fp32"), "the per-class fp32 reference"
+    oods = {"run": run_ood, "before": before_ood}
+    result["before_reference"] = before_label
     result["reference_precision"], result["run_precision"] = run_ood["precision"], result["pbc"]["precision"]
     result["simulation"] = simulate(pbc, oods, args.draws, rule)
     result["chula_series"] = series_alarms(chula, oods, rule)
@@ -268,23 +285,23 @@ def main(argv=None) -> int:
                "True / False"],
               ["skewed-mix samples under the alarm, per-class reference of the run's arithmetic (the job's)",
                f"{sum(r['alarms_per_class'] for r in skewed)} of {total}", "0"],
-              ["skewed-mix samples under the alarm, per-class fp32 reference (as before, same test)",
-               f"{sum(r['alarms_per_class_fp32'] for r in skewed)} of {total}", "(comparison)"],
+              [f"skewed-mix samples under the alarm, before: {before_label} (same cells, same test)",
+               f"{sum(r['alarms_before'] for r in skewed)} of {total}", "(comparison)"],
               ["skewed-mix samples under the alarm, pooled reference (as before, same test)",
                f"{sum(r['alarms_pooled'] for r in skewed)} of {total}", "(comparison)"],
-              ["chula series under the alarm, per-class / per-class fp32 / pooled (same function)",
-               f"{series['per_class']} / {series['per_class_fp32']} / {series['pooled']} of {series['series']} "
+              ["chula series under the alarm, per-class / before / pooled (same function)",
+               f"{series['per_class']} / {series['before']} / {series['pooled']} of {series['series']} "
                f"(smallest {series['smallest']} cells)", "all"],
           ]),
           "\nChula samples not under the alarm: "
           + (", ".join(f"{s['sample_id']} ({s['n_classified']} cells)" for s in small) or "none") + "\n",
           f"\n## Extreme class mixes of PBC test cells ({args.draws} samples per row; shift.alpha {rule.alpha:g}, "
           f"shift.min_effect {rule.min_effect:g})\n",
-          table(["mix (true class)", "cells", "under the alarm, per-class", "per-class fp32 reference (before)",
-                 "pooled reference", "median KS per-class / per-class fp32 / pooled", "largest KS per-class"],
+          table(["mix (true class)", "cells", "under the alarm, per-class", "before",
+                 "pooled reference", "median KS per-class / before / pooled", "largest KS per-class"],
                 [[r["mix"], r["cells"], f"{r['alarms_per_class']} of {r['draws']}",
-                  f"{r['alarms_per_class_fp32']} of {r['draws']}", f"{r['alarms_pooled']} of {r['draws']}",
-                  f"{r['median_ks_per_class']:.3f} / {r['median_ks_per_class_fp32']:.3f} / "
+                  f"{r['alarms_before']} of {r['draws']}", f"{r['alarms_pooled']} of {r['draws']}",
+                  f"{r['median_ks_per_class']:.3f} / {r['median_ks_before']:.3f} / "
                   f"{r['median_ks_pooled']:.3f}", f"{r['max_ks_per_class']:.3f}"]
                  for r in sim])]
     js, mdp = save(args.name, result, "\n".join(md))

@@ -228,13 +228,8 @@ def precisions_of(meta: Mapping[str, Any]) -> list[str]:
 
 
 def for_precision(meta: Mapping[str, Any], precision: str | None) -> dict[str, Any]:
-    """The ``ood`` metadata entry with the validation reference of cells scored in ``precision``.
-
-    ``precision`` is ``fp32``, ``bf16`` (an OpenVINO path's name counts as its
-    arithmetic, :func:`precision_of`). The entry's own reference is returned
-    (a copy) when ``precision`` is None or has no reference of its own; the
-    result's ``precision`` says which one it is, so callers can warn.
-    """
+    """The ``ood`` metadata entry with the validation reference of cells scored in ``precision`` (``bf16``,
+    ``fp32 (openvino)``...); the entry's own (a copy) when there is none for it: its ``precision`` says which."""
     out = {k: v for k, v in meta.items() if k != "by_precision"}
     out["precision"] = str(meta.get("precision") or LEGACY_PRECISION)
     other = (meta.get("by_precision") or {}).get(precision_of(precision) or "")
@@ -350,9 +345,10 @@ def _log_scale(values: np.ndarray) -> tuple[float, float]:
     return float(np.median(logs)), float(max(np.std(logs), 1e-6))
 
 
-def _val_entry(scores: np.ndarray, classes: np.ndarray | None, quantile: float) -> dict[str, Any]:
-    """The validation reference (:data:`PRECISION_FIELDS`, metadata form) of one arithmetic's validation scores."""
-    threshold = float(np.quantile(scores, quantile))
+def _val_entry(scores: np.ndarray, classes: np.ndarray | None, quantile: float, own: np.ndarray) -> dict[str, Any]:
+    """The validation reference (:data:`PRECISION_FIELDS`, metadata form) of one arithmetic's reference scores;
+    the threshold from the validation cells (``own``) only."""
+    threshold = float(np.quantile(scores[own], quantile))
     entry = {"threshold": threshold,
              "val_quantiles": np.quantile(scores, np.linspace(0, 1, N_REFERENCE_QUANTILES)).tolist(),
              "val_unidentified_share": float(np.mean(scores > threshold)), "n_val": int(len(scores))}
@@ -366,16 +362,18 @@ def _val_entry(scores: np.ndarray, classes: np.ndarray | None, quantile: float) 
 def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.ndarray, val_pen: np.ndarray,
             val_early: np.ndarray, early: tuple[str, int], quantile: float = DEFAULT_QUANTILE,
             val_classes: np.ndarray | None = None, precision: str = LEGACY_PRECISION,
-            other_val: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None = None) -> OodReference:
+            other_val: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
+            reference_only: np.ndarray | None = None) -> OodReference:
     """Fit the OOD score on training features and labels; standardise it and set its threshold on validation.
 
     ``val_classes``: the class the model predicts for each validation cell
     (names), for the per-class references (:func:`class_references`); without
-    them the reference is pooled only. ``precision``: the arithmetic all these
-    features were computed in. ``other_val``: per other arithmetic (``bf16``),
-    the validation cells' ``(penultimate, early, predicted classes)`` computed
-    in it; each gets its own validation reference of the same score
-    (``by_precision``, module docstring).
+    them the reference is pooled only. ``precision``: the arithmetic of these
+    features. ``other_val``: per other arithmetic (``bf16``), the same
+    validation cells' ``(penultimate, early, predicted classes)`` computed in
+    it, for its own reference (``by_precision``). ``reference_only``: mask of
+    validation rows that join the reference distributions but not the
+    standardisation and threshold (unseen training cells: ``fit_ood_reference``).
     """
     from sklearn.covariance import LedoitWolf
 
@@ -392,15 +390,16 @@ def fit_ood(train_pen: np.ndarray, train_labels: np.ndarray, train_early: np.nda
                        early_precision=early_fit.precision_, early_layer=early[0], early_call=int(early[1]),
                        pen_scale=(0.0, 1.0), early_scale=(0.0, 1.0), threshold=0.0, val_quantiles=[],
                        val_unidentified_share=0.0, quantile=quantile, n_train=len(train_pen), n_val=len(val_pen))
-    ref.pen_scale = _log_scale(_min_sq_distance(val_pen, means, pen_precision))
-    ref.early_scale = _log_scale(_min_sq_distance(val_early, ref.early_mean[None], ref.early_precision))
-    own = _val_entry(ref.score(val_pen, val_early), val_classes, quantile)
+    val = np.ones(len(val_pen), dtype=bool) if reference_only is None else ~np.asarray(reference_only, dtype=bool)
+    ref.pen_scale = _log_scale(_min_sq_distance(val_pen[val], means, pen_precision))
+    ref.early_scale = _log_scale(_min_sq_distance(val_early[val], ref.early_mean[None], ref.early_precision))
+    own = _val_entry(ref.score(val_pen, val_early), val_classes, quantile, val)
     ref.threshold, ref.val_quantiles = own["threshold"], own["val_quantiles"]
     ref.val_unidentified_share, ref.per_class = own["val_unidentified_share"], per_class_of(own)
     ref.precision = precision
     for name, (pen, early_feats, classes_) in sorted((other_val or {}).items()):
         if name != precision:
-            ref.by_precision[name] = _val_entry(ref.score(pen, early_feats), classes_, quantile)
+            ref.by_precision[name] = _val_entry(ref.score(pen, early_feats), classes_, quantile, val)
     return ref
 
 

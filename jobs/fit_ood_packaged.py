@@ -35,7 +35,10 @@ def main(argv=None) -> int:
     dest = args.dest or (str(PACKAGED_CHECKPOINT) if args.checkpoint is None else None)
     dest, ref = refit_ood(args.checkpoint, args.data, dest, train_cells=args.train_cells)
     small = sorted(k for k, v in (ref.per_class or {}).items() if v.n_val < MIN_CLASS_CELLS)
-    print(f"{dest}: OOD reference from {ref.n_train} train / {ref.n_val} val cells, layer {ref.early_layer}, "
+    joined = ref.extra.get("train_reference", {})
+    print(f"{dest}: OOD Gaussians from {ref.n_train} train cells, reference of {ref.n_val} cells (val"
+          + (f" and {joined['cells']} unseen train cells, KS vs val {joined['ks']:.3f} p {joined['p_value']:.2g}"
+             if joined.get("joined") else "") + f"), layer {ref.early_layer}, "
           f"threshold {ref.threshold:.3f} (val {ref.quantile:.1%} quantile), per-class references for "
           f"{len(ref.per_class or {})} classes" + (f" (pooled for {', '.join(small)}: too few val cells)" if small
                                                     else "") + f"; id {read_metadata(dest).checkpoint_id}")

@@ -266,6 +266,22 @@ def test_the_reference_is_kept_per_arithmetic_and_a_skewed_mix_is_compared_with_
     assert right == 0 and wrong > 150, (right, wrong)  # of 180
 
 
+def test_unseen_training_cells_join_the_reference_but_not_the_threshold():
+    rng = np.random.default_rng(22)
+    train_pen, train_y, train_early = _skewed(rng, 3000)
+    val_pen, val_y, val_early = _skewed(rng, 600)
+    more_pen, more_y, more_early = _skewed(rng, 2400)
+    names = np.array(["a", "b", "c"])
+    alone = fit_ood(train_pen, train_y, train_early, val_pen, val_early, ("features.7", 0), val_classes=names[val_y])
+    both = fit_ood(train_pen, train_y, train_early, np.r_[val_pen, more_pen], np.r_[val_early, more_early],
+                   ("features.7", 0), val_classes=names[np.r_[val_y, more_y]],
+                   reference_only=np.arange(3000) >= 600)
+    # Standardisation and threshold stay the val cells'; the distributions are of all 3,000 cells.
+    assert (both.pen_scale, both.early_scale, both.threshold) == (alone.pen_scale, alone.early_scale, alone.threshold)
+    assert both.n_val == 3000 and sum(r.n_val for r in both.per_class.values()) == 3000
+    assert both.val_quantiles != alone.val_quantiles
+
+
 def test_the_run_compares_with_the_reference_of_its_actors_arithmetic(two_arithmetics, caplog):
     meta = two_arithmetics.metadata("0" * 64)
     assert reference_for_run(None, {"bf16"}) is None

@@ -159,6 +159,7 @@ def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_
     import torch
 
     from bloodray.checkpoint import load_checkpoint
+    from bloodray.evaluation.evaluate import TRAIN_REFERENCE_MIN_P
     from bloodray.inference_precision import bf16_supported
     from bloodray.ood import pooled_reference_note
 
@@ -172,7 +173,13 @@ def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_
     synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=8)
     # Into a copy, then in place: weights, temperature and review threshold stay; the reference is per class.
     assert _refit_job()(["--data", str(cells), "--checkpoint", old, "--dest", str(tmp_path / "copy")]) == 0
-    assert _refit_job()(["--data", str(cells), "--checkpoint", old]) == 0
+    # In place with Gaussians of 60 training cells: the others are checked against val and, when they score alike,
+    # join the reference (issue 21: ~120 val cells per class alone made a chance offset every sample met again).
+    assert _refit_job()(["--data", str(cells), "--checkpoint", old, "--train-cells", "60"]) == 0
+    assert read_metadata(str(tmp_path / "copy")).ood["train_reference"] == {"cells": 0, "joined": False}
+    check, n_val = read_metadata(old).ood["train_reference"], read_metadata(str(tmp_path / "copy")).ood["n_val"]
+    assert check["cells"] > 0 and check["joined"] == (check["p_value"] >= TRAIN_REFERENCE_MIN_P)
+    assert read_metadata(old).ood["n_val"] == n_val + (check["cells"] if check["joined"] else 0)
     for refitted in (str(tmp_path / "copy"), old):
         new = read_metadata(refitted)
         assert new.ood["per_class"] and pooled_reference_note(new.ood, refitted) is None

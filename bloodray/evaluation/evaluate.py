@@ -230,6 +230,8 @@ def checkpoint_split(data_root: str, checkpoint: str, seed: int | None = None,
 
 #: Arithmetics besides fp32 whose validation reference is fitted too (those the predictor may choose on a CPU).
 REFERENCE_PRECISIONS = ("bf16",)
+#: Smallest two-sample KS p-value (training cells outside the Gaussians' subset vs val) for them to join the reference.
+TRAIN_REFERENCE_MIN_P = 0.05
 #: Training cells the OOD Gaussians are fitted on (a fixed random subset: more adds little, costs inference).
 OOD_TRAIN_CELLS = 3000
 
@@ -255,6 +257,16 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
     validation reference of cells scored that way (:mod:`bloodray.ood`).
     Returns the reference and the fp32 val prediction table (logits, labels),
     so a calibration needs no second pass over val.
+
+    The training cells left out of the Gaussians' subset join the reference
+    distributions (quantiles, per-class references; not the standardisation
+    or the threshold, which stay val's) when their scores are indistinguishable
+    from the val cells' (two-sample KS p-value at least
+    :data:`TRAIN_REFERENCE_MIN_P`): about five times the cells, so a
+    hundred-odd val cells per class no longer set each class's reference
+    alone. A model that fitted its training cells (lower scores) fails the
+    check and keeps the val reference; the check is recorded as
+    ``ood.train_reference``.
     """
     import torch
 
@@ -271,21 +283,42 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
                              unchecked_precision=True)
         return table.filter(pa.array(_decoded(table)))
 
-    train = features(_subset(train_rows, train_cells))
+    from scipy import stats
+
+    fitted_rows = _subset(train_rows, train_cells)
+    fitted = {r["uri"] for r in fitted_rows}
+    rest_rows = [r for r in train_rows if r["uri"] not in fitted]
+    train = features(fitted_rows)
+    train_args = (_matrix(train, "ood_pen"), np.asarray(train.column("label").to_pylist()), _matrix(train, "ood_early"))
     val = features(val_rows)
-    predicted = classes[_matrix(val, "logits").argmax(axis=1)]
+    cells = val
+    check = {"cells": len(rest_rows), "joined": False}
+    if rest_rows:
+        rest = features(rest_rows)
+        base = fit_ood(*train_args, _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early)
+        test = stats.ks_2samp(base.score(_matrix(rest, "ood_pen"), _matrix(rest, "ood_early")),
+                              base.score(_matrix(val, "ood_pen"), _matrix(val, "ood_early")))
+        check.update(cells=rest.num_rows, ks=float(test.statistic), p_value=float(test.pvalue),
+                     joined=bool(test.pvalue >= TRAIN_REFERENCE_MIN_P))
+        if check["joined"]:
+            cells = pa.concat_tables([val, rest], promote_options="default")
+        else:
+            log.warning("the %d training cells outside the OOD Gaussians' subset score unlike the val cells (KS %.3f, "
+                        "p %.2g): the reference stays the val cells'", rest.num_rows, test.statistic, test.pvalue)
+    reference_only = np.arange(cells.num_rows) >= val.num_rows
     other = {}
     for precision in REFERENCE_PRECISIONS:
         if precision == "bf16" and not bf16_supported(torch.device("cpu")):
             log.warning("this machine has no fast bf16: the OOD reference gets no bf16 validation reference, so "
                         "a bf16 predictor compares its cells with the fp32 one; refit on a machine with bf16")
             continue
-        table = features(val_rows, precision)
+        table = features(val_rows + (rest_rows if check["joined"] else []), precision)
         other[precision] = (_matrix(table, "ood_pen"), _matrix(table, "ood_early"),
                             classes[_matrix(table, "logits").argmax(axis=1)])
-    ref = fit_ood(_matrix(train, "ood_pen"), np.asarray(train.column("label").to_pylist()),
-                  _matrix(train, "ood_early"), _matrix(val, "ood_pen"), _matrix(val, "ood_early"), early,
-                  val_classes=predicted, precision="fp32", other_val=other)
+    ref = fit_ood(*train_args, _matrix(cells, "ood_pen"), _matrix(cells, "ood_early"), early,
+                  val_classes=classes[_matrix(cells, "logits").argmax(axis=1)], precision="fp32", other_val=other,
+                  reference_only=reference_only)
+    ref.extra["train_reference"] = check
     return ref, val
 
 
