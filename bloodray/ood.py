@@ -35,9 +35,9 @@ fires only when it is significant (``alpha``) *and* the effect is at least
 ``min_effect`` (excess unidentified share, or KS distance), so a small normal
 sample with two or three odd cells never raises the alarm.
 
-The reference is kept **per predicted class** (:class:`ClassReference`: the
-validation score quantiles and unidentified share of the validation cells the
-model assigns to each class). The score distribution differs between classes
+The reference is kept **per predicted class** (:class:`ClassReference`: score
+quantiles and unidentified share of the val cells, and of unseen training cells
+scoring alike, that the model assigns to each class). The score distribution differs between classes
 (an immature granulocyte lies further from its class mean, and its early
 features further from the pooled Gaussian, than a lymphocyte), so one pooled
 distribution mistakes a sample dominated by one class -- a left shift, an
@@ -488,7 +488,7 @@ def shift_statistics(scores: np.ndarray, threshold: float, val_quantiles: list[f
     # p-value errs on the side of no alarm.
     p_binom = float(stats.binom.sf(k - 1, n, p0))
     d = float(stats.kstest(u, "uniform", alternative="less").statistic)
-    # The reference is itself a sample (a hundred-odd validation cells per class): the p-value is that of the
+    # The reference is itself a sample (a few hundred cells per class): the p-value is that of the
     # two-sample test, at the effective size n*m/(n+m) (rounded down, so it errs towards no alarm).
     p_ks = float(stats.ksone.sf(d, max(int(n * m / (n + m)), 1)))
     shifted = ((p_binom < rule.alpha and share - p0 >= rule.min_effect)
