@@ -38,6 +38,9 @@ neutrophils 80, lymphocytes 55, eosinophils 12 or monocytes 15 % (the rest of
 count any flag; abnormal rows their own flag. Targets (issue 21): healthy,
 real model, any flag <= 5 % at 100 cells; each abnormal profile >= 90 % at 200
 cells (the four range profiles, as issue 11 set them).
+
+``--train-confusion`` adds a diagnostic (:func:`train_confusion_section`): the training split classified too,
+its error rates beside val's and test's, and the same samples flagged with val + training-cell confusion.
 """
 
 from __future__ import annotations
@@ -127,6 +130,35 @@ def predictions(checkpoint: str | None, threads: int = 2, batch: int = 128) -> d
     np.savez(path, **out, precision=np.array(predictor.precision))
     return {**out, "checkpoint_id": meta.checkpoint_id, "checkpoint_uri": uri, "seconds": seconds, "cache": str(path),
             "precision": predictor.precision}
+
+
+def train_predictions(checkpoint_uri: str, checkpoint_id: str, threads: int = 2,
+                      batch: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(labels, predicted, unidentified, seconds) of the training split, predicted as :func:`predictions` does val and test
+    (``--train-confusion``)."""
+    import torch
+
+    path = CACHE / f"flags-train-{checkpoint_id}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return data["label"], data["pred"], data["unidentified"], 0.0
+    from bloodray.predict import CellPredictor
+
+    torch.set_num_threads(threads)
+    predictor = CellPredictor(checkpoint_uri, device="cpu")
+    rows, _dropped = pbc_split_rows("train")
+    start = time.monotonic()
+    preds, unid = [], []
+    for i in range(0, len(rows), batch):
+        images = np.stack([predictor.preset.load(Path(u).read_bytes()) for u, _ in rows[i:i + batch]])
+        res = predictor({"image": images})
+        preds.append(res["predicted_label"].astype(np.int64))
+        unid.append(np.asarray(res["unidentified"], dtype=bool))
+    labels = np.array([lab for _, lab in rows], dtype=np.int64)
+    out = (labels, np.concatenate(preds), np.concatenate(unid), time.monotonic() - start)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, label=out[0], pred=out[1], unidentified=out[2])
+    return out
 
 
 def abnormal(name: str, pct: float) -> dict[str, float]:
@@ -256,6 +288,49 @@ def run_cases(cases, cells, pools: Pools, rules: dict[str, FlagRules], trials: i
     return rows, results
 
 
+def train_confusion_section(pred: dict[str, Any], counts_val: np.ndarray, cases, base: FlagRules, trials: int,
+                            seed: int) -> tuple[str, dict[str, Any]]:
+    """``--train-confusion``: would a larger confusion estimate meet issue 21's target? (markdown, JSON)
+
+    Val's 992 cells under-estimate the model's commonest error; the only other PBC cells that are not test cells
+    are the training split's. A model usually classifies its training cells better than new ones (an optimistic
+    confusion), so the section shows their error rates beside val's and test's, then the flags of the same
+    simulated samples with val's confusion (what ships) and with val + training cells. A diagnostic: the product
+    uses val's confusion.
+    """
+    uri, cid = str(pred["checkpoint_uri"]), str(pred["checkpoint_id"])
+    t_label, t_pred, _t_unid, t_seconds = train_predictions(uri, cid)
+    counts_train = confusion_counts(t_label, t_pred)
+    counts_test = confusion_counts(pred["test_label"], pred["test_pred"])
+    pooled = ModelConfusion.from_counts(counts_val + counts_train, "val + training-cell confusion")
+    pools = Pools(pred["test_label"], pred["test_pred"], pred["test_unidentified"])
+    rules = {"val (ships)": dataclasses.replace(base, confusion=ModelConfusion.from_counts(counts_val)),
+             "val + training cells": dataclasses.replace(base, confusion=pooled)}
+    rows, results = run_cases([c for c in cases if c[3] is None], CELLS, pools, rules, trials, seed)
+    r2, res2 = run_cases([c for c in cases if c[3] is not None], (200,), pools, rules, trials, seed)
+    rows, results = rows + r2, results + res2
+
+    def acc(c: np.ndarray) -> float:
+        return float(np.trace(c) / c.sum())
+
+    rates = []
+    for i, a in enumerate(CLASS_NAMES):
+        for j, b in enumerate(CLASS_NAMES):
+            if i != j and (counts_val[i, j] or counts_train[i, j] or counts_test[i, j]):
+                rates.append([f"{a} -> {b}", *(f"{c[i, j]}/{c[i].sum()} ({100 * c[i, j] / c[i].sum():.1f} %)"
+                                             for c in (counts_val, counts_train, counts_test))])
+    md = ("\n## Diagnostic (`--train-confusion`): val alone vs val + the model's training cells\n\n"
+          f"Accuracy: val {acc(counts_val):.4f} ({counts_val.sum()} cells), training split {acc(counts_train):.4f} "
+          f"({counts_train.sum()} cells, classified in {t_seconds:.0f} s, 0 = cached), test {acc(counts_test):.4f}. "
+          "A model usually does better on its training cells; where it does not, they are a larger sample of its "
+          "errors. Not what the flags use (val's confusion).\n\n"
+          + table(["error (true -> predicted)", "val", "training split", "test (never used by flags)"], rates)
+          + "\n" + table(["profile", "white cells", "flag", *rules, "target"], rows))
+    return md, {"accuracy": {"val": acc(counts_val), "train": acc(counts_train), "test": acc(counts_test)},
+                "train_confusion": counts_train.tolist(), "seconds_train_classification": round(t_seconds, 1),
+                "cases": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir, run dir or packaged name (default: packaged)")
@@ -267,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", action="store_true",
                     help="also compare the interval variants (VARIANTS) on the same samples: healthy rows and "
                          "the four range profiles at 200 cells")
+    ap.add_argument("--train-confusion", action="store_true",
+                    help="also classify the training split and flag the same samples with val + training-cell "
+                         "confusion (a diagnostic: train_confusion_section)")
     args = ap.parse_args(argv)
     pred = predictions(args.checkpoint, threads=args.threads)
     counts_val, source = val_confusion(pred, str(pred["checkpoint_uri"]))
@@ -381,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
                + "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
                    variant_results[0]["flag_rates"][way].items(), key=lambda kv: -kv[1])) or "none")
                    for way in VARIANTS) + ".\n")
+    if args.train_confusion:
+        section_md, result["diagnostic_train_confusion"] = train_confusion_section(
+            pred, counts_val, cases, base, args.trials, args.seed)
+        md += section_md
     js, mdp = save(args.name, result, md)
     print(md)
     print(f"wrote {js} and {mdp}")
