@@ -249,12 +249,16 @@ def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 
 def val_confusion(pred: dict[str, Any], checkpoint_uri: str) -> tuple[np.ndarray, str]:
-    """The val confusion counts the flags use: the checkpoint's sealed one, else counted from val predictions."""
+    """The confusion counts the flags use (``CheckpointMetadata.flag_confusion``: val's, plus the training cells'
+    when they passed calibrate's check), else counted from the val predictions."""
     from bloodray.checkpoint import read_metadata
 
-    sealed = read_metadata(checkpoint_uri).val_confusion()
+    meta = read_metadata(checkpoint_uri)
+    sealed = meta.flag_confusion()
     if sealed is not None:
-        return np.asarray(sealed, np.int64), "sealed in the checkpoint by calibrate (val split)"
+        joined = bool((meta.calibration.get("train_confusion") or {}).get("joined"))
+        return np.asarray(sealed, np.int64), ("sealed in the checkpoint by calibrate: val split"
+                                              + (" + training split (passed calibrate's check)" if joined else ""))
     return confusion_counts(pred["val_label"], pred["val_pred"]), "counted here from the model's predictions on the val split (the checkpoint has none)"
 
 
@@ -288,23 +292,28 @@ def run_cases(cases, cells, pools: Pools, rules: dict[str, FlagRules], trials: i
     return rows, results
 
 
-def train_confusion_section(pred: dict[str, Any], counts_val: np.ndarray, cases, base: FlagRules, trials: int,
+def train_confusion_section(pred: dict[str, Any], cases, base: FlagRules, trials: int,
                             seed: int) -> tuple[str, dict[str, Any]]:
     """``--train-confusion``: would a larger confusion estimate meet issue 21's target? (markdown, JSON)
 
     Val's 992 cells under-estimate the model's commonest error; the only other PBC cells that are not test cells
     are the training split's. A model usually classifies its training cells better than new ones (an optimistic
     confusion), so the section shows their error rates beside val's and test's, then the flags of the same
-    simulated samples with val's confusion (what ships) and with val + training cells. A diagnostic: the product
-    uses val's confusion.
+    simulated samples with val's confusion alone and with val + training cells (what the flags use when the
+    checkpoint's sealed check passed: ``CheckpointMetadata.flag_confusion``).
     """
+    from bloodray.checkpoint import read_metadata
+
     uri, cid = str(pred["checkpoint_uri"]), str(pred["checkpoint_id"])
+    sealed_val = read_metadata(uri).val_confusion()
+    # Val alone here, whatever the flags use: the section compares val with val + training cells.
+    counts_val = sealed_val if sealed_val is not None else confusion_counts(pred["val_label"], pred["val_pred"])
     t_label, t_pred, _t_unid, t_seconds = train_predictions(uri, cid)
     counts_train = confusion_counts(t_label, t_pred)
     counts_test = confusion_counts(pred["test_label"], pred["test_pred"])
     pooled = ModelConfusion.from_counts(counts_val + counts_train, "val + training-cell confusion")
     pools = Pools(pred["test_label"], pred["test_pred"], pred["test_unidentified"])
-    rules = {"val (ships)": dataclasses.replace(base, confusion=ModelConfusion.from_counts(counts_val)),
+    rules = {"val only": dataclasses.replace(base, confusion=ModelConfusion.from_counts(counts_val)),
              "val + training cells": dataclasses.replace(base, confusion=pooled)}
     rows, results = run_cases([c for c in cases if c[3] is None], CELLS, pools, rules, trials, seed)
     r2, res2 = run_cases([c for c in cases if c[3] is not None], (200,), pools, rules, trials, seed)
@@ -323,7 +332,8 @@ def train_confusion_section(pred: dict[str, Any], counts_val: np.ndarray, cases,
           f"Accuracy: val {acc(counts_val):.4f} ({counts_val.sum()} cells), training split {acc(counts_train):.4f} "
           f"({counts_train.sum()} cells, classified in {t_seconds:.0f} s, 0 = cached), test {acc(counts_test):.4f}. "
           "A model usually does better on its training cells; where it does not, they are a larger sample of its "
-          "errors. Not what the flags use (val's confusion).\n\n"
+          "errors. The flags use val + training cells when calibrate's check passed (the headline's confusion "
+          "source says which).\n\n"
           + table(["error (true -> predicted)", "val", "training split", "test (never used by flags)"], rates)
           + "\n" + table(["profile", "white cells", "flag", *rules, "target"], rows))
     return md, {"accuracy": {"val": acc(counts_val), "train": acc(counts_train), "test": acc(counts_test)},
@@ -427,13 +437,13 @@ def main(argv: list[str] | None = None) -> int:
           f"- model: `{result['checkpoint_id']}` ({result['checkpoint']}), {result['precision']} (as a run would); "
           f"PBC val {result['val_cells']} cells, accuracy {val_acc:.3f}; test {result['test_cells']} cells, "
           f"accuracy {test_acc:.3f}, {100 * result['test_unidentified_share']:.1f} % unidentified (not counted)\n"
-          f"- confusion the flags use: {source}; off-diagonal (true->predicted, val cells): "
+          f"- confusion the flags use: {source}; off-diagonal (true->predicted, its cells): "
           f"{off_diagonal(counts_val)}\n"
           f"- for comparison only (never used by the flags), the same on the test cells the samples are drawn "
           f"from: {off_diagonal(counts_test)}\n\n"
           "Share of simulated samples flagged (healthy rows: any flag; other rows: the profile's own flag). "
           "`perfect, Wilson`: true classes, counting-error rule; `model, Wilson` (before): the model's classes, "
-          "counting-error rule; `model, confusion` (after): the model's classes, flags with its val confusion. "
+          "counting-error rule; `model, confusion` (after): the model's classes, flags with the confusion they use (source above). "
           "Every interval is the flags' rule: continuity-corrected (bloodray/nightly/intervals.py); "
           "`--variants` compares it with the others.\n\n"
           + table(["profile", "white cells", "flag", *WAYS, "target"], rows)
@@ -461,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                    for way in VARIANTS) + ".\n")
     if args.train_confusion:
         section_md, result["diagnostic_train_confusion"] = train_confusion_section(
-            pred, counts_val, cases, base, args.trials, args.seed)
+            pred, cases, base, args.trials, args.seed)
         md += section_md
     js, mdp = save(args.name, result, md)
     print(md)

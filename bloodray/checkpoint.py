@@ -193,6 +193,13 @@ class CheckpointMetadata:
         rows = self.calibration.get("val_confusion_confident" if confident else "val_confusion")
         return np.asarray(rows, dtype=np.int64) if rows else None
 
+    def flag_confusion(self) -> np.ndarray | None:
+        """The confusion counts the flags correct with: val's, plus the training cells' when ``bloodray calibrate``
+        (or the OOD refit) sealed them as joined (:func:`bloodray.evaluation.calibration.training_confusion`: the
+        model does no better on them than on val); None without a val confusion."""
+        val, train = self.val_confusion(), self.calibration.get("train_confusion") or {}
+        return val if val is None or not train.get("joined") else val + np.asarray(train["confusion"], dtype=np.int64)
+
     def preset(self) -> EvalPreset:
         """The evaluation preset these weights were trained for (stain normalisation included)."""
         return EvalPreset(self.input_size, tuple(self.mean), tuple(self.std),

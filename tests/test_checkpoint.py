@@ -240,7 +240,7 @@ def test_packaged_default_is_sealed_and_loads():
     assert loaded.ood.for_precision("bf16").per_class is not None
     # Its reference distributions include the training cells outside the Gaussians' subset, which score like val's.
     assert meta.ood["train_reference"]["joined"] and meta.ood["n_val"] > 4000
-    assert meta.checkpoint_id == "bloodnet-2822df482b08"
+    assert meta.checkpoint_id == "bloodnet-89a89b37558c"
 
 
 def test_numpy_values_are_written_as_numbers(tmp_path):

@@ -129,6 +129,12 @@ def test_calibrate_run_fits_the_temperature_on_raw_logits(tmp_path, ray_cluster,
     sealed = read_metadata(result["checkpoint"]).val_confusion()
     assert sealed.sum() == len(val) and sealed.trace() == int((logits.argmax(1) == labels).sum())
     assert sealed[labels[0]].sum() == int((labels == labels[0]).sum())
+    # The training cells' confusion is sealed beside it with its check; the flags add it only when it joined.
+    train = read_metadata(result["checkpoint"]).calibration["train_confusion"]
+    n_train = sum(r["split"] == "train" for r in manifest.to_pylist())
+    assert train["cells"] == np.asarray(train["confusion"]).sum() == n_train and isinstance(train["joined"], bool)
+    expected_flags = sealed + (np.asarray(train["confusion"]) if train["joined"] else 0)
+    assert (read_metadata(result["checkpoint"]).flag_confusion() == expected_flags).all()
     # The precision self-check batch is sealed with the calibration: val cells and their fp32 logits.
     calibrated = CellPredictor(result["checkpoint"], device="cpu", precision="fp32")
     assert read_metadata(result["checkpoint"]).selfcheck["images"] == min(32, len(val))

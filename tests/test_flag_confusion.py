@@ -218,7 +218,7 @@ def test_nightly_runs_say_whether_their_flags_carry_the_models_confusion(tmp_pat
             assert "NOT corrected" in result.describe()
         # The night's report says which kind of intervals its samples show.
         html = open(write_report(str(out), dest=str(tmp_path / f"report-{corrected}"))).read()
-        assert ("corrected for the model's confusion on val" in html) is corrected
+        assert ("corrected for the model's measured confusion" in html) is corrected
         assert ("assume every cell was classified right" in html) is not corrected
         # The verified differential (no reviews yet) recomputes the flags with the run's own confusion.
         verified = read_table(str(out), "verified_differentials").to_pylist()
@@ -243,3 +243,50 @@ def test_cells_a_reviewer_verified_are_not_corrected():
     with pytest.raises(ValueError, match="verified_count"):
         compute_differentials(pa.table({**{c: [1] for c in count_columns()},
                                         **{f"verified_{c}": [2] for c in count_columns()}}), AWARE)
+
+
+def _cells(per_class: int, errors: dict[str, int], default: int):
+    """(labels, predicted): ``per_class`` cells of every class, ``errors[class]`` (else ``default``) of them called
+    the next class."""
+    labels, predicted = [], []
+    for i, name in enumerate(CLASS_NAMES):
+        wrong = errors.get(name, default)
+        labels += [i] * per_class
+        predicted += [(i + 1) % len(CLASS_NAMES)] * wrong + [i] * (per_class - wrong)
+    return np.array(labels), np.array(predicted)
+
+
+def test_training_cells_join_the_flags_confusion_only_when_the_model_does_no_better_on_them():
+    """Val's ~125 cells per class miss a model's rarer errors; training cells are a larger sample of them, unless the
+    model fitted them (then their confusion would make the flags trust it more than it deserves)."""
+    from bloodray.evaluation.calibration import TRAIN_CONFUSION_MIN_P, confusion_counts, training_confusion
+
+    val = confusion_counts(*_cells(125, {"neutrophil": 6}, 3))
+    # As robust-v2: about val's error rate on seven times the cells.
+    alike = training_confusion(*_cells(875, {"neutrophil": 40}, 21), val)
+    assert alike["joined"] and alike["p_value"] >= TRAIN_CONFUSION_MIN_P and alike["cells"] == 7000
+    assert np.asarray(alike["confusion"]).sum() == 7000 and set(alike["class_p_values"]) == set(CLASS_NAMES)
+    # A model that fitted its training cells (no errors on them) keeps val's confusion alone ...
+    fitted = training_confusion(*_cells(875, {}, 0), val)
+    assert not fitted["joined"] and fitted["p_value"] < TRAIN_CONFUSION_MIN_P
+    # ... and so does one that fitted a single class, however alike the rest.
+    one = training_confusion(*_cells(875, {"neutrophil": 0}, 21), val)
+    assert one["p_value"] >= TRAIN_CONFUSION_MIN_P and not one["joined"]
+    assert one["class_p_values"]["neutrophil"] < TRAIN_CONFUSION_MIN_P / len(CLASS_NAMES)
+
+
+def test_the_flags_correct_with_val_plus_the_joined_training_cells():
+    from bloodray.checkpoint import read_metadata
+    from bloodray.packaged import models
+
+    meta = read_metadata(str(next(m for m in models() if m.name == "robust-v2").path))
+    val = meta.val_confusion()
+    train = meta.calibration["train_confusion"]
+    # robust-v2 (issue 21) does no better on its training cells than on val: they join.
+    assert train["joined"] and train["cells"] > 6000
+    assert (meta.flag_confusion() == val + np.asarray(train["confusion"])).all()
+    refused = dataclasses.replace(meta, calibration=dict(meta.calibration, train_confusion=dict(train, joined=False)))
+    assert (refused.flag_confusion() == val).all()
+    bare = dataclasses.replace(meta, calibration={k: v for k, v in meta.calibration.items() if k != "train_confusion"})
+    assert (bare.flag_confusion() == val).all()
+    assert dataclasses.replace(meta, calibration={}).flag_confusion() is None

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from bloodray.checkpoint import export_checkpoint
-from bloodray.classes import CLASS_TO_INDEX
+from bloodray.classes import CLASS_NAMES, CLASS_TO_INDEX
 from bloodray.config import load_config
 from bloodray.data import synth
 from bloodray.data.labelled import list_labelled_images
@@ -45,7 +45,7 @@ def ood_checkpoint(tmp_path_factory, ray_cluster):
     # 64 cells per class, half of them val: enough val cells per predicted class for its own reference.
     synth.write_labelled_dataset(str(cells), 64, size=SIZE, seed=7)
     rows = [{"uri": uri, "label": CLASS_TO_INDEX[name]} for uri, name in list_labelled_images(str(cells))]
-    ref, _ = fit_ood_reference(plain, rows[0::2], rows[1::2])
+    ref, _, _ = fit_ood_reference(plain, rows[0::2], rows[1::2])
     blob = ref.tensors_bytes()
     return export_checkpoint(plain, str(base / "with-ood"), ood=ref.metadata(hashlib.sha256(blob).hexdigest()),
                              ood_file=blob)
@@ -166,8 +166,11 @@ def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_
     # A checkpoint whose reference predates the per-class format: it loads, pooled, and is named for a refit.
     meta = read_metadata(ood_checkpoint)
     blob = (Path(ood_checkpoint) / "ood.safetensors").read_bytes()
+    # Calibrated (a val confusion sealed), so the refit also seals the training cells' confusion for the flags.
+    val_confusion = (np.eye(len(CLASS_NAMES), dtype=int) * 16).tolist()
     old = export_checkpoint(ood_checkpoint, str(tmp_path / "old"),
-                            ood={k: v for k, v in meta.ood.items() if k != "per_class"}, ood_file=blob)
+                            ood={k: v for k, v in meta.ood.items() if k != "per_class"}, ood_file=blob,
+                            calibration=dict(meta.calibration, val_confusion=val_confusion))
     assert load_checkpoint(old).ood.per_class is None and old in pooled_reference_note(read_metadata(old).ood, old)
     cells = tmp_path / "cells"
     synth.write_labelled_dataset(str(cells), 24, size=SIZE, seed=8)
@@ -189,3 +192,8 @@ def test_the_refit_job_gives_any_checkpoint_a_per_class_reference(tmp_path, ood_
         assert (new.weights_sha256, new.temperature, new.review_threshold) == (
             meta.weights_sha256, meta.temperature, meta.review_threshold)
         assert load_checkpoint(refitted).ood.per_class
+        # A calibrated checkpoint's calibration gains the training cells' confusion and its check (the flags').
+        train = new.calibration["train_confusion"]
+        assert train["cells"] > 0 and new.calibration["val_confusion"] == val_confusion
+        assert (new.flag_confusion() == np.asarray(val_confusion) + (
+            np.asarray(train["confusion"]) if train["joined"] else 0)).all()

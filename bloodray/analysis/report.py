@@ -363,7 +363,7 @@ def _sample_html(page: _Page, s: Mapping[str, Any]) -> str:
     flag_line = (f"<p class=flags>Flags: {_e(flags)}</p>" if flags else "<p>No flags.</p>")
     corrected = s.get("flags_confusion_corrected")
     if corrected is not None:  # null: a run from before the column
-        flag_line += ("<p class=muted>Intervals: of the true rates, corrected for the model's confusion on val.</p>"
+        flag_line += ("<p class=muted>Intervals: of the true rates, corrected for the model's measured confusion.</p>"
                       if corrected else "<p class=muted>Intervals and flags assume every cell was classified right "
                       "(the checkpoint carries no val confusion matrix).</p>")
     cells = page.cells.get(sid, [])

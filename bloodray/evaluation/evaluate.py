@@ -255,8 +255,9 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
     each faster arithmetic the predictor may choose on this machine
     (:data:`REFERENCE_PRECISIONS` it supports: bf16), each giving the
     validation reference of cells scored that way (:mod:`bloodray.ood`).
-    Returns the reference and the fp32 val prediction table (logits, labels),
-    so a calibration needs no second pass over val.
+    Returns the reference, the fp32 val prediction table (logits, labels),
+    so a calibration needs no second pass over val, and the fp32 prediction
+    table of every training cell scored (for :func:`training_cell_confusion`).
 
     The training cells left out of the Gaussians' subset join the reference
     distributions (quantiles, per-class references; not the standardisation
@@ -319,7 +320,17 @@ def fit_ood_reference(checkpoint: str, train_rows: list[dict[str, Any]], val_row
                   val_classes=classes[_matrix(cells, "logits").argmax(axis=1)], precision="fp32", other_val=other,
                   reference_only=reference_only)
     ref.extra["train_reference"] = check
-    return ref, val
+    scored_train = pa.concat_tables([train, rest], promote_options="default") if rest_rows else train
+    return ref, val, scored_train
+
+
+def training_cell_confusion(train: pa.Table, val_confusion: Any) -> dict[str, Any]:
+    """The check and confusion of the training cells :func:`fit_ood_reference` scored, as sealed in
+    ``calibration.train_confusion`` (:func:`bloodray.evaluation.calibration.training_confusion`)."""
+    from bloodray.evaluation.calibration import training_confusion
+
+    return training_confusion(np.asarray(train.column("label").to_pylist()), _matrix(train, "logits").argmax(axis=1),
+                              val_confusion)
 
 
 def refit_ood(checkpoint: str | None, data_root: str, dest: str | None = None,
@@ -329,20 +340,28 @@ def refit_ood(checkpoint: str | None, data_root: str, dest: str | None = None,
     The split is the checkpoint's own (its recorded fractions and seed), so
     the Gaussians are fitted on its training cells and the threshold and
     per-class references are set on validation cells it never trained on.
-    Weights, temperature, review threshold and calibration stay as they are.
+    Weights, temperature, review threshold and calibration stay as they are; a
+    calibrated checkpoint's calibration gains (or renews) the training cells'
+    confusion and its check (``train_confusion``), from the same cells.
     ``dest`` defaults to the checkpoint itself. Returns ``(dest, reference)``.
     """
-    from bloodray.checkpoint import export_checkpoint, resolve_checkpoint
+    from bloodray.checkpoint import export_checkpoint, read_metadata, resolve_checkpoint
     from bloodray.data.labelled import rows_of
 
     source = resolve_checkpoint(checkpoint, storage_options)
     table = checkpoint_split(data_root, source, storage_options=storage_options)
-    ref, _val = fit_ood_reference(source, rows_of(table, "train"), rows_of(table, "val"), storage_options,
-                                  train_cells=train_cells)
+    ref, _val, train = fit_ood_reference(source, rows_of(table, "train"), rows_of(table, "val"), storage_options,
+                                         train_cells=train_cells)
     blob = ref.tensors_bytes()
     dest = dest or source
+    updates: dict[str, Any] = {}
+    meta = read_metadata(source, storage_options)
+    if meta.val_confusion() is not None:
+        # The same training cells are the flags' larger sample of the model's errors, when they pass the check.
+        updates["calibration"] = dict(meta.calibration,
+                                      train_confusion=training_cell_confusion(train, meta.val_confusion()))
     export_checkpoint(source, dest, storage_options, ood=ref.metadata(hashlib.sha256(blob).hexdigest()),
-                      ood_file=blob)
+                      ood_file=blob, **updates)
     return dest, ref
 
 
@@ -392,7 +411,7 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
             raise ValueError(f"{rundir.split_manifest(run_uri)}: the {split!r} split is empty; nothing to calibrate on")
         return found
 
-    ref, val = fit_ood_reference(checkpoint, rows("train"), rows("val"), storage_options)
+    ref, val, train = fit_ood_reference(checkpoint, rows("train"), rows("val"), storage_options)
     val_logits, val_labels = _matrix(val, "logits"), np.asarray(val.column("label").to_pylist())
     report = calibrate(val_logits, val_labels, max_flagged_share)
     gate = quality_gate.check_calibration(report.to_dict(), checkpoint, force)
@@ -403,7 +422,8 @@ def calibrate_run(run_uri: str, storage_options: Mapping[str, Any] | None = None
     on_test["ood"] = ood_test_report(ref, test, report.review_threshold, report.temperature)
     # The source by its id, not its path: metadata carries no local machine paths.
     calibration = report.to_dict() | {"test": on_test, "ece_bins": 15, "gate": gate,
-                                      "source_checkpoint_id": read_metadata(checkpoint, storage_options).checkpoint_id}
+                                      "source_checkpoint_id": read_metadata(checkpoint, storage_options).checkpoint_id,
+                                      "train_confusion": training_cell_confusion(train, report.val_confusion)}
     dest = rundir.calibrated_dir(run_uri)
     fs, path = storage.filesystem(dest, storage_options)
     if fs.exists(path):

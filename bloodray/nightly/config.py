@@ -157,7 +157,7 @@ class FlagsConfig:
     #: erythroblasts per 100 white cells above which (whole interval above) a sample is flagged.
     erythroblast_per_100_wbc: float = 1.0
     #: confidence level of the intervals a flag must clear (Wilson score interval with continuity correction; with
-    #: the model's val confusion, the score interval of the misclassification-corrected rate: docs/guides/analyst.md).
+    #: the model's sealed confusion, the score interval of the misclassification-corrected rate: docs/guides/analyst.md).
     confidence: float = 0.95
     #: optional table (CSV or Parquet, local or S3) of ``sample_id, wbc_count_10e9_per_l``; samples it lists
     #: are flagged on absolute reference ranges (10^9/L).

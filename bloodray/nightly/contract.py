@@ -152,7 +152,8 @@ def runs_schema() -> pa.Schema:
     staging write included), ``write`` (predictions and errors tables),
     ``aggregate`` (differentials) and ``commit`` (checks, files into place and the
     manifest file; the Delta log commits that follow are not in it).
-    ``flag_confusion_json``: the val confusion counts the run's flags were corrected with (JSON, 8 x 8, rows true,
+    ``flag_confusion_json``: the confusion counts the run's flags were corrected with (val's, plus the training
+    cells' when they passed calibrate's check: :meth:`bloodray.checkpoint.CheckpointMetadata.flag_confusion`; JSON, 8 x 8, rows true,
     columns predicted; null: the flags assume a perfect classifier), so that reviews recompute them alike.
     ``precision`` and ``device`` say how the model actors ran (e.g. ``bf16`` on ``cpu``; ``bf16 (openvino)`` with
     ``inference.runtime: openvino``; values of several

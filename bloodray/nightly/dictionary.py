@@ -81,7 +81,8 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
                                        "given"),
     "flag_basis": ("", "which ranges judged the sample: `absolute` (WBC count given) or `percent`"),
     "flags_confusion_corrected": ("", "the intervals and flags account for the model's own errors (its confusion "
-                                      "on val, sealed by `bloodray calibrate`): counts corrected for "
+                                      "on val, plus its training cells when they passed the check, sealed by "
+                                      "`bloodray calibrate`): counts corrected for "
                                       "misclassification, intervals widened by the confusion's uncertainty; false: "
                                       "the checkpoint has no confusion matrix and the flags assume a perfect "
                                       "classifier; null: a run before this column"),
@@ -113,8 +114,9 @@ COLUMNS: dict[str | tuple[str, str], tuple[str, str]] = {
     "input_uri": ("URI", "the archive folder the run listed"),
     "output_uri": ("URI", "the output root the run wrote"),
     "config_yaml": ("YAML text", "the run's final config (secrets redacted)"),
-    "flag_confusion_json": ("JSON, cells", "the checkpoint's val confusion counts the run's flags were corrected "
-                                           "with (8 x 8, rows true class, columns predicted, classes in the order "
+    "flag_confusion_json": ("JSON, cells", "the checkpoint's confusion counts the run's flags were corrected "
+                                           "with: val cells, plus training cells when they passed calibrate's "
+                                           "check (8 x 8, rows true class, columns predicted, classes in the order "
                                            "of `bloodray classes`); null: flags not corrected (no matrix)"),
     "n_inputs": ("inputs", "inputs the run read itself (images, tar members, broken shards)"),
     "n_predictions": ("images", "rows of the run in `predictions` (carried-over rows included)"),

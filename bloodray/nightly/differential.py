@@ -35,7 +35,7 @@ Definitions (adult peripheral blood):
   no range, ig or erythroblast flag.
 
 The classifier's own errors (issue 21): with :attr:`FlagRules.confusion`
-(the checkpoint's val confusion) the intervals behind the flags are those of
+(the checkpoint's sealed confusion) the intervals behind the flags are those of
 the sample's true rates, corrected for misclassification
 (:mod:`bloodray.nightly.intervals` says how and why); without one the flags
 keep the counting-error rule and ``flags_confusion_corrected`` is false.

@@ -67,11 +67,24 @@ would be biased low; bench/flags.py --variants measures that variant too
 flags). ``ModelConfusion.prior = 0`` is the plain multinomial variance.
 
 Measured (bench/results/flags_robust_v2_cc.md, the packaged model on real PBC
-test cells): healthy 100-cell samples flagged 13.5 % -> 6.9 % (issue 21's
-target: 5 %), the abnormal profiles still >= 94 % at 200 cells. What is left
-is val's confusion under-estimating the model's errors on other cells of the
-same lab (neutrophil -> ig: 3 of 125 on val, 13 of 250 on test): the flags can
-only correct for the errors val shows (with a held-out test confusion: 3.3 %).
+test cells, val's confusion): healthy 100-cell samples flagged 13.5 % -> 6.9 %
+(issue 21's target: 5 %), the abnormal profiles still >= 94 % at 200 cells.
+What was left is val's 992 cells under-estimating the model's errors on other
+cells of the same lab (neutrophil -> ig: 3 of 125 on val, 13 of 250 on test).
+
+Why the training cells may join the confusion. The only other labelled cells
+that are not test cells are the training split's. A model usually classifies
+them better than new cells, and their confusion would make the flags trust it
+more than it deserves; a model trained with strong augmentation may not
+(robust-v2: 0.984 on its 6,947 training cells, 0.986 on val; neutrophil -> ig
+4.5 % on them, 5.2 % on test). So ``bloodray calibrate`` (and the OOD refit)
+seal the training cells' confusion with a check
+(:func:`bloodray.evaluation.calibration.training_confusion`: one-sided Fisher
+exact tests find no sign the model does better on them, over all cells and per
+class), and the flags correct with val + training cells only when it passed
+(:meth:`bloodray.checkpoint.CheckpointMetadata.flag_confusion`); a model that
+fitted its training cells keeps val's confusion alone. With robust-v2 that
+takes healthy 100-cell samples to about 3 % (bench/flags.py, docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -95,7 +108,8 @@ class ConfusionError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfusion:
-    """A classifier's measured confusion: counts of val cells, rows = true class, columns = predicted class.
+    """A classifier's measured confusion: counts of val cells (plus training cells that passed calibrate's check:
+    module docstring), rows = true class, columns = predicted class.
 
     Class order is :data:`bloodray.classes.CLASS_NAMES`. Build it with
     :meth:`from_counts`, which refuses a matrix that cannot correct counts (wrong
@@ -162,7 +176,9 @@ class ModelConfusion:
 
 
 def checkpoint_confusion(counts: Any, where: str) -> tuple[ModelConfusion | None, str | None]:
-    """The confusion the flags use from a checkpoint's sealed val confusion counts (None: it has none).
+    """The confusion the flags use from a checkpoint's sealed confusion counts
+    (:meth:`~bloodray.checkpoint.CheckpointMetadata.flag_confusion`: val's, plus the training cells' when they
+    passed calibrate's check; None: it has none).
 
     Returns ``(confusion, None)``, or ``(None, why)`` when the flags cannot
     account for the model's errors (no matrix, or one that cannot correct

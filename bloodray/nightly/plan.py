@@ -275,7 +275,7 @@ def _plan(cfg: ClassifyConfig, lease: Lease, started: dt.datetime, timer: float)
     except FlagRulesError as exc:
         raise ConfigError(str(exc)) from exc
     # The flags carry the model's measured confusion when the checkpoint has it; when not, the run says so.
-    confusion, flags_uncorrected = checkpoint_confusion(meta.val_confusion(), checkpoint_uri)
+    confusion, flags_uncorrected = checkpoint_confusion(meta.flag_confusion(), checkpoint_uri)
     if flags_uncorrected:
         log.warning("flags do not account for the model's errors: %s", flags_uncorrected)
     rules = dataclasses.replace(rules, confusion=confusion)
