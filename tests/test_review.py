@@ -182,7 +182,7 @@ def test_review_round_trip(tmp_path, ray_cluster, capsys):
                                                       for c, col in zip(CLASS_NAMES, count_columns())},
                       **{col: [verified_counts[s][c] for s in counts]
                          for c, col in zip(CLASS_NAMES, verified_count_columns())}})
-    matrix = load_checkpoint("default").metadata.val_confusion()
+    matrix = load_checkpoint("default").metadata.flag_confusion()
     rules = FlagRules(confusion=None if matrix is None else ModelConfusion.from_counts(matrix))
     expected = compute_differentials(table, rules).to_pylist()
     got = verified.to_pylist()
