@@ -93,6 +93,18 @@ VARIANTS = {
 CACHE = REPO / "bench" / ".cache"
 
 
+def classify_split(predictor, split: str, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true labels, predicted labels, unidentified) of one PBC split, as a run's model actor classifies them."""
+    rows, _dropped = pbc_split_rows(split)
+    preds, unid = [], []
+    for i in range(0, len(rows), batch):
+        images = np.stack([predictor.preset.load(Path(u).read_bytes()) for u, _ in rows[i:i + batch]])
+        res = predictor({"image": images})
+        preds.append(res["predicted_label"].astype(np.int64))
+        unid.append(np.asarray(res["unidentified"], dtype=bool))
+    return np.array([lab for _, lab in rows], dtype=np.int64), np.concatenate(preds), np.concatenate(unid)
+
+
 def predictions(checkpoint: str | None, threads: int = 2, batch: int = 128) -> dict[str, np.ndarray | str]:
     """``{split}_label``, ``{split}_pred``, ``{split}_unidentified`` (val, test), ``checkpoint_id``, ``checkpoint_uri``,
     ``seconds`` (0 when read from the cache)."""
@@ -115,16 +127,8 @@ def predictions(checkpoint: str | None, threads: int = 2, batch: int = 128) -> d
     start = time.monotonic()
     out: dict[str, np.ndarray] = {}
     for split in ("val", "test"):
-        rows, _dropped = pbc_split_rows(split)
-        preds, unid = [], []
-        for i in range(0, len(rows), batch):
-            images = np.stack([predictor.preset.load(Path(u).read_bytes()) for u, _ in rows[i:i + batch]])
-            res = predictor({"image": images})
-            preds.append(res["predicted_label"].astype(np.int64))
-            unid.append(np.asarray(res["unidentified"], dtype=bool))
-        out[f"{split}_label"] = np.array([lab for _, lab in rows], dtype=np.int64)
-        out[f"{split}_pred"] = np.concatenate(preds)
-        out[f"{split}_unidentified"] = np.concatenate(unid)
+        out[f"{split}_label"], out[f"{split}_pred"], out[f"{split}_unidentified"] = classify_split(
+            predictor, split, batch)
     seconds = time.monotonic() - start
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out, precision=np.array(predictor.precision))
@@ -146,16 +150,8 @@ def train_predictions(checkpoint_uri: str, checkpoint_id: str, threads: int = 2,
 
     torch.set_num_threads(threads)
     predictor = CellPredictor(checkpoint_uri, device="cpu")
-    rows, _dropped = pbc_split_rows("train")
     start = time.monotonic()
-    preds, unid = [], []
-    for i in range(0, len(rows), batch):
-        images = np.stack([predictor.preset.load(Path(u).read_bytes()) for u, _ in rows[i:i + batch]])
-        res = predictor({"image": images})
-        preds.append(res["predicted_label"].astype(np.int64))
-        unid.append(np.asarray(res["unidentified"], dtype=bool))
-    labels = np.array([lab for _, lab in rows], dtype=np.int64)
-    out = (labels, np.concatenate(preds), np.concatenate(unid), time.monotonic() - start)
+    out = (*classify_split(predictor, "train", batch), time.monotonic() - start)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, label=out[0], pred=out[1], unidentified=out[2])
     return out
@@ -341,6 +337,12 @@ def train_confusion_section(pred: dict[str, Any], cases, base: FlagRules, trials
                 "cases": results}
 
 
+def which_flags(rates: dict[str, dict[str, float]], ways) -> str:
+    """``way: flag share %, ...; ...`` of each way's flags, commonest first (the healthy rows' breakdown)."""
+    return "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
+        rates[way].items(), key=lambda kv: -kv[1])) or "none") for way in ways)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir, run dir or packaged name (default: packaged)")
@@ -448,16 +450,15 @@ def main(argv: list[str] | None = None) -> int:
           "`--variants` compares it with the others.\n\n"
           + table(["profile", "white cells", "flag", *WAYS, "target"], rows)
           + "\nWhich flags fire on `healthy` at 100 cells: "
-          + "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
-              healthy100["flag_rates"][way].items(), key=lambda kv: -kv[1])) or "none") for way in WAYS)
+          + which_flags(healthy100["flag_rates"], WAYS)
           + ".\n\n## Diagnostic: the same rule with a confusion measured on held-out test cells\n\n"
-          "Not the headline figure (the flags must use val's confusion): one half of the test cells (every class "
+          "Not the headline figure (the flags must use the checkpoint's sealed confusion): one half of the test cells (every class "
           "split alternately) gives the confusion, samples are drawn from the other half. It separates what the "
-          "rule does with a representative confusion from how well val's confusion represents the model.\n\n"
+          "rule does with a representative confusion from how well the sealed one represents the model.\n\n"
           + table(["profile", "white cells", "flag", *WAYS, "target"], diag_rows))
     if args.variants:
         md += ("\n## Interval variants side by side (`--variants`)\n\n"
-               "The same simulated samples flagged with each variant of the interval (val's confusion): `plain` = "
+               "The same simulated samples flagged with each variant of the interval (the confusion the flags use): `plain` = "
                "Wilson's score interval, `cc` = with Newcombe's continuity correction; `multinomial` = the "
                "confusion's uncertainty from its raw val rates (Dirichlet prior 0), `Jeffreys` = from the "
                "posterior of each val row under a Dirichlet(1/2) prior. `model, plain, multinomial (v2)` is the "
@@ -466,9 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                "every class, so rare classes are biased low: bloodray/nightly/intervals.py).\n\n"
                + table(["profile", "white cells", "flag", *VARIANTS, "target"], variant_rows)
                + "\nWhich flags fire on `healthy` at 100 cells: "
-               + "; ".join(f"{way}: " + (", ".join(f"{k} {100 * v:.2f} %" for k, v in sorted(
-                   variant_results[0]["flag_rates"][way].items(), key=lambda kv: -kv[1])) or "none")
-                   for way in VARIANTS) + ".\n")
+               + which_flags(variant_results[0]["flag_rates"], VARIANTS) + ".\n")
     if args.train_confusion:
         section_md, result["diagnostic_train_confusion"] = train_confusion_section(
             pred, cases, base, args.trials, args.seed)
