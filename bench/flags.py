@@ -244,7 +244,7 @@ def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
 
 
-def val_confusion(pred: dict[str, Any], checkpoint_uri: str) -> tuple[np.ndarray, str]:
+def flags_confusion(pred: dict[str, Any], checkpoint_uri: str) -> tuple[np.ndarray, str]:
     """The confusion counts the flags use (``CheckpointMetadata.flag_confusion``: val's, plus the training cells'
     when they passed calibrate's check), else counted from the val predictions."""
     from bloodray.checkpoint import read_metadata
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                          "confusion (a diagnostic: train_confusion_section)")
     args = ap.parse_args(argv)
     pred = predictions(args.checkpoint, threads=args.threads)
-    counts_val, source = val_confusion(pred, str(pred["checkpoint_uri"]))
+    counts_val, source = flags_confusion(pred, str(pred["checkpoint_uri"]))
     confusion = ModelConfusion.from_counts(counts_val, "val confusion")
     pools = Pools(pred["test_label"], pred["test_pred"], pred["test_unidentified"])
     base = FlagRules(min_wbc=0, confidence=args.confidence)
