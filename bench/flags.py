@@ -359,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                          "confusion (a diagnostic: train_confusion_section)")
     args = ap.parse_args(argv)
     pred = predictions(args.checkpoint, threads=args.threads)
-    counts_val, source = flags_confusion(pred, str(pred["checkpoint_uri"]))
-    confusion = ModelConfusion.from_counts(counts_val, "val confusion")
+    counts_flags, source = flags_confusion(pred, str(pred["checkpoint_uri"]))
+    confusion = ModelConfusion.from_counts(counts_flags, "the flags' confusion")
     pools = Pools(pred["test_label"], pred["test_pred"], pred["test_unidentified"])
     base = FlagRules(min_wbc=0, confidence=args.confidence)
     rules = {"perfect, Wilson": base, "model, Wilson": base,
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_cells": int(len(pred["test_label"])), "val_accuracy": round(val_acc, 4),
         "test_accuracy": round(test_acc, 4),
         "test_unidentified_share": round(float(np.mean(pred["test_unidentified"])), 4),
-        "confusion_source": source, "val_confusion": counts_val.tolist(), "classes": list(CLASS_NAMES),
+        "confusion_source": source, "flags_confusion": counts_flags.tolist(), "classes": list(CLASS_NAMES),
         "cases": results, "diagnostic_held_out_test_confusion": {
             "note": "confusion from one half of the test cells, samples from the other half; not the headline",
             "val_confusion_not_used": True, "confusion": held_out.counts, "cases": diag_results},
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
           f"PBC val {result['val_cells']} cells, accuracy {val_acc:.3f}; test {result['test_cells']} cells, "
           f"accuracy {test_acc:.3f}, {100 * result['test_unidentified_share']:.1f} % unidentified (not counted)\n"
           f"- confusion the flags use: {source}; off-diagonal (true->predicted, its cells): "
-          f"{off_diagonal(counts_val)}\n"
+          f"{off_diagonal(counts_flags)}\n"
           f"- for comparison only (never used by the flags), the same on the test cells the samples are drawn "
           f"from: {off_diagonal(counts_test)}\n\n"
           "Share of simulated samples flagged (healthy rows: any flag; other rows: the profile's own flag). "
